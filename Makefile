@@ -1,0 +1,31 @@
+# The two commands the README shows. Both create .venv and install into it first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Keep Prefect's database and the locally built tiny models inside the checkout.
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export RECAST_CACHE_DIR ?= $(CURDIR)/.cache/recast
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PREFECT_LOGGING_LEVEL ?= WARNING
+
+.PHONY: install demo test clean
+
+$(BIN)/recast: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/recast
+
+# The main job on the embedded default: tiny profile, ephemeral Prefect server, ./artifacts.
+demo: install
+	$(BIN)/recast edit tests/data/astronaut.png \
+		--prompt "James Bond 007, wearing a tuxedo with bow tie, casino background, cinematic lighting" \
+		--seed 42 --notes "NASA astronaut portrait (public domain); short dark hair, no glasses"
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .prefect .cache artifacts

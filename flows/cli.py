@@ -1,0 +1,188 @@
+"""The `recast` command. Its options are generated from the same pydantic models the Prefect UI form uses.
+
+Exit codes: 0 success; 1 the job ran and failed (the reason is printed); 2 bad input (one line on stderr
+naming the field, the value and the fix; nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+import typing
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from tasks.errors import BadInput, ModelUnavailable
+from tasks.schemas import EditRequest
+
+EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+
+
+# --------------------------------------------------------------------------------------------------
+# pydantic model -> argparse
+
+
+def _flag(name: str, extra: dict) -> str:
+    return extra.get("cli") or "--" + name.replace("_", "-")
+
+
+def _unwrap(annotation) -> tuple[type, bool]:
+    """(scalar type, is_list) of a field annotation such as `list[int] | None`."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is list:
+        inner = typing.get_args(annotation)[0]
+        inner = typing.get_args(inner)[0] if typing.get_origin(inner) is typing.Annotated else inner
+        return inner, True
+    return annotation, False
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    for name, field in model.model_fields.items():
+        extra = dict(field.json_schema_extra or {})
+        scalar, is_list = _unwrap(field.annotation)
+        help_text = field.description
+        if extra.get("cli") == "positional":
+            parser.add_argument(name, nargs="*", metavar=extra.get("metavar"), help=help_text)
+            parser.add_argument("--" + name.rstrip("s"), dest=f"{name}_option", action="append", default=[],
+                                metavar="PATH", help=f"same as {extra.get('metavar', name)} (repeatable)")
+            continue
+        kwargs: dict[str, Any] = dict(dest=name, help=help_text, default=argparse.SUPPRESS)
+        if scalar is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = scalar if scalar in (int, float) else str
+            kwargs["metavar"] = extra.get("metavar")
+            if is_list:
+                kwargs["action"] = "append"
+        parser.add_argument(_flag(name, extra), **kwargs)
+
+
+def model_from_args(model: type[BaseModel], args: argparse.Namespace) -> BaseModel:
+    values = {}
+    for name, field in model.model_fields.items():
+        if (field.json_schema_extra or {}).get("cli") == "positional":
+            values[name] = list(getattr(args, name)) + list(getattr(args, f"{name}_option"))
+        elif hasattr(args, name):
+            values[name] = getattr(args, name)
+    return model.model_validate(values)
+
+
+def describe_validation_error(model: type[BaseModel], exc: ValidationError) -> str:
+    """One line: the CLI flag, the value received, what is wrong and how to fix it."""
+    err = exc.errors()[0]
+    name = str(err["loc"][0]) if err["loc"] else "request"
+    field = model.model_fields.get(name)
+    extra = dict(field.json_schema_extra or {}) if field else {}
+    flag = extra.get("metavar", name) if extra.get("cli") == "positional" else _flag(name, extra)
+    schema = model.model_json_schema()["properties"].get(name, {})
+    bounds = next((s for s in [schema, schema.get("items", {}), *schema.get("anyOf", []),
+                               *[s.get("items", {}) for s in schema.get("anyOf", [])]]
+                   if "minimum" in s or "maximum" in s), {})
+    if "minimum" in bounds and "maximum" in bounds:
+        fix = f"use a value from {bounds['minimum']} to {bounds['maximum']}"
+    elif err["type"] in ("too_short", "string_too_short", "missing"):
+        fix = f"give a non-empty {flag}"
+    elif err["type"] == "too_long":
+        fix = f"give at most {err.get('ctx', {}).get('max_length')} values for {flag}"
+    else:
+        fix = f"see `recast {model.__name__.removesuffix('Request').lower()} --help`"
+    value = err.get("input")
+    shown = value if not isinstance(value, (dict, BaseModel)) else "(missing)"
+    return f"{flag}={shown!r}: {err['msg']}; fix: {fix}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Commands
+
+
+def _edit(args: argparse.Namespace) -> int:
+    request = model_from_args(EditRequest, args)
+    from flows.edit import plan_run
+
+    plan_run(request)  # refuse bad input here, before Prefect starts or anything is written
+
+    from flows.edit import edit_flow, progress_listeners
+    from tasks import storage
+
+    bar = _progress_bar(quiet=args.json)
+    progress_listeners.append(bar)
+    try:
+        manifest = edit_flow(request)
+    finally:
+        progress_listeners.remove(bar)
+        bar.close()
+    manifest_uri = storage.join(manifest["folder"], "manifest.json")
+    if args.json:
+        print(json.dumps(manifest, indent=2, default=str))
+        return 0
+    ok = [e for e in manifest["edits"] if e["status"] == "succeeded"]
+    print(f"recast run {manifest['run_id']}: {manifest['status']} ({len(ok)}/{len(manifest['edits'])} edits, "
+          f"profile {manifest['model']['profile']}, {manifest['device']})")
+    for edit in manifest["edits"]:
+        where = edit["output"] if edit["status"] == "succeeded" else f"FAILED: {edit['error']}"
+        seconds = f"{edit['seconds']:.2f}s" if edit["seconds"] is not None else "-"
+        print(f"  seed {edit['seed']:>10}  {seconds:>7}  {edit['prompt'][:48]!r:50}  {where}")
+    print(f"  pipeline: cold start {manifest['pipeline']['cold_start_s']}s, cache hit {manifest['pipeline']['cache_hit']}")
+    print(f"  handoff: {manifest['handoff']}")
+    print(manifest_uri)
+    return 0
+
+
+class _progress_bar:
+    def __init__(self, quiet: bool):
+        self._bar = None
+        self._quiet = quiet
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._quiet:
+            return
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc="edits", unit="edit", file=sys.stderr, leave=False)
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recast", description="Identity-preserving photo edits -> video.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    edit = sub.add_parser("edit", help="edit photos of a person with one or more prompts",
+                          description=EditRequest.__doc__)
+    add_model_arguments(edit, EditRequest)
+    edit.add_argument("--json", action="store_true", help="print the manifest as JSON instead of a summary")
+    edit.set_defaults(handler=_edit, model=EditRequest)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except ValidationError as exc:
+        print(f"recast {args.command}: {describe_validation_error(args.model, exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except BadInput as exc:
+        print(f"recast {args.command}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ModelUnavailable as exc:
+        print(f"recast {args.command}: model unavailable: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"recast {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI's last word: the reason, not a stack trace
+        print(f"recast {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""The edit flow: request -> verified inputs -> every (prompt, seed) edit -> handoff -> manifest.
+
+    1. Plan: resolve settings and profile, verify every input photo, draw missing seeds (nothing written yet)
+    2. Copy the inputs into the run folder
+    3. Run every (prompt, seed) edit on the one loaded pipeline; a failed edit is recorded, not fatal
+    4. Write the handoff for the image-to-video stage (the first successful edit is the chosen frame)
+    5. Write the manifest, last: its presence means the run is complete
+    6. Show the run in the Prefect UI: results table and summary
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
+
+from tasks import pipelines, storage
+from tasks.edit import edit_task
+from tasks.errors import BadInput
+from tasks.schemas import (MAX_SEED, EditJob, EditRecord, EditRequest, EditResult, Handoff, IdentityRecord, Manifest,
+                           ModelProfile, Settings)
+from tasks.settings import get_settings
+
+# Called with (edits done, edits total) as the run advances; the CLI hangs its progress bar here.
+ProgressListener = Callable[[int, int], None]
+progress_listeners: list[ProgressListener] = []
+
+
+@dataclass
+class RunPlan:
+    run_id: str
+    created_at: str
+    request: EditRequest
+    settings: Settings
+    profile: ModelProfile
+    layout: storage.RunLayout
+    images: list[storage.InputImage]
+    seeds: list[int]
+
+    def jobs(self, input_uris: list[str]) -> list[EditJob]:
+        req, defaults = self.request, self.settings.edit
+        reference = self.images[0]
+        width, height = pipelines.output_size(req.width, req.height, reference.width / reference.height,
+                                              self.profile.output_area)
+        jobs = []
+        for p_index, prompt in enumerate(req.prompts, start=1):
+            for seed in self.seeds:
+                edit_id = f"{p_index:02d}-{slug(prompt)}-s{seed}"
+                jobs.append(EditJob(
+                    edit_id=edit_id, profile=self.profile.name, inputs=input_uris, prompt=prompt,
+                    negative_prompt=req.negative_prompt if req.negative_prompt is not None else defaults.negative_prompt,
+                    seed=seed, steps=req.steps or defaults.steps,
+                    true_cfg_scale=req.true_cfg_scale if req.true_cfg_scale is not None else defaults.true_cfg_scale,
+                    width=width, height=height, output=self.layout.edit_uri(edit_id)))
+        return jobs
+
+
+def slug(text: str, length: int = 32) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length].rstrip("-") or "edit"
+
+
+def new_run_id(now: datetime) -> str:
+    return f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def plan_run(request: EditRequest, settings: Settings | None = None) -> RunPlan:
+    """Everything that can be refused is refused here, before anything is written."""
+    settings = settings or get_settings()
+    try:
+        profile = settings.get_profile(request.profile)
+    except KeyError:
+        raise BadInput("profile", request.profile, "unknown profile",
+                       f"use one of: {', '.join(sorted(settings.profiles))}") from None
+    root = storage.check_scheme("storage", request.storage_root or settings.storage_root)
+    images = [storage.read_image(f"images[{i}]", uri, settings.max_input_pixels)
+              for i, uri in enumerate(request.images)]
+    # Fails in seconds when the model cannot be had here (no GPU, not cached and no hub).
+    pipelines.check_available(profile)
+    seeds = list(dict.fromkeys(request.seeds)) if request.seeds else [secrets.randbelow(MAX_SEED + 1)]
+    now = datetime.now(timezone.utc)
+    run_id = new_run_id(now)
+    return RunPlan(run_id=run_id, created_at=now.isoformat(timespec="seconds"), request=request, settings=settings,
+                   profile=profile, layout=storage.RunLayout(root, run_id), images=images, seeds=seeds)
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in ("recast", "diffusers", "transformers", "torch", "prefect"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "unknown"
+    return found
+
+
+def handoff_size(width: int, height: int, area: int) -> tuple[int, int]:
+    """The video frame size: the edited frame's aspect ratio at `area` pixels, multiples of 16."""
+    return pipelines.output_size(None, None, width / height, area)
+
+
+def _report_progress(progress_id, done: int, total: int) -> None:
+    for listener in progress_listeners:
+        listener(done, total)
+    if progress_id is not None:
+        update_progress_artifact(progress_id, progress=100.0 * done / total)
+
+
+def _flow_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    request = flow_run.parameters.get("request")
+    prompts = request.prompts if isinstance(request, EditRequest) else (request or {}).get("prompts", [])
+    first = slug(prompts[0], 24) if prompts else "edit"
+    return f"edit-{first}" + (f"-and-{len(prompts) - 1}-more" if len(prompts) > 1 else "")
+
+
+@flow(name="recast-edit", flow_run_name=_flow_run_name, log_prints=True)
+def edit_flow(request: EditRequest) -> dict:
+    """Edit a person's photo with every prompt and seed of the request; returns the manifest."""
+    logger = get_run_logger()
+
+    # 1. Plan (validates everything; nothing is written if it raises)
+    plan = plan_run(request)
+    profile, layout = plan.profile, plan.layout
+    logger.info("run %s: %d prompt(s) x %d seed(s) on profile %s -> %s", plan.run_id, len(request.prompts),
+                len(plan.seeds), profile.name, storage.redact(layout.folder))
+
+    # 2. Inputs
+    input_uris = []
+    for index, image in enumerate(plan.images):
+        uri = layout.input_uri(index, image.uri, image.format)
+        input_uris.append(storage.write_bytes(uri, image.data))
+
+    # 3. Edits
+    jobs = plan.jobs(input_uris)
+    progress_id = create_progress_artifact(progress=0.0, description=f"recast run {plan.run_id}: edits done")
+    records: list[EditRecord] = []
+    results: list[EditResult] = []
+    for done, job in enumerate(jobs, start=1):
+        state = edit_task(job, return_state=True)
+        result = state.result(raise_on_failure=False) if state.is_completed() else None
+        if isinstance(result, EditResult):
+            results.append(result)
+            logger.info("edit %s done in %.2fs (cache_hit=%s)", job.edit_id, result.seconds, result.cache_hit)
+        else:
+            logger.error("edit %s failed: %s", job.edit_id, state.message)
+        records.append(_record(job, result, state.message, request.identity_notes))
+        _report_progress(progress_id, done, len(jobs))
+
+    # 4. Handoff
+    handoff_uri = None
+    if results:
+        chosen = results[0]
+        width, height = handoff_size(chosen.width, chosen.height, profile.handoff_area)
+        handoff = Handoff(run_id=plan.run_id, frame=chosen.output, edit_id=chosen.edit_id,
+                          motion_prompt=request.motion_prompt or plan.settings.handoff.motion_prompt,
+                          width=width, height=height, num_frames=plan.settings.handoff.num_frames,
+                          fps=plan.settings.handoff.fps, seed=chosen.seed, manifest=layout.manifest_uri)
+        handoff_uri = storage.write_json(layout.handoff_uri, handoff.model_dump())
+
+    # 5. Manifest (last)
+    manifest = _manifest(plan, records, results, handoff_uri)
+    storage.write_json(layout.manifest_uri, manifest.model_dump())
+
+    # 6. UI
+    _publish(manifest, layout.manifest_uri)
+    if not results:
+        raise RuntimeError(f"all {len(jobs)} edits failed; see {storage.redact(layout.manifest_uri)}")
+    return manifest.model_dump()
+
+
+def _record(job: EditJob, result: EditResult | None, message: str | None, notes: str) -> EditRecord:
+    return EditRecord(
+        edit_id=job.edit_id, status="succeeded" if result else "failed", prompt=job.prompt,
+        negative_prompt=job.negative_prompt, seed=job.seed, steps=job.steps, true_cfg_scale=job.true_cfg_scale,
+        inputs=[storage.redact(u) for u in job.inputs], output=result.output if result else None,
+        width=result.width if result else job.width, height=result.height if result else job.height,
+        seconds=result.seconds if result else None, cache_hit=result.cache_hit if result else None,
+        error=None if result else (message or "failed"), identity=IdentityRecord(notes=notes))
+
+
+def _manifest(plan: RunPlan, records: list[EditRecord], results: list[EditResult], handoff: str | None) -> Manifest:
+    from prefect.runtime import flow_run
+
+    profile, settings = plan.profile, plan.settings
+    first = results[0] if results else None
+    # This run paid the cold start only if its first edit loaded the pipeline.
+    cold_start_paid = first.cold_start_s if first and not first.cache_hit else 0.0
+    gpu_seconds = sum(r.seconds for r in results) + cold_start_paid
+    price = profile.usd_per_gpu_hour if profile.usd_per_gpu_hour is not None else settings.usd_per_gpu_hour
+    succeeded = len(results)
+    status = "succeeded" if succeeded == len(records) else ("partial" if succeeded else "failed")
+    request = plan.request.model_dump()
+    request["images"] = [storage.redact(storage.normalize_uri(u)) for u in request["images"]]
+    request["seeds"] = plan.seeds
+    return Manifest(
+        run_id=plan.run_id, folder=storage.redact(plan.layout.folder), created_at=plan.created_at,
+        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), status=status, request=request,
+        model={"id": profile.model_id, "revision": profile.revision, "profile": profile.name, "dtype": profile.dtype},
+        versions=versions(), device=pipelines.describe_device(profile),
+        pipeline={"cold_start_s": first.cold_start_s if first else None,
+                  "cache_hit": first.cache_hit if first else None},
+        edits=records,
+        cost={"gpu_seconds": round(gpu_seconds, 3), "usd_per_gpu_hour": price,
+              "usd": round(gpu_seconds / 3600 * price, 6)},
+        handoff=handoff, identity_notes=plan.request.identity_notes,
+        prefect={"flow_run_id": str(flow_run.id) if flow_run.id else None, "flow_run_name": flow_run.name},
+    )
+
+
+def _publish(manifest: Manifest, manifest_uri: str) -> None:
+    rows = [{"prompt": e.prompt, "seed": e.seed, "status": e.status,
+             "seconds": e.seconds, "output": storage.redact(e.output or "")} for e in manifest.edits]
+    create_table_artifact(table=rows, key="recast-edit-results", description=f"recast run {manifest.run_id}")
+    ok = sum(e.status == "succeeded" for e in manifest.edits)
+    create_markdown_artifact(key="recast-edit-summary", markdown="\n".join([
+        f"# recast run `{manifest.run_id}`: {manifest.status}",
+        f"- model: `{manifest.model['id']}` @ `{manifest.model['revision']}` ({manifest.model['profile']}, "
+        f"{manifest.model['dtype']}) on {manifest.device}",
+        f"- edits: {ok}/{len(manifest.edits)} succeeded; cold start {manifest.pipeline['cold_start_s']} s, "
+        f"cache hit {manifest.pipeline['cache_hit']}",
+        f"- cost: {manifest.cost['gpu_seconds']} GPU-s = ${manifest.cost['usd']}",
+        f"- manifest: `{storage.redact(manifest_uri)}`",
+        f"- handoff: `{storage.redact(manifest.handoff or 'none')}`",
+    ]))

@@ -1,0 +1,55 @@
+"""The edit task: one (prompt, seed) on the process's cached Qwen-Image-Edit-2511 pipeline.
+
+Reads its inputs by URI, writes one PNG by URI, returns a small EditResult (never image bytes).
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import task
+
+from tasks import pipelines, storage
+from tasks.schemas import EditJob, EditResult
+from tasks.settings import get_settings
+
+# Storage and network hiccups are worth another try; bad input, CUDA OOM or a model bug are not.
+_TRANSIENT = (ConnectionError, TimeoutError)
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    if isinstance(exc, _TRANSIENT):
+        return True
+    # OSError covers both flaky network filesystems and plain bugs; errno-less ones come from drivers.
+    return isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError))
+
+
+def _retry_only_transient(task_, task_run, state) -> bool:
+    exc = state.data if isinstance(state.data, BaseException) else None
+    return is_transient(exc)
+
+
+def edit_image(job: EditJob) -> EditResult:
+    """Run one edit and write its PNG to job.output."""
+    profile = get_settings().get_profile(job.profile)
+    loaded, cache_hit = pipelines.get_pipeline("edit", profile)
+    images = [storage.load_image(uri) for uri in job.inputs]
+    started = time.perf_counter()
+    image = pipelines.run_edit(
+        loaded, profile, images, prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed,
+        steps=job.steps, true_cfg_scale=job.true_cfg_scale, width=job.width, height=job.height)
+    seconds = time.perf_counter() - started
+    storage.write_bytes(job.output, storage.png_bytes(image))
+    return EditResult(edit_id=job.edit_id, output=job.output, seed=job.seed, width=image.width,
+                      height=image.height, seconds=round(seconds, 4), cache_hit=cache_hit,
+                      cold_start_s=round(loaded.cold_start_s, 3))
+
+
+edit_task = task(
+    edit_image,
+    name="edit",
+    task_run_name="edit {job.edit_id}",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=_retry_only_transient,
+)

@@ -1,0 +1,335 @@
+"""The only module that loads models: profile -> source -> from_pretrained, cached once per process.
+
+A worker process loads its pipeline once (minutes for the real 57 GB model) and every later task in that
+process reuses it. The cache is keyed by (kind, model, revision, profile, dtype, device) and guarded by a
+lock, so two tasks arriving together never load twice.
+
+The `tiny` model id means: random weights in the Qwen-Image-Edit-2511 layout (zero_cond_t on, 8x VAE),
+built once (seeded, deterministic) into a cache folder, then loaded with the very same
+`from_pretrained(source, revision=..., torch_dtype=...)` call as the real model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.errors import ModelUnavailable
+from tasks.schemas import ModelProfile
+from tasks.settings import cache_dir
+
+log = logging.getLogger("recast.pipelines")
+
+# Bump when the tiny builder changes, so stale cached folders are not reused.
+TINY_EDIT_VERSION = "qwen-edit-2511-tiny-v1"
+
+
+@dataclass(frozen=True)
+class PipelineKey:
+    kind: str
+    model_id: str
+    revision: str | None
+    profile: str
+    dtype: str
+    device: str
+
+
+@dataclass
+class LoadedPipeline:
+    key: PipelineKey
+    pipe: Any
+    source: str
+    cold_start_s: float
+    # Pipelines are not thread-safe: one call at a time per loaded pipeline.
+    call_lock: threading.Lock = field(default_factory=threading.Lock)
+    calls: int = 0
+
+
+_CACHE: dict[PipelineKey, LoadedPipeline] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def cached_pipelines() -> list[LoadedPipeline]:
+    with _CACHE_LOCK:
+        return list(_CACHE.values())
+
+
+def clear_cache() -> None:
+    """Drop every loaded pipeline (tests, or a worker switching profiles)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def check_device(profile: ModelProfile) -> None:
+    import torch
+
+    if profile.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelUnavailable(
+            f"profile '{profile.name}' runs on {profile.device}, but torch sees no CUDA GPU here; "
+            "use --profile tiny on this machine, or run the job on a GPU worker")
+
+
+# --------------------------------------------------------------------------------------------------
+# Where the weights come from
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout_s)
+        return True
+    except urllib.error.HTTPError:
+        return True  # the hub answered, even if with an error status
+    except (OSError, ValueError):
+        return False
+
+
+def resolve_source(profile: ModelProfile) -> str:
+    """A folder or hub id that from_pretrained can load; fails in seconds when it cannot."""
+    if profile.model_id == "tiny":
+        return str(ensure_tiny_edit_model())
+    if Path(profile.model_id).expanduser().is_dir():
+        return str(Path(profile.model_id).expanduser())
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(profile.model_id, "model_index.json", revision=profile.revision)
+    if isinstance(cached, str):
+        return profile.model_id
+    where = f"{profile.model_id}@{profile.revision or 'main'}"
+    if constants.HF_HUB_OFFLINE or not _hub_reachable():
+        reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"the hub ({constants.ENDPOINT}) is unreachable"
+        raise ModelUnavailable(
+            f"model {where} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {reason}. "
+            f"Set HF_HOME to a cache that holds it, or point RECAST_PROFILES__{profile.name.upper()}__MODEL_ID "
+            "at a local folder with the diffusers layout (model_index.json)")
+    return profile.model_id
+
+
+def check_available(profile: ModelProfile) -> str:
+    """Fail fast (seconds, not minutes) if `profile` cannot load here; returns the source to load."""
+    check_device(profile)
+    return resolve_source(profile)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny random-weight components
+
+
+def build_tiny_edit_components() -> dict[str, Any]:
+    """Every component of QwenImageEditPlusPipeline, tiny and seeded (identical bytes on every build)."""
+    import torch
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from tasks.offline_tokenizers import build_qwen2_tokenizer, build_qwen2vl_processor, qwen2_token_ids
+
+    z_dim, text_dim = 4, 16
+    tokenizer = build_qwen2_tokenizer()
+    processor = build_qwen2vl_processor(tokenizer)
+    ids = qwen2_token_ids(tokenizer)
+
+    torch.manual_seed(0)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=z_dim * 4, out_channels=z_dim, num_layers=2, attention_head_dim=16,
+        num_attention_heads=3, joint_attention_dim=text_dim, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+        zero_cond_t=True,  # the Qwen-Image-Edit-2511 flag
+    )
+    torch.manual_seed(1)
+    vae = AutoencoderKLQwenImage(
+        base_dim=8, z_dim=z_dim, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+        temperal_downsample=[False, True, True],  # 8x spatial, like the real VAE
+        latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim,
+    )
+    # The real Qwen-Image scheduler_config.json values.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+        base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential",
+    )
+    torch.manual_seed(2)
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "hidden_size": text_dim, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "rope_theta": 1000000.0, "vocab_size": ids["vocab_size"],
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            "bos_token_id": ids["bos_token_id"], "eos_token_id": ids["eos_token_id"],
+            "pad_token_id": ids["pad_token_id"],
+        },
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+                       "out_hidden_size": text_dim},
+        image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
+        vision_start_token_id=ids["vision_start_token_id"], vision_end_token_id=ids["vision_end_token_id"],
+    )
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    return dict(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=text_encoder,
+                tokenizer=tokenizer, processor=processor)
+
+
+def ensure_tiny_edit_model() -> Path:
+    """Build the tiny model into the cache folder once; later calls return the folder at once."""
+    target = cache_dir() / TINY_EDIT_VERSION
+    if (target / "model_index.json").exists():
+        return target
+    from diffusers import QwenImageEditPlusPipeline
+
+    log.info("building the tiny edit model into %s (once)", target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.{os.getpid()}.{threading.get_ident()}.part"
+    shutil.rmtree(staging, ignore_errors=True)
+    QwenImageEditPlusPipeline(**build_tiny_edit_components()).save_pretrained(staging)
+    try:
+        os.rename(staging, target)  # atomic: other processes see no folder or a complete one
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # another process finished first
+        if not (target / "model_index.json").exists():
+            raise
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+# transformers >= 5 with diffusers 0.42.1: 3-D positions for image tokens
+
+
+def forward_mm_token_type_ids(text_encoder) -> None:
+    """Give Qwen2.5-VL the `mm_token_type_ids` diffusers 0.42.1 does not pass.
+
+    Without them transformers 5.x cannot compute the 3-D (temporal, height, width) rotary positions of
+    the image tokens and silently falls back to sequential positions, which changes every edit made with
+    real weights (diffusers issue 14194). The ids are derived from input_ids exactly as the processor
+    derives them: 1 for image tokens, 2 for video tokens, 0 for text.
+    """
+    if getattr(text_encoder, "_recast_mm_token_types", False):
+        return
+    config = text_encoder.config
+    image_id, video_id = config.image_token_id, config.video_token_id
+
+    def add_token_types(module, args, kwargs):
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None or kwargs.get("mm_token_type_ids") is not None:
+            return None
+        if kwargs.get("image_grid_thw") is None and kwargs.get("video_grid_thw") is None:
+            return None
+        types = (input_ids == image_id).int() + 2 * (input_ids == video_id).int()
+        return args, {**kwargs, "mm_token_type_ids": types}
+
+    text_encoder.register_forward_pre_hook(add_token_types, with_kwargs=True)
+    text_encoder._recast_mm_token_types = True
+
+
+# --------------------------------------------------------------------------------------------------
+# The cache
+
+
+def _load_edit(profile: ModelProfile) -> tuple[Any, str]:
+    import torch
+    from diffusers import QwenImageEditPlusPipeline
+
+    source = check_available(profile)
+    # The same call for the tiny folder and the real hub model (revision is ignored for a folder).
+    pipe = QwenImageEditPlusPipeline.from_pretrained(
+        source, revision=profile.revision, dtype=_torch_dtype(profile.dtype))
+    pipe.to(profile.device)
+    pipe.set_progress_bar_config(disable=True)
+    forward_mm_token_type_ids(pipe.text_encoder)
+    if profile.device == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    return pipe, source
+
+
+_LOADERS = {"edit": _load_edit}
+
+
+def get_pipeline(kind: str, profile: ModelProfile) -> tuple[LoadedPipeline, bool]:
+    """The process's pipeline for (kind, profile): loaded on first use, then reused.
+
+    Returns (loaded, cache_hit). The lock is held while loading so concurrent callers wait for the one
+    load instead of starting their own.
+    """
+    key = PipelineKey(kind, profile.model_id, profile.revision, profile.name, profile.dtype, profile.device)
+    with _CACHE_LOCK:
+        loaded = _CACHE.get(key)
+        if loaded is not None:
+            return loaded, True
+        started = time.perf_counter()
+        pipe, source = _LOADERS[kind](profile)
+        loaded = LoadedPipeline(key=key, pipe=pipe, source=source, cold_start_s=time.perf_counter() - started)
+        _CACHE[key] = loaded
+        log.info("loaded %s pipeline %s@%s (%s) in %.2fs", kind, profile.model_id, profile.revision,
+                 profile.name, loaded.cold_start_s)
+        return loaded, False
+
+
+@contextlib.contextmanager
+def _vae_image_area(area: int):
+    """diffusers reads the VAE input area from a module constant; set it for one call, then restore."""
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as edit_plus
+
+    previous = edit_plus.VAE_IMAGE_SIZE
+    edit_plus.VAE_IMAGE_SIZE = area
+    try:
+        yield
+    finally:
+        edit_plus.VAE_IMAGE_SIZE = previous
+
+
+# One diffusers call at a time in this process: the VAE area above is process-wide.
+_CALL_LOCK = threading.Lock()
+
+
+def run_edit(loaded: LoadedPipeline, profile: ModelProfile, images: list, *, prompt: str, negative_prompt: str,
+             seed: int, steps: int, true_cfg_scale: float, width: int, height: int):
+    """One edit on the loaded pipeline: a fresh generator seeded per edit, PIL image out."""
+    import torch
+
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with _CALL_LOCK, loaded.call_lock, _vae_image_area(profile.vae_image_area), torch.inference_mode():
+        loaded.calls += 1
+        result = loaded.pipe(
+            image=images,
+            prompt=prompt,
+            # CFG needs a negative prompt; diffusers treats " " as one, "" as none.
+            negative_prompt=negative_prompt or " ",
+            true_cfg_scale=true_cfg_scale,
+            num_inference_steps=steps,
+            width=width,
+            height=height,
+            generator=generator,
+        )
+    return result.images[0]
+
+
+def output_size(width: int | None, height: int | None, aspect: float, area: int) -> tuple[int, int]:
+    """The output size: the request's (rounded down to multiples of 16), else `area` at `aspect`."""
+    if width and height:
+        return max(16, width // 16 * 16), max(16, height // 16 * 16)
+    if width:
+        height = width / aspect
+    elif height:
+        width = height * aspect
+    else:
+        width = (area * aspect) ** 0.5
+        height = width / aspect
+    return max(16, int(round(width / 16)) * 16), max(16, int(round(height / 16)) * 16)
+
+
+def describe_device(profile: ModelProfile) -> str:
+    import torch
+
+    if profile.device.startswith("cuda") and torch.cuda.is_available():
+        return f"{profile.device} ({torch.cuda.get_device_name(torch.device(profile.device))})"
+    return profile.device

@@ -1,0 +1,234 @@
+"""Pydantic models: the one source for the CLI, the Prefect UI form, validation and the files a run writes.
+
+Requests describe what a user asks for (every field has a description and bounds, which the CLI's
+--help and Prefect's form both show). Jobs and results are what travels between flow and tasks:
+URIs and numbers, never image bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+MAX_SEED = 2**32 - 1
+MAX_INPUT_IMAGES = 3
+
+Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+ImageRef = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings (configs/*.yaml + RECAST_* environment)
+
+
+class ModelProfile(_Strict):
+    name: str = Field(description="Profile name, as used by --profile.")
+    description: str = Field("", description="What this profile is for.")
+    model_id: str = Field(
+        description="Hub id, local folder, or 'tiny' (random weights built locally) of the edit model."
+    )
+    revision: str | None = Field(None, description="Pinned hub revision (commit hash) of model_id.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(description="torch dtype the pipeline runs in.")
+    device: str = Field(description="torch device: cpu, cuda, cuda:1, ...")
+    output_area: int = Field(ge=64 * 64, le=4096 * 4096, description="Output pixels when width/height are unset.")
+    vae_image_area: int = Field(ge=64 * 64, le=4096 * 4096, description="Pixels each input is resized to for the VAE.")
+    handoff_area: int = Field(ge=32 * 32, le=1920 * 1088, description="Pixels of the frame handed to video.")
+    usd_per_gpu_hour: float | None = Field(None, ge=0, description="Overrides the global GPU price.")
+
+
+class EditDefaults(_Strict):
+    steps: int = Field(8, ge=1, le=100)
+    true_cfg_scale: float = Field(4.0, ge=1.0, le=20.0)
+    negative_prompt: str = " "
+
+
+class HandoffDefaults(_Strict):
+    motion_prompt: str = Field(min_length=1)
+    num_frames: int = Field(81, ge=5, le=241)
+    fps: int = Field(16, ge=4, le=60)
+
+    @model_validator(mode="after")
+    def _frames_4k_plus_1(self) -> HandoffDefaults:
+        if (self.num_frames - 1) % 4:
+            raise ValueError(f"handoff.num_frames={self.num_frames} must be 4k+1 (e.g. 81)")
+        return self
+
+
+class Settings(_Strict):
+    profile: str
+    storage_root: str
+    edit: EditDefaults
+    handoff: HandoffDefaults
+    usd_per_gpu_hour: float = Field(ge=0)
+    max_input_pixels: int = Field(ge=64 * 64)
+    profiles: dict[str, ModelProfile]
+
+    @model_validator(mode="after")
+    def _known_profile(self) -> Settings:
+        if self.profile not in self.profiles:
+            raise ValueError(f"profile={self.profile!r} is not defined; known: {sorted(self.profiles)}")
+        return self
+
+    def get_profile(self, name: str | None) -> ModelProfile:
+        name = name or self.profile
+        if name not in self.profiles:
+            raise KeyError(name)
+        return self.profiles[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# The request: what a user sends (CLI, Prefect UI form, API)
+
+
+class EditRequest(_Strict):
+    """Edit one person's photo with one or more prompts, one or more seeds each."""
+
+    images: list[ImageRef] = Field(
+        min_length=1,
+        max_length=MAX_INPUT_IMAGES,
+        description="1-3 input photos (local path or fsspec URI). The first is the identity reference.",
+        json_schema_extra={"cli": "positional", "metavar": "IMAGE"},
+    )
+    prompts: list[Prompt] = Field(
+        min_length=1,
+        max_length=32,
+        description="Edit prompts; each runs once per seed.",
+        json_schema_extra={"cli": "--prompt", "metavar": "TEXT"},
+    )
+    seeds: list[Seed] | None = Field(
+        None,
+        max_length=32,
+        description="Seeds in 0..2^32-1; each prompt runs once per seed. Unset: one random seed, recorded.",
+        json_schema_extra={"cli": "--seed", "metavar": "N"},
+    )
+    steps: int | None = Field(None, ge=1, le=100, description="Denoising steps (default from config: 8).")
+    true_cfg_scale: float | None = Field(
+        None,
+        ge=1.0,
+        le=20.0,
+        description="Classifier-free guidance strength; 1 turns CFG off (half the work). Default 4.0.",
+    )
+    negative_prompt: str | None = Field(
+        None, max_length=2000, description="What to steer away from. Default ' ' (needed for CFG)."
+    )
+    width: int | None = Field(
+        None, ge=64, le=4096, description="Output width in px (rounded down to a multiple of 16)."
+    )
+    height: int | None = Field(
+        None, ge=64, le=4096, description="Output height in px (rounded down to a multiple of 16)."
+    )
+    profile: str | None = Field(None, description="Model profile from configs/profiles.yaml (default: tiny).")
+    storage_root: str | None = Field(
+        None, description="Where the run is written: a folder or fsspec URI (default ./artifacts).",
+        json_schema_extra={"cli": "--storage"},
+    )
+    identity_notes: str = Field(
+        "", max_length=4000, description="Free-text notes on the person's identity, logged with every edit.",
+        json_schema_extra={"cli": "--notes"},
+    )
+    motion_prompt: str | None = Field(
+        None, max_length=2000, description="Motion prompt handed to the image-to-video stage."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Between flow and task
+
+
+class EditJob(_Strict):
+    """One (prompt, seed) edit, fully resolved: what the edit task needs and nothing more."""
+
+    edit_id: str
+    profile: str
+    inputs: list[str] = Field(min_length=1, max_length=MAX_INPUT_IMAGES)
+    prompt: str
+    negative_prompt: str
+    seed: Seed
+    steps: int = Field(ge=1, le=100)
+    true_cfg_scale: float = Field(ge=1.0)
+    width: int = Field(ge=16)
+    height: int = Field(ge=16)
+    output: str = Field(description="URI the PNG is written to.")
+
+
+class EditResult(_Strict):
+    edit_id: str
+    output: str
+    seed: int
+    width: int
+    height: int
+    seconds: float
+    cache_hit: bool
+    cold_start_s: float
+
+
+# --------------------------------------------------------------------------------------------------
+# Files a run writes
+
+
+class IdentityRecord(BaseModel):
+    notes: str = ""
+
+
+class EditRecord(BaseModel):
+    edit_id: str
+    status: Literal["succeeded", "failed"]
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    true_cfg_scale: float
+    inputs: list[str]
+    output: str | None
+    width: int
+    height: int
+    seconds: float | None
+    cache_hit: bool | None = None
+    error: str | None = None
+    identity: IdentityRecord
+
+
+class Handoff(_Strict):
+    """The contract with the Wan image-to-video stage."""
+
+    version: Literal[1] = 1
+    run_id: str
+    frame: str = Field(description="URI of the chosen edited frame (PNG).")
+    edit_id: str
+    motion_prompt: str
+    width: int = Field(ge=16, multiple_of=16)
+    height: int = Field(ge=16, multiple_of=16)
+    num_frames: int = Field(ge=5)
+    fps: int = Field(ge=1)
+    seed: Seed
+    manifest: str = Field(description="URI of the edit run's manifest.json.")
+
+    @model_validator(mode="after")
+    def _frames_4k_plus_1(self) -> Handoff:
+        if (self.num_frames - 1) % 4:
+            raise ValueError(f"num_frames={self.num_frames} must be 4k+1")
+        return self
+
+
+class Manifest(BaseModel):
+    run_id: str
+    folder: str = Field(description="URI of the run folder (manifest.json is inside it).")
+    created_at: str
+    finished_at: str
+    status: Literal["succeeded", "partial", "failed"]
+    request: dict
+    model: dict
+    versions: dict
+    device: str
+    pipeline: dict
+    edits: list[EditRecord]
+    cost: dict
+    handoff: str | None
+    identity_notes: str
+    prefect: dict = Field(default_factory=dict)

@@ -1,0 +1,85 @@
+"""Settings: configs/*.yaml, then RECAST_* environment variables on top, validated by pydantic.
+
+Environment variables name a key path joined by "__" (RECAST_PROFILES__BF16__MODEL_ID) and their values
+are parsed as YAML, so RECAST_EDIT__STEPS=4 is the integer 4.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tasks.schemas import Settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ENV_PREFIX = "RECAST_"
+# Variables that are not settings keys (read elsewhere) and must not be merged into the YAML tree.
+_NOT_SETTINGS = {"RECAST_CONFIG_DIR", "RECAST_CACHE_DIR"}
+
+
+def config_dir() -> Path:
+    return Path(os.environ.get("RECAST_CONFIG_DIR", REPO_ROOT / "configs"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        node = tree.get(key)
+        if not isinstance(node, dict):
+            node = tree[key] = {}
+        tree = node
+    tree[keys[-1]] = value
+
+
+def _env_overrides(environ: dict[str, str]) -> list[tuple[list[str], Any]]:
+    overrides = []
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in _NOT_SETTINGS:
+            continue
+        keys = [k.lower() for k in name[len(ENV_PREFIX):].split("__") if k]
+        if keys:
+            overrides.append((keys, yaml.safe_load(raw) if raw.strip() else raw))
+    return overrides
+
+
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
+    """Read defaults.yaml and profiles.yaml, apply RECAST_* variables, validate."""
+    folder = config_dir()
+    tree = _read_yaml(folder / "defaults.yaml")
+    profiles = _read_yaml(folder / "profiles.yaml")
+    for name, profile in profiles.items():
+        profile.setdefault("name", name)
+    tree["profiles"] = profiles
+    for keys, value in _env_overrides(dict(os.environ if environ is None else environ)):
+        _set_path(tree, keys, value)
+    return Settings.model_validate(tree)
+
+
+@lru_cache(maxsize=1)
+def _cached(env_key: tuple[tuple[str, str], ...]) -> Settings:
+    return load_settings(dict(env_key))
+
+
+def get_settings() -> Settings:
+    """Settings for the current environment (re-read when a RECAST_* variable changes)."""
+    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(ENV_PREFIX)))
+    return _cached(key)
+
+
+def cache_dir() -> Path:
+    """Where locally built (tiny) models live: RECAST_CACHE_DIR, else XDG_CACHE_HOME/recast."""
+    if "RECAST_CACHE_DIR" in os.environ:
+        return Path(os.environ["RECAST_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "recast"
