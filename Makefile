@@ -12,7 +12,6 @@ export PREFECT_LOGGING_LEVEL ?= WARNING
 
 $(BIN)/recast: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 

@@ -236,9 +236,14 @@ def forward_mm_token_type_ids(text_encoder) -> None:
 
 
 def _load_edit(profile: ModelProfile) -> tuple[Any, str]:
+    import diffusers
     import torch
+    import transformers
     from diffusers import QwenImageEditPlusPipeline
 
+    # Per-shard loading bars are noise in a worker log; the load time is logged instead.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     source = check_available(profile)
     # The same call for the tiny folder and the real hub model (revision is ignored for a folder).
     pipe = QwenImageEditPlusPipeline.from_pretrained(

@@ -1,0 +1,71 @@
+"""Shared fixtures. Every test runs offline on the real diffusers code path with the tiny profile."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="recast-tests-"))
+
+# Set before Prefect or recast read their settings. The tiny model cache may be shared with `make`
+# (RECAST_CACHE_DIR); Prefect always gets a fresh home so tests never touch a user's database.
+os.environ.setdefault("RECAST_CACHE_DIR", str(_SESSION_TMP / "cache"))
+os.environ["PREFECT_HOME"] = str(_SESSION_TMP / "prefect")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+for name in [k for k in os.environ if k.startswith("RECAST_") and k not in ("RECAST_CACHE_DIR",)]:
+    del os.environ[name]
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> Path:
+    """NASA's public-domain astronaut portrait (as shipped by scikit-image), 512x512."""
+    return DATA / "astronaut.png"
+
+
+@pytest.fixture(scope="session")
+def second_photo(tmp_path_factory, astronaut) -> Path:
+    """A second, portrait-shaped photo of the same person (a crop), as JPEG."""
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("photos") / "astronaut_crop.jpg"
+    with Image.open(astronaut) as img:
+        img.crop((96, 0, 416, 480)).convert("RGB").save(path, quality=90)
+    return path
+
+
+@pytest.fixture
+def memory_root():
+    """A fresh memory:// storage root, removed afterwards."""
+    import uuid
+
+    import fsspec
+
+    root = f"memory://recast-test-{uuid.uuid4().hex[:8]}"
+    yield root
+    fs = fsspec.filesystem("memory")
+    path = root.split("://", 1)[1]
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect API for the session (prefect_test_harness)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return img.size

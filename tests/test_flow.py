@@ -1,0 +1,134 @@
+"""The edit flow under a real (temporary) Prefect API: manifest, handoff, cache across runs, failures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flows.cli import main
+from flows.edit import edit_flow
+from tasks import pipelines, storage
+from tasks.schemas import EditRequest
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+MANIFEST_KEYS = {"run_id", "created_at", "status", "request", "model", "versions", "device", "pipeline", "edits",
+                 "cost", "handoff"}
+EDIT_KEYS = {"edit_id", "status", "prompt", "negative_prompt", "seed", "steps", "true_cfg_scale", "inputs",
+             "output", "width", "height", "seconds", "identity"}
+
+
+def _request(images, root, **kw) -> EditRequest:
+    return EditRequest(images=[str(i) for i in images], storage_root=root, **kw)
+
+
+def test_two_runs_load_the_pipeline_once_and_write_complete_manifests(astronaut, memory_root):
+    pipelines.clear_cache()
+    first = edit_flow(_request([astronaut], memory_root, prompts=["James Bond 007, tuxedo", "Neo, leather coat"],
+                               seeds=[1, 2], identity_notes="short dark hair"))
+    second = edit_flow(_request([astronaut], memory_root, prompts=["Top Gun flight suit"], seeds=[5]))
+
+    assert first["pipeline"]["cache_hit"] is False, "the first run in a fresh process must load the pipeline"
+    assert second["pipeline"]["cache_hit"] is True, "the second run must reuse the loaded pipeline"
+    assert second["pipeline"]["cold_start_s"] == first["pipeline"]["cold_start_s"]
+    assert [e["cache_hit"] for e in first["edits"]] == [False, True, True, True]
+    assert len(pipelines.cached_pipelines()) == 1
+
+    # every (prompt, seed) pair ran, in order
+    assert [(e["prompt"], e["seed"]) for e in first["edits"]] == [
+        ("James Bond 007, tuxedo", 1), ("James Bond 007, tuxedo", 2), ("Neo, leather coat", 1),
+        ("Neo, leather coat", 2)]
+
+    manifest = storage.read_json(storage.join(first["folder"], "manifest.json"))
+    assert MANIFEST_KEYS <= manifest.keys(), MANIFEST_KEYS - manifest.keys()
+    assert manifest["status"] == "succeeded"
+    assert manifest["model"] == {"id": "tiny", "revision": None, "profile": "tiny", "dtype": "float32"}
+    assert set(manifest["versions"]) == {"recast", "diffusers", "transformers", "torch", "prefect"}
+    assert manifest["versions"]["diffusers"] == "0.42.1"
+    assert manifest["cost"]["gpu_seconds"] > 0 and "usd" in manifest["cost"]
+    for edit in manifest["edits"]:
+        assert EDIT_KEYS <= edit.keys(), EDIT_KEYS - edit.keys()
+        assert edit["identity"]["notes"] == "short dark hair", "identity notes must be logged per edit"
+        assert (edit["steps"], edit["true_cfg_scale"], edit["negative_prompt"]) == (8, 4.0, " "), "config defaults"
+        assert storage.exists(edit["output"]), f"missing edit PNG {edit['output']}"
+        assert edit["inputs"][0].startswith(first["folder"] + "/inputs/"), "inputs must be copied into the run"
+    files = storage.list_files(first["folder"])
+    assert files == sorted(["handoff.json", "inputs/0-astronaut.png", "manifest.json"]
+                           + [f"edits/{e['edit_id']}.png" for e in manifest["edits"]])
+
+
+def test_handoff_is_the_contract_for_the_video_stage(second_photo, memory_root):
+    manifest = edit_flow(_request([second_photo], memory_root, prompts=["Indiana Jones, fedora"], seeds=[11],
+                                  motion_prompt="he tips his hat"))
+    handoff = storage.read_json(manifest["handoff"])
+    edit = manifest["edits"][0]
+    assert handoff["frame"] == edit["output"] and storage.exists(handoff["frame"])
+    assert handoff["manifest"] == storage.join(manifest["folder"], "manifest.json")
+    assert handoff["motion_prompt"] == "he tips his hat"
+    assert (handoff["num_frames"], handoff["fps"], handoff["seed"]) == (81, 16, 11)
+    assert (handoff["num_frames"] - 1) % 4 == 0
+    assert handoff["width"] % 16 == 0 and handoff["height"] % 16 == 0
+    # portrait frame -> portrait video at the profile's handoff area
+    assert edit["height"] > edit["width"] and handoff["height"] > handoff["width"]
+    assert abs(handoff["width"] * handoff["height"] - 6144) / 6144 < 0.2
+
+
+def test_unset_seed_is_drawn_and_recorded(astronaut, memory_root):
+    manifest = edit_flow(_request([astronaut], memory_root, prompts=["Peaky Blinders flat cap"]))
+    seed = manifest["edits"][0]["seed"]
+    assert 0 <= seed <= 2**32 - 1 and manifest["request"]["seeds"] == [seed]
+
+
+def test_a_failing_edit_is_recorded_and_the_others_land(astronaut, memory_root, monkeypatch):
+    real_run_edit = pipelines.run_edit
+
+    def fail_on_seed_13(loaded, profile, images, **kw):
+        if kw["seed"] == 13:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_run_edit(loaded, profile, images, **kw)
+
+    monkeypatch.setattr(pipelines, "run_edit", fail_on_seed_13)
+    manifest = edit_flow(_request([astronaut], memory_root, prompts=["John Wick, neon"], seeds=[12, 13, 14]))
+    statuses = {e["seed"]: e["status"] for e in manifest["edits"]}
+    assert statuses == {12: "succeeded", 13: "failed", 14: "succeeded"}
+    assert manifest["status"] == "partial"
+    failed = next(e for e in manifest["edits"] if e["seed"] == 13)
+    assert "illegal memory access" in failed["error"] and failed["output"] is None
+    assert storage.read_json(manifest["handoff"])["seed"] == 12
+
+
+def test_results_table_artifact_is_published(astronaut, memory_root):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    manifest = edit_flow(_request([astronaut], memory_root, prompts=["Forrest Gump running"], seeds=[21]))
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["recast-edit-results"])))
+    tables = [a for a in artifacts if a.type == "table" and str(a.flow_run_id) == manifest["prefect"]["flow_run_id"]]
+    assert tables, "no results table artifact for the flow run"
+    data = tables[0].data if isinstance(tables[0].data, list) else json.loads(tables[0].data)
+    assert data[0]["prompt"] == "Forrest Gump running" and data[0]["seed"] == 21
+
+
+def test_cli_edit_prints_summary_and_manifest_uri_last(astronaut, tmp_path, capsys):
+    root = tmp_path / "artifacts"
+    code = main(["edit", "--image", str(astronaut), "--prompt", "James Bond 007", "--seed", "42", "--steps", "2",
+                 "--storage", str(root), "--notes", "no glasses"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("file://") and last.endswith("/manifest.json"), last
+    manifest = json.loads((root / last.split(str(root), 1)[1].lstrip("/")).read_text())
+    assert manifest["edits"][0]["steps"] == 2 and manifest["edits"][0]["seed"] == 42
+    assert manifest["edits"][0]["identity"]["notes"] == "no glasses"
+
+    code = main(["edit", str(astronaut), "--prompt", "James Bond 007", "--seed", "42", "--steps", "2",
+                 "--storage", str(root), "--json"])
+    out, _ = capsys.readouterr()
+    assert code == 0
+    as_json = json.loads(out)
+    assert as_json["edits"][0]["seed"] == 42 and as_json["run_id"] != manifest["run_id"]
+    same = (root / "runs" / as_json["run_id"] / "edits" / f"{as_json['edits'][0]['edit_id']}.png").read_bytes()
+    first = (root / "runs" / manifest["run_id"] / "edits" / f"{manifest['edits'][0]['edit_id']}.png").read_bytes()
+    assert same == first, "the same request and seed must reproduce the same PNG across runs"
