@@ -56,10 +56,15 @@ class RunPlan:
                 jobs.append(EditJob(
                     edit_id=edit_id, profile=self.profile.name, inputs=input_uris, prompt=prompt,
                     negative_prompt=req.negative_prompt if req.negative_prompt is not None else defaults.negative_prompt,
-                    seed=seed, steps=req.steps or defaults.steps,
-                    true_cfg_scale=req.true_cfg_scale if req.true_cfg_scale is not None else defaults.true_cfg_scale,
+                    seed=seed, steps=first_set(req.steps, self.profile.steps, defaults.steps),
+                    true_cfg_scale=first_set(req.true_cfg_scale, self.profile.true_cfg_scale, defaults.true_cfg_scale),
                     width=width, height=height, output=self.layout.edit_uri(edit_id)))
         return jobs
+
+
+def first_set(*values):
+    """Request value, else profile default, else global default."""
+    return next(v for v in values if v is not None)
 
 
 def slug(text: str, length: int = 32) -> str:

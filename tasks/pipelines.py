@@ -237,7 +237,6 @@ def forward_mm_token_type_ids(text_encoder) -> None:
 
 def _load_edit(profile: ModelProfile) -> tuple[Any, str]:
     import diffusers
-    import torch
     import transformers
     from diffusers import QwenImageEditPlusPipeline
 
@@ -246,14 +245,146 @@ def _load_edit(profile: ModelProfile) -> tuple[Any, str]:
     transformers.utils.logging.disable_progress_bar()
     source = check_available(profile)
     # The same call for the tiny folder and the real hub model (revision is ignored for a folder).
-    pipe = QwenImageEditPlusPipeline.from_pretrained(
-        source, revision=profile.revision, dtype=_torch_dtype(profile.dtype))
-    pipe.to(profile.device)
+    # Weights land in CPU RAM; prepare_edit_pipeline places them (quantizing layer by layer on the GPU,
+    # so a card smaller than the bf16 model still loads it).
+    pipe = QwenImageEditPlusPipeline.from_pretrained(source, revision=profile.revision,
+                                                     dtype=_torch_dtype(profile.dtype))
+    prepare_edit_pipeline(pipe, profile)
+    return pipe, source
+
+
+def prepare_edit_pipeline(pipe, profile: ModelProfile) -> None:
+    """Apply a profile's recipe to a loaded pipeline: LoRA fusion, precision, placement, attention, compile.
+
+    Also used by benchmarks/gpu_edit.py on random full-size weights, so what is measured is what serves.
+    """
+    import torch
+
+    from tasks import precision
+
     pipe.set_progress_bar_config(disable=True)
     forward_mm_token_type_ids(pipe.text_encoder)
-    if profile.device == "cpu":
+    # The pipeline reads hidden states only; the 152k-word LM head (1.1 GB in bf16) is never used.
+    pipe.text_encoder.lm_head = torch.nn.Identity()
+    device = torch.device(profile.device)
+    # 1. Few-step distillation: fuse the LoRA into the bf16 weights before any quantization.
+    if profile.lightning is not None:
+        fuse_lora(pipe, profile.lightning, adapter_name="lightning")
+    if profile.scheduler:
+        pipe.scheduler = type(pipe.scheduler).from_config({**pipe.scheduler.config, **profile.scheduler})
+    # 2. Precision and placement, block by block so the high-precision copy never sits whole on the GPU.
+    if profile.quantize != "none":
+        def eligible(name, linear):
+            return precision.quantizable(linear)
+
+        blocks = list(pipe.transformer.transformer_blocks)
+        if profile.quantize_text_encoder:
+            blocks += list(pipe.text_encoder.model.language_model.layers)
+        for block in blocks:
+            block.to(device)  # quantize on the GPU (fast), one block of high-precision weights at a time
+            precision.quantize_linears(block, profile.quantize, eligible)
+    for name in ("transformer", "vae"):
+        getattr(pipe, name).to(device)
+    if profile.offload_text_encoder and device.type == "cuda":
+        from diffusers.hooks import apply_group_offloading
+
+        # Streamed a decoder/vision block at a time from pinned RAM on a side CUDA stream, overlapped with
+        # compute. block_modules makes diffusers descend to the ModuleLists (else the whole encoder is
+        # one group and moves at once).
+        pipe.text_encoder.to("cpu")
+        apply_group_offloading(pipe.text_encoder, onload_device=device, offload_device=torch.device("cpu"),
+                               offload_type="block_level", num_blocks_per_group=1, use_stream=True,
+                               block_modules=["model", "visual", "language_model"])
+    else:
+        pipe.text_encoder.to(device)
+    # 3. Kernels.
+    if profile.attention_backend:
+        backend = profile.attention_backend
+        if backend == "auto":
+            backend = fastest_attention_backend(pipe.transformer, device)
+        pipe.transformer.set_attention_backend(backend)
+        log.info("attention backend: %s", backend)
+    if profile.compile:
+        _use_real_rotary()
+        # Regional compilation: the 60 identical blocks compile once; dynamic shapes because prompt
+        # lengths (and so sequence lengths) differ between cond, uncond and requests.
+        pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
+    if device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
-    return pipe, source
+
+
+def fastest_attention_backend(transformer, device, seq_len: int = 8448) -> str:
+    """Time torch's SDPA kernels at this model's head shape on this card; the diffusers name of the fastest."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if device.type != "cuda":
+        return "native"
+    heads, dim = transformer.config.num_attention_heads, transformer.config.attention_head_dim
+    q, k, v = (torch.randn(1, heads, seq_len, dim, device=device, dtype=torch.bfloat16) for _ in range(3))
+    candidates = {"_native_cudnn": SDPBackend.CUDNN_ATTENTION, "_native_flash": SDPBackend.FLASH_ATTENTION,
+                  "_native_efficient": SDPBackend.EFFICIENT_ATTENTION}
+    timings = {}
+    for name, kernel in candidates.items():
+        try:
+            with sdpa_kernel(kernel):
+                for _ in range(2):
+                    torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(5):
+                    torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                end.record()
+                torch.cuda.synchronize(device)
+                timings[name] = start.elapsed_time(end) / 5
+        except RuntimeError:  # kernel not available for this card / shape
+            continue
+    log.info("attention kernels (ms at %d tokens): %s", seq_len, timings)
+    return min(timings, key=timings.get) if timings else "native"
+
+
+def _rotary_real(x, freqs_cis, use_real=True, use_real_unbind_dim=-1):
+    """Qwen-Image's complex-number RoPE in real arithmetic (same values), which torch.compile can fuse."""
+    import torch
+
+    if use_real or not torch.is_complex(freqs_cis):
+        return _ORIGINAL_ROTARY[0](x, freqs_cis, use_real, use_real_unbind_dim)
+    cos_sin = torch.view_as_real(freqs_cis).unsqueeze(1)  # [S, 1, D/2, 2]
+    cos, sin = cos_sin[..., 0], cos_sin[..., 1]
+    real, imag = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    return torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).flatten(3).type_as(x)
+
+
+_ORIGINAL_ROTARY: list = []
+
+
+def _use_real_rotary() -> None:
+    import diffusers.models.transformers.transformer_qwenimage as qwen
+
+    if not _ORIGINAL_ROTARY:
+        _ORIGINAL_ROTARY.append(qwen.apply_rotary_emb_qwen)
+        qwen.apply_rotary_emb_qwen = _rotary_real
+
+
+def fuse_lora(pipe, spec, adapter_name: str) -> None:
+    """Load a diffusers-format LoRA, fuse it at spec.weight into the base weights, drop the adapter."""
+    pipe.load_lora_weights(spec.source, weight_name=spec.weight_name, revision=spec.revision,
+                           adapter_name=adapter_name)
+    pipe.fuse_lora(lora_scale=spec.weight, adapter_names=[adapter_name], components=["transformer"])
+    pipe.unload_lora_weights()  # keeps the fused weights, frees the adapter matrices
+
+
+def warm_up(loaded: LoadedPipeline, profile: ModelProfile) -> float:
+    """Run small edits so compilation and kernel selection happen before the first request."""
+    from PIL import Image
+
+    started = time.perf_counter()
+    for aspect in (1.0, 0.75):  # two shapes: the compiled graph becomes shape-generic here, not later
+        width, height = output_size(None, None, aspect, profile.output_area)
+        image = Image.new("RGB", (width, height), (128, 128, 128))
+        run_edit(loaded, profile, [image], prompt="warm-up", negative_prompt=" ", seed=0, steps=2,
+                 true_cfg_scale=profile.true_cfg_scale or 4.0, width=width, height=height)
+    return time.perf_counter() - started
 
 
 _LOADERS = {"edit": _load_edit}
@@ -272,7 +403,11 @@ def get_pipeline(kind: str, profile: ModelProfile) -> tuple[LoadedPipeline, bool
             return loaded, True
         started = time.perf_counter()
         pipe, source = _LOADERS[kind](profile)
-        loaded = LoadedPipeline(key=key, pipe=pipe, source=source, cold_start_s=time.perf_counter() - started)
+        loaded = LoadedPipeline(key=key, pipe=pipe, source=source, cold_start_s=0.0)
+        if profile.warmup and kind == "edit":
+            warm_up(loaded, profile)
+        # Cold start = everything a worker does before it can serve: load, place, compile, warm up.
+        loaded.cold_start_s = time.perf_counter() - started
         _CACHE[key] = loaded
         log.info("loaded %s pipeline %s@%s (%s) in %.2fs", kind, profile.model_id, profile.revision,
                  profile.name, loaded.cold_start_s)

@@ -27,6 +27,13 @@ class _Strict(BaseModel):
 # Settings (configs/*.yaml + RECAST_* environment)
 
 
+class LoraSpec(_Strict):
+    source: str = Field(description="Hub repo id, local .safetensors file, or fsspec URI of a diffusers-format LoRA.")
+    weight_name: str | None = Field(None, description="File inside a hub repo.")
+    revision: str | None = Field(None, description="Pinned hub revision of the repo.")
+    weight: float = Field(1.0, ge=-4.0, le=4.0, description="Adapter strength.")
+
+
 class ModelProfile(_Strict):
     name: str = Field(description="Profile name, as used by --profile.")
     description: str = Field("", description="What this profile is for.")
@@ -40,6 +47,18 @@ class ModelProfile(_Strict):
     vae_image_area: int = Field(ge=64 * 64, le=4096 * 4096, description="Pixels each input is resized to for the VAE.")
     handoff_area: int = Field(ge=32 * 32, le=1920 * 1088, description="Pixels of the frame handed to video.")
     usd_per_gpu_hour: float | None = Field(None, ge=0, description="Overrides the global GPU price.")
+    # Defaults this profile imposes on requests that leave them unset (e.g. Lightning: 4 steps, CFG off).
+    steps: int | None = Field(None, ge=1, le=100, description="Default steps for this profile.")
+    true_cfg_scale: float | None = Field(None, ge=1.0, le=20.0, description="Default CFG for this profile.")
+    # Speed and memory (see docs/PERFORMANCE.md).
+    attention_backend: str | None = Field(None, description="diffusers attention backend, e.g. _native_cudnn.")
+    compile: bool = Field(False, description="torch.compile the transformer's repeated blocks.")
+    quantize: Literal["none", "fp8", "int4"] = Field("none", description="Transformer block linears precision.")
+    quantize_text_encoder: bool = Field(False, description="Apply `quantize` to the text encoder's LLM too.")
+    offload_text_encoder: bool = Field(False, description="Keep the text encoder in CPU RAM, stream it per call.")
+    lightning: LoraSpec | None = Field(None, description="Few-step distillation LoRA fused at load.")
+    scheduler: dict | None = Field(None, description="Scheduler config overrides (the Lightning LoRA needs its own).")
+    warmup: bool = Field(False, description="Run (and compile) a few edits at load, before taking work.")
 
 
 class EditDefaults(_Strict):

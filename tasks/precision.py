@@ -1,0 +1,93 @@
+"""Lower-precision linear layers for the GPU profiles: FP8 (weights and activations) and INT4 (weights only).
+
+Both replace `nn.Linear` modules in place, one layer at a time on the layer's own device, so a model never
+needs a second full copy in memory. They are plain torch (no extra package): FP8 runs on Hopper's FP8
+tensor cores through `torch._scaled_mm` with row-wise scales; INT4 stores two 4-bit weights per byte with
+one scale per group of 64 and dequantizes on the fly (under torch.compile the dequantization fuses into
+one kernel per layer), trading some speed for a 4x smaller transformer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+FP8_MAX = 448.0  # largest float8_e4m3fn value
+INT4_GROUP = 64
+
+
+def _rowwise_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / scale) in float8_e4m3fn with one float32 scale per row."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+class Float8Linear(nn.Module):
+    """y = x W^T + b with x and W in FP8 (row-wise scales), accumulated and returned in x's dtype."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight, scale = _rowwise_fp8(linear.weight.detach())
+        self.weight = nn.Parameter(weight, requires_grad=False)  # (out, in), row-major
+        self.register_buffer("weight_scale", scale.reshape(1, -1))  # (1, out)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x_fp8, x_scale = _rowwise_fp8(x.reshape(-1, shape[-1]))
+        y = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
+                             bias=self.bias, out_dtype=x.dtype, use_fast_accum=True)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8_e4m3 rowwise"
+
+
+class Int4Linear(nn.Module):
+    """Weight-only INT4 (symmetric, one scale per 64 inputs), dequantized to x's dtype at each call."""
+
+    def __init__(self, linear: nn.Linear, group: int | None = None):
+        super().__init__()
+        group = group or next(g for g in (INT4_GROUP, 32, 16) if linear.in_features % g == 0)
+        self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, group
+        w = linear.weight.detach().float().reshape(self.out_features, -1, group)
+        scale = w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 7.0
+        q = (torch.round(w / scale).clamp(-8, 7) + 8).to(torch.uint8).reshape(self.out_features, -1)
+        self.weight_packed = nn.Parameter(q[:, 0::2] << 4 | q[:, 1::2], requires_grad=False)  # (out, in/2)
+        self.weight_scale = nn.Parameter(scale.to(linear.weight.dtype), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        packed = self.weight_packed
+        q = torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(self.out_features, -1, self.group)
+        return ((q.to(dtype) - 8) * self.weight_scale.to(dtype)).reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.dequantize(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group={self.group}"
+
+
+QUANTIZERS: dict[str, Callable[[nn.Linear], nn.Module]] = {"fp8": Float8Linear, "int4": Int4Linear}
+
+
+def quantize_linears(root: nn.Module, scheme: str, include: Callable[[str, nn.Linear], bool]) -> int:
+    """Replace every nn.Linear under `root` for which include(name, layer) holds; returns how many."""
+    make = QUANTIZERS[scheme]
+    targets = [(name, module) for name, module in root.named_modules()
+               if isinstance(module, nn.Linear) and include(name, module)]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, child, make(linear))
+        del linear  # free the high-precision weight before the next layer
+    return len(targets)
+
+
+def quantizable(layer: nn.Linear) -> bool:
+    """FP8 GEMMs need both dimensions to be multiples of 16 (so do INT4's groups of 16-64 inputs)."""
+    return layer.in_features % 16 == 0 and layer.out_features % 16 == 0

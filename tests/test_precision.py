@@ -1,0 +1,53 @@
+"""The GPU profiles' building blocks, checked on CPU: quantized linears, real-valued RoPE, profile recipes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tasks import pipelines, precision
+from tasks.settings import load_settings
+
+
+@pytest.mark.parametrize("scheme,bound", [("fp8", 0.06), ("int4", 0.12)])
+def test_quantized_linear_stays_close_to_the_original(scheme, bound):
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 96)
+    x = torch.randn(3, 11, 256)
+    quantized = precision.QUANTIZERS[scheme](layer)
+    error = ((quantized(x) - layer(x)).norm() / layer(x).norm()).item()
+    assert 0 < error < bound, f"{scheme} relative error {error:.4f} outside (0, {bound})"
+
+
+def test_quantize_linears_replaces_only_eligible_layers():
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    count = precision.quantize_linears(model, "int4", lambda name, layer: precision.quantizable(layer))
+    assert count == 1, "only layers with dimensions in multiples of 16 may be quantized"
+    assert isinstance(model[0], precision.Int4Linear) and isinstance(model[2], nn.Linear)
+    assert model[0].weight_packed.dtype == torch.uint8 and model[0].weight_packed.shape == (32, 32)
+
+
+def test_real_rotary_matches_diffusers_complex_rotary():
+    import diffusers.models.transformers.transformer_qwenimage as qwen
+
+    original = pipelines._ORIGINAL_ROTARY[0] if pipelines._ORIGINAL_ROTARY else qwen.apply_rotary_emb_qwen
+    torch.manual_seed(0)
+    x = torch.randn(2, 40, 3, 16, dtype=torch.bfloat16)
+    freqs = torch.polar(torch.ones(40, 8), torch.randn(40, 8))
+    expected = original(x, freqs, use_real=False)
+    got = pipelines._rotary_real(x, freqs, use_real=False)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    assert torch.allclose(got.float(), expected.float(), atol=1e-2, rtol=0), "real RoPE differs from diffusers'"
+
+
+def test_gpu_profiles_declare_their_recipe():
+    profiles = load_settings({}).profiles
+    assert profiles["bf16-fast"].compile and profiles["bf16-fast"].warmup, "bf16-fast must compile before work"
+    assert profiles["bf16-fast"].quantize == "none", "bf16-fast keeps bf16 numerics"
+    assert profiles["fp8"].quantize == "fp8" and profiles["fp8-offload"].offload_text_encoder
+    assert profiles["int4"].quantize == "int4"
+    lightning = profiles["lightning"]
+    assert lightning.lightning is not None and lightning.lightning.revision, "Lightning LoRA must be pinned"
+    assert (lightning.steps, lightning.true_cfg_scale) == (4, 1.0), "Lightning runs 4 steps with CFG off"
+    assert lightning.scheduler["shift_terminal"] is None, "Lightning needs its own scheduler settings"
