@@ -152,6 +152,37 @@ def make_random_lora(pipe, folder: Path, rank: int = 16) -> Path:
     return folder / "pytorch_lora_weights.safetensors"
 
 
+def component_split(pipe, call, device) -> dict:
+    """One extra call with each component timed (synchronising, so not part of the timed runs)."""
+    timings: dict[str, float] = {}
+    originals = []
+    for owner, attr, label in [(pipe.text_encoder, "forward", "text_encoder"), (pipe.transformer, "forward",
+                               "transformer"), (pipe.vae, "encode", "vae_encode"), (pipe.vae, "decode", "vae_decode")]:
+        original = getattr(owner, attr)
+        originals.append((owner, attr, original))
+
+        def timed(*a, _original=original, _label=label, **k):
+            sync(device)
+            started = time.perf_counter()
+            out = _original(*a, **k)
+            sync(device)
+            timings[_label] = timings.get(_label, 0.0) + time.perf_counter() - started
+            timings[_label + "_calls"] = timings.get(_label + "_calls", 0) + 1
+            return out
+
+        setattr(owner, attr, timed)
+    try:
+        sync(device)
+        started = time.perf_counter()
+        call()
+        sync(device)
+        timings["total"] = time.perf_counter() - started
+    finally:
+        for owner, attr, original in originals:
+            setattr(owner, attr, original)
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in timings.items()}
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -190,6 +221,7 @@ def bench_profile(name, args, settings, device, dtype, image, references, lora_d
     cfg = profile.true_cfg_scale if profile.true_cfg_scale is not None else 4.0
     recipe = "lightning" if profile.lightning else "cfg8"
 
+    decisions: dict = {}
     if baseline:
         pipe.set_progress_bar_config(disable=True)
         pipelines.forward_mm_token_type_ids(pipe.text_encoder)
@@ -215,7 +247,7 @@ def bench_profile(name, args, settings, device, dtype, image, references, lora_d
             del pipe, ref_loaded
             free(device)
             pipe = build_pipeline(args.tiny, device, dtype, args.layers)
-        pipelines.prepare_edit_pipeline(pipe, profile)
+        decisions = pipelines.prepare_edit_pipeline(pipe, profile)
         loaded = pipelines.LoadedPipeline(key=None, pipe=pipe, source="random", cold_start_s=0.0)
         warm = time.perf_counter()
         if profile.warmup:
@@ -239,6 +271,7 @@ def bench_profile(name, args, settings, device, dtype, image, references, lora_d
         sync(device)
         times.append(time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    split = component_split(pipe, call, device)
     if baseline:
         references["cfg8"] = out
     arr = np.asarray(out, dtype=np.float32)
@@ -247,7 +280,8 @@ def bench_profile(name, args, settings, device, dtype, image, references, lora_d
                rel_error=None if baseline else rel_error(out, references.get(recipe)),
                steps=steps, true_cfg_scale=cfg, width=out.width, height=out.height,
                warmup_s=round(warm_s, 1), ready_s=round(ready_s, 1), finite=bool(np.isfinite(arr).all()),
-               output_mean=round(float(arr.mean()), 2), output_std=round(float(arr.std()), 2))
+               output_mean=round(float(arr.mean()), 2), output_std=round(float(arr.std()), 2),
+               split_s=split, **decisions)
     if row["rel_error"] is not None:
         row["rel_error"] = round(row["rel_error"], 5)
     del pipe, call
@@ -288,7 +322,7 @@ def main() -> int:
     if names and names[0] != "diffusers-baseline":
         names.insert(0, "diffusers-baseline")  # every table has its baseline, from the same run
 
-    meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), card=card_name(device),
+    meta = dict(attention_ms=None, date=datetime.now(timezone.utc).isoformat(timespec="seconds"), card=card_name(device),
                 versions=versions(), command="python " + " ".join(sys.argv), res=args.res, layers=args.layers or 60,
                 prompt=PROMPT)
     print(json.dumps(meta), flush=True)
@@ -314,6 +348,7 @@ def main() -> int:
             elif name == "diffusers-baseline" and "seconds_per_image" in row:
                 row["ratio_to_baseline"] = 1.0
             rows.append(row)
+            meta["attention_ms"] = dict(pipelines.ATTENTION_TIMINGS_MS) or None
             print(json.dumps(row), flush=True)
             if args.out:
                 Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")

@@ -55,6 +55,8 @@ class LoadedPipeline:
 
 
 _CACHE: dict[PipelineKey, LoadedPipeline] = {}
+# What fastest_attention_backend measured on this card (reported by the benchmark).
+ATTENTION_TIMINGS_MS: dict[str, float] = {}
 _CACHE_LOCK = threading.Lock()
 
 
@@ -253,7 +255,7 @@ def _load_edit(profile: ModelProfile) -> tuple[Any, str]:
     return pipe, source
 
 
-def prepare_edit_pipeline(pipe, profile: ModelProfile) -> None:
+def prepare_edit_pipeline(pipe, profile: ModelProfile) -> dict:
     """Apply a profile's recipe to a loaded pipeline: LoRA fusion, precision, placement, attention, compile.
 
     Also used by benchmarks/gpu_edit.py on random full-size weights, so what is measured is what serves.
@@ -267,6 +269,7 @@ def prepare_edit_pipeline(pipe, profile: ModelProfile) -> None:
     # The pipeline reads hidden states only; the 152k-word LM head (1.1 GB in bf16) is never used.
     pipe.text_encoder.lm_head = torch.nn.Identity()
     device = torch.device(profile.device)
+    decisions: dict = {}
     # 1. Few-step distillation: fuse the LoRA into the bf16 weights before any quantization.
     if profile.lightning is not None:
         fuse_lora(pipe, profile.lightning, adapter_name="lightning")
@@ -280,21 +283,21 @@ def prepare_edit_pipeline(pipe, profile: ModelProfile) -> None:
         blocks = list(pipe.transformer.transformer_blocks)
         if profile.quantize_text_encoder:
             blocks += list(pipe.text_encoder.model.language_model.layers)
+        decisions["quantized_linears"] = 0
         for block in blocks:
             block.to(device)  # quantize on the GPU (fast), one block of high-precision weights at a time
-            precision.quantize_linears(block, profile.quantize, eligible)
+            decisions["quantized_linears"] += precision.quantize_linears(block, profile.quantize, eligible)
     for name in ("transformer", "vae"):
         getattr(pipe, name).to(device)
     if profile.offload_text_encoder and device.type == "cuda":
         from diffusers.hooks import apply_group_offloading
 
         # Streamed a decoder/vision block at a time from pinned RAM on a side CUDA stream, overlapped with
-        # compute. block_modules makes diffusers descend to the ModuleLists (else the whole encoder is
-        # one group and moves at once).
+        # compute. Applied to the two block stacks: at the top level the whole encoder would be one group.
         pipe.text_encoder.to("cpu")
-        apply_group_offloading(pipe.text_encoder, onload_device=device, offload_device=torch.device("cpu"),
-                               offload_type="block_level", num_blocks_per_group=1, use_stream=True,
-                               block_modules=["model", "visual", "language_model"])
+        for part in (pipe.text_encoder.model.language_model, pipe.text_encoder.model.visual):
+            apply_group_offloading(part, onload_device=device, offload_device=torch.device("cpu"),
+                                   offload_type="block_level", num_blocks_per_group=1, use_stream=True)
     else:
         pipe.text_encoder.to(device)
     # 3. Kernels.
@@ -303,14 +306,16 @@ def prepare_edit_pipeline(pipe, profile: ModelProfile) -> None:
         if backend == "auto":
             backend = fastest_attention_backend(pipe.transformer, device)
         pipe.transformer.set_attention_backend(backend)
+        decisions["attention_backend"] = backend
         log.info("attention backend: %s", backend)
     if profile.compile:
-        _use_real_rotary()
+        _use_real_rotary(pipe.transformer)
         # Regional compilation: the 60 identical blocks compile once; dynamic shapes because prompt
         # lengths (and so sequence lengths) differ between cond, uncond and requests.
         pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
     if device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
+    return decisions
 
 
 def fastest_attention_backend(transformer, device, seq_len: int = 8448) -> str:
@@ -340,17 +345,21 @@ def fastest_attention_backend(transformer, device, seq_len: int = 8448) -> str:
         except RuntimeError:  # kernel not available for this card / shape
             continue
     log.info("attention kernels (ms at %d tokens): %s", seq_len, timings)
+    ATTENTION_TIMINGS_MS.update(timings)
     return min(timings, key=timings.get) if timings else "native"
 
 
 def _rotary_real(x, freqs_cis, use_real=True, use_real_unbind_dim=-1):
-    """Qwen-Image's complex-number RoPE in real arithmetic (same values), which torch.compile can fuse."""
+    """Qwen-Image's complex-number RoPE in real arithmetic (same values), which torch.compile can fuse.
+
+    Accepts diffusers' complex frequencies, or the same as real (..., 2) pairs (see _use_real_rotary).
+    """
     import torch
 
-    if use_real or not torch.is_complex(freqs_cis):
+    if use_real:
         return _ORIGINAL_ROTARY[0](x, freqs_cis, use_real, use_real_unbind_dim)
-    cos_sin = torch.view_as_real(freqs_cis).unsqueeze(1)  # [S, 1, D/2, 2]
-    cos, sin = cos_sin[..., 0], cos_sin[..., 1]
+    cos_sin = (torch.view_as_real(freqs_cis) if torch.is_complex(freqs_cis) else freqs_cis).unsqueeze(1)
+    cos, sin = cos_sin[..., 0], cos_sin[..., 1]  # [S, 1, D/2]
     real, imag = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
     return torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).flatten(3).type_as(x)
 
@@ -358,12 +367,19 @@ def _rotary_real(x, freqs_cis, use_real=True, use_real_unbind_dim=-1):
 _ORIGINAL_ROTARY: list = []
 
 
-def _use_real_rotary() -> None:
+def _use_real_rotary(transformer) -> None:
+    """Keep complex numbers out of the compiled blocks: Inductor cannot generate code for them."""
+    import torch
     import diffusers.models.transformers.transformer_qwenimage as qwen
 
     if not _ORIGINAL_ROTARY:
         _ORIGINAL_ROTARY.append(qwen.apply_rotary_emb_qwen)
         qwen.apply_rotary_emb_qwen = _rotary_real
+
+    def as_real_pairs(module, args, output):
+        return tuple(torch.view_as_real(f) if torch.is_complex(f) else f for f in output)
+
+    transformer.pos_embed.register_forward_hook(as_real_pairs)
 
 
 def fuse_lora(pipe, spec, adapter_name: str) -> None:

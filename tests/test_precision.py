@@ -51,3 +51,12 @@ def test_gpu_profiles_declare_their_recipe():
     assert lightning.lightning is not None and lightning.lightning.revision, "Lightning LoRA must be pinned"
     assert (lightning.steps, lightning.true_cfg_scale) == (4, 1.0), "Lightning runs 4 steps with CFG off"
     assert lightning.scheduler["shift_terminal"] is None, "Lightning needs its own scheduler settings"
+
+
+def test_real_rotary_accepts_real_pairs_from_the_pos_embed_hook():
+    torch.manual_seed(1)
+    x = torch.randn(1, 24, 2, 16)
+    freqs = torch.polar(torch.ones(24, 8), torch.randn(24, 8))
+    from_complex = pipelines._rotary_real(x, freqs, use_real=False)
+    from_pairs = pipelines._rotary_real(x, torch.view_as_real(freqs), use_real=False)
+    assert torch.equal(from_complex, from_pairs), "complex and real-pair frequencies must give the same RoPE"
