@@ -295,7 +295,10 @@ def prepare_edit_pipeline(pipe, profile: ModelProfile) -> dict:
         # Streamed a decoder/vision block at a time from pinned RAM on a side CUDA stream, overlapped with
         # compute. Applied to the two block stacks: at the top level the whole encoder would be one group.
         pipe.text_encoder.to("cpu")
-        for part in (pipe.text_encoder.model.language_model, pipe.text_encoder.model.visual):
+        language_model = pipe.text_encoder.model.language_model
+        # The 1 GB token-embedding table stays in RAM: a lookup of ~1k rows there is cheaper than moving it.
+        language_model.embed_tokens = precision.HostEmbedding(language_model.embed_tokens)
+        for part in (language_model, pipe.text_encoder.model.visual):
             apply_group_offloading(part, onload_device=device, offload_device=torch.device("cpu"),
                                    offload_type="block_level", num_blocks_per_group=1, use_stream=True)
     else:

@@ -1,4 +1,6 @@
-"""Lower-precision linear layers for the GPU profiles: FP8 (weights and activations) and INT4 (weights only).
+"""Memory helpers for the GPU profiles: lower-precision linear layers, and an embedding kept in host RAM.
+
+Lower-precision linear layers: FP8 (weights and activations) and INT4 (weights only).
 
 Both replace `nn.Linear` modules in place, one layer at a time on the layer's own device, so a model never
 needs a second full copy in memory. They are plain torch (no extra package): FP8 runs on Hopper's FP8
@@ -91,3 +93,20 @@ def quantize_linears(root: nn.Module, scheme: str, include: Callable[[str, nn.Li
 def quantizable(layer: nn.Linear) -> bool:
     """FP8 GEMMs need both dimensions to be multiples of 16 (so do INT4's groups of 16-64 inputs)."""
     return layer.in_features % 16 == 0 and layer.out_features % 16 == 0
+
+
+class HostEmbedding(nn.Module):
+    """An embedding whose table lives in CPU RAM (pinned when CUDA is there), invisible to .to() and to
+    offloading hooks: looking up ~1k rows on the host is cheaper than moving a 1 GB table to the GPU."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        table = embedding.weight.detach().cpu()
+        self.__dict__["table"] = table.pin_memory() if torch.cuda.is_available() else table
+        self.padding_idx = embedding.padding_idx
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = nn.functional.embedding(input_ids.cpu(), self.table, self.padding_idx)
+        if input_ids.device.type == "cuda":
+            rows = rows.pin_memory()
+        return rows.to(input_ids.device, non_blocking=True)

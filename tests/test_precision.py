@@ -60,3 +60,11 @@ def test_real_rotary_accepts_real_pairs_from_the_pos_embed_hook():
     from_complex = pipelines._rotary_real(x, freqs, use_real=False)
     from_pairs = pipelines._rotary_real(x, torch.view_as_real(freqs), use_real=False)
     assert torch.equal(from_complex, from_pairs), "complex and real-pair frequencies must give the same RoPE"
+
+
+def test_host_embedding_gives_the_same_rows_and_holds_no_parameters():
+    embedding = nn.Embedding(50, 8, padding_idx=0)
+    host = precision.HostEmbedding(embedding)
+    ids = torch.tensor([[0, 3, 49]])
+    assert torch.equal(host(ids), embedding(ids))
+    assert list(host.parameters()) == [], "the table must stay out of .to() and offloading hooks"
