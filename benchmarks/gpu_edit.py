@@ -197,6 +197,7 @@ def rel_error(image, reference) -> float | None:
 
 def free(device: torch.device) -> None:
     pipelines.clear_cache()
+    torch._dynamo.reset()  # compiled graphs hold references to the last profile's modules
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -261,8 +262,11 @@ def bench_profile(name, args, settings, device, dtype, image, references, lora_d
     ready_s = time.perf_counter() - build_started
 
     sync(device)
+    resident = None
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.reset_peak_memory_stats(device)
+        resident = round(torch.cuda.memory_allocated(device) / 2**30, 2)
     times, out = [], None
     for _ in range(args.runs):
         sync(device)
@@ -281,10 +285,12 @@ def bench_profile(name, args, settings, device, dtype, image, references, lora_d
                steps=steps, true_cfg_scale=cfg, width=out.width, height=out.height,
                warmup_s=round(warm_s, 1), ready_s=round(ready_s, 1), finite=bool(np.isfinite(arr).all()),
                output_mean=round(float(arr.mean()), 2), output_std=round(float(arr.std()), 2),
-               split_s=split, **decisions)
+               resident_gib=resident, split_s=split, **decisions)
     if row["rel_error"] is not None:
         row["rel_error"] = round(row["rel_error"], 5)
     del pipe, call
+    if not baseline:
+        del loaded
     free(device)
     return row
 
@@ -342,7 +348,7 @@ def main() -> int:
 
                 traceback.print_exc()
                 row = dict(profile=name, card=card_name(device), error=f"{type(exc).__name__}: {exc}"[:500])
-                free(device)
+            free(device)  # again, outside the profile's frame: nothing of it may count in the next row
             if rows and "seconds_per_image" in row and "seconds_per_image" in rows[0]:
                 row["ratio_to_baseline"] = round(row["seconds_per_image"] / rows[0]["seconds_per_image"], 3)
             elif name == "diffusers-baseline" and "seconds_per_image" in row:
