@@ -295,6 +295,12 @@ def bench_profile(name, args, settings, device, dtype, image, references, lora_d
     return row
 
 
+def write_rows(path: Path, meta: dict, rows: list[dict]) -> None:
+    """docs/performance.json: a list of rows, each carrying the run it came from."""
+    run = {k: meta[k] for k in ("date", "versions", "command", "layers", "attention_ms")}
+    path.write_text(json.dumps([dict(row, run=run) for row in rows], indent=2) + "\n")
+
+
 def card_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or 'cpu'})"
 
@@ -357,7 +363,7 @@ def main() -> int:
             meta["attention_ms"] = dict(pipelines.ATTENTION_TIMINGS_MS) or None
             print(json.dumps(row), flush=True)
             if args.out:
-                Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
+                write_rows(Path(args.out), meta, rows)
             if args.check:
                 bound = ERROR_BOUNDS.get(name)
                 if "error" in row or not row.get("finite", False):
