@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from tasks.errors import BadInput, ModelUnavailable
-from tasks.schemas import EditRequest
+from tasks.schemas import AnimateRequest, EditRequest, Storyboard
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
@@ -46,13 +46,18 @@ def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel])
         extra = dict(field.json_schema_extra or {})
         scalar, is_list = _unwrap(field.annotation)
         help_text = field.description
+        if extra.get("cli") == "positional-one":
+            parser.add_argument(name, metavar=extra.get("metavar"), help=help_text)
+            continue
         if extra.get("cli") == "positional":
             parser.add_argument(name, nargs="*", metavar=extra.get("metavar"), help=help_text)
             parser.add_argument("--" + name.rstrip("s"), dest=f"{name}_option", action="append", default=[],
                                 metavar="PATH", help=f"same as {extra.get('metavar', name)} (repeatable)")
             continue
         kwargs: dict[str, Any] = dict(dest=name, help=help_text, default=argparse.SUPPRESS)
-        if scalar is bool:
+        if typing.get_origin(scalar) is typing.Literal:
+            kwargs["choices"] = list(typing.get_args(scalar))
+        elif scalar is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = scalar if scalar in (int, float) else str
@@ -78,7 +83,8 @@ def describe_validation_error(model: type[BaseModel], exc: ValidationError) -> s
     name = str(err["loc"][0]) if err["loc"] else "request"
     field = model.model_fields.get(name)
     extra = dict(field.json_schema_extra or {}) if field else {}
-    flag = extra.get("metavar", name) if extra.get("cli") == "positional" else _flag(name, extra)
+    positional = extra.get("cli", "").startswith("positional")
+    flag = extra.get("metavar", name) if positional else _flag(name, extra)
     schema = model.model_json_schema()["properties"].get(name, {})
     bounds = next((s for s in [schema, schema.get("items", {}), *schema.get("anyOf", []),
                                *[s.get("items", {}) for s in schema.get("anyOf", [])]]
@@ -129,7 +135,69 @@ def _edit(args: argparse.Namespace) -> int:
         print(f"  seed {edit['seed']:>10}  {seconds:>7}  {edit['prompt'][:48]!r:50}  {where}")
     print(f"  pipeline: cold start {manifest['pipeline']['cold_start_s']}s, cache hit {manifest['pipeline']['cache_hit']}")
     print(f"  handoff: {manifest['handoff']}")
+    animation = manifest.get("animation")
+    if animation:
+        clips = ", ".join(c["output"] for c in animation.get("clips", [])) or animation.get("error", "")
+        print(f"  video ({animation['mode']}): {animation['status']}: {clips}")
     print(manifest_uri)
+    return 0
+
+
+def _print_warnings(warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"recast: warning: {warning}", file=sys.stderr)
+
+
+def _animate(args: argparse.Namespace) -> int:
+    request = model_from_args(AnimateRequest, args)
+    from flows.animate import animate_flow, plan_animation
+
+    _print_warnings(plan_animation(request).warnings)  # refuse bad input before Prefect starts
+    manifest = animate_flow(request)
+    if args.json:
+        print(json.dumps(manifest, indent=2, default=str))
+        return 0
+    clip = manifest["clips"][0]
+    print(f"recast animate {manifest['run_id']}: {manifest['status']} ({clip['num_frames']} frames "
+          f"{clip['width']}x{clip['height']} at {clip['fps']} fps, seed {clip['seed']}, {clip['seconds']:.2f}s, "
+          f"profile {manifest['model']['profile']})")
+    print(f"  clip: {clip['output']}\n  last frame: {clip['last_frame']}")
+    from tasks import storage
+
+    print(storage.join(manifest["folder"], "manifest.json"))
+    return 0
+
+
+def _storyboard(args: argparse.Namespace) -> int:
+    import yaml
+
+    from tasks import storage
+
+    try:
+        data = yaml.safe_load(storage.read_bytes(storage.check_scheme("FILE", args.file)))
+    except FileNotFoundError:
+        raise BadInput("FILE", args.file, "file does not exist", "pass a storyboard YAML file") from None
+    except yaml.YAMLError as exc:
+        raise BadInput("FILE", args.file, f"not valid YAML ({str(exc).splitlines()[0]})", "fix the YAML") from None
+    if not isinstance(data, dict):
+        raise BadInput("FILE", args.file, "expected a mapping with 'scenes'", "see the README's storyboard example")
+    for option, key in (("image", "reference"), ("storage", "storage_root"), ("profile", "profile"),
+                        ("video_profile", "video_profile")):
+        if getattr(args, option):
+            data[key] = getattr(args, option)
+    board = Storyboard.model_validate(data)
+    from flows.storyboard import check_storyboard, storyboard_flow
+
+    check_storyboard(board)
+    manifest = storyboard_flow(board)
+    if args.json:
+        print(json.dumps(manifest, indent=2, default=str))
+        return 0
+    print(f"recast storyboard {manifest['run_id']}: {manifest['status']} ({len(manifest['scenes'])} scenes)")
+    for scene in manifest["scenes"]:
+        print(f"  scene {scene['scene']}: {scene.get('status')} from {scene['source']}: {scene.get('clip')}")
+    print(f"  stitched: {manifest['stitched']['output']} ({manifest['stitched']['num_frames']} frames)")
+    print(storage.join(manifest["folder"], "manifest.json"))
     return 0
 
 
@@ -160,6 +228,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(edit, EditRequest)
     edit.add_argument("--json", action="store_true", help="print the manifest as JSON instead of a summary")
     edit.set_defaults(handler=_edit, model=EditRequest)
+
+    animate = sub.add_parser("animate", help="animate an edit run's chosen frame (its handoff.json)",
+                             description=AnimateRequest.__doc__)
+    add_model_arguments(animate, AnimateRequest)
+    animate.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    animate.set_defaults(handler=_animate, model=AnimateRequest)
+
+    board = sub.add_parser("storyboard", help="edit and animate a storyboard of scenes, stitched into one video",
+                           description=Storyboard.__doc__)
+    board.add_argument("file", metavar="FILE.yaml", help="storyboard: reference (optional), scenes, num_frames, fps")
+    board.add_argument("--image", help="the person's photo (overrides the file's reference)")
+    board.add_argument("--storage", help="where the run is written (default ./artifacts)")
+    board.add_argument("--profile", help="edit model profile")
+    board.add_argument("--video-profile", dest="video_profile", help="video model profile")
+    board.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    board.set_defaults(handler=_storyboard, model=Storyboard)
     return parser
 
 

@@ -4,8 +4,9 @@
     2. Copy the inputs into the run folder
     3. Run every (prompt, seed) edit on the one loaded pipeline; a failed edit is recorded, not fatal
     4. Write the handoff for the image-to-video stage (the first successful edit is the chosen frame)
-    5. Write the manifest, last: its presence means the run is complete
-    6. Show the run in the Prefect UI: results table and summary
+    5. Hand over to the video stage as configured: inline subflow, deployment run, or none
+    6. Write the manifest, last: its presence means the run is complete
+    7. Show the run in the Prefect UI: results table and summary
 """
 
 from __future__ import annotations
@@ -170,15 +171,50 @@ def edit_flow(request: EditRequest) -> dict:
                           fps=plan.settings.handoff.fps, seed=chosen.seed, manifest=layout.manifest_uri)
         handoff_uri = storage.write_json(layout.handoff_uri, handoff.model_dump())
 
-    # 5. Manifest (last)
+    # 5. Video stage
+    animation = hand_over(handoff_uri, plan) if handoff_uri else None
+
+    # 6. Manifest (last)
     manifest = _manifest(plan, records, results, handoff_uri)
+    manifest.animation = animation
     storage.write_json(layout.manifest_uri, manifest.model_dump())
 
-    # 6. UI
+    # 7. UI
     _publish(manifest, layout.manifest_uri)
     if not results:
         raise RuntimeError(f"all {len(jobs)} edits failed; see {storage.redact(layout.manifest_uri)}")
     return manifest.model_dump()
+
+
+def hand_over(handoff_uri: str, plan: RunPlan) -> dict | None:
+    """Run the video stage for the chosen frame as settings.handoff.mode says; record, never raise."""
+    from tasks.schemas import AnimateRequest
+
+    mode = plan.settings.handoff.mode
+    if mode == "none":
+        return None
+    request = AnimateRequest(handoff=handoff_uri, storage_root=plan.layout.root,
+                             video_profile=plan.request.video_profile)
+    logger = get_run_logger()
+    try:
+        if mode == "inline":
+            from flows.animate import animate_flow
+
+            manifest = animate_flow(request)
+            return {"mode": mode, "status": manifest["status"], "run_id": manifest["run_id"],
+                    "manifest": storage.join(manifest["folder"], "manifest.json"),
+                    "clips": [{k: c[k] for k in ("clip_id", "output", "last_frame", "num_frames", "fps", "width",
+                                                 "height", "seconds")} for c in manifest["clips"]]}
+        from prefect.deployments import run_deployment
+
+        # The video model lives on its own GPU pool; this flow waits for it as a subflow.
+        run = run_deployment(plan.settings.handoff.deployment, parameters={"request": request.model_dump()},
+                             as_subflow=True, timeout=plan.settings.handoff.timeout_s)
+        return {"mode": mode, "deployment": plan.settings.handoff.deployment, "flow_run_id": str(run.id),
+                "status": run.state.type.value.lower() if run.state else "unknown"}
+    except Exception as exc:  # noqa: BLE001 - the edits are done; a video failure is recorded, not fatal
+        logger.error("video stage (%s) failed: %s", mode, exc)
+        return {"mode": mode, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
 
 
 def _record(job: EditJob, result: EditResult | None, message: str | None, notes: str) -> EditRecord:

@@ -107,3 +107,22 @@ def build_qwen2vl_processor(tokenizer, min_pixels: int = 3136, max_pixels: int =
         video_processor=Qwen2VLVideoProcessor(patch_size=14, temporal_patch_size=2, merge_size=2),
         chat_template=QWEN2VL_CHAT_TEMPLATE,
     )
+
+
+def build_t5_tokenizer(vocab_size: int = 512):
+    """A T5/UMT5-style Unigram tokenizer (pad=0, </s>=1, <unk>=2) in transformers' T5Tokenizer, for tiny Wan."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import T5Tokenizer
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")])
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                      unk_token="<unk>", show_progress=False)
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    vocab = [tuple(x) for x in json.loads(tok.to_str())["model"]["vocab"]]
+    t5 = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+    if (t5.pad_token_id, t5.eos_token_id, t5.unk_token_id) != (0, 1, 2):
+        raise RuntimeError("T5 special tokens were renumbered")
+    return t5

@@ -29,8 +29,9 @@ from tasks.settings import cache_dir
 
 log = logging.getLogger("recast.pipelines")
 
-# Bump when the tiny builder changes, so stale cached folders are not reused.
+# Bump when a tiny builder changes, so stale cached folders are not reused.
 TINY_EDIT_VERSION = "qwen-edit-2511-tiny-v1"
+TINY_VIDEO_VERSION = "v1"
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,8 @@ def resolve_source(profile: ModelProfile) -> str:
     """A folder or hub id that from_pretrained can load; fails in seconds when it cannot."""
     if profile.model_id == "tiny":
         return str(ensure_tiny_edit_model())
+    if profile.model_id in ("tiny-wan22", "tiny-wan21"):
+        return str(ensure_tiny_video_model(profile.model_id.removeprefix("tiny-")))
     if Path(profile.model_id).expanduser().is_dir():
         return str(Path(profile.model_id).expanduser())
     from huggingface_hub import constants, try_to_load_from_cache
@@ -182,18 +185,16 @@ def build_tiny_edit_components() -> dict[str, Any]:
                 tokenizer=tokenizer, processor=processor)
 
 
-def ensure_tiny_edit_model() -> Path:
-    """Build the tiny model into the cache folder once; later calls return the folder at once."""
-    target = cache_dir() / TINY_EDIT_VERSION
+def _build_once(name: str, build) -> Path:
+    """Build a pipeline folder into the cache once; later calls (any process) return it at once."""
+    target = cache_dir() / name
     if (target / "model_index.json").exists():
         return target
-    from diffusers import QwenImageEditPlusPipeline
-
-    log.info("building the tiny edit model into %s (once)", target)
+    log.info("building %s into %s (once)", name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.{os.getpid()}.{threading.get_ident()}.part"
     shutil.rmtree(staging, ignore_errors=True)
-    QwenImageEditPlusPipeline(**build_tiny_edit_components()).save_pretrained(staging)
+    build().save_pretrained(staging)
     try:
         os.rename(staging, target)  # atomic: other processes see no folder or a complete one
     except OSError:
@@ -201,6 +202,62 @@ def ensure_tiny_edit_model() -> Path:
         if not (target / "model_index.json").exists():
             raise
     return target
+
+
+def ensure_tiny_edit_model() -> Path:
+    from diffusers import QwenImageEditPlusPipeline
+
+    return _build_once(TINY_EDIT_VERSION, lambda: QwenImageEditPlusPipeline(**build_tiny_edit_components()))
+
+
+def build_tiny_video_components(layout: str) -> dict[str, Any]:
+    """WanImageToVideoPipeline components, tiny and seeded. wan22: two experts + boundary ratio (the A14B
+    layout, no image encoder); wan21: one transformer + a CLIP image encoder."""
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+    from tasks.offline_tokenizers import build_t5_tokenizer
+
+    def transformer(seed: int, image_dim: int | None):
+        torch.manual_seed(seed)
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16,
+            text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=image_dim)
+
+    tokenizer = build_t5_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)).eval()
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    # Wan's own scheduler: UniPC on flow sigmas.
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    components = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler)
+    if layout == "wan22":
+        components.update(transformer=transformer(0, None), transformer_2=transformer(1, None), boundary_ratio=0.9,
+                          image_encoder=None, image_processor=None)
+    elif layout == "wan21":
+        torch.manual_seed(0)
+        image_encoder = CLIPVisionModel(CLIPVisionConfig(
+            hidden_size=8, projection_dim=8, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+            intermediate_size=16, patch_size=4)).eval()
+        components.update(transformer=transformer(0, 8), image_encoder=image_encoder,
+                          image_processor=CLIPImageProcessor(crop_size=32, size=32))
+    else:
+        raise ValueError(f"unknown Wan layout {layout!r}")
+    return components
+
+
+def ensure_tiny_video_model(layout: str) -> Path:
+    from diffusers import WanImageToVideoPipeline
+
+    return _build_once(f"wan-i2v-{layout}-tiny-{TINY_VIDEO_VERSION}",
+                       lambda: WanImageToVideoPipeline(**build_tiny_video_components(layout)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -406,7 +463,20 @@ def warm_up(loaded: LoadedPipeline, profile: ModelProfile) -> float:
     return time.perf_counter() - started
 
 
-_LOADERS = {"edit": _load_edit}
+def _load_video(profile) -> tuple[Any, str]:
+    import diffusers
+    from diffusers import WanImageToVideoPipeline
+
+    diffusers.utils.logging.disable_progress_bar()
+    source = check_available(profile)
+    pipe = WanImageToVideoPipeline.from_pretrained(source, revision=profile.revision,
+                                                   dtype=_torch_dtype(profile.dtype))
+    pipe.to(profile.device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, source
+
+
+_LOADERS = {"edit": _load_edit, "video": _load_video}
 
 
 def get_pipeline(kind: str, profile: ModelProfile) -> tuple[LoadedPipeline, bool]:
@@ -423,7 +493,7 @@ def get_pipeline(kind: str, profile: ModelProfile) -> tuple[LoadedPipeline, bool
         started = time.perf_counter()
         pipe, source = _LOADERS[kind](profile)
         loaded = LoadedPipeline(key=key, pipe=pipe, source=source, cold_start_s=0.0)
-        if profile.warmup and kind == "edit":
+        if kind == "edit" and profile.warmup:
             warm_up(loaded, profile)
         # Cold start = everything a worker does before it can serve: load, place, compile, warm up.
         loaded.cold_start_s = time.perf_counter() - started
@@ -470,6 +540,22 @@ def run_edit(loaded: LoadedPipeline, profile: ModelProfile, images: list, *, pro
             generator=generator,
         )
     return result.images[0]
+
+
+def run_video(loaded: LoadedPipeline, image, *, prompt: str, negative_prompt: str, seed: int, steps: int,
+              guidance_scale: float, num_frames: int, width: int, height: int, max_sequence_length: int):
+    """One clip: uint8 frames of shape (num_frames, height, width, 3)."""
+    import numpy as np
+    import torch
+
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with _CALL_LOCK, loaded.call_lock, torch.inference_mode():
+        loaded.calls += 1
+        frames = loaded.pipe(image=image, prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+                             num_frames=num_frames, num_inference_steps=steps, guidance_scale=guidance_scale,
+                             max_sequence_length=max_sequence_length, generator=generator,
+                             output_type="np").frames[0]
+    return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
 def output_size(width: int | None, height: int | None, aspect: float, area: int) -> tuple[int, int]:

@@ -61,6 +61,26 @@ class ModelProfile(_Strict):
     warmup: bool = Field(False, description="Run (and compile) a few edits at load, before taking work.")
 
 
+class VideoProfile(_Strict):
+    name: str = Field(description="Video profile name, as used by --video-profile.")
+    description: str = ""
+    model_id: str = Field(description="Hub id, local folder, or tiny-wan22 / tiny-wan21 (built locally).")
+    revision: str | None = Field(None, description="Pinned hub revision (commit hash).")
+    dtype: Literal["float32", "bfloat16", "float16"]
+    device: str
+    area: int = Field(ge=16 * 16, le=1920 * 1088, description="Frame pixels when no size is given (480p: 832x480).")
+    steps: int | None = Field(None, ge=1, le=100, description="Default steps for this profile.")
+    guidance_scale: float | None = Field(None, ge=1.0, le=20.0, description="Default CFG for this profile.")
+    max_sequence_length: int = Field(512, ge=16, le=512, description="Text tokens for the UMT5 encoder.")
+    usd_per_gpu_hour: float | None = Field(None, ge=0)
+
+
+class AnimateDefaults(_Strict):
+    steps: int = Field(40, ge=1, le=100)
+    guidance_scale: float = Field(5.0, ge=1.0, le=20.0)
+    negative_prompt: str = ""
+
+
 class EditDefaults(_Strict):
     steps: int = Field(8, ge=1, le=100)
     true_cfg_scale: float = Field(4.0, ge=1.0, le=20.0)
@@ -71,6 +91,11 @@ class HandoffDefaults(_Strict):
     motion_prompt: str = Field(min_length=1)
     num_frames: int = Field(81, ge=5, le=241)
     fps: int = Field(16, ge=4, le=60)
+    mode: Literal["inline", "deployment", "none"] = Field(
+        "inline", description="inline: animate in the same process; deployment: trigger the animate "
+        "deployment (its own GPU pool); none: stop at handoff.json.")
+    deployment: str = Field("recast-animate/animate", description="Deployment run in 'deployment' mode.")
+    timeout_s: float = Field(3600, gt=0, description="How long the edit flow waits for a deployment run.")
 
     @model_validator(mode="after")
     def _frames_4k_plus_1(self) -> HandoffDefaults:
@@ -81,18 +106,26 @@ class HandoffDefaults(_Strict):
 
 class Settings(_Strict):
     profile: str
+    video_profile: str
     storage_root: str
     edit: EditDefaults
+    animate: AnimateDefaults
     handoff: HandoffDefaults
     usd_per_gpu_hour: float = Field(ge=0)
     max_input_pixels: int = Field(ge=64 * 64)
     profiles: dict[str, ModelProfile]
+    video_profiles: dict[str, VideoProfile]
 
     @model_validator(mode="after")
     def _known_profile(self) -> Settings:
         if self.profile not in self.profiles:
             raise ValueError(f"profile={self.profile!r} is not defined; known: {sorted(self.profiles)}")
+        if self.video_profile not in self.video_profiles:
+            raise ValueError(f"video_profile={self.video_profile!r} is not defined; known: {sorted(self.video_profiles)}")
         return self
+
+    def get_video_profile(self, name: str | None) -> VideoProfile:
+        return self.video_profiles[name or self.video_profile]
 
     def get_profile(self, name: str | None) -> ModelProfile:
         name = name or self.profile
@@ -154,6 +187,58 @@ class EditRequest(_Strict):
     motion_prompt: str | None = Field(
         None, max_length=2000, description="Motion prompt handed to the image-to-video stage."
     )
+    video_profile: str | None = Field(
+        None, description="Video profile for the image-to-video stage (default: tiny).")
+
+
+class AnimateRequest(_Strict):
+    """Animate an edited frame: read a handoff.json, write an mp4 and its last frame."""
+
+    handoff: ImageRef = Field(description="URI or path of the edit run's handoff.json.",
+                              json_schema_extra={"cli": "positional-one", "metavar": "HANDOFF_URI"})
+    motion_prompt: str | None = Field(None, max_length=2000, description="Overrides the handoff's motion prompt.")
+    negative_prompt: str | None = Field(None, max_length=2000, description="What to steer away from.")
+    num_frames: int | None = Field(None, ge=5, le=241, description="Frames, 4k+1 (others are rounded). Default 81.")
+    fps: int | None = Field(None, ge=4, le=60, description="Frames per second written into the mp4. Default 16.")
+    steps: int | None = Field(None, ge=1, le=100, description="Denoising steps (default from the video profile).")
+    guidance_scale: float | None = Field(None, ge=1.0, le=20.0, description="CFG strength (default 5.0).")
+    seed: Seed | None = Field(None, description="Seed in 0..2^32-1; unset: drawn and recorded.")
+    resolution: Literal["480p", "720p"] | None = Field(
+        None, description="Frame area (832x480 or 1280x720 pixels) at the frame's aspect ratio.")
+    width: int | None = Field(None, ge=16, le=1920, description="Frame width (rounded to a multiple of 16).")
+    height: int | None = Field(None, ge=16, le=1920, description="Frame height (rounded to a multiple of 16).")
+    video_profile: str | None = Field(None, description="Video profile (default: tiny).")
+    storage_root: str | None = Field(None, description="Where the run is written (default ./artifacts).",
+                                     json_schema_extra={"cli": "--storage"})
+
+
+class StoryboardScene(_Strict):
+    edit_prompt: Prompt | None = Field(
+        None, description="Edit of the reference photo that starts this scene. Scene 1 needs one; later scenes "
+        "without one continue from the previous clip's last frame.")
+    motion_prompt: Prompt = Field(description="What happens in this scene's clip.")
+    seed: Seed | None = Field(None, description="Seed for this scene (edit and clip); unset: drawn.")
+
+
+class Storyboard(_Strict):
+    """A sequence of scenes over one reference photo, stitched into one video."""
+
+    reference: ImageRef = Field(description="The person's photo (path or fsspec URI).")
+    scenes: list[StoryboardScene] = Field(min_length=1, max_length=50, description="The scenes, in order.")
+    num_frames: int = Field(81, ge=5, le=241, description="Frames per clip, 4k+1.")
+    fps: int = Field(16, ge=4, le=60, description="Frames per second of every clip and the stitched video.")
+    max_attempts: int = Field(1, ge=1, le=5, description="Tries per scene (a new seed each) before it fails.")
+    profile: str | None = Field(None, description="Edit model profile.")
+    video_profile: str | None = Field(None, description="Video model profile.")
+    storage_root: str | None = Field(None, description="Where the run is written.")
+
+    @model_validator(mode="after")
+    def _first_scene_edits(self) -> Storyboard:
+        if self.scenes[0].edit_prompt is None:
+            raise ValueError("scenes[0].edit_prompt is required: the first scene starts from an edit")
+        if (self.num_frames - 1) % 4:
+            raise ValueError(f"num_frames={self.num_frames} must be 4k+1 (e.g. 81)")
+        return self
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,6 +259,37 @@ class EditJob(_Strict):
     width: int = Field(ge=16)
     height: int = Field(ge=16)
     output: str = Field(description="URI the PNG is written to.")
+
+
+class AnimateJob(_Strict):
+    clip_id: str
+    video_profile: str
+    frame: str = Field(description="URI of the source frame.")
+    prompt: str
+    negative_prompt: str
+    seed: Seed
+    steps: int = Field(ge=1, le=100)
+    guidance_scale: float = Field(ge=1.0)
+    num_frames: int = Field(ge=5)
+    fps: int = Field(ge=1)
+    width: int = Field(ge=16, multiple_of=16)
+    height: int = Field(ge=16, multiple_of=16)
+    output: str = Field(description="URI of the mp4.")
+    last_frame: str = Field(description="URI of the PNG of the clip's final frame.")
+
+
+class ClipResult(_Strict):
+    clip_id: str
+    output: str
+    last_frame: str
+    seed: int
+    num_frames: int
+    fps: int
+    width: int
+    height: int
+    seconds: float
+    cache_hit: bool
+    cold_start_s: float
 
 
 class EditResult(_Strict):
@@ -213,6 +329,26 @@ class EditRecord(BaseModel):
     identity: IdentityRecord
 
 
+class ClipRecord(BaseModel):
+    clip_id: str
+    status: Literal["succeeded", "failed"]
+    source_frame: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance_scale: float
+    num_frames: int
+    fps: int
+    width: int
+    height: int
+    seconds: float | None
+    output: str | None
+    last_frame: str | None
+    cache_hit: bool | None = None
+    error: str | None = None
+
+
 class Handoff(_Strict):
     """The contract with the Wan image-to-video stage."""
 
@@ -250,4 +386,24 @@ class Manifest(BaseModel):
     cost: dict
     handoff: str | None
     identity_notes: str
+    animation: dict | None = None
+    prefect: dict = Field(default_factory=dict)
+
+
+class AnimateManifest(BaseModel):
+    kind: Literal["animate"] = "animate"
+    run_id: str
+    folder: str
+    created_at: str
+    finished_at: str
+    status: Literal["succeeded", "failed"]
+    request: dict
+    handoff: str
+    warnings: list[str]
+    model: dict
+    versions: dict
+    device: str
+    pipeline: dict
+    clips: list[ClipRecord]
+    cost: dict
     prefect: dict = Field(default_factory=dict)

@@ -54,13 +54,17 @@ def _env_overrides(environ: dict[str, str]) -> list[tuple[list[str], Any]]:
 
 
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
-    """Read defaults.yaml and profiles.yaml, apply RECAST_* variables, validate."""
+    """Read defaults.yaml, profiles.yaml and video_profiles.yaml, apply RECAST_* variables, validate."""
     folder = config_dir()
     tree = _read_yaml(folder / "defaults.yaml")
     profiles = _read_yaml(folder / "profiles.yaml")
     for name, profile in profiles.items():
         profile.setdefault("name", name)
     tree["profiles"] = profiles
+    video_profiles = _read_yaml(folder / "video_profiles.yaml")
+    for name, profile in video_profiles.items():
+        profile.setdefault("name", name)
+    tree["video_profiles"] = video_profiles
     for keys, value in _env_overrides(dict(os.environ if environ is None else environ)):
         _set_path(tree, keys, value)
     return Settings.model_validate(tree)

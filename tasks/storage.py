@@ -179,6 +179,44 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 # --------------------------------------------------------------------------------------------------
+# Video (mp4 through imageio-ffmpeg, which ships its own ffmpeg binary)
+
+
+def mp4_bytes(frames, fps: int) -> bytes:
+    """Encode uint8 frames (T, H, W, 3) as H.264 mp4 at exactly `fps` frames per second."""
+    import tempfile
+
+    import imageio.v2 as imageio
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "clip.mp4")
+        # Single-threaded x264: the same frames always encode to the same bytes.
+        with imageio.get_writer(path, fps=fps, codec="libx264", quality=8, macro_block_size=16,
+                                pixelformat="yuv420p", ffmpeg_params=["-threads", "1"]) as writer:
+            for frame in frames:
+                writer.append_data(frame)
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def read_video(uri: str):
+    """Decode an mp4 from storage: (uint8 frames (T, H, W, 3), fps)."""
+    import tempfile
+
+    import imageio.v2 as imageio
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "clip.mp4")
+        with open(path, "wb") as f:
+            f.write(read_bytes(uri))
+        with imageio.get_reader(path, format="FFMPEG") as reader:
+            fps = reader.get_meta_data()["fps"]
+            frames = np.stack([frame for frame in reader])
+    return frames, fps
+
+
+# --------------------------------------------------------------------------------------------------
 # Run folder layout
 
 
@@ -199,6 +237,16 @@ class RunLayout:
 
     def edit_uri(self, edit_id: str) -> str:
         return join(self.folder, "edits", f"{edit_id}.png")
+
+    def clip_uri(self, clip_id: str) -> str:
+        return join(self.folder, "clips", f"{clip_id}.mp4")
+
+    def last_frame_uri(self, clip_id: str) -> str:
+        return join(self.folder, "clips", f"{clip_id}_last.png")
+
+    @property
+    def stitched_uri(self) -> str:
+        return join(self.folder, "storyboard.mp4")
 
     @property
     def manifest_uri(self) -> str:

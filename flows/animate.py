@@ -1,0 +1,219 @@
+"""The animate flow: handoff.json -> one clip (mp4 at the requested fps + its last frame) -> manifest.
+
+    1. Plan: read and check the handoff, the frame and the sizes (nothing written yet)
+    2. Animate the frame on the process's cached Wan pipeline
+    3. Write the manifest, last
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic import BaseModel, Field, ValidationError
+
+from tasks import pipelines, storage
+from tasks.animate import animate_task
+from tasks.errors import BadInput
+from tasks.schemas import (MAX_SEED, AnimateJob, AnimateManifest, AnimateRequest, ClipRecord, ClipResult, Settings,
+                           VideoProfile)
+from tasks.settings import get_settings
+
+RESOLUTION_AREA = {"480p": 832 * 480, "720p": 1280 * 720}
+log = logging.getLogger("recast.animate")
+
+
+class HandoffIn(BaseModel):
+    """A handoff as read from storage: checked field by field, sizes normalised afterwards (see plan)."""
+
+    frame: str = Field(min_length=1)
+    motion_prompt: str = Field(min_length=1)
+    width: int
+    height: int
+    num_frames: int
+    fps: int = Field(ge=1, le=120)
+    seed: int = Field(ge=0, le=MAX_SEED)
+    run_id: str | None = None
+    edit_id: str | None = None
+    manifest: str | None = None
+
+
+@dataclass
+class AnimatePlan:
+    run_id: str
+    created_at: str
+    request: AnimateRequest
+    settings: Settings
+    profile: VideoProfile
+    layout: storage.RunLayout
+    handoff_uri: str
+    handoff: HandoffIn
+    job: AnimateJob
+    warnings: list[str] = field(default_factory=list)
+
+
+def snap16(field_name: str, value: int, warnings: list[str]) -> int:
+    """Sizes must be multiples of 16: round (with a warning) where that is safe, refuse where it is not."""
+    if value < 16 or value > 1920:
+        raise BadInput(field_name, value, "frame sizes must be 16..1920 pixels", "use e.g. 832x480 or 480x832")
+    snapped = max(16, int(round(value / 16)) * 16)
+    if snapped != value:
+        warnings.append(f"{field_name}={value} rounded to {snapped} (Wan needs multiples of 16)")
+    return snapped
+
+
+def snap_frames(field_name: str, value: int, warnings: list[str]) -> int:
+    """num_frames must be 4k+1: round (with a warning) to the nearest such count within 5..241."""
+    if value < 5 or value > 241:
+        raise BadInput(field_name, value, "clips must have 5..241 frames", "use 4k+1 frames, e.g. 81")
+    snapped = 4 * round((value - 1) / 4) + 1
+    if snapped != value:
+        warnings.append(f"{field_name}={value} rounded to {snapped} (Wan needs 4k+1 frames)")
+    return snapped
+
+
+def read_handoff(uri: str) -> HandoffIn:
+    uri = storage.check_scheme("handoff", uri)
+    if not storage.exists(uri):
+        raise BadInput("handoff", uri, "file does not exist", "pass the handoff.json of an edit run")
+    try:
+        data = json.loads(storage.read_bytes(uri))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInput("handoff", uri, f"not JSON ({exc})", "pass the handoff.json an edit run wrote") from None
+    if not isinstance(data, dict):
+        raise BadInput("handoff", uri, "not a JSON object", "pass the handoff.json an edit run wrote")
+    try:
+        return HandoffIn.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = ".".join(str(p) for p in err["loc"]) or "handoff"
+        value = err.get("input") if err["type"] != "missing" else "(missing)"
+        raise BadInput(f"handoff.{name}", value, err["msg"], "re-run the edit flow, or fix the field") from None
+
+
+def plan_animation(request: AnimateRequest, settings: Settings | None = None, *,
+                   layout: storage.RunLayout | None = None, clip_id: str = "clip-01") -> AnimatePlan:
+    """Everything that can be refused is refused here, before anything is written."""
+    settings = settings or get_settings()
+    try:
+        profile = settings.get_video_profile(request.video_profile)
+    except KeyError:
+        raise BadInput("video_profile", request.video_profile, "unknown video profile",
+                       f"use one of: {', '.join(sorted(settings.video_profiles))}") from None
+    handoff_uri = storage.normalize_uri(request.handoff)
+    handoff = read_handoff(handoff_uri)
+    frame_uri = storage.check_scheme("handoff.frame", handoff.frame)
+    if not storage.exists(frame_uri):
+        raise BadInput("handoff.frame", handoff.frame, "frame does not exist", "re-run the edit flow")
+    frame = storage.read_image("handoff.frame", frame_uri, settings.max_input_pixels)
+
+    warnings: list[str] = []
+    if request.width or request.height or request.resolution:
+        area = RESOLUTION_AREA.get(request.resolution or "", profile.area)
+        width, height = pipelines.output_size(request.width, request.height, frame.width / frame.height, area)
+        width, height = snap16("width", width, warnings), snap16("height", height, warnings)
+    else:
+        width = snap16("handoff.width", handoff.width, warnings)
+        height = snap16("handoff.height", handoff.height, warnings)
+    if request.num_frames is not None:
+        num_frames = snap_frames("num_frames", request.num_frames, warnings)
+    else:
+        num_frames = snap_frames("handoff.num_frames", handoff.num_frames, warnings)
+    pipelines.check_available(profile)
+
+    root = storage.check_scheme("storage", request.storage_root or settings.storage_root)
+    now = datetime.now(timezone.utc)
+    run_id = f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+    layout = layout or storage.RunLayout(root, run_id)
+    seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    job = AnimateJob(
+        clip_id=clip_id, video_profile=profile.name, frame=frame_uri,
+        prompt=request.motion_prompt or handoff.motion_prompt,
+        negative_prompt=request.negative_prompt if request.negative_prompt is not None
+        else settings.animate.negative_prompt,
+        seed=seed, steps=first_set(request.steps, profile.steps, settings.animate.steps),
+        guidance_scale=first_set(request.guidance_scale, profile.guidance_scale, settings.animate.guidance_scale),
+        num_frames=num_frames, fps=request.fps or handoff.fps, width=width, height=height,
+        output=layout.clip_uri(clip_id), last_frame=layout.last_frame_uri(clip_id))
+    return AnimatePlan(run_id=layout.run_id, created_at=now.isoformat(timespec="seconds"), request=request,
+                       settings=settings, profile=profile, layout=layout, handoff_uri=handoff_uri, handoff=handoff,
+                       job=job, warnings=warnings)
+
+
+def first_set(*values):
+    return next(v for v in values if v is not None)
+
+
+def clip_record(job: AnimateJob, result: ClipResult | None, message: str | None) -> ClipRecord:
+    return ClipRecord(
+        clip_id=job.clip_id, status="succeeded" if result else "failed", source_frame=storage.redact(job.frame),
+        prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed, steps=job.steps,
+        guidance_scale=job.guidance_scale, num_frames=result.num_frames if result else job.num_frames,
+        fps=job.fps, width=job.width, height=job.height, seconds=result.seconds if result else None,
+        output=result.output if result else None, last_frame=result.last_frame if result else None,
+        cache_hit=result.cache_hit if result else None, error=None if result else (message or "failed"))
+
+
+def video_model(profile: VideoProfile) -> dict:
+    return {"id": profile.model_id, "revision": profile.revision, "profile": profile.name, "dtype": profile.dtype}
+
+
+def run_clip(job: AnimateJob) -> tuple[ClipResult | None, str | None]:
+    """Submit one clip and wait for it; a failure comes back as (None, reason), not as an exception."""
+    state = animate_task(job, return_state=True)
+    result = state.result(raise_on_failure=False) if state.is_completed() else None
+    return (result, None) if isinstance(result, ClipResult) else (None, state.message)
+
+
+def gpu_cost(seconds: float, profile, settings: Settings) -> dict:
+    price = profile.usd_per_gpu_hour if profile.usd_per_gpu_hour is not None else settings.usd_per_gpu_hour
+    return {"gpu_seconds": round(seconds, 3), "usd_per_gpu_hour": price, "usd": round(seconds / 3600 * price, 6)}
+
+
+@flow(name="recast-animate", log_prints=True)
+def animate_flow(request: AnimateRequest) -> dict:
+    """Animate the chosen frame of an edit run (its handoff.json); returns the manifest."""
+    from flows.edit import versions  # one definition of what versions a manifest records
+    from prefect.runtime import flow_run
+
+    logger = get_run_logger()
+    # 1. Plan
+    plan = plan_animation(request)
+    for warning in plan.warnings:
+        logger.warning(warning)
+    job = plan.job
+    logger.info("run %s: %d frames %dx%d at %d fps on %s", plan.run_id, job.num_frames, job.width, job.height,
+                job.fps, plan.profile.name)
+    # 2. Clip
+    result, message = run_clip(job)
+    record = clip_record(job, result, message)
+    # 3. Manifest (last)
+    seconds = (result.seconds + (0.0 if result.cache_hit else result.cold_start_s)) if result else 0.0
+    request_dump = request.model_dump()
+    request_dump["seed"] = job.seed
+    manifest = AnimateManifest(
+        run_id=plan.run_id, folder=storage.redact(plan.layout.folder), created_at=plan.created_at,
+        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        status="succeeded" if result else "failed", request=request_dump, handoff=storage.redact(plan.handoff_uri),
+        warnings=plan.warnings, model=video_model(plan.profile), versions=versions(),
+        device=pipelines.describe_device(plan.profile),
+        pipeline={"cold_start_s": result.cold_start_s if result else None,
+                  "cache_hit": result.cache_hit if result else None},
+        clips=[record], cost=gpu_cost(seconds, plan.profile, plan.settings),
+        prefect={"flow_run_id": str(flow_run.id) if flow_run.id else None, "flow_run_name": flow_run.name})
+    storage.write_json(plan.layout.manifest_uri, manifest.model_dump())
+    create_table_artifact(key="recast-animate-clips", table=[
+        {"clip": r.clip_id, "prompt": r.prompt, "seed": r.seed, "frames": r.num_frames, "fps": r.fps,
+         "size": f"{r.width}x{r.height}", "seconds": r.seconds, "output": r.output} for r in manifest.clips])
+    create_markdown_artifact(key="recast-animate-summary", markdown=(
+        f"# recast animate `{plan.run_id}`: {manifest.status}\n- from `{storage.redact(job.frame)}`\n"
+        f"- clip `{record.output}` ({job.num_frames} frames, {job.fps} fps)\n"
+        + "".join(f"- warning: {w}\n" for w in plan.warnings)))
+    if not result:
+        raise RuntimeError(f"the clip failed: {message}; see {storage.redact(plan.layout.manifest_uri)}")
+    return manifest.model_dump()

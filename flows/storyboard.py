@@ -1,0 +1,151 @@
+"""The storyboard flow: scenes over one reference photo -> edits and clips chained by last frames -> one video.
+
+    1. Plan: check the storyboard and the reference photo (nothing written yet)
+    2. For each scene: make its start frame (a fresh edit of the reference, or the previous clip's last
+       frame), animate it, retrying with new seeds up to max_attempts; every attempt goes in the ledger
+    3. Stitch the clips into one mp4
+    4. Write the manifest, last
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime, timezone
+
+import numpy as np
+from PIL import Image
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+
+from flows.animate import clip_record, first_set, gpu_cost, run_clip, video_model
+from flows.edit import new_run_id, slug, versions
+from tasks import pipelines, storage
+from tasks.edit import edit_task
+from tasks.errors import BadInput
+from tasks.schemas import MAX_SEED, AnimateJob, EditJob, EditResult, Storyboard
+from tasks.settings import get_settings
+
+
+def check_storyboard(board: Storyboard):
+    """Refuse what cannot run before anything is written; returns (settings, edit profile, video profile, image)."""
+    settings = get_settings()
+    for field, name, known in (("profile", board.profile, settings.profiles),
+                               ("video_profile", board.video_profile, settings.video_profiles)):
+        if name is not None and name not in known:
+            raise BadInput(field, name, "unknown profile", f"use one of: {', '.join(sorted(known))}")
+    profile, video = settings.get_profile(board.profile), settings.get_video_profile(board.video_profile)
+    storage.check_scheme("storage", board.storage_root or settings.storage_root)
+    image = storage.read_image("reference", board.reference, settings.max_input_pixels)
+    pipelines.check_available(profile)
+    pipelines.check_available(video)
+    return settings, profile, video, image
+
+
+def stitch(clip_uris: list[str], fps: int) -> tuple[bytes, int]:
+    """Concatenate clips (decoded from storage) into one mp4; frames are resized to the first clip's size."""
+    parts = []
+    for uri in clip_uris:
+        frames, _ = storage.read_video(uri)
+        if parts and frames.shape[1:3] != parts[0].shape[1:3]:
+            height, width = parts[0].shape[1:3]
+            frames = np.stack([np.asarray(Image.fromarray(f).resize((width, height))) for f in frames])
+        parts.append(frames)
+    frames = np.concatenate(parts)
+    return storage.mp4_bytes(frames, fps), len(frames)
+
+
+@flow(name="recast-storyboard", log_prints=True)
+def storyboard_flow(storyboard: Storyboard) -> dict:
+    """Edit and animate every scene, chaining clips by their last frames, and stitch one video."""
+    logger = get_run_logger()
+    # 1. Plan
+    settings, profile, video, reference = check_storyboard(storyboard)
+    now = datetime.now(timezone.utc)
+    run_id = new_run_id(now)
+    layout = storage.RunLayout(storage.normalize_uri(storyboard.storage_root or settings.storage_root), run_id)
+    reference_uri = storage.write_bytes(layout.input_uri(0, reference.uri, reference.format), reference.data)
+
+    # 2. Scenes
+    scenes, clip_uris, previous_last_frame, gpu_seconds = [], [], None, 0.0
+    for index, scene in enumerate(storyboard.scenes, start=1):
+        entry = {"scene": index, "edit_prompt": scene.edit_prompt, "motion_prompt": scene.motion_prompt,
+                 "source": "edit" if scene.edit_prompt else "previous_last_frame", "attempts": []}
+        scenes.append(entry)
+        if scene.edit_prompt is None and previous_last_frame is None:
+            entry.update(status="skipped", reason="the previous scene has no clip to continue from")
+            continue
+        for attempt in range(1, storyboard.max_attempts + 1):
+            seed = scene.seed if (scene.seed is not None and attempt == 1) else secrets.randbelow(MAX_SEED + 1)
+            record = {"attempt": attempt, "seed": seed, "started_at": datetime.now(timezone.utc).isoformat(
+                timespec="seconds")}
+            entry["attempts"].append(record)
+            source = previous_last_frame
+            if scene.edit_prompt:
+                width, height = pipelines.output_size(None, None, reference.width / reference.height,
+                                                      profile.output_area)
+                edit_id = f"s{index:02d}-{slug(scene.edit_prompt, 24)}-s{seed}"
+                state = edit_task(EditJob(
+                    edit_id=edit_id, profile=profile.name, inputs=[reference_uri], prompt=scene.edit_prompt,
+                    negative_prompt=settings.edit.negative_prompt, seed=seed,
+                    steps=first_set(profile.steps, settings.edit.steps),
+                    true_cfg_scale=first_set(profile.true_cfg_scale, settings.edit.true_cfg_scale),
+                    width=width, height=height, output=layout.edit_uri(edit_id)), return_state=True)
+                edited = state.result(raise_on_failure=False) if state.is_completed() else None
+                if not isinstance(edited, EditResult):
+                    record.update(status="failed", stage="edit", error=state.message)
+                    continue
+                record.update(edit=edited.output, edit_seconds=edited.seconds)
+                gpu_seconds += edited.seconds
+                source = edited.output
+            frame = storage.read_image("scene frame", source, settings.max_input_pixels)
+            width, height = pipelines.output_size(None, None, frame.width / frame.height, video.area)
+            clip_id = f"s{index:02d}-a{attempt}"
+            job = AnimateJob(
+                clip_id=clip_id, video_profile=video.name, frame=source, prompt=scene.motion_prompt,
+                negative_prompt=settings.animate.negative_prompt, seed=seed,
+                steps=first_set(video.steps, settings.animate.steps),
+                guidance_scale=first_set(video.guidance_scale, settings.animate.guidance_scale),
+                num_frames=storyboard.num_frames, fps=storyboard.fps, width=width, height=height,
+                output=layout.clip_uri(clip_id), last_frame=layout.last_frame_uri(clip_id))
+            result, message = run_clip(job)
+            record.update(clip=clip_record(job, result, message).model_dump(), source_frame=source,
+                          status="succeeded" if result else "failed", stage="animate")
+            if result:
+                gpu_seconds += result.seconds
+                clip_uris.append(result.output)
+                previous_last_frame = result.last_frame
+                entry.update(status="succeeded", source_frame=source, clip=result.output,
+                             last_frame=result.last_frame)
+                logger.info("scene %d: %s from %s", index, result.output, entry["source"])
+                break
+        else:
+            entry["status"] = "failed"
+            previous_last_frame = None  # a continuing scene must not jump back to an older clip
+
+    # 3. Stitch
+    stitched, total_frames = None, 0
+    if clip_uris:
+        data, total_frames = stitch(clip_uris, storyboard.fps)
+        stitched = storage.write_bytes(layout.stitched_uri, data)
+
+    # 4. Manifest (last)
+    ok = sum(s.get("status") == "succeeded" for s in scenes)
+    manifest = {
+        "kind": "storyboard", "run_id": run_id, "folder": storage.redact(layout.folder),
+        "created_at": now.isoformat(timespec="seconds"),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "status": "succeeded" if ok == len(scenes) else ("partial" if ok else "failed"),
+        "storyboard": storyboard.model_dump(), "reference": storage.redact(reference_uri),
+        "model": {"id": profile.model_id, "revision": profile.revision, "profile": profile.name,
+                  "dtype": profile.dtype},
+        "video_model": video_model(video), "versions": versions(), "device": pipelines.describe_device(video),
+        "scenes": scenes, "stitched": {"output": stitched, "num_frames": total_frames, "fps": storyboard.fps},
+        "cost": gpu_cost(gpu_seconds, video, settings),
+    }
+    storage.write_json(layout.manifest_uri, manifest)
+    create_table_artifact(key="recast-storyboard", table=[
+        {"scene": s["scene"], "source": s["source"], "status": s.get("status"), "attempts": len(s["attempts"]),
+         "clip": s.get("clip")} for s in scenes])
+    if not ok:
+        raise RuntimeError(f"no scene produced a clip; see {storage.redact(layout.manifest_uri)}")
+    return manifest

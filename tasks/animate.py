@@ -1,0 +1,47 @@
+"""The animate task: one clip from one frame on the process's cached Wan image-to-video pipeline.
+
+Reads the frame by URI, writes the mp4 (at the requested fps) and its last frame by URI, returns a small
+ClipResult (never video bytes).
+"""
+
+from __future__ import annotations
+
+import time
+
+from PIL import Image
+from prefect import task
+
+from tasks import pipelines, storage
+from tasks.edit import _retry_only_transient
+from tasks.schemas import AnimateJob, ClipResult
+from tasks.settings import get_settings
+
+
+def animate_clip(job: AnimateJob) -> ClipResult:
+    """Generate job.num_frames frames from job.frame and write the clip and its last frame."""
+    profile = get_settings().get_video_profile(job.video_profile)
+    loaded, cache_hit = pipelines.get_pipeline("video", profile)
+    # Wan stretches the image to height x width; the flow chose a size with the frame's aspect ratio.
+    frame = storage.load_image(job.frame).resize((job.width, job.height), Image.Resampling.LANCZOS)
+    started = time.perf_counter()
+    frames = pipelines.run_video(
+        loaded, frame, prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed, steps=job.steps,
+        guidance_scale=job.guidance_scale, num_frames=job.num_frames, width=job.width, height=job.height,
+        max_sequence_length=profile.max_sequence_length)
+    seconds = time.perf_counter() - started
+    # The last frame is written losslessly: it is the next scene's starting image.
+    storage.write_bytes(job.last_frame, storage.png_bytes(Image.fromarray(frames[-1])))
+    storage.write_bytes(job.output, storage.mp4_bytes(frames, job.fps))
+    return ClipResult(clip_id=job.clip_id, output=job.output, last_frame=job.last_frame, seed=job.seed,
+                      num_frames=len(frames), fps=job.fps, width=frames.shape[2], height=frames.shape[1],
+                      seconds=round(seconds, 4), cache_hit=cache_hit, cold_start_s=round(loaded.cold_start_s, 3))
+
+
+animate_task = task(
+    animate_clip,
+    name="animate",
+    task_run_name="animate {job.clip_id}",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=_retry_only_transient,
+)
