@@ -73,7 +73,11 @@ def model_from_args(model: type[BaseModel], args: argparse.Namespace) -> BaseMod
         if (field.json_schema_extra or {}).get("cli") == "positional":
             values[name] = list(getattr(args, name)) + list(getattr(args, f"{name}_option"))
         elif hasattr(args, name):
-            values[name] = getattr(args, name)
+            value = getattr(args, name)
+            item, is_list = _unwrap(field.annotation)
+            if is_list and isinstance(item, type) and hasattr(item, "parse_cli"):
+                value = [item.parse_cli(v) for v in value]
+            values[name] = value
     return model.model_validate(values)
 
 
@@ -110,7 +114,9 @@ def _edit(args: argparse.Namespace) -> int:
     request = model_from_args(EditRequest, args)
     from flows.edit import plan_run
 
-    plan_run(request)  # refuse bad input here, before Prefect starts or anything is written
+    plan = plan_run(request)  # refuse bad input here, before Prefect starts or anything is written
+    for prompt, warnings in plan.prompt_warnings.items():
+        _print_warnings([f"prompt {prompt[:40]!r}: {w}" for w in warnings])
 
     from flows.edit import edit_flow, progress_listeners
     from tasks import storage
@@ -129,10 +135,15 @@ def _edit(args: argparse.Namespace) -> int:
     ok = [e for e in manifest["edits"] if e["status"] == "succeeded"]
     print(f"recast run {manifest['run_id']}: {manifest['status']} ({len(ok)}/{len(manifest['edits'])} edits, "
           f"profile {manifest['model']['profile']}, {manifest['device']})")
+    print(f"  {'theme':32} {'identity':10} {'score':>6} {'seed':>10} {'seconds':>8}  output")
     for edit in manifest["edits"]:
         where = edit["output"] if edit["status"] == "succeeded" else f"FAILED: {edit['error']}"
-        seconds = f"{edit['seconds']:.2f}s" if edit["seconds"] is not None else "-"
-        print(f"  seed {edit['seed']:>10}  {seconds:>7}  {edit['prompt'][:48]!r:50}  {where}")
+        seconds = f"{edit['seconds']:.2f}" if edit["seconds"] is not None else "-"
+        score = edit["identity"].get("score")
+        print(f"  {edit['prompt'].split(',')[0][:32]:32} {str(edit['identity'].get('grade') or '-'):10} "
+              f"{'-' if score is None else format(score, '.3f'):>6} {edit['seed']:>10} {seconds:>8}  {where}")
+    if manifest.get("contact_sheet"):
+        print(f"  contact sheet: {manifest['contact_sheet']}")
     print(f"  pipeline: cold start {manifest['pipeline']['cold_start_s']}s, cache hit {manifest['pipeline']['cache_hit']}")
     print(f"  handoff: {manifest['handoff']}")
     animation = manifest.get("animation")
@@ -165,6 +176,25 @@ def _animate(args: argparse.Namespace) -> int:
     from tasks import storage
 
     print(storage.join(manifest["folder"], "manifest.json"))
+    return 0
+
+
+def _identity(args: argparse.Namespace) -> int:
+    from tasks import identity, storage
+
+    settings_pixels = 40_000_000
+    reference = storage.read_image("REFERENCE", args.reference, settings_pixels)
+    images = [storage.read_image(f"IMAGE[{i}]", uri, settings_pixels) for i, uri in enumerate(args.images)]
+    scores = identity.score_images(reference.data, [image.data for image in images])
+    rows = [{"image": image.uri, **score.as_dict()} for image, score in zip(images, scores)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'grade':11} {'score':>6} {'face px':>8}  image")
+    for row in rows:
+        score = "-" if row["score"] is None else f"{row['score']:.3f}"
+        note = f"  ({row['notes']})" if row["notes"] else ""
+        print(f"{row['grade']:11} {score:>6} {str(row['face_px'] or '-'):>8}  {row['image']}{note}")
     return 0
 
 
@@ -234,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(animate, AnimateRequest)
     animate.add_argument("--json", action="store_true", help="print the manifest as JSON")
     animate.set_defaults(handler=_animate, model=AnimateRequest)
+
+    ident = sub.add_parser("identity", help="score images against a reference photo's face")
+    ident.add_argument("reference", metavar="REFERENCE", help="photo of the person")
+    ident.add_argument("images", metavar="IMAGE", nargs="+", help="images to score")
+    ident.add_argument("--json", action="store_true", help="print the scores as JSON")
+    ident.set_defaults(handler=_identity, model=None)
 
     board = sub.add_parser("storyboard", help="edit and animate a storyboard of scenes, stitched into one video",
                            description=Storyboard.__doc__)

@@ -22,11 +22,12 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
 
-from tasks import pipelines, storage
+from tasks import identity, pipelines, storage
+from tasks import prompts as prompt_checks
 from tasks.edit import edit_task
 from tasks.errors import BadInput
-from tasks.schemas import (MAX_SEED, EditJob, EditRecord, EditRequest, EditResult, Handoff, IdentityRecord, Manifest,
-                           ModelProfile, Settings)
+from tasks.schemas import (MAX_SEED, EditJob, EditRecord, EditRequest, EditResult, Handoff, IdentityRecord, LoraRef,
+                           Manifest, ModelProfile, ResolvedLora, Settings)
 from tasks.settings import get_settings
 
 # Called with (edits done, edits total) as the run advances; the CLI hangs its progress bar here.
@@ -44,6 +45,9 @@ class RunPlan:
     layout: storage.RunLayout
     images: list[storage.InputImage]
     seeds: list[int]
+    prompts: list[str]
+    prompt_warnings: dict[str, list[str]]
+    loras: list[ResolvedLora]
 
     def jobs(self, input_uris: list[str]) -> list[EditJob]:
         req, defaults = self.request, self.settings.edit
@@ -51,10 +55,10 @@ class RunPlan:
         width, height = pipelines.output_size(req.width, req.height, reference.width / reference.height,
                                               self.profile.output_area)
         jobs = []
-        for p_index, prompt in enumerate(req.prompts, start=1):
+        for p_index, prompt in enumerate(self.prompts, start=1):
             for seed in self.seeds:
                 edit_id = f"{p_index:02d}-{slug(prompt)}-s{seed}"
-                jobs.append(EditJob(
+                jobs.append(EditJob(loras=self.loras,
                     edit_id=edit_id, profile=self.profile.name, inputs=input_uris, prompt=prompt,
                     negative_prompt=req.negative_prompt if req.negative_prompt is not None else defaults.negative_prompt,
                     seed=seed, steps=first_set(req.steps, self.profile.steps, defaults.steps),
@@ -85,15 +89,53 @@ def plan_run(request: EditRequest, settings: Settings | None = None) -> RunPlan:
         raise BadInput("profile", request.profile, "unknown profile",
                        f"use one of: {', '.join(sorted(settings.profiles))}") from None
     root = storage.check_scheme("storage", request.storage_root or settings.storage_root)
+    prompts = list(request.prompts)
+    if request.template:
+        prompts.append(prompt_checks.fill(request.template, prompt_checks.parse_assignments(request.template_fields)))
+    elif request.template_fields:
+        raise BadInput("--set", request.template_fields[0], "--set fills a template", "add --template NAME")
+    if not prompts:
+        raise BadInput("--prompt", [], "no prompt given", "give a non-empty --prompt, or --template NAME")
+    warnings = {prompt: prompt_checks.check(prompt, request.identity_notes) for prompt in prompts}
+    if request.strict:
+        for prompt, found in warnings.items():
+            if found:
+                raise BadInput("--prompt", prompt, f"prompt check: {found[0]}", "reword it, or run without --strict")
     images = [storage.read_image(f"images[{i}]", uri, settings.max_input_pixels)
               for i, uri in enumerate(request.images)]
+    loras = [resolve_lora(f"loras[{i}].source", lora) for i, lora in enumerate(request.loras)]
     # Fails in seconds when the model cannot be had here (no GPU, not cached and no hub).
     pipelines.check_available(profile)
     seeds = list(dict.fromkeys(request.seeds)) if request.seeds else [secrets.randbelow(MAX_SEED + 1)]
     now = datetime.now(timezone.utc)
     run_id = new_run_id(now)
     return RunPlan(run_id=run_id, created_at=now.isoformat(timespec="seconds"), request=request, settings=settings,
-                   profile=profile, layout=storage.RunLayout(root, run_id), images=images, seeds=seeds)
+                   profile=profile, layout=storage.RunLayout(root, run_id), images=images, seeds=seeds,
+                   prompts=prompts, prompt_warnings={p: w for p, w in warnings.items() if w}, loras=loras)
+
+
+def resolve_lora(field: str, lora: LoraRef) -> ResolvedLora:
+    """Check a request's LoRA file now (exists, safetensors, holds LoRA tensors) and pin it by SHA-256."""
+    import hashlib
+
+    from safetensors import SafetensorError, safe_open  # noqa: F401
+
+    uri = storage.check_scheme(field, lora.source)
+    if not storage.exists(uri):
+        raise BadInput(field, lora.source, "file does not exist", "pass a diffusers-format LoRA .safetensors file")
+    data = storage.read_bytes(uri)
+    try:
+        from safetensors.torch import load as load_safetensors
+
+        keys = list(load_safetensors(data))
+    except Exception as exc:  # noqa: BLE001 - any parse failure means the same thing to the user
+        raise BadInput(field, lora.source, f"not a safetensors file ({str(exc).splitlines()[0][:120]})",
+                       "pass a diffusers-format LoRA .safetensors file") from None
+    if not any("lora" in key.lower() for key in keys):
+        raise BadInput(field, lora.source, "holds no LoRA tensors (no lora_A / lora_B keys)",
+                       "pass a LoRA file, not a full model checkpoint")
+    sha = hashlib.sha256(data).hexdigest()
+    return ResolvedLora(name=f"lora-{sha[:12]}", source=uri, weight=lora.weight, sha256=sha)
 
 
 def versions() -> dict[str, str]:
@@ -149,21 +191,35 @@ def edit_flow(request: EditRequest) -> dict:
     progress_id = create_progress_artifact(progress=0.0, description=f"recast run {plan.run_id}: edits done")
     records: list[EditRecord] = []
     results: list[EditResult] = []
+    attempts = request.max_attempts if request.min_identity else 1
     for done, job in enumerate(jobs, start=1):
-        state = edit_task(job, return_state=True)
-        result = state.result(raise_on_failure=False) if state.is_completed() else None
-        if isinstance(result, EditResult):
-            results.append(result)
-            logger.info("edit %s done in %.2fs (cache_hit=%s)", job.edit_id, result.seconds, result.cache_hit)
-        else:
-            logger.error("edit %s failed: %s", job.edit_id, state.message)
-        records.append(_record(job, result, state.message, request.identity_notes))
+        for attempt in range(1, attempts + 1):
+            state = edit_task(job, return_state=True)
+            result = state.result(raise_on_failure=False) if state.is_completed() else None
+            if not isinstance(result, EditResult):
+                result = None
+                logger.error("edit %s failed: %s", job.edit_id, state.message)
+            else:
+                results.append(result)
+                logger.info("edit %s done in %.2fs (cache_hit=%s, identity %s)", job.edit_id, result.seconds,
+                            result.cache_hit, (result.identity or {}).get("grade"))
+            records.append(_record(job, result, state.message, plan, attempt))
+            grade = (result.identity or {}).get("grade") if result else None
+            if result is None or request.min_identity is None or identity.meets(grade, request.min_identity):
+                break
+            if attempt < attempts:  # below the requested grade: same prompt, new seed
+                seed = secrets.randbelow(MAX_SEED + 1)
+                edit_id = f"{job.edit_id.rsplit('-s', 1)[0]}-s{seed}"
+                logger.info("edit %s graded %s (< %s): attempt %d with seed %d", job.edit_id, grade,
+                            request.min_identity, attempt + 1, seed)
+                job = job.model_copy(update=dict(seed=seed, edit_id=edit_id, output=layout.edit_uri(edit_id)))
         _report_progress(progress_id, done, len(jobs))
 
     # 4. Handoff
     handoff_uri = None
     if results:
-        chosen = results[0]
+        # The best-scoring identity goes to video; among equals (or unscored), the first.
+        chosen = max(results, key=lambda r: (r.identity or {}).get("score") or -1.0)
         width, height = handoff_size(chosen.width, chosen.height, profile.handoff_area)
         handoff = Handoff(run_id=plan.run_id, frame=chosen.output, edit_id=chosen.edit_id,
                           motion_prompt=request.motion_prompt or plan.settings.handoff.motion_prompt,
@@ -174,9 +230,13 @@ def edit_flow(request: EditRequest) -> dict:
     # 5. Video stage
     animation = hand_over(handoff_uri, plan) if handoff_uri else None
 
-    # 6. Manifest (last)
+    # 6. Manifest (last), after the contact sheet it points to
     manifest = _manifest(plan, records, results, handoff_uri)
     manifest.animation = animation
+    if results:
+        manifest.contact_sheet = storage.write_bytes(
+            storage.join(layout.folder, "contact_sheet.png"),
+            storage.png_bytes(contact_sheet(plan.images[0].data, manifest.edits)))
     storage.write_json(layout.manifest_uri, manifest.model_dump())
 
     # 7. UI
@@ -217,14 +277,19 @@ def hand_over(handoff_uri: str, plan: RunPlan) -> dict | None:
         return {"mode": mode, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
 
 
-def _record(job: EditJob, result: EditResult | None, message: str | None, notes: str) -> EditRecord:
+def _record(job: EditJob, result: EditResult | None, message: str | None, plan: RunPlan, attempt: int) -> EditRecord:
+    scored = dict(result.identity or {}) if result else {}
+    scorer_notes = scored.pop("notes", "")
     return EditRecord(
+        attempt=attempt, prompt_warnings=plan.prompt_warnings.get(job.prompt, []),
+        loras=[lora.model_copy(update=dict(source=storage.redact(lora.source))) for lora in job.loras],
         edit_id=job.edit_id, status="succeeded" if result else "failed", prompt=job.prompt,
         negative_prompt=job.negative_prompt, seed=job.seed, steps=job.steps, true_cfg_scale=job.true_cfg_scale,
         inputs=[storage.redact(u) for u in job.inputs], output=result.output if result else None,
         width=result.width if result else job.width, height=result.height if result else job.height,
         seconds=result.seconds if result else None, cache_hit=result.cache_hit if result else None,
-        error=None if result else (message or "failed"), identity=IdentityRecord(notes=notes))
+        error=None if result else (message or "failed"),
+        identity=IdentityRecord(notes=plan.request.identity_notes, scorer_notes=scorer_notes, **scored))
 
 
 def _manifest(plan: RunPlan, records: list[EditRecord], results: list[EditResult], handoff: str | None) -> Manifest:
@@ -256,9 +321,33 @@ def _manifest(plan: RunPlan, records: list[EditRecord], results: list[EditResult
     )
 
 
+def theme(prompt: str) -> str:
+    """The first clause of a prompt: 'James Bond 007' for the origin's results table."""
+    return prompt.split(",")[0].strip()[:40]
+
+
+def contact_sheet(reference_png: bytes, edits: list[EditRecord], tile: int = 256):
+    """The reference and every successful edit side by side, each labelled with its identity grade."""
+    from PIL import Image, ImageDraw
+
+    tiles = [(storage.decode_image(reference_png), "reference")]
+    for edit in edits:
+        if edit.output:
+            score = f" {edit.identity.score:.2f}" if edit.identity.score is not None else ""
+            tiles.append((storage.load_image(edit.output), f"{edit.identity.grade or '?'}{score} s{edit.seed}"))
+    sheet = Image.new("RGB", (tile * len(tiles), tile + 24), "white")
+    draw = ImageDraw.Draw(sheet)
+    for index, (image, label) in enumerate(tiles):
+        image.thumbnail((tile, tile))
+        sheet.paste(image, (index * tile + (tile - image.width) // 2, (tile - image.height) // 2))
+        draw.text((index * tile + 6, tile + 6), label[:40], fill="black")
+    return sheet
+
+
 def _publish(manifest: Manifest, manifest_uri: str) -> None:
-    rows = [{"prompt": e.prompt, "seed": e.seed, "status": e.status,
-             "seconds": e.seconds, "output": storage.redact(e.output or "")} for e in manifest.edits]
+    rows = [{"prompt theme": theme(e.prompt), "identity": e.identity.grade, "score": e.identity.score,
+             "seed": e.seed, "seconds": e.seconds, "status": e.status, "output": storage.redact(e.output or "")}
+            for e in manifest.edits]
     create_table_artifact(table=rows, key="recast-edit-results", description=f"recast run {manifest.run_id}")
     ok = sum(e.status == "succeeded" for e in manifest.edits)
     create_markdown_artifact(key="recast-edit-summary", markdown="\n".join([

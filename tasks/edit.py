@@ -15,9 +15,12 @@ from tasks.settings import get_settings
 
 # Storage and network hiccups are worth another try; bad input, CUDA OOM or a model bug are not.
 _TRANSIENT = (ConnectionError, TimeoutError)
+_NEVER_RETRY = (pipelines.BadLora,)
 
 
 def is_transient(exc: BaseException | None) -> bool:
+    if isinstance(exc, _NEVER_RETRY):
+        return False
     if isinstance(exc, _TRANSIENT):
         return True
     # OSError covers both flaky network filesystems and plain bugs; errno-less ones come from drivers.
@@ -37,12 +40,23 @@ def edit_image(job: EditJob) -> EditResult:
     started = time.perf_counter()
     image = pipelines.run_edit(
         loaded, profile, images, prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed,
-        steps=job.steps, true_cfg_scale=job.true_cfg_scale, width=job.width, height=job.height)
+        steps=job.steps, true_cfg_scale=job.true_cfg_scale, width=job.width, height=job.height, loras=job.loras)
     seconds = time.perf_counter() - started
     storage.write_bytes(job.output, storage.png_bytes(image))
     return EditResult(edit_id=job.edit_id, output=job.output, seed=job.seed, width=image.width,
                       height=image.height, seconds=round(seconds, 4), cache_hit=cache_hit,
-                      cold_start_s=round(loaded.cold_start_s, 3))
+                      cold_start_s=round(loaded.cold_start_s, 3),
+                      identity=score_identity(images[0], image) if job.score_identity else None)
+
+
+def score_identity(reference, image) -> dict:
+    """Identity of the output against the reference; a scorer problem is noted, never fatal to the edit."""
+    from tasks import identity
+
+    try:
+        return identity.compare(identity.main_face(reference), image).as_dict()
+    except identity.IdentityUnavailable as exc:
+        return {"score": None, "grade": "unscorable", "notes": f"identity scorer unavailable: {exc}"}
 
 
 edit_task = task(

@@ -53,6 +53,7 @@ class LoadedPipeline:
     # Pipelines are not thread-safe: one call at a time per loaded pipeline.
     call_lock: threading.Lock = field(default_factory=threading.Lock)
     calls: int = 0
+    adapters: set = field(default_factory=set)  # request LoRAs loaded into this pipeline (by name)
 
 
 _CACHE: dict[PipelineKey, LoadedPipeline] = {}
@@ -520,13 +521,72 @@ def _vae_image_area(area: int):
 _CALL_LOCK = threading.Lock()
 
 
+class BadLora(ValueError):
+    """A LoRA file that cannot be applied to this model; the pipeline is left as it was."""
+
+
+def lora_file(lora) -> Path:
+    """A local copy of a request's LoRA (fetched through storage once, verified by SHA-256)."""
+    import hashlib
+
+    from tasks import storage
+
+    if storage.scheme_of(lora.source) == "file":
+        local = Path(storage.normalize_uri(lora.source)[len("file://"):])
+        if local.exists():
+            return local
+    target = cache_dir() / "loras" / f"{lora.sha256}.safetensors"
+    if not target.exists():
+        data = storage.read_bytes(lora.source)
+        if hashlib.sha256(data).hexdigest() != lora.sha256:
+            raise BadLora(f"LoRA {storage.redact(lora.source)} changed since the request was checked")
+        storage.write_bytes(f"file://{target}", data)
+    return target
+
+
+def use_loras(loaded: LoadedPipeline, loras: list) -> None:
+    """Make exactly `loras` active (at their weights) on the loaded pipeline, loading new ones once.
+
+    Adapters stay loaded between requests, so switching back and forth costs no reload of anything.
+    Called with the pipeline's call lock held.
+    """
+    pipe = loaded.pipe
+    for lora in loras:
+        if lora.name in loaded.adapters:
+            continue
+        try:
+            pipe.load_lora_weights(str(lora_file(lora)), adapter_name=lora.name)
+        except Exception as exc:  # noqa: BLE001 - any load failure leaves the pipeline as it was
+            _drop_adapter(pipe, lora.name)
+            raise BadLora(f"LoRA {lora.source} does not fit this model ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:300]})") from None
+        if lora.name not in pipe.get_list_adapters().get("transformer", []):
+            _drop_adapter(pipe, lora.name)
+            raise BadLora(f"LoRA {lora.source} has no weights for this model's transformer layers")
+        loaded.adapters.add(lora.name)
+    if loras:
+        pipe.enable_lora()
+        pipe.set_adapters([lora.name for lora in loras], adapter_weights=[lora.weight for lora in loras])
+    elif loaded.adapters:
+        pipe.disable_lora()  # adapters stay loaded, inactive: the base model exactly
+
+
+def _drop_adapter(pipe, name: str) -> None:
+    try:
+        if name in pipe.get_list_adapters().get("transformer", []):
+            pipe.delete_adapters([name])
+    except Exception:  # noqa: BLE001 - best effort: nothing was loaded
+        pass
+
+
 def run_edit(loaded: LoadedPipeline, profile: ModelProfile, images: list, *, prompt: str, negative_prompt: str,
-             seed: int, steps: int, true_cfg_scale: float, width: int, height: int):
+             seed: int, steps: int, true_cfg_scale: float, width: int, height: int, loras: list = ()):
     """One edit on the loaded pipeline: a fresh generator seeded per edit, PIL image out."""
     import torch
 
     generator = torch.Generator(device="cpu").manual_seed(seed)
     with _CALL_LOCK, loaded.call_lock, _vae_image_area(profile.vae_image_area), torch.inference_mode():
+        use_loras(loaded, list(loras))
         loaded.calls += 1
         result = loaded.pipe(
             image=images,

@@ -138,6 +138,21 @@ class Settings(_Strict):
 # The request: what a user sends (CLI, Prefect UI form, API)
 
 
+class LoraRef(_Strict):
+    """A LoRA adapter for one request: a diffusers-format .safetensors file and its strength."""
+
+    source: ImageRef = Field(description="Local path or fsspec URI of a diffusers-format LoRA .safetensors file.")
+    weight: float = Field(1.0, ge=-4.0, le=4.0, description="Adapter strength (0 = no effect).")
+
+    @classmethod
+    def parse_cli(cls, text: str) -> dict:
+        """PATH or PATH@WEIGHT."""
+        source, sep, weight = text.rpartition("@")
+        if sep and weight.replace(".", "", 1).lstrip("-").isdigit():
+            return {"source": source, "weight": float(weight)}
+        return {"source": text}
+
+
 class EditRequest(_Strict):
     """Edit one person's photo with one or more prompts, one or more seeds each."""
 
@@ -148,11 +163,17 @@ class EditRequest(_Strict):
         json_schema_extra={"cli": "positional", "metavar": "IMAGE"},
     )
     prompts: list[Prompt] = Field(
-        min_length=1,
+        default_factory=list,
         max_length=32,
-        description="Edit prompts; each runs once per seed.",
+        description="Edit prompts; each runs once per seed. Or use template.",
         json_schema_extra={"cli": "--prompt", "metavar": "TEXT"},
     )
+    template: str | None = Field(
+        None, description="A prompt template from configs/prompts.yaml (character, professional, cinematic).")
+    template_fields: list[str] = Field(
+        default_factory=list, max_length=32, description="Template fields as FIELD=VALUE.",
+        json_schema_extra={"cli": "--set", "metavar": "FIELD=VALUE"})
+    strict: bool = Field(False, description="Refuse to run when the prompt check warns.")
     seeds: list[Seed] | None = Field(
         None,
         max_length=32,
@@ -189,6 +210,12 @@ class EditRequest(_Strict):
     )
     video_profile: str | None = Field(
         None, description="Video profile for the image-to-video stage (default: tiny).")
+    min_identity: Literal["Drifted", "Good", "Excellent"] | None = Field(
+        None, description="Re-run an edit with a new seed until its identity grade reaches this.")
+    max_attempts: int = Field(1, ge=1, le=10, description="Tries per edit when min_identity is set.")
+    loras: list[LoraRef] = Field(
+        default_factory=list, max_length=4, description="LoRA adapters for this request (PATH[@WEIGHT]).",
+        json_schema_extra={"cli": "--lora", "metavar": "PATH[@WEIGHT]"})
 
 
 class AnimateRequest(_Strict):
@@ -245,6 +272,13 @@ class Storyboard(_Strict):
 # Between flow and task
 
 
+class ResolvedLora(_Strict):
+    name: str = Field(description="Adapter name in the pipeline (from the file's hash).")
+    source: str = Field(description="Where the user's file is (redacted URI).")
+    weight: float
+    sha256: str
+
+
 class EditJob(_Strict):
     """One (prompt, seed) edit, fully resolved: what the edit task needs and nothing more."""
 
@@ -259,6 +293,8 @@ class EditJob(_Strict):
     width: int = Field(ge=16)
     height: int = Field(ge=16)
     output: str = Field(description="URI the PNG is written to.")
+    loras: list[ResolvedLora] = Field(default_factory=list)
+    score_identity: bool = True
 
 
 class AnimateJob(_Strict):
@@ -301,6 +337,7 @@ class EditResult(_Strict):
     seconds: float
     cache_hit: bool
     cold_start_s: float
+    identity: dict | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,7 +345,13 @@ class EditResult(_Strict):
 
 
 class IdentityRecord(BaseModel):
-    notes: str = ""
+    notes: str = Field("", description="The request's free-text identity notes.")
+    score: float | None = None
+    grade: str | None = None
+    scorer_notes: str = ""
+    reference_face_px: int | None = None
+    face_px: int | None = None
+    confident: bool | None = None
 
 
 class EditRecord(BaseModel):
@@ -327,6 +370,9 @@ class EditRecord(BaseModel):
     cache_hit: bool | None = None
     error: str | None = None
     identity: IdentityRecord
+    attempt: int = 1
+    loras: list[ResolvedLora] = Field(default_factory=list)
+    prompt_warnings: list[str] = Field(default_factory=list)
 
 
 class ClipRecord(BaseModel):
@@ -386,6 +432,7 @@ class Manifest(BaseModel):
     cost: dict
     handoff: str | None
     identity_notes: str
+    contact_sheet: str | None = None
     animation: dict | None = None
     prefect: dict = Field(default_factory=dict)
 

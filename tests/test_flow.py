@@ -54,7 +54,7 @@ def test_two_runs_load_the_pipeline_once_and_write_complete_manifests(astronaut,
         assert storage.exists(edit["output"]), f"missing edit PNG {edit['output']}"
         assert edit["inputs"][0].startswith(first["folder"] + "/inputs/"), "inputs must be copied into the run"
     files = storage.list_files(first["folder"])
-    assert files == sorted(["handoff.json", "inputs/0-astronaut.png", "manifest.json"]
+    assert files == sorted(["contact_sheet.png", "handoff.json", "inputs/0-astronaut.png", "manifest.json"]
                            + [f"edits/{e['edit_id']}.png" for e in manifest["edits"]])
 
 
@@ -108,7 +108,8 @@ def test_results_table_artifact_is_published(astronaut, memory_root):
     tables = [a for a in artifacts if a.type == "table" and str(a.flow_run_id) == manifest["prefect"]["flow_run_id"]]
     assert tables, "no results table artifact for the flow run"
     data = tables[0].data if isinstance(tables[0].data, list) else json.loads(tables[0].data)
-    assert data[0]["prompt"] == "Forrest Gump running" and data[0]["seed"] == 21
+    assert data[0]["prompt theme"] == "Forrest Gump running" and data[0]["seed"] == 21
+    assert {"identity", "score", "seconds", "output"} <= data[0].keys(), data[0]
 
 
 def test_cli_edit_prints_summary_and_manifest_uri_last(astronaut, tmp_path, capsys):
