@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field, ValidationError
 
+from flows.execution import run_task
 from tasks import pipelines, storage
 from tasks.animate import animate_task
 from tasks.errors import BadInput
@@ -165,9 +166,8 @@ def video_model(profile: VideoProfile) -> dict:
 
 def run_clip(job: AnimateJob) -> tuple[ClipResult | None, str | None]:
     """Submit one clip and wait for it; a failure comes back as (None, reason), not as an exception."""
-    state = animate_task(job, return_state=True)
-    result = state.result(raise_on_failure=False) if state.is_completed() else None
-    return (result, None) if isinstance(result, ClipResult) else (None, state.message)
+    result, message = run_task(animate_task, job)
+    return (result, None) if isinstance(result, ClipResult) else (None, message or "failed")
 
 
 def gpu_cost(seconds: float, profile, settings: Settings) -> dict:

@@ -198,6 +198,13 @@ def _identity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace) -> int:
+    from flows.workers import serve_worker
+
+    serve_worker(args.kind, gpu=args.gpu, profile_name=args.profile)
+    return 0
+
+
 def _storyboard(args: argparse.Namespace) -> int:
     import yaml
 
@@ -270,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     ident.add_argument("images", metavar="IMAGE", nargs="+", help="images to score")
     ident.add_argument("--json", action="store_true", help="print the scores as JSON")
     ident.set_defaults(handler=_identity, model=None)
+
+    worker = sub.add_parser("worker", help="serve edit or animate tasks, keeping the model loaded (one GPU)")
+    worker.add_argument("kind", choices=["edit", "animate"], help="which task this worker serves")
+    worker.add_argument("--gpu", type=int, default=None, help="GPU index (sets CUDA_VISIBLE_DEVICES)")
+    worker.add_argument("--profile", default=None, help="edit or video profile to load (default from config)")
+    worker.set_defaults(handler=_worker, model=None)
 
     board = sub.add_parser("storyboard", help="edit and animate a storyboard of scenes, stitched into one video",
                            description=Storyboard.__doc__)

@@ -24,6 +24,7 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 
 from tasks import identity, pipelines, storage
 from tasks import prompts as prompt_checks
+from flows.execution import run_task
 from tasks.edit import edit_task
 from tasks.errors import BadInput
 from tasks.schemas import (MAX_SEED, EditJob, EditRecord, EditRequest, EditResult, Handoff, IdentityRecord, LoraRef,
@@ -194,16 +195,15 @@ def edit_flow(request: EditRequest) -> dict:
     attempts = request.max_attempts if request.min_identity else 1
     for done, job in enumerate(jobs, start=1):
         for attempt in range(1, attempts + 1):
-            state = edit_task(job, return_state=True)
-            result = state.result(raise_on_failure=False) if state.is_completed() else None
+            result, message = run_task(edit_task, job)
             if not isinstance(result, EditResult):
                 result = None
-                logger.error("edit %s failed: %s", job.edit_id, state.message)
+                logger.error("edit %s failed: %s", job.edit_id, message)
             else:
                 results.append(result)
                 logger.info("edit %s done in %.2fs (cache_hit=%s, identity %s)", job.edit_id, result.seconds,
                             result.cache_hit, (result.identity or {}).get("grade"))
-            records.append(_record(job, result, state.message, plan, attempt))
+            records.append(_record(job, result, message, plan, attempt))
             grade = (result.identity or {}).get("grade") if result else None
             if result is None or request.min_identity is None or identity.meets(grade, request.min_identity):
                 break

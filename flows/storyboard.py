@@ -19,6 +19,7 @@ from prefect.artifacts import create_table_artifact
 
 from flows.animate import clip_record, first_set, gpu_cost, run_clip, video_model
 from flows.edit import new_run_id, slug, versions
+from flows.execution import run_task
 from tasks import pipelines, storage
 from tasks.edit import edit_task
 from tasks.errors import BadInput
@@ -84,15 +85,14 @@ def storyboard_flow(storyboard: Storyboard) -> dict:
                 width, height = pipelines.output_size(None, None, reference.width / reference.height,
                                                       profile.output_area)
                 edit_id = f"s{index:02d}-{slug(scene.edit_prompt, 24)}-s{seed}"
-                state = edit_task(EditJob(
+                edited, message = run_task(edit_task, EditJob(
                     edit_id=edit_id, profile=profile.name, inputs=[reference_uri], prompt=scene.edit_prompt,
                     negative_prompt=settings.edit.negative_prompt, seed=seed,
                     steps=first_set(profile.steps, settings.edit.steps),
                     true_cfg_scale=first_set(profile.true_cfg_scale, settings.edit.true_cfg_scale),
-                    width=width, height=height, output=layout.edit_uri(edit_id)), return_state=True)
-                edited = state.result(raise_on_failure=False) if state.is_completed() else None
+                    width=width, height=height, output=layout.edit_uri(edit_id)))
                 if not isinstance(edited, EditResult):
-                    record.update(status="failed", stage="edit", error=state.message)
+                    record.update(status="failed", stage="edit", error=message)
                     continue
                 record.update(edit=edited.output, edit_seconds=edited.seconds)
                 gpu_seconds += edited.seconds

@@ -107,6 +107,9 @@ class HandoffDefaults(_Strict):
 class Settings(_Strict):
     profile: str
     video_profile: str
+    execution: Literal["local", "workers"] = Field(
+        "local", description="local: GPU tasks run in the flow's process; workers: on `recast worker` processes.")
+    worker_timeout_s: float = Field(3600, gt=0, description="How long a flow waits for a worker's result.")
     storage_root: str
     edit: EditDefaults
     animate: AnimateDefaults
