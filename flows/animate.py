@@ -125,7 +125,8 @@ def plan_animation(request: AnimateRequest, settings: Settings | None = None, *,
         num_frames = snap_frames("num_frames", request.num_frames, warnings)
     else:
         num_frames = snap_frames("handoff.num_frames", handoff.num_frames, warnings)
-    pipelines.check_available(profile)
+    if settings.execution == "local":
+        pipelines.check_available(profile)
 
     root = storage.check_scheme("storage", request.storage_root or settings.storage_root)
     now = datetime.now(timezone.utc)

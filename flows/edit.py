@@ -105,8 +105,10 @@ def plan_run(request: EditRequest, settings: Settings | None = None) -> RunPlan:
     images = [storage.read_image(f"images[{i}]", uri, settings.max_input_pixels)
               for i, uri in enumerate(request.images)]
     loras = [resolve_lora(f"loras[{i}].source", lora) for i, lora in enumerate(request.loras)]
-    # Fails in seconds when the model cannot be had here (no GPU, not cached and no hub).
-    pipelines.check_available(profile)
+    # Fails in seconds when the model cannot be had here (no GPU, not cached and no hub). With task workers the
+    # model lives on the workers' machines, not here.
+    if settings.execution == "local":
+        pipelines.check_available(profile)
     seeds = list(dict.fromkeys(request.seeds)) if request.seeds else [secrets.randbelow(MAX_SEED + 1)]
     now = datetime.now(timezone.utc)
     run_id = new_run_id(now)

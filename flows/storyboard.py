@@ -37,8 +37,9 @@ def check_storyboard(board: Storyboard):
     profile, video = settings.get_profile(board.profile), settings.get_video_profile(board.video_profile)
     storage.check_scheme("storage", board.storage_root or settings.storage_root)
     image = storage.read_image("reference", board.reference, settings.max_input_pixels)
-    pipelines.check_available(profile)
-    pipelines.check_available(video)
+    if settings.execution == "local":
+        pipelines.check_available(profile)
+        pipelines.check_available(video)
     return settings, profile, video, image
 
 

@@ -1,0 +1,105 @@
+"""Task workers as real processes on loopback: a `prefect server`, a `recast worker edit`, flow runs from the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME; yields the environment to talk to it."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_API_URL=f"http://127.0.0.1:{port}/api", RECAST_EXECUTION="workers",
+               RECAST_HANDOFF__MODE="none", PREFECT_LOGGING_LEVEL="INFO")
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: healthy(env["PREFECT_API_URL"]), 120, "the Prefect server")
+        yield env
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def start_worker(env, log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "w")
+    proc = subprocess.Popen([str(BIN / "recast"), "worker", "edit"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    wait_for(lambda: "Subscribing to runs" in log_path.read_text(), 120, "the edit worker to start serving")
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def edit(env, astronaut, root, seeds) -> dict:
+    args = [str(BIN / "recast"), "edit", str(astronaut), "--prompt", "James Bond 007, tuxedo", "--steps", "2",
+            "--storage", str(root), "--json"] + [a for s in seeds for a in ("--seed", str(s))]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+def test_one_worker_serves_two_flow_runs_with_one_load(server, astronaut, tmp_path):
+    worker = start_worker(server, tmp_path / "worker.log")
+    try:
+        first = edit(server, astronaut, tmp_path / "a", [1, 2, 3])
+        second = edit(server, astronaut, tmp_path / "a", [4, 5, 6])
+    finally:
+        stop(worker)
+    edits = first["edits"] + second["edits"]
+    assert [e["status"] for e in edits] == ["succeeded"] * 6
+    assert all(Path(e["output"].removeprefix("file://")).exists() for e in edits), "an edit PNG is missing"
+    # The worker loaded (and warmed) its pipeline before serving: every edit is a cache hit of that one load.
+    assert all(e["cache_hit"] for e in edits), [e["cache_hit"] for e in edits]
+    assert first["pipeline"]["cold_start_s"] == second["pipeline"]["cold_start_s"]
+    log = (tmp_path / "worker.log").read_text()
+    assert log.count("ready on") == 1, "the worker must load its pipeline exactly once"
+
+
+def test_worker_refuses_the_ephemeral_api(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    proc = subprocess.run([str(BIN / "recast"), "worker", "edit"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "PREFECT_API_URL" in proc.stderr, proc.stderr
