@@ -11,6 +11,7 @@ import time
 from PIL import Image
 from prefect import task
 
+from tasks.version import check_code_version
 from tasks import pipelines, storage
 from tasks.edit import _retry_only_transient
 from tasks.schemas import AnimateJob, ClipResult
@@ -19,6 +20,7 @@ from tasks.settings import get_settings
 
 def animate_clip(job: AnimateJob) -> ClipResult:
     """Generate job.num_frames frames from job.frame and write the clip and its last frame."""
+    check_code_version(job)
     profile = get_settings().get_video_profile(job.video_profile)
     loaded, cache_hit = pipelines.get_pipeline("video", profile)
     # Wan stretches the image to height x width; the flow chose a size with the frame's aspect ratio.

@@ -9,13 +9,14 @@ import time
 
 from prefect import task
 
+from tasks.version import VersionMismatch, check_code_version
 from tasks import pipelines, storage
 from tasks.schemas import EditJob, EditResult
 from tasks.settings import get_settings
 
 # Storage and network hiccups are worth another try; bad input, CUDA OOM or a model bug are not.
 _TRANSIENT = (ConnectionError, TimeoutError)
-_NEVER_RETRY = (pipelines.BadLora,)
+_NEVER_RETRY = (pipelines.BadLora, VersionMismatch)
 
 
 def is_transient(exc: BaseException | None) -> bool:
@@ -34,6 +35,7 @@ def _retry_only_transient(task_, task_run, state) -> bool:
 
 def edit_image(job: EditJob) -> EditResult:
     """Run one edit and write its PNG to job.output."""
+    check_code_version(job)
     profile = get_settings().get_profile(job.profile)
     loaded, cache_hit = pipelines.get_pipeline("edit", profile)
     images = [storage.load_image(uri) for uri in job.inputs]

@@ -109,7 +109,11 @@ class Settings(_Strict):
     video_profile: str
     execution: Literal["local", "workers"] = Field(
         "local", description="local: GPU tasks run in the flow's process; workers: on `recast worker` processes.")
-    worker_timeout_s: float = Field(3600, gt=0, description="How long a flow waits for a worker's result.")
+    worker_task_timeout_s: float = Field(1800, gt=0, description="How long a flow waits for one task's result.")
+    worker_resubmits: int = Field(2, ge=0, le=10, description="Resubmissions of a task run with no result.")
+    allowed_input_roots: list[str] = Field(
+        default_factory=list, description="Where runs triggered from the UI or a schedule may read inputs "
+        "(besides storage_root).")
     storage_root: str
     edit: EditDefaults
     animate: AnimateDefaults
@@ -298,6 +302,7 @@ class EditJob(_Strict):
     output: str = Field(description="URI the PNG is written to.")
     loras: list[ResolvedLora] = Field(default_factory=list)
     score_identity: bool = True
+    code_version: str | None = Field(None, description="The submitting flow's code version (workers check it).")
 
 
 class AnimateJob(_Strict):
@@ -315,6 +320,7 @@ class AnimateJob(_Strict):
     height: int = Field(ge=16, multiple_of=16)
     output: str = Field(description="URI of the mp4.")
     last_frame: str = Field(description="URI of the PNG of the clip's final frame.")
+    code_version: str | None = Field(None, description="The submitting flow's code version (workers check it).")
 
 
 class ClipResult(_Strict):

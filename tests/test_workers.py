@@ -103,3 +103,46 @@ def test_worker_refuses_the_ephemeral_api(tmp_path):
     proc = subprocess.run([str(BIN / "recast"), "worker", "edit"], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "PREFECT_API_URL" in proc.stderr, proc.stderr
+
+
+def test_killed_worker_is_replaced_and_the_run_completes_with_each_edit_once(server, astronaut, tmp_path):
+    env = dict(server, RECAST_WORKER_TASK_TIMEOUT_S="15")
+    worker = start_worker(env, tmp_path / "w1.log")
+    root = tmp_path / "store"
+    args = [str(BIN / "recast"), "edit", str(astronaut), "--prompt", "Neo, black leather trench coat",
+            "--steps", "40", "--width", "384", "--height", "384", "--storage", str(root), "--json",
+            "--seed", "11", "--seed", "12", "--seed", "13", "--seed", "14"]
+    run = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: list(root.glob("runs/*/edits/*.png")), 180, "the first edit")
+        stop(worker)  # mid-run: the next task run is queued or already claimed by the dead worker
+        replacement = start_worker(env, tmp_path / "w2.log")
+        try:
+            out, err = run.communicate(timeout=300)
+        finally:
+            stop(replacement)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, err[-2000:]
+    manifest = json.loads(out)
+    assert [e["seed"] for e in manifest["edits"]] == [11, 12, 13, 14], "each edit must be recorded exactly once"
+    assert all(e["status"] == "succeeded" for e in manifest["edits"]), [e["error"] for e in manifest["edits"]]
+    pngs = sorted(p.name for p in root.glob("runs/*/edits/*.png"))
+    assert len(pngs) == 4 == len(set(pngs)), pngs
+
+
+def test_a_worker_refuses_jobs_from_other_code(memory_root, astronaut):
+    from tasks import storage
+    from tasks.edit import edit_image
+    from tasks.schemas import EditJob
+    from tasks.version import VersionMismatch
+
+    uri = storage.join(memory_root, "in.png")
+    storage.write_bytes(uri, astronaut.read_bytes())
+    job = EditJob(edit_id="x", profile="tiny", inputs=[uri], prompt="x", negative_prompt=" ", seed=1, steps=1,
+                  true_cfg_scale=1.0, width=64, height=64, output=storage.join(memory_root, "x.png"),
+                  code_version="000000000000")
+    with pytest.raises(VersionMismatch, match="deploy the same recast version"):
+        edit_image(job)
+    assert not storage.exists(storage.join(memory_root, "x.png"))
