@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from tasks.errors import BadInput, ModelUnavailable
+from tasks.settings import ConfigError
 from tasks.schemas import AnimateRequest, EditRequest, Storyboard
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
@@ -305,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except ValidationError as exc:
         print(f"recast {args.command}: {describe_validation_error(args.model, exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ConfigError as exc:
+        print(f"recast {args.command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except BadInput as exc:
         print(f"recast {args.command}: {exc}", file=sys.stderr)

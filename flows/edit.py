@@ -102,6 +102,8 @@ def plan_run(request: EditRequest, settings: Settings | None = None) -> RunPlan:
         for prompt, found in warnings.items():
             if found:
                 raise BadInput("--prompt", prompt, f"prompt check: {found[0]}", "reword it, or run without --strict")
+    if started_remotely():
+        check_inputs_allowed(request.images, [root, *settings.allowed_input_roots])
     images = [storage.read_image(f"images[{i}]", uri, settings.max_input_pixels)
               for i, uri in enumerate(request.images)]
     loras = [resolve_lora(f"loras[{i}].source", lora) for i, lora in enumerate(request.loras)]
@@ -115,6 +117,23 @@ def plan_run(request: EditRequest, settings: Settings | None = None) -> RunPlan:
     return RunPlan(run_id=run_id, created_at=now.isoformat(timespec="seconds"), request=request, settings=settings,
                    profile=profile, layout=storage.RunLayout(root, run_id), images=images, seeds=seeds,
                    prompts=prompts, prompt_warnings={p: w for p, w in warnings.items() if w}, loras=loras)
+
+
+def started_remotely() -> bool:
+    """A run started from a deployment (the UI, a schedule, the API), not by a local user's CLI."""
+    from prefect.runtime import deployment
+
+    return deployment.id is not None
+
+
+def check_inputs_allowed(uris: list[str], roots: list[str]) -> None:
+    """UI and scheduled runs read only under the configured roots: no arbitrary local files, no other hosts."""
+    for index, uri in enumerate(uris):
+        storage.check_scheme(f"images[{index}]", uri)
+        if not storage.is_under(uri, roots):
+            raise BadInput(f"images[{index}]", uri, "runs started from the UI or a schedule may only read photos "
+                           "under the configured storage roots",
+                           f"upload it under {storage.redact(roots[0])}, or add its root to allowed_input_roots")
 
 
 def resolve_lora(field: str, lora: LoraRef) -> ResolvedLora:

@@ -246,6 +246,20 @@ class AnimateRequest(_Strict):
                                      json_schema_extra={"cli": "--storage"})
 
 
+class BatchRequest(_Strict):
+    """Edit every new photo under a storage prefix with a set of prompts (scheduled)."""
+
+    source_prefix: ImageRef = Field(description="Folder URI to scan for photos (.png, .jpg, .jpeg, .webp).")
+    prompts: list[Prompt] = Field(min_length=1, max_length=32, description="Prompts applied to every photo.")
+    seeds: list[Seed] = Field(default_factory=lambda: [42], min_length=1, max_length=8,
+                              description="Seeds (fixed, so a re-run reproduces the same edits).")
+    steps: int | None = Field(None, ge=1, le=100, description="Denoising steps (default 8).")
+    true_cfg_scale: float | None = Field(None, ge=1.0, le=20.0, description="CFG strength (default 4.0).")
+    profile: str | None = Field(None, description="Edit model profile.")
+    storage_root: str | None = Field(None, description="Where runs are written.")
+    max_photos: int = Field(100, ge=1, le=10000, description="At most this many new photos per run.")
+
+
 class StoryboardScene(_Strict):
     edit_prompt: Prompt | None = Field(
         None, description="Edit of the reference photo that starts this scene. Scene 1 needs one; later scenes "

@@ -13,12 +13,18 @@ from typing import Any
 
 import yaml
 
+from pydantic import ValidationError
+
 from tasks.schemas import Settings
+
+
+class ConfigError(ValueError):
+    """The YAML or RECAST_* environment does not validate."""
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "RECAST_"
 # Variables that are not settings keys (read elsewhere) and must not be merged into the YAML tree.
-_NOT_SETTINGS = {"RECAST_CONFIG_DIR", "RECAST_CACHE_DIR"}
+_NOT_SETTINGS = {"RECAST_CONFIG_DIR", "RECAST_CACHE_DIR", "RECAST_ROOT", "RECAST_INCOMING"}
 
 
 def config_dir() -> Path:
@@ -67,7 +73,13 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     tree["video_profiles"] = video_profiles
     for keys, value in _env_overrides(dict(os.environ if environ is None else environ)):
         _set_path(tree, keys, value)
-    return Settings.model_validate(tree)
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"configuration {where}={err.get('input')!r}: {err['msg']}; fix configs/*.yaml or the "
+                          f"RECAST_{where.upper().replace('.', '__')} environment variable") from None
 
 
 @lru_cache(maxsize=1)

@@ -109,6 +109,29 @@ def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri))
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def list_images(prefix: str) -> list[str]:
+    """URIs of the image files under a folder URI, sorted."""
+    prefix = normalize_uri(prefix)
+    return [join(prefix, name) for name in list_files(prefix) if name.lower().endswith(IMAGE_SUFFIXES)
+            and not posixpath.basename(name).startswith(".")]
+
+
+def is_under(uri: str, roots: list[str]) -> bool:
+    """Whether `uri` lies inside one of `roots` (same scheme, path prefix, no '..' escapes)."""
+    uri = normalize_uri(uri)
+    scheme, _, path = uri.partition("://")
+    path = posixpath.normpath(path)
+    for root in roots:
+        root_scheme, _, root_path = normalize_uri(root).partition("://")
+        root_path = posixpath.normpath(root_path)
+        if scheme == root_scheme and (path == root_path or path.startswith(root_path.rstrip("/") + "/")):
+            return True
+    return False
+
+
 def list_files(uri: str) -> list[str]:
     """Every file below `uri` (recursively), as paths relative to it."""
     fs, path = _fs(uri)

@@ -31,7 +31,7 @@ def test_bad_override_names_the_field():
     try:
         load_settings({"RECAST_EDIT__STEPS": "0"})
     except ValueError as exc:
-        assert "steps" in str(exc)
+        assert "edit.steps=0" in str(exc) and "RECAST_EDIT__STEPS" in str(exc), str(exc)
     else:
         raise AssertionError("steps=0 from the environment must be refused")
 

@@ -64,7 +64,12 @@ def start_worker(env, log_path: Path) -> subprocess.Popen:
     log = open(log_path, "w")
     proc = subprocess.Popen([str(BIN / "recast"), "worker", "edit"], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    wait_for(lambda: "Subscribing to runs" in log_path.read_text(), 120, "the edit worker to start serving")
+    def serving():
+        if proc.poll() is not None:
+            raise AssertionError(f"the worker exited ({proc.returncode}): {log_path.read_text()[-2000:]}")
+        return "Subscribing to runs" in log_path.read_text()
+
+    wait_for(serving, 120, "the edit worker to start serving")
     return proc
 
 
@@ -146,3 +151,53 @@ def test_a_worker_refuses_jobs_from_other_code(memory_root, astronaut):
     with pytest.raises(VersionMismatch, match="deploy the same recast version"):
         edit_image(job)
     assert not storage.exists(storage.join(memory_root, "x.png"))
+
+
+def test_deploy_from_prefect_yaml_then_run_from_the_api(server, astronaut, tmp_path):
+    repo = Path(__file__).resolve().parent.parent
+    root = tmp_path / "store"
+    (root / "uploads").mkdir(parents=True)
+    (root / "uploads" / "astronaut.png").write_bytes(astronaut.read_bytes())
+    env = dict(server, RECAST_ROOT=str(repo), RECAST_STORAGE_ROOT=str(root), RECAST_INCOMING=f"file://{root}/uploads",
+               PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_WORKER_PREFETCH_SECONDS="2")
+    prefect = str(BIN / "prefect")
+    subprocess.run([prefect, "work-pool", "create", "recast-flows", "--type", "process"], env=env, check=True,
+                   capture_output=True, timeout=120)
+    deployed = subprocess.run([prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
+                              cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
+
+    pool_log = open(tmp_path / "pool.log", "w")
+    pool = subprocess.Popen([prefect, "worker", "start", "--pool", "recast-flows"], env=env, stdout=pool_log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    worker = start_worker(env, tmp_path / "worker.log")
+    script = """
+import json, sys
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+with get_client(sync_client=True) as client:
+    schema = client.read_deployment_by_name("recast-edit/edit").parameter_openapi_schema
+results = {"schema": schema}
+for name, images in (("ok", [sys.argv[1]]), ("refused", [sys.argv[2]])):
+    run = run_deployment("recast-edit/edit", timeout=240, parameters={"request": {
+        "images": images, "prompts": ["James Bond 007, tuxedo, casino, cinematic lighting"], "seeds": [7],
+        "steps": 2}})
+    results[name] = {"state": run.state.type.value, "message": run.state.message}
+print(json.dumps(results))
+"""
+    try:
+        proc = subprocess.run([sys.executable, "-c", script, f"file://{root}/uploads/astronaut.png", str(astronaut)],
+                              env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        stop(worker)
+        os.killpg(pool.pid, signal.SIGTERM)
+        pool.wait(timeout=30)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    definitions = results["schema"].get("definitions") or results["schema"].get("$defs")
+    fields = definitions["EditRequest"]["properties"]
+    assert "identity reference" in fields["images"]["description"], "the UI form must show field descriptions"
+    assert fields["steps"]["anyOf"][0]["maximum"] == 100, "the UI form must carry the bounds"
+    assert results["ok"]["state"] == "COMPLETED", results["ok"]
+    assert len(list(root.glob("runs/*/manifest.json"))) == 1, "the deployment run must write its manifest"
+    assert results["refused"]["state"] == "FAILED", "a UI run must not read a local path outside the roots"

@@ -1,0 +1,51 @@
+"""The batch flow (scheduled): edit every new photo under a storage prefix with a set of prompts.
+
+Idempotent: each photo is keyed by the SHA-256 of its bytes and of the settings it is edited with; a key that
+already has a marker under <storage_root>/batch/ is skipped, so a schedule can run as often as it likes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from prefect import flow, get_run_logger
+
+from flows.edit import edit_flow
+from tasks import storage
+from tasks.schemas import BatchRequest, EditRequest
+from tasks.settings import get_settings
+
+
+def batch_key(image: bytes, request: BatchRequest) -> str:
+    settings = request.model_dump(exclude={"source_prefix", "storage_root", "max_photos"})
+    return hashlib.sha256(image + json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+@flow(name="recast-batch", log_prints=True)
+def batch_flow(request: BatchRequest) -> dict:
+    """Edit the photos under request.source_prefix that were not edited with these settings before."""
+    logger = get_run_logger()
+    root = storage.normalize_uri(request.storage_root or get_settings().storage_root)
+    done, skipped, failed = [], [], []
+    for uri in storage.list_images(request.source_prefix):
+        if len(done) >= request.max_photos:
+            break
+        key = batch_key(storage.read_bytes(uri), request)
+        marker = storage.join(root, "batch", f"{key}.json")
+        if storage.exists(marker):
+            skipped.append(uri)
+            continue
+        try:
+            manifest = edit_flow(EditRequest(images=[uri], prompts=request.prompts, seeds=request.seeds,
+                                             steps=request.steps, true_cfg_scale=request.true_cfg_scale,
+                                             profile=request.profile, storage_root=root))
+        except Exception as exc:  # noqa: BLE001 - one bad photo must not stop the batch
+            logger.error("%s failed: %s", storage.redact(uri), exc)
+            failed.append({"source": storage.redact(uri), "error": str(exc)})
+            continue
+        manifest_uri = storage.join(manifest["folder"], "manifest.json")
+        storage.write_json(marker, {"source": storage.redact(uri), "key": key, "manifest": manifest_uri})
+        done.append({"source": storage.redact(uri), "manifest": manifest_uri})
+    logger.info("batch: %d edited, %d already done, %d failed", len(done), len(skipped), len(failed))
+    return {"edited": done, "skipped": [storage.redact(u) for u in skipped], "failed": failed}
