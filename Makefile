@@ -8,7 +8,7 @@ export RECAST_CACHE_DIR ?= $(CURDIR)/.cache/recast
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_LOGGING_LEVEL ?= WARNING
 
-.PHONY: install demo test clean
+.PHONY: install demo test serve clean
 
 $(BIN)/recast: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,5 +27,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# A local Prefect server + deployments + one edit and one animate worker (tiny profile); open the UI.
+serve: install
+	./deployments/serve.sh
+
 clean:
-	rm -rf $(VENV) .prefect .cache artifacts
+	rm -rf $(VENV) .prefect .prefect-server .cache artifacts logs

@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field, ValidationError
 
+from flows.edit import check_inputs_allowed, started_remotely
 from flows.execution import run_task
 from tasks import pipelines, storage
 from tasks.animate import animate_task
@@ -107,8 +108,14 @@ def plan_animation(request: AnimateRequest, settings: Settings | None = None, *,
         raise BadInput("video_profile", request.video_profile, "unknown video profile",
                        f"use one of: {', '.join(sorted(settings.video_profiles))}") from None
     handoff_uri = storage.normalize_uri(request.handoff)
+    root = storage.check_scheme("storage", request.storage_root or settings.storage_root)
+    remote = started_remotely()
+    if remote:
+        check_inputs_allowed([handoff_uri], [root, *settings.allowed_input_roots], field="handoff")
     handoff = read_handoff(handoff_uri)
     frame_uri = storage.check_scheme("handoff.frame", handoff.frame)
+    if remote:
+        check_inputs_allowed([frame_uri], [root, *settings.allowed_input_roots], field="handoff.frame")
     if not storage.exists(frame_uri):
         raise BadInput("handoff.frame", handoff.frame, "frame does not exist", "re-run the edit flow")
     frame = storage.read_image("handoff.frame", frame_uri, settings.max_input_pixels)
@@ -128,7 +135,6 @@ def plan_animation(request: AnimateRequest, settings: Settings | None = None, *,
     if settings.execution == "local":
         pipelines.check_available(profile)
 
-    root = storage.check_scheme("storage", request.storage_root or settings.storage_root)
     now = datetime.now(timezone.utc)
     run_id = f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
     layout = layout or storage.RunLayout(root, run_id)

@@ -126,12 +126,13 @@ def started_remotely() -> bool:
     return deployment.id is not None
 
 
-def check_inputs_allowed(uris: list[str], roots: list[str]) -> None:
+def check_inputs_allowed(uris: list[str], roots: list[str], field: str = "images") -> None:
     """UI and scheduled runs read only under the configured roots: no arbitrary local files, no other hosts."""
     for index, uri in enumerate(uris):
-        storage.check_scheme(f"images[{index}]", uri)
+        name = f"{field}[{index}]" if len(uris) > 1 or field == "images" else field
+        storage.check_scheme(name, uri)
         if not storage.is_under(uri, roots):
-            raise BadInput(f"images[{index}]", uri, "runs started from the UI or a schedule may only read photos "
+            raise BadInput(name, uri, "runs started from the UI or a schedule may only read "
                            "under the configured storage roots",
                            f"upload it under {storage.redact(roots[0])}, or add its root to allowed_input_roots")
 

@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows.animate import clip_record, first_set, gpu_cost, run_clip, video_model
-from flows.edit import new_run_id, slug, versions
+from flows.edit import check_inputs_allowed, new_run_id, slug, started_remotely, versions
 from flows.execution import run_task
 from tasks import pipelines, storage
 from tasks.edit import edit_task
@@ -35,7 +35,9 @@ def check_storyboard(board: Storyboard):
         if name is not None and name not in known:
             raise BadInput(field, name, "unknown profile", f"use one of: {', '.join(sorted(known))}")
     profile, video = settings.get_profile(board.profile), settings.get_video_profile(board.video_profile)
-    storage.check_scheme("storage", board.storage_root or settings.storage_root)
+    root = storage.check_scheme("storage", board.storage_root or settings.storage_root)
+    if started_remotely():
+        check_inputs_allowed([board.reference], [root, *settings.allowed_input_roots], field="reference")
     image = storage.read_image("reference", board.reference, settings.max_input_pixels)
     if settings.execution == "local":
         pipelines.check_available(profile)

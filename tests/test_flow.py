@@ -133,3 +133,39 @@ def test_cli_edit_prints_summary_and_manifest_uri_last(astronaut, tmp_path, caps
     same = (root / "runs" / as_json["run_id"] / "edits" / f"{as_json['edits'][0]['edit_id']}.png").read_bytes()
     first = (root / "runs" / manifest["run_id"] / "edits" / f"{manifest['edits'][0]['edit_id']}.png").read_bytes()
     assert same == first, "the same request and seed must reproduce the same PNG across runs"
+
+
+def test_batch_edits_new_photos_once(astronaut, second_photo, memory_root, monkeypatch):
+    from flows.batch import batch_flow
+    from tasks.schemas import BatchRequest
+
+    monkeypatch.setenv("RECAST_HANDOFF__MODE", "none")
+    incoming = storage.join(memory_root, "incoming")
+    storage.write_bytes(storage.join(incoming, "a.png"), astronaut.read_bytes())
+    request = BatchRequest(source_prefix=incoming, prompts=["Top Gun, flight suit, airfield, golden hour"],
+                           seeds=[3], steps=2, storage_root=storage.join(memory_root, "out"))
+    first = batch_flow(request)
+    assert len(first["edited"]) == 1 and not first["skipped"]
+    storage.write_bytes(storage.join(incoming, "b.jpg"), second_photo.read_bytes())
+    second = batch_flow(request)
+    assert [e["source"].rsplit("/", 1)[-1] for e in second["edited"]] == ["b.jpg"], "only the new photo is edited"
+    assert [s.rsplit("/", 1)[-1] for s in second["skipped"]] == ["a.png"], "a done photo must be skipped"
+    changed = batch_flow(request.model_copy(update={"seeds": [4]}))
+    assert len(changed["edited"]) == 2, "other settings are other work: both photos are edited again"
+
+
+def test_remote_runs_read_only_under_the_configured_roots(astronaut, memory_root, monkeypatch):
+    from flows import edit as edit_module
+    from tasks.errors import BadInput
+
+    monkeypatch.setattr(edit_module, "started_remotely", lambda: True)
+    inside = storage.join(memory_root, "uploads", "me.png")
+    storage.write_bytes(inside, astronaut.read_bytes())
+    request = EditRequest(images=[inside], prompts=["x"], storage_root=memory_root)
+    assert edit_module.plan_run(request).images[0].uri == inside
+    for outside in (str(astronaut), "memory://elsewhere/me.png", f"{memory_root}/../escape.png"):
+        with pytest.raises(BadInput, match="configured storage roots"):
+            edit_module.plan_run(EditRequest(images=[outside], prompts=["x"], storage_root=memory_root))
+    with pytest.raises(BadInput, match="unsupported URI scheme"):
+        edit_module.plan_run(EditRequest(images=["http://169.254.169.254/x.png"], prompts=["x"],
+                                         storage_root=memory_root))
