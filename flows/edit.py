@@ -114,7 +114,7 @@ def plan_run(request: EditRequest, settings: Settings | None = None) -> RunPlan:
     seeds = list(dict.fromkeys(request.seeds)) if request.seeds else [secrets.randbelow(MAX_SEED + 1)]
     now = datetime.now(timezone.utc)
     run_id = new_run_id(now)
-    return RunPlan(run_id=run_id, created_at=now.isoformat(timespec="seconds"), request=request, settings=settings,
+    return RunPlan(run_id=run_id, created_at=now.isoformat(timespec="milliseconds"), request=request, settings=settings,
                    profile=profile, layout=storage.RunLayout(root, run_id), images=images, seeds=seeds,
                    prompts=prompts, prompt_warnings={p: w for p, w in warnings.items() if w}, loras=loras)
 
@@ -330,7 +330,7 @@ def _manifest(plan: RunPlan, records: list[EditRecord], results: list[EditResult
     request["seeds"] = plan.seeds
     return Manifest(
         run_id=plan.run_id, folder=storage.redact(plan.layout.folder), created_at=plan.created_at,
-        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), status=status, request=request,
+        finished_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"), status=status, request=request,
         model={"id": profile.model_id, "revision": profile.revision, "profile": profile.name, "dtype": profile.dtype},
         versions=versions(), device=pipelines.describe_device(profile),
         pipeline={"cold_start_s": first.cold_start_s if first else None,
