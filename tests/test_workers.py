@@ -52,8 +52,13 @@ def server(tmp_path_factory):
     log = open(home / "server.log", "w")
     proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    def up():
+        if proc.poll() is not None:
+            raise AssertionError(f"prefect server exited: {(home / 'server.log').read_text()[-2000:]}")
+        return healthy(env["PREFECT_API_URL"])
+
     try:
-        wait_for(lambda: healthy(env["PREFECT_API_URL"]), 120, "the Prefect server")
+        wait_for(up, 300, "the Prefect server")
         yield env
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -153,24 +158,34 @@ def test_a_worker_refuses_jobs_from_other_code(memory_root, astronaut):
     assert not storage.exists(storage.join(memory_root, "x.png"))
 
 
-def test_deploy_from_prefect_yaml_then_run_from_the_api(server, astronaut, tmp_path):
+@pytest.fixture(scope="module")
+def deployed(server, tmp_path_factory):
+    """deployments/prefect.yaml deployed to the server, a process worker for flow runs and an edit task worker."""
     repo = Path(__file__).resolve().parent.parent
-    root = tmp_path / "store"
+    work = tmp_path_factory.mktemp("deployed")
+    root = work / "store"
     (root / "uploads").mkdir(parents=True)
-    (root / "uploads" / "astronaut.png").write_bytes(astronaut.read_bytes())
+    (root / "uploads" / "astronaut.png").write_bytes((repo / "tests" / "data" / "astronaut.png").read_bytes())
     env = dict(server, RECAST_ROOT=str(repo), RECAST_STORAGE_ROOT=str(root), RECAST_INCOMING=f"file://{root}/uploads",
                PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_WORKER_PREFETCH_SECONDS="2")
     prefect = str(BIN / "prefect")
     subprocess.run([prefect, "work-pool", "create", "recast-flows", "--type", "process"], env=env, check=True,
                    capture_output=True, timeout=120)
-    deployed = subprocess.run([prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
-                              cwd=repo, env=env, capture_output=True, text=True, timeout=300)
-    assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
+    deploy = subprocess.run([prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
+                            cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert deploy.returncode == 0, deploy.stdout[-2000:] + deploy.stderr[-2000:]
+    pool = subprocess.Popen([prefect, "worker", "start", "--pool", "recast-flows"], env=env,
+                            stdout=open(work / "pool.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    worker = start_worker(env, work / "worker.log")
+    try:
+        yield {"env": env, "root": root, "upload": f"file://{root}/uploads/astronaut.png"}
+    finally:
+        stop(worker)
+        os.killpg(pool.pid, signal.SIGTERM)
+        pool.wait(timeout=30)
 
-    pool_log = open(tmp_path / "pool.log", "w")
-    pool = subprocess.Popen([prefect, "worker", "start", "--pool", "recast-flows"], env=env, stdout=pool_log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    worker = start_worker(env, tmp_path / "worker.log")
+
+def test_deploy_from_prefect_yaml_then_run_from_the_api(deployed, astronaut):
     script = """
 import json, sys
 from prefect.client.orchestration import get_client
@@ -185,13 +200,9 @@ for name, images in (("ok", [sys.argv[1]]), ("refused", [sys.argv[2]])):
     results[name] = {"state": run.state.type.value, "message": run.state.message}
 print(json.dumps(results))
 """
-    try:
-        proc = subprocess.run([sys.executable, "-c", script, f"file://{root}/uploads/astronaut.png", str(astronaut)],
-                              env=env, capture_output=True, text=True, timeout=600)
-    finally:
-        stop(worker)
-        os.killpg(pool.pid, signal.SIGTERM)
-        pool.wait(timeout=30)
+    before = set(deployed["root"].glob("runs/*/manifest.json"))
+    proc = subprocess.run([sys.executable, "-c", script, deployed["upload"], str(astronaut)], env=deployed["env"],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     definitions = results["schema"].get("definitions") or results["schema"].get("$defs")
@@ -199,5 +210,105 @@ print(json.dumps(results))
     assert "identity reference" in fields["images"]["description"], "the UI form must show field descriptions"
     assert fields["steps"]["anyOf"][0]["maximum"] == 100, "the UI form must carry the bounds"
     assert results["ok"]["state"] == "COMPLETED", results["ok"]
-    assert len(list(root.glob("runs/*/manifest.json"))) == 1, "the deployment run must write its manifest"
+    assert len(set(deployed["root"].glob("runs/*/manifest.json")) - before) == 1, "the run must write its manifest"
     assert results["refused"]["state"] == "FAILED", "a UI run must not read a local path outside the roots"
+
+
+def _chromium() -> str | None:
+    for path in ("/usr/bin/chromium", "/usr/bin/chromium-browser"):
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def test_ui_form_starts_a_run_and_shows_its_results_table(deployed, tmp_path):
+    """As a user: open the edit deployment's run form, read its fields, start a run, see the results table."""
+    browser_path = _chromium()
+    if browser_path is None or not _has_playwright():
+        if os.environ.get("CI"):
+            raise AssertionError("CI must install Debian's chromium and the playwright package (see .ci/run)")
+        pytest.skip("needs Debian's chromium and the playwright package")
+    from playwright.sync_api import sync_playwright
+
+    api = deployed["env"]["PREFECT_API_URL"]
+    ui = api.removesuffix("/api")
+    deployment_id = _api(api, "deployments/name/recast-edit/edit")["id"]
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=browser_path, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            # 1. The run form renders the request model: field names, descriptions, bounds.
+            page.goto(f"{ui}/deployments/deployment/{deployment_id}/run", wait_until="networkidle")
+            page.get_by_text("Images", exact=True).wait_for(timeout=60000)
+            page.screenshot(path=str(shots / "1-form.png"), full_page=True)
+            body = page.inner_text("body")
+            for text in ("1-3 input photos (local path or fsspec URI). The first is the identity reference.",
+                         "Denoising steps", "Re-run an edit with a new seed until its identity grade reaches this."):
+                assert text in body, f"the run form does not show {text!r}"
+            # 2. Fill it in as a user would and submit.
+            add = page.get_by_role("button", name="Add item")
+            add.nth(0).click()
+            add.nth(1).click()
+            boxes = page.locator("textarea")
+            boxes.nth(0).fill(deployed["upload"])
+            boxes.nth(1).fill("Tech CEO on stage, wearing a dark blazer, conference backdrop, blue lighting")
+            page.screenshot(path=str(shots / "2-filled.png"), full_page=True)
+            started = time.time()
+            page.get_by_role("button", name="Submit").click()
+            # The UI validates the parameters against the server, then leaves the form.
+            page.wait_for_url(lambda url: not url.rstrip("/").endswith("/run"), timeout=120000)
+            page.screenshot(path=str(shots / "3-submitted.png"))
+            run = wait_for(lambda: _newest_run(api, deployment_id, started), 60, "the run the form created")
+            # 3. The run's page: it completes and its Artifacts tab shows the results table.
+            page.goto(f"{ui}/runs/flow-run/{run['id']}", wait_until="networkidle")
+            wait_for(lambda: _reload_until(page, "Completed"), 240, "the run to show Completed")
+            page.screenshot(path=str(shots / "4-completed.png"))
+            page.get_by_text("Artifacts", exact=True).first.click()
+            page.get_by_text("recast-edit-results").first.wait_for(timeout=30000)
+            page.screenshot(path=str(shots / "5-artifacts.png"), full_page=True)
+            page.get_by_text("recast-edit-results").first.click()
+            page.get_by_text("prompt theme").first.wait_for(timeout=30000)
+            page.screenshot(path=str(shots / "6-results-table.png"), full_page=True)
+            table = page.inner_text("body")
+            assert "Tech CEO on stage" in table and "succeeded" in table, "the results table lacks the edit"
+        finally:
+            browser.close()
+    assert len(list(shots.glob("*.png"))) == 6
+
+
+def _has_playwright() -> bool:
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _api(api: str, path: str, body: dict | None = None):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"{api}/{path}", data=data, headers={"content-type": "application/json"},
+                                     method="POST" if body is not None else "GET")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _newest_run(api: str, deployment_id: str, since: float):
+    runs = _api(api, "flow_runs/filter", {"deployments": {"id": {"any_": [deployment_id]}},
+                                          "sort": "EXPECTED_START_TIME_DESC", "limit": 5})
+    from datetime import datetime
+
+    fresh = [r for r in runs if datetime.fromisoformat(r["created"].replace("Z", "+00:00")).timestamp() >= since - 5]
+    return fresh[0] if fresh else None
+
+
+def _reload_until(page, text: str) -> bool:
+    page.reload(wait_until="networkidle")
+    page.wait_for_timeout(1000)
+    header = page.inner_text("body")[:2000]
+    if "Failed" in header or "Crashed" in header:
+        raise AssertionError(f"the run did not complete: {header[:500]}")
+    return text in header
