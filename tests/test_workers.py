@@ -251,11 +251,16 @@ def test_ui_form_starts_a_run_and_shows_its_results_table(deployed, tmp_path):
                 assert text in body, f"the run form does not show {text!r}"
             # 2. Fill it in as a user would and submit.
             add = page.get_by_role("button", name="Add item")
-            add.nth(0).click()
-            add.nth(1).click()
             boxes = page.locator("textarea")
+            before = boxes.count()  # Identity Notes is a textarea too; list items appear above it, in order
+            add.nth(0).click()  # Images
+            wait_for(lambda: boxes.count() == before + 1, 30, "an Images item")
+            add.nth(1).click()  # Prompts
+            wait_for(lambda: boxes.count() == before + 2, 30, "a Prompts item")
+            prompt = "Tech CEO on stage, wearing a dark blazer, conference backdrop, blue lighting"
             boxes.nth(0).fill(deployed["upload"])
-            boxes.nth(1).fill("Tech CEO on stage, wearing a dark blazer, conference backdrop, blue lighting")
+            boxes.nth(1).fill(prompt)
+            assert (boxes.nth(0).input_value(), boxes.nth(1).input_value()) == (deployed["upload"], prompt)
             page.screenshot(path=str(shots / "2-filled.png"), full_page=True)
             started = time.time()
             page.get_by_role("button", name="Submit").click()
