@@ -288,7 +288,7 @@ def bench_profile(name, args, settings, device, dtype, image, references, lora_d
                resident_gib=resident, split_s=split, **decisions)
     if row["rel_error"] is not None:
         row["rel_error"] = round(row["rel_error"], 5)
-    del pipe, call
+    call = pipe = None  # drop the last references before free()
     if not baseline:
         del loaded
     free(device)

@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field, ValidationError
 
-from flows.edit import check_inputs_allowed, started_remotely
+from flows.edit import check_inputs_allowed, first_set, started_remotely
 from flows.execution import run_task
 from tasks import pipelines, storage
 from tasks.animate import animate_task
@@ -151,10 +151,6 @@ def plan_animation(request: AnimateRequest, settings: Settings | None = None, *,
     return AnimatePlan(run_id=layout.run_id, created_at=now.isoformat(timespec="seconds"), request=request,
                        settings=settings, profile=profile, layout=layout, handoff_uri=handoff_uri, handoff=handoff,
                        job=job, warnings=warnings)
-
-
-def first_set(*values):
-    return next(v for v in values if v is not None)
 
 
 def clip_record(job: AnimateJob, result: ClipResult | None, message: str | None) -> ClipRecord:

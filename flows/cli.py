@@ -182,10 +182,11 @@ def _animate(args: argparse.Namespace) -> int:
 
 def _identity(args: argparse.Namespace) -> int:
     from tasks import identity, storage
+    from tasks.settings import get_settings
 
-    settings_pixels = 40_000_000
-    reference = storage.read_image("REFERENCE", args.reference, settings_pixels)
-    images = [storage.read_image(f"IMAGE[{i}]", uri, settings_pixels) for i, uri in enumerate(args.images)]
+    limit = get_settings().max_input_pixels
+    reference = storage.read_image("REFERENCE", args.reference, limit)
+    images = [storage.read_image(f"IMAGE[{i}]", uri, limit) for i, uri in enumerate(args.images)]
     scores = identity.score_images(reference.data, [image.data for image in images])
     rows = [{"image": image.uri, **score.as_dict()} for image, score in zip(images, scores)]
     if args.json:

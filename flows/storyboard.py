@@ -17,8 +17,8 @@ from PIL import Image
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from flows.animate import clip_record, first_set, gpu_cost, run_clip, video_model
-from flows.edit import check_inputs_allowed, new_run_id, slug, started_remotely, versions
+from flows.animate import clip_record, gpu_cost, run_clip, video_model
+from flows.edit import check_inputs_allowed, first_set, new_run_id, slug, started_remotely, versions
 from flows.execution import run_task
 from tasks import pipelines, storage
 from tasks.edit import edit_task
