@@ -102,11 +102,7 @@ def plan_animation(request: AnimateRequest, settings: Settings | None = None, *,
                    layout: storage.RunLayout | None = None, clip_id: str = "clip-01") -> AnimatePlan:
     """Everything that can be refused is refused here, before anything is written."""
     settings = settings or get_settings()
-    try:
-        profile = settings.get_video_profile(request.video_profile)
-    except KeyError:
-        raise BadInput("video_profile", request.video_profile, "unknown video profile",
-                       f"use one of: {', '.join(sorted(settings.video_profiles))}") from None
+    profile = settings.get_video_profile(request.video_profile)
     handoff_uri = storage.normalize_uri(request.handoff)
     root = storage.check_scheme("storage", request.storage_root or settings.storage_root)
     remote = started_remotely()

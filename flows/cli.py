@@ -308,10 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"recast {args.command}: {describe_validation_error(args.model, exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except ConfigError as exc:
-        print(f"recast {args.command}: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except BadInput as exc:
+    except (BadInput, ConfigError) as exc:
         print(f"recast {args.command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ModelUnavailable as exc:

@@ -84,11 +84,7 @@ def new_run_id(now: datetime) -> str:
 def plan_run(request: EditRequest, settings: Settings | None = None) -> RunPlan:
     """Everything that can be refused is refused here, before anything is written."""
     settings = settings or get_settings()
-    try:
-        profile = settings.get_profile(request.profile)
-    except KeyError:
-        raise BadInput("profile", request.profile, "unknown profile",
-                       f"use one of: {', '.join(sorted(settings.profiles))}") from None
+    profile = settings.get_profile(request.profile)
     root = storage.check_scheme("storage", request.storage_root or settings.storage_root)
     prompts = list(request.prompts)
     if request.template:

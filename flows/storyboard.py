@@ -22,7 +22,6 @@ from flows.edit import check_inputs_allowed, first_set, new_run_id, slug, starte
 from flows.execution import run_task
 from tasks import pipelines, storage
 from tasks.edit import edit_task
-from tasks.errors import BadInput
 from tasks.schemas import MAX_SEED, AnimateJob, EditJob, EditResult, Storyboard
 from tasks.settings import get_settings
 
@@ -30,10 +29,6 @@ from tasks.settings import get_settings
 def check_storyboard(board: Storyboard):
     """Refuse what cannot run before anything is written; returns (settings, edit profile, video profile, image)."""
     settings = get_settings()
-    for field, name, known in (("profile", board.profile, settings.profiles),
-                               ("video_profile", board.video_profile, settings.video_profiles)):
-        if name is not None and name not in known:
-            raise BadInput(field, name, "unknown profile", f"use one of: {', '.join(sorted(known))}")
     profile, video = settings.get_profile(board.profile), settings.get_video_profile(board.video_profile)
     root = storage.check_scheme("storage", board.storage_root or settings.storage_root)
     if started_remotely():

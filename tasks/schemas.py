@@ -104,6 +104,14 @@ class HandoffDefaults(_Strict):
         return self
 
 
+def _pick(field: str, name: str, known: dict):
+    from tasks.errors import BadInput
+
+    if name not in known:
+        raise BadInput(field, name, "unknown profile", f"use one of: {', '.join(sorted(known))}")
+    return known[name]
+
+
 class Settings(_Strict):
     profile: str
     video_profile: str
@@ -132,13 +140,11 @@ class Settings(_Strict):
         return self
 
     def get_video_profile(self, name: str | None) -> VideoProfile:
-        return self.video_profiles[name or self.video_profile]
+        return _pick("video_profile", name or self.video_profile, self.video_profiles)
+
 
     def get_profile(self, name: str | None) -> ModelProfile:
-        name = name or self.profile
-        if name not in self.profiles:
-            raise KeyError(name)
-        return self.profiles[name]
+        return _pick("profile", name or self.profile, self.profiles)
 
 
 # --------------------------------------------------------------------------------------------------
