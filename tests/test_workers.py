@@ -317,3 +317,21 @@ def _reload_until(page, text: str) -> bool:
     if "Failed" in header or "Crashed" in header:
         raise AssertionError(f"the run did not complete: {header[:500]}")
     return text in header
+
+
+def test_deployment_handoff_runs_the_video_stage_on_its_own_workers(deployed, tmp_path):
+    """handoff.mode=deployment: the edit flow triggers the animate deployment (its own pool) and records it."""
+    env = dict(deployed["env"], RECAST_HANDOFF__MODE="deployment")
+    log = tmp_path / "animate-worker.log"
+    animate_worker = subprocess.Popen([str(BIN / "recast"), "worker", "animate"], env=env, stdout=open(log, "w"),
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: "Subscribing to runs" in log.read_text(), 120, "the animate worker")
+        manifest = edit(env, deployed["root"] / "uploads" / "astronaut.png", deployed["root"], [21])
+    finally:
+        stop(animate_worker)
+    animation = manifest["animation"]
+    assert animation["mode"] == "deployment" and animation["deployment"] == "recast-animate/animate"
+    assert animation["status"] == "completed", animation
+    clips = list(deployed["root"].glob("runs/*/clips/clip-01.mp4"))
+    assert clips, "the animate deployment run wrote no clip"
