@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,7 +26,6 @@ from tasks.schemas import (MAX_SEED, AnimateJob, AnimateManifest, AnimateRequest
 from tasks.settings import get_settings
 
 RESOLUTION_AREA = {"480p": 832 * 480, "720p": 1280 * 720}
-log = logging.getLogger("recast.animate")
 
 
 class HandoffIn(BaseModel):
@@ -98,8 +96,7 @@ def read_handoff(uri: str) -> HandoffIn:
         raise BadInput(f"handoff.{name}", value, err["msg"], "re-run the edit flow, or fix the field") from None
 
 
-def plan_animation(request: AnimateRequest, settings: Settings | None = None, *,
-                   layout: storage.RunLayout | None = None, clip_id: str = "clip-01") -> AnimatePlan:
+def plan_animation(request: AnimateRequest, settings: Settings | None = None) -> AnimatePlan:
     """Everything that can be refused is refused here, before anything is written."""
     settings = settings or get_settings()
     profile = settings.get_video_profile(request.video_profile)
@@ -133,7 +130,8 @@ def plan_animation(request: AnimateRequest, settings: Settings | None = None, *,
 
     now = datetime.now(timezone.utc)
     run_id = f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
-    layout = layout or storage.RunLayout(root, run_id)
+    layout = storage.RunLayout(root, run_id)
+    clip_id = "clip-01"
     seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
     job = AnimateJob(
         clip_id=clip_id, video_profile=profile.name, frame=frame_uri,

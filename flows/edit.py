@@ -137,8 +137,6 @@ def resolve_lora(field: str, lora: LoraRef) -> ResolvedLora:
     """Check a request's LoRA file now (exists, safetensors, holds LoRA tensors) and pin it by SHA-256."""
     import hashlib
 
-    from safetensors import SafetensorError, safe_open  # noqa: F401
-
     uri = storage.check_scheme(field, lora.source)
     if not storage.exists(uri):
         raise BadInput(field, lora.source, "file does not exist", "pass a diffusers-format LoRA .safetensors file")
