@@ -7,7 +7,7 @@ so each profile starts from the same weights. Rows, all in one run on one card:
     diffusers-baseline  QwenImageEditPlusPipeline called as the origin did (1024x1024, 8 steps,
                         true_cfg_scale 4.0, negative_prompt " "), plus only recast's mm_token_type_ids fix
                         (a correctness fix that costs nothing; without it image tokens get wrong positions)
-    <profile>           the same weights through recast's own code: tasks.pipelines.prepare_edit_pipeline
+    <profile>           the same weights through recast's own code: tasks.qwen_edit.prepare
                         (the loader's recipe step), warm_up, and run_edit
 
 Each row: median s/image over --runs timed calls after warm-up, ratio to the baseline, peak GPU memory
@@ -33,14 +33,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from tasks import pipelines  # noqa: E402
-from tasks.offline_tokenizers import build_qwen2_tokenizer, build_qwen2vl_processor, qwen2_token_ids  # noqa: E402
-from tasks.settings import load_settings  # noqa: E402
+from recast.tasks.models import kernels, loading, qwen_edit
+from recast.tasks.models.offline_tokenizers import build_qwen2_tokenizer, build_qwen2vl_processor, qwen2_token_ids
+from recast.tasks.settings import load_settings
 
 # Qwen-Image-Edit-2511 transformer/config.json (the Qwen-Image MMDiT plus zero_cond_t).
 FULL_TRANSFORMER = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
@@ -196,7 +194,7 @@ def rel_error(image, reference) -> float | None:
 
 
 def free(device: torch.device) -> None:
-    pipelines.clear_cache()
+    loading.clear_cache()
     torch._dynamo.reset()  # compiled graphs hold references to the last profile's modules
     gc.collect()
     if device.type == "cuda":
@@ -225,7 +223,7 @@ def bench_profile(name, args, settings, device, dtype, image, references, lora_d
     decisions: dict = {}
     if baseline:
         pipe.set_progress_bar_config(disable=True)
-        pipelines.forward_mm_token_type_ids(pipe.text_encoder)
+        qwen_edit.forward_mm_token_type_ids(pipe.text_encoder)
 
         def call():
             return pipe(image=[image], prompt=PROMPT, negative_prompt=" ", num_inference_steps=8,
@@ -240,22 +238,22 @@ def bench_profile(name, args, settings, device, dtype, image, references, lora_d
             eager = profile.model_copy(update=dict(quantize="none", quantize_text_encoder=False, compile=False,
                                                    warmup=False, attention_backend=None,
                                                    offload_text_encoder=False))
-            pipelines.prepare_edit_pipeline(pipe, eager)
-            ref_loaded = pipelines.LoadedPipeline(key=None, pipe=pipe, source="random", cold_start_s=0.0)
-            references[recipe] = pipelines.run_edit(ref_loaded, eager, [image], prompt=PROMPT,
+            qwen_edit.prepare(pipe, eager)
+            ref_loaded = loading.install("edit", eager, pipe, "random")
+            references[recipe] = qwen_edit.run_edit(ref_loaded, eager, [image], prompt=PROMPT,
                                                     negative_prompt=" ", seed=42, steps=steps, true_cfg_scale=cfg,
                                                     width=args.res, height=args.res)
             del pipe, ref_loaded
             free(device)
             pipe = build_pipeline(args.tiny, device, dtype, args.layers)
-        decisions = pipelines.prepare_edit_pipeline(pipe, profile)
-        loaded = pipelines.LoadedPipeline(key=None, pipe=pipe, source="random", cold_start_s=0.0)
+        decisions = qwen_edit.prepare(pipe, profile)
+        loaded = loading.install("edit", profile, pipe, "random")
         warm = time.perf_counter()
         if profile.warmup:
-            pipelines.warm_up(loaded, profile)
+            qwen_edit.warm_up(loaded, profile)
 
         def call():
-            return pipelines.run_edit(loaded, profile, [image], prompt=PROMPT, negative_prompt=" ", seed=42,
+            return qwen_edit.run_edit(loaded, profile, [image], prompt=PROMPT, negative_prompt=" ", seed=42,
                                       steps=steps, true_cfg_scale=cfg, width=args.res, height=args.res)
         call()  # one more at the benchmark's own size
         warm_s = time.perf_counter() - warm
@@ -360,7 +358,7 @@ def main() -> int:
             elif name == "diffusers-baseline" and "seconds_per_image" in row:
                 row["ratio_to_baseline"] = 1.0
             rows.append(row)
-            meta["attention_ms"] = dict(pipelines.ATTENTION_TIMINGS_MS) or None
+            meta["attention_ms"] = dict(kernels.ATTENTION_TIMINGS_MS) or None
             print(json.dumps(row), flush=True)
             if args.out:
                 write_rows(Path(args.out), meta, rows)

@@ -10,20 +10,25 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field, ValidationError
 
-from flows.edit import check_inputs_allowed, first_set, started_remotely
-from flows.execution import run_task
-from tasks import pipelines, storage
-from tasks.animate import animate_task
-from tasks.errors import BadInput
-from tasks.schemas import (MAX_SEED, AnimateJob, AnimateManifest, AnimateRequest, ClipRecord, ClipResult, Settings,
-                           VideoProfile)
-from tasks.settings import get_settings
+from recast.flows.execution import run_task
+from recast.flows.runs import (check_inputs_allowed, first_set, flow_run_info, new_run_id, now, started_remotely,
+                               take_plan, timestamp, versions)
+from recast.tasks import storage
+from recast.tasks.animate import animate_task
+from recast.tasks.errors import BadInput, first_error
+from recast.tasks.frames import output_size, snap16, snap_frames
+from recast.tasks.models import loading
+from recast.tasks.schemas.fields import MAX_SEED
+from recast.tasks.schemas.jobs import AnimateJob, ClipResult
+from recast.tasks.schemas.manifests import AnimateManifest, ClipRecord, Cost, ModelInfo, PipelineInfo
+from recast.tasks.schemas.requests import AnimateRequest
+from recast.tasks.schemas.settings import Settings, VideoProfile
+from recast.tasks.settings import get_settings
 
 RESOLUTION_AREA = {"480p": 832 * 480, "720p": 1280 * 720}
 
@@ -57,26 +62,6 @@ class AnimatePlan:
     warnings: list[str] = field(default_factory=list)
 
 
-def snap16(field_name: str, value: int, warnings: list[str]) -> int:
-    """Sizes must be multiples of 16: round (with a warning) where that is safe, refuse where it is not."""
-    if value < 16 or value > 1920:
-        raise BadInput(field_name, value, "frame sizes must be 16..1920 pixels", "use e.g. 832x480 or 480x832")
-    snapped = max(16, int(round(value / 16)) * 16)
-    if snapped != value:
-        warnings.append(f"{field_name}={value} rounded to {snapped} (Wan needs multiples of 16)")
-    return snapped
-
-
-def snap_frames(field_name: str, value: int, warnings: list[str]) -> int:
-    """num_frames must be 4k+1: round (with a warning) to the nearest such count within 5..241."""
-    if value < 5 or value > 241:
-        raise BadInput(field_name, value, "clips must have 5..241 frames", "use 4k+1 frames, e.g. 81")
-    snapped = 4 * round((value - 1) / 4) + 1
-    if snapped != value:
-        warnings.append(f"{field_name}={value} rounded to {snapped} (Wan needs 4k+1 frames)")
-    return snapped
-
-
 def read_handoff(uri: str) -> HandoffIn:
     uri = storage.check_scheme("handoff", uri)
     if not storage.exists(uri):
@@ -90,10 +75,8 @@ def read_handoff(uri: str) -> HandoffIn:
     try:
         return HandoffIn.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        name = ".".join(str(p) for p in err["loc"]) or "handoff"
-        value = err.get("input") if err["type"] != "missing" else "(missing)"
-        raise BadInput(f"handoff.{name}", value, err["msg"], "re-run the edit flow, or fix the field") from None
+        where, value, message, _ = first_error(exc)
+        raise BadInput(f"handoff.{where}", value, message, "re-run the edit flow, or fix the field") from None
 
 
 def plan_animation(request: AnimateRequest, settings: Settings | None = None) -> AnimatePlan:
@@ -116,7 +99,7 @@ def plan_animation(request: AnimateRequest, settings: Settings | None = None) ->
     warnings: list[str] = []
     if request.width or request.height or request.resolution:
         area = RESOLUTION_AREA.get(request.resolution or "", profile.area)
-        width, height = pipelines.output_size(request.width, request.height, frame.width / frame.height, area)
+        width, height = output_size(request.width, request.height, frame.width / frame.height, area)
         width, height = snap16("width", width, warnings), snap16("height", height, warnings)
     else:
         width = snap16("handoff.width", handoff.width, warnings)
@@ -126,11 +109,10 @@ def plan_animation(request: AnimateRequest, settings: Settings | None = None) ->
     else:
         num_frames = snap_frames("handoff.num_frames", handoff.num_frames, warnings)
     if settings.execution == "local":
-        pipelines.check_available(profile)
+        loading.check_available(profile)
 
-    now = datetime.now(timezone.utc)
-    run_id = f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
-    layout = storage.RunLayout(root, run_id)
+    moment = now()
+    layout = storage.RunLayout(root, new_run_id(moment))
     clip_id = "clip-01"
     seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
     job = AnimateJob(
@@ -142,23 +124,9 @@ def plan_animation(request: AnimateRequest, settings: Settings | None = None) ->
         guidance_scale=first_set(request.guidance_scale, profile.guidance_scale, settings.animate.guidance_scale),
         num_frames=num_frames, fps=request.fps or handoff.fps, width=width, height=height,
         output=layout.clip_uri(clip_id), last_frame=layout.last_frame_uri(clip_id))
-    return AnimatePlan(run_id=layout.run_id, created_at=now.isoformat(timespec="seconds"), request=request,
+    return AnimatePlan(run_id=layout.run_id, created_at=timestamp(moment), request=request,
                        settings=settings, profile=profile, layout=layout, handoff_uri=handoff_uri, handoff=handoff,
                        job=job, warnings=warnings)
-
-
-def clip_record(job: AnimateJob, result: ClipResult | None, message: str | None) -> ClipRecord:
-    return ClipRecord(
-        clip_id=job.clip_id, status="succeeded" if result else "failed", source_frame=storage.redact(job.frame),
-        prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed, steps=job.steps,
-        guidance_scale=job.guidance_scale, num_frames=result.num_frames if result else job.num_frames,
-        fps=job.fps, width=job.width, height=job.height, seconds=result.seconds if result else None,
-        output=result.output if result else None, last_frame=result.last_frame if result else None,
-        cache_hit=result.cache_hit if result else None, error=None if result else (message or "failed"))
-
-
-def video_model(profile: VideoProfile) -> dict:
-    return {"id": profile.model_id, "revision": profile.revision, "profile": profile.name, "dtype": profile.dtype}
 
 
 def run_clip(job: AnimateJob) -> tuple[ClipResult | None, str | None]:
@@ -167,20 +135,12 @@ def run_clip(job: AnimateJob) -> tuple[ClipResult | None, str | None]:
     return (result, None) if isinstance(result, ClipResult) else (None, message or "failed")
 
 
-def gpu_cost(seconds: float, profile, settings: Settings) -> dict:
-    price = profile.usd_per_gpu_hour if profile.usd_per_gpu_hour is not None else settings.usd_per_gpu_hour
-    return {"gpu_seconds": round(seconds, 3), "usd_per_gpu_hour": price, "usd": round(seconds / 3600 * price, 6)}
-
-
 @flow(name="recast-animate", log_prints=True)
 def animate_flow(request: AnimateRequest) -> dict:
     """Animate the chosen frame of an edit run (its handoff.json); returns the manifest."""
-    from flows.edit import versions  # one definition of what versions a manifest records
-    from prefect.runtime import flow_run
-
     logger = get_run_logger()
-    # 1. Plan
-    plan = plan_animation(request)
+    # 1. Plan (the CLI may have planned it already)
+    plan = take_plan("animate", request) or plan_animation(request)
     for warning in plan.warnings:
         logger.warning(warning)
     job = plan.job
@@ -188,21 +148,19 @@ def animate_flow(request: AnimateRequest) -> dict:
                 job.fps, plan.profile.name)
     # 2. Clip
     result, message = run_clip(job)
-    record = clip_record(job, result, message)
+    record = ClipRecord.of(job, result, message, storage.redact)
     # 3. Manifest (last)
     seconds = (result.seconds + (0.0 if result.cache_hit else result.cold_start_s)) if result else 0.0
     request_dump = request.model_dump()
     request_dump["seed"] = job.seed
     manifest = AnimateManifest(
         run_id=plan.run_id, folder=storage.redact(plan.layout.folder), created_at=plan.created_at,
-        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        status="succeeded" if result else "failed", request=request_dump, handoff=storage.redact(plan.handoff_uri),
-        warnings=plan.warnings, model=video_model(plan.profile), versions=versions(),
-        device=pipelines.describe_device(plan.profile),
-        pipeline={"cold_start_s": result.cold_start_s if result else None,
-                  "cache_hit": result.cache_hit if result else None},
-        clips=[record], cost=gpu_cost(seconds, plan.profile, plan.settings),
-        prefect={"flow_run_id": str(flow_run.id) if flow_run.id else None, "flow_run_name": flow_run.name})
+        finished_at=timestamp(), status="succeeded" if result else "failed", request=request_dump,
+        handoff=storage.redact(plan.handoff_uri), warnings=plan.warnings, model=ModelInfo.of(plan.profile),
+        versions=versions(), device=loading.describe_device(plan.profile),
+        pipeline=PipelineInfo(cold_start_s=result.cold_start_s if result else None,
+                              cache_hit=result.cache_hit if result else None),
+        clips=[record], cost=Cost.of(seconds, plan.profile, plan.settings), prefect=flow_run_info())
     storage.write_json(plan.layout.manifest_uri, manifest.model_dump())
     create_table_artifact(key="recast-animate-clips", table=[
         {"clip": r.clip_id, "prompt": r.prompt, "seed": r.seed, "frames": r.num_frames, "fps": r.fps,

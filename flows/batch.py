@@ -11,10 +11,10 @@ import json
 
 from prefect import flow, get_run_logger
 
-from flows.edit import edit_flow
-from tasks import storage
-from tasks.schemas import BatchRequest, EditRequest
-from tasks.settings import get_settings
+from recast.flows.edit import edit_flow  # the batch flow is built on it (one subflow per photo)
+from recast.tasks import storage
+from recast.tasks.schemas.requests import BatchRequest, EditRequest
+from recast.tasks.settings import get_settings
 
 
 def batch_key(image: bytes, request: BatchRequest) -> str:

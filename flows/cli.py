@@ -16,9 +16,9 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from tasks.errors import BadInput, ModelUnavailable
-from tasks.settings import ConfigError
-from tasks.schemas import AnimateRequest, EditRequest, Storyboard
+from recast.tasks.errors import BadInput, ModelUnavailable, first_error
+from recast.tasks.schemas.requests import AnimateRequest, EditRequest, Storyboard
+from recast.tasks.settings import ConfigError
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
@@ -84,8 +84,8 @@ def model_from_args(model: type[BaseModel], args: argparse.Namespace) -> BaseMod
 
 def describe_validation_error(model: type[BaseModel], exc: ValidationError) -> str:
     """One line: the CLI flag, the value received, what is wrong and how to fix it."""
-    err = exc.errors()[0]
-    name = str(err["loc"][0]) if err["loc"] else "request"
+    where, value, message, kind = first_error(exc)
+    name = where.split(".")[0] or "request"
     field = model.model_fields.get(name)
     extra = dict(field.json_schema_extra or {}) if field else {}
     positional = extra.get("cli", "").startswith("positional")
@@ -96,15 +96,14 @@ def describe_validation_error(model: type[BaseModel], exc: ValidationError) -> s
                    if "minimum" in s or "maximum" in s), {})
     if "minimum" in bounds and "maximum" in bounds:
         fix = f"use a value from {bounds['minimum']} to {bounds['maximum']}"
-    elif err["type"] in ("too_short", "string_too_short", "missing"):
+    elif kind in ("too_short", "string_too_short", "missing"):
         fix = f"give a non-empty {flag}"
-    elif err["type"] == "too_long":
-        fix = f"give at most {err.get('ctx', {}).get('max_length')} values for {flag}"
+    elif kind == "too_long":
+        fix = f"give at most {exc.errors()[0].get('ctx', {}).get('max_length')} values for {flag}"
     else:
         fix = f"see `recast {model.__name__.removesuffix('Request').lower()} --help`"
-    value = err.get("input")
     shown = value if not isinstance(value, (dict, BaseModel)) else "(missing)"
-    return f"{flag}={shown!r}: {err['msg']}; fix: {fix}"
+    return f"{flag}={shown!r}: {message}; fix: {fix}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,14 +112,14 @@ def describe_validation_error(model: type[BaseModel], exc: ValidationError) -> s
 
 def _edit(args: argparse.Namespace) -> int:
     request = model_from_args(EditRequest, args)
-    from flows.edit import plan_run
+    from recast.flows.edit import edit_flow, plan_run, progress_listeners
+    from recast.flows.runs import remember_plan
+    from recast.tasks import storage
 
     plan = plan_run(request)  # refuse bad input here, before Prefect starts or anything is written
+    remember_plan("edit", request, plan)  # the flow runs this plan instead of reading everything again
     for prompt, warnings in plan.prompt_warnings.items():
         _print_warnings([f"prompt {prompt[:40]!r}: {w}" for w in warnings])
-
-    from flows.edit import edit_flow, progress_listeners
-    from tasks import storage
 
     bar = _progress_bar(quiet=args.json)
     progress_listeners.append(bar)
@@ -162,9 +161,12 @@ def _print_warnings(warnings: list[str]) -> None:
 
 def _animate(args: argparse.Namespace) -> int:
     request = model_from_args(AnimateRequest, args)
-    from flows.animate import animate_flow, plan_animation
+    from recast.flows.animate import animate_flow, plan_animation
+    from recast.flows.runs import remember_plan
 
-    _print_warnings(plan_animation(request).warnings)  # refuse bad input before Prefect starts
+    plan = plan_animation(request)  # refuse bad input before Prefect starts
+    remember_plan("animate", request, plan)
+    _print_warnings(plan.warnings)
     manifest = animate_flow(request)
     if args.json:
         print(json.dumps(manifest, indent=2, default=str))
@@ -174,15 +176,15 @@ def _animate(args: argparse.Namespace) -> int:
           f"{clip['width']}x{clip['height']} at {clip['fps']} fps, seed {clip['seed']}, {clip['seconds']:.2f}s, "
           f"profile {manifest['model']['profile']})")
     print(f"  clip: {clip['output']}\n  last frame: {clip['last_frame']}")
-    from tasks import storage
+    from recast.tasks import storage
 
     print(storage.join(manifest["folder"], "manifest.json"))
     return 0
 
 
 def _identity(args: argparse.Namespace) -> int:
-    from tasks import identity, storage
-    from tasks.settings import get_settings
+    from recast.tasks import identity, storage
+    from recast.tasks.settings import get_settings
 
     limit = get_settings().max_input_pixels
     reference = storage.read_image("REFERENCE", args.reference, limit)
@@ -201,7 +203,7 @@ def _identity(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from flows.workers import serve_worker
+    from recast.flows.workers import serve_worker
 
     serve_worker(args.kind, gpu=args.gpu, profile_name=args.profile)
     return 0
@@ -210,7 +212,7 @@ def _worker(args: argparse.Namespace) -> int:
 def _storyboard(args: argparse.Namespace) -> int:
     import yaml
 
-    from tasks import storage
+    from recast.tasks import storage
 
     try:
         data = yaml.safe_load(storage.read_bytes(storage.check_scheme("FILE", args.file)))
@@ -225,9 +227,10 @@ def _storyboard(args: argparse.Namespace) -> int:
         if getattr(args, option):
             data[key] = getattr(args, option)
     board = Storyboard.model_validate(data)
-    from flows.storyboard import check_storyboard, storyboard_flow
+    from recast.flows.runs import remember_plan
+    from recast.flows.storyboard import check_storyboard, storyboard_flow
 
-    check_storyboard(board)
+    remember_plan("storyboard", board, check_storyboard(board))
     manifest = storyboard_flow(board)
     if args.json:
         print(json.dumps(manifest, indent=2, default=str))

@@ -11,25 +11,31 @@
 
 from __future__ import annotations
 
-import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from importlib import metadata
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
 
-from tasks import identity, pipelines, storage
-from tasks import prompts as prompt_checks
-from flows.execution import run_task
-from tasks.edit import edit_task
-from tasks.errors import BadInput
-from tasks.schemas import (MAX_SEED, EditJob, EditRecord, EditRequest, EditResult, Handoff, IdentityRecord, LoraRef,
-                           Manifest, ModelProfile, ResolvedLora, Settings)
-from tasks.settings import get_settings
+from recast.flows.execution import run_task
+from recast.flows.runs import (check_inputs_allowed, first_set, flow_run_info, new_run_id, now, slug,
+                               started_remotely, take_plan, theme, timestamp, versions)
+from recast.tasks import identity, storage
+from recast.tasks import prompts as prompt_checks
+from recast.tasks.edit import edit_task
+from recast.tasks.errors import BadInput
+from recast.tasks.frames import output_size
+from recast.tasks.models import loading
+from recast.tasks.models.lora import check_lora_file
+from recast.tasks.schemas.fields import MAX_SEED
+from recast.tasks.schemas.jobs import EditJob, EditResult, ResolvedLora
+from recast.tasks.schemas.manifests import (Cost, EditRecord, Handoff, IdentityRecord, Manifest, ModelInfo,
+                                            PipelineInfo)
+from recast.tasks.schemas.requests import AnimateRequest, EditRequest
+from recast.tasks.schemas.settings import ModelProfile, Settings
+from recast.tasks.settings import get_settings
 
 # Called with (edits done, edits total) as the run advances; the CLI hangs its progress bar here.
 ProgressListener = Callable[[int, int], None]
@@ -53,8 +59,8 @@ class RunPlan:
     def jobs(self, input_uris: list[str]) -> list[EditJob]:
         req, defaults = self.request, self.settings.edit
         reference = self.images[0]
-        width, height = pipelines.output_size(req.width, req.height, reference.width / reference.height,
-                                              self.profile.output_area)
+        width, height = output_size(req.width, req.height, reference.width / reference.height,
+                                    self.profile.output_area)
         jobs = []
         for p_index, prompt in enumerate(self.prompts, start=1):
             for seed in self.seeds:
@@ -66,19 +72,6 @@ class RunPlan:
                     true_cfg_scale=first_set(req.true_cfg_scale, self.profile.true_cfg_scale, defaults.true_cfg_scale),
                     width=width, height=height, output=self.layout.edit_uri(edit_id)))
         return jobs
-
-
-def first_set(*values):
-    """Request value, else profile default, else global default."""
-    return next(v for v in values if v is not None)
-
-
-def slug(text: str, length: int = 32) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length].rstrip("-") or "edit"
-
-
-def new_run_id(now: datetime) -> str:
-    return f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
 def plan_run(request: EditRequest, settings: Settings | None = None) -> RunPlan:
@@ -102,72 +95,22 @@ def plan_run(request: EditRequest, settings: Settings | None = None) -> RunPlan:
         check_inputs_allowed(request.images, [root, *settings.allowed_input_roots])
     images = [storage.read_image(f"images[{i}]", uri, settings.max_input_pixels)
               for i, uri in enumerate(request.images)]
-    loras = [resolve_lora(f"loras[{i}].source", lora) for i, lora in enumerate(request.loras)]
+    loras = [check_lora_file(f"loras[{i}].source", lora) for i, lora in enumerate(request.loras)]
     # Fails in seconds when the model cannot be had here (no GPU, not cached and no hub). With task workers the
     # model lives on the workers' machines, not here.
     if settings.execution == "local":
-        pipelines.check_available(profile)
+        loading.check_available(profile)
     seeds = list(dict.fromkeys(request.seeds)) if request.seeds else [secrets.randbelow(MAX_SEED + 1)]
-    now = datetime.now(timezone.utc)
-    run_id = new_run_id(now)
-    return RunPlan(run_id=run_id, created_at=now.isoformat(timespec="milliseconds"), request=request, settings=settings,
+    moment = now()
+    run_id = new_run_id(moment)
+    return RunPlan(run_id=run_id, created_at=timestamp(moment), request=request, settings=settings,
                    profile=profile, layout=storage.RunLayout(root, run_id), images=images, seeds=seeds,
                    prompts=prompts, prompt_warnings={p: w for p, w in warnings.items() if w}, loras=loras)
 
 
-def started_remotely() -> bool:
-    """A run started from a deployment (the UI, a schedule, the API), not by a local user's CLI."""
-    from prefect.runtime import deployment
-
-    return deployment.id is not None
-
-
-def check_inputs_allowed(uris: list[str], roots: list[str], field: str = "images") -> None:
-    """UI and scheduled runs read only under the configured roots: no arbitrary local files, no other hosts."""
-    for index, uri in enumerate(uris):
-        name = f"{field}[{index}]" if len(uris) > 1 or field == "images" else field
-        storage.check_scheme(name, uri)
-        if not storage.is_under(uri, roots):
-            raise BadInput(name, uri, "runs started from the UI or a schedule may only read "
-                           "under the configured storage roots",
-                           f"upload it under {storage.redact(roots[0])}, or add its root to allowed_input_roots")
-
-
-def resolve_lora(field: str, lora: LoraRef) -> ResolvedLora:
-    """Check a request's LoRA file now (exists, safetensors, holds LoRA tensors) and pin it by SHA-256."""
-    import hashlib
-
-    uri = storage.check_scheme(field, lora.source)
-    if not storage.exists(uri):
-        raise BadInput(field, lora.source, "file does not exist", "pass a diffusers-format LoRA .safetensors file")
-    data = storage.read_bytes(uri)
-    try:
-        from safetensors.torch import load as load_safetensors
-
-        keys = list(load_safetensors(data))
-    except Exception as exc:  # noqa: BLE001 - any parse failure means the same thing to the user
-        raise BadInput(field, lora.source, f"not a safetensors file ({str(exc).splitlines()[0][:120]})",
-                       "pass a diffusers-format LoRA .safetensors file") from None
-    if not any("lora" in key.lower() for key in keys):
-        raise BadInput(field, lora.source, "holds no LoRA tensors (no lora_A / lora_B keys)",
-                       "pass a LoRA file, not a full model checkpoint")
-    sha = hashlib.sha256(data).hexdigest()
-    return ResolvedLora(name=f"lora-{sha[:12]}", source=uri, weight=lora.weight, sha256=sha)
-
-
-def versions() -> dict[str, str]:
-    found = {}
-    for name in ("recast", "diffusers", "transformers", "torch", "prefect"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "unknown"
-    return found
-
-
 def handoff_size(width: int, height: int, area: int) -> tuple[int, int]:
     """The video frame size: the edited frame's aspect ratio at `area` pixels, multiples of 16."""
-    return pipelines.output_size(None, None, width / height, area)
+    return output_size(None, None, width / height, area)
 
 
 def _report_progress(progress_id, done: int, total: int) -> None:
@@ -191,8 +134,8 @@ def edit_flow(request: EditRequest) -> dict:
     """Edit a person's photo with every prompt and seed of the request; returns the manifest."""
     logger = get_run_logger()
 
-    # 1. Plan (validates everything; nothing is written if it raises)
-    plan = plan_run(request)
+    # 1. Plan (validates everything; nothing is written if it raises). The CLI may have planned it already.
+    plan = take_plan("edit", request) or plan_run(request)
     profile, layout = plan.profile, plan.layout
     logger.info("run %s: %d prompt(s) x %d seed(s) on profile %s -> %s", plan.run_id, len(request.prompts),
                 len(plan.seeds), profile.name, storage.redact(layout.folder))
@@ -264,8 +207,6 @@ def edit_flow(request: EditRequest) -> dict:
 
 def hand_over(handoff_uri: str, plan: RunPlan) -> dict | None:
     """Run the video stage for the chosen frame as settings.handoff.mode says; record, never raise."""
-    from tasks.schemas import AnimateRequest
-
     mode = plan.settings.handoff.mode
     if mode == "none":
         return None
@@ -274,7 +215,7 @@ def hand_over(handoff_uri: str, plan: RunPlan) -> dict | None:
     logger = get_run_logger()
     try:
         if mode == "inline":
-            from flows.animate import animate_flow
+            from recast.flows.animate import animate_flow  # the edit flow is built on it (a subflow)
 
             manifest = animate_flow(request)
             return {"mode": mode, "status": manifest["status"], "run_id": manifest["run_id"],
@@ -309,14 +250,11 @@ def _record(job: EditJob, result: EditResult | None, message: str | None, plan: 
 
 
 def _manifest(plan: RunPlan, records: list[EditRecord], results: list[EditResult], handoff: str | None) -> Manifest:
-    from prefect.runtime import flow_run
-
     profile, settings = plan.profile, plan.settings
     first = results[0] if results else None
     # This run paid the cold start only if its first edit loaded the pipeline.
     cold_start_paid = first.cold_start_s if first and not first.cache_hit else 0.0
     gpu_seconds = sum(r.seconds for r in results) + cold_start_paid
-    price = profile.usd_per_gpu_hour if profile.usd_per_gpu_hour is not None else settings.usd_per_gpu_hour
     succeeded = len(results)
     status = "succeeded" if succeeded == len(records) else ("partial" if succeeded else "failed")
     request = plan.request.model_dump()
@@ -324,22 +262,13 @@ def _manifest(plan: RunPlan, records: list[EditRecord], results: list[EditResult
     request["seeds"] = plan.seeds
     return Manifest(
         run_id=plan.run_id, folder=storage.redact(plan.layout.folder), created_at=plan.created_at,
-        finished_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"), status=status, request=request,
-        model={"id": profile.model_id, "revision": profile.revision, "profile": profile.name, "dtype": profile.dtype},
-        versions=versions(), device=pipelines.describe_device(profile),
-        pipeline={"cold_start_s": first.cold_start_s if first else None,
-                  "cache_hit": first.cache_hit if first else None},
-        edits=records,
-        cost={"gpu_seconds": round(gpu_seconds, 3), "usd_per_gpu_hour": price,
-              "usd": round(gpu_seconds / 3600 * price, 6)},
-        handoff=handoff, identity_notes=plan.request.identity_notes,
-        prefect={"flow_run_id": str(flow_run.id) if flow_run.id else None, "flow_run_name": flow_run.name},
+        finished_at=timestamp(), status=status, request=request, model=ModelInfo.of(profile),
+        versions=versions(), device=loading.describe_device(profile),
+        pipeline=PipelineInfo(cold_start_s=first.cold_start_s if first else None,
+                              cache_hit=first.cache_hit if first else None),
+        edits=records, cost=Cost.of(gpu_seconds, profile, settings),
+        handoff=handoff, identity_notes=plan.request.identity_notes, prefect=flow_run_info(),
     )
-
-
-def theme(prompt: str) -> str:
-    """The first clause of a prompt: 'James Bond 007' for the origin's results table."""
-    return prompt.split(",")[0].strip()[:40]
 
 
 def contact_sheet(reference_png: bytes, edits: list[EditRecord], tile: int = 256):
@@ -368,11 +297,11 @@ def _publish(manifest: Manifest, manifest_uri: str) -> None:
     ok = sum(e.status == "succeeded" for e in manifest.edits)
     create_markdown_artifact(key="recast-edit-summary", markdown="\n".join([
         f"# recast run `{manifest.run_id}`: {manifest.status}",
-        f"- model: `{manifest.model['id']}` @ `{manifest.model['revision']}` ({manifest.model['profile']}, "
-        f"{manifest.model['dtype']}) on {manifest.device}",
-        f"- edits: {ok}/{len(manifest.edits)} succeeded; cold start {manifest.pipeline['cold_start_s']} s, "
-        f"cache hit {manifest.pipeline['cache_hit']}",
-        f"- cost: {manifest.cost['gpu_seconds']} GPU-s = ${manifest.cost['usd']}",
+        f"- model: `{manifest.model.id}` @ `{manifest.model.revision}` ({manifest.model.profile}, "
+        f"{manifest.model.dtype}) on {manifest.device}",
+        f"- edits: {ok}/{len(manifest.edits)} succeeded; cold start {manifest.pipeline.cold_start_s} s, "
+        f"cache hit {manifest.pipeline.cache_hit}",
+        f"- cost: {manifest.cost.gpu_seconds} GPU-s = ${manifest.cost.usd}",
         f"- manifest: `{storage.redact(manifest_uri)}`",
         f"- handoff: `{storage.redact(manifest.handoff or 'none')}`",
     ]))

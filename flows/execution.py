@@ -19,8 +19,8 @@ from typing import Any
 
 from prefect import Task
 
-from tasks.settings import get_settings
-from tasks.version import code_version
+from recast.tasks.settings import get_settings
+from recast.tasks.version import code_version
 
 log = logging.getLogger("recast.execution")
 

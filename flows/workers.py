@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import os
 
-from tasks import pipelines
-from tasks.errors import BadInput
-from tasks.settings import get_settings
+from recast.tasks.errors import BadInput
+from recast.tasks.models import loading
+from recast.tasks.settings import get_settings
 
 log = logging.getLogger("recast.worker")
 
@@ -26,8 +26,8 @@ def serve_worker(kind: str, gpu: int | None = None, profile_name: str | None = N
                        "PREFECT_API_URL=http://127.0.0.1:4200/api")
     from prefect.task_worker import serve
 
-    from tasks.animate import animate_task
-    from tasks.edit import edit_task
+    from recast.tasks.animate import animate_task
+    from recast.tasks.edit import edit_task
 
     settings = get_settings()
     if kind == "edit":
@@ -35,7 +35,8 @@ def serve_worker(kind: str, gpu: int | None = None, profile_name: str | None = N
     else:
         profile, task, loader_kind = settings.get_video_profile(profile_name), animate_task, "video"
     # Load (and for compiled profiles, compile) before the first task can arrive.
-    loaded, _ = pipelines.get_pipeline(loader_kind, profile)
-    print(f"recast worker {kind}: {profile.name} ({profile.model_id}) ready on {pipelines.describe_device(profile)} "
+    loading.serve_only({(loader_kind, profile.name)})
+    loaded, _ = loading.get_pipeline(loader_kind, profile)
+    print(f"recast worker {kind}: {profile.name} ({profile.model_id}) ready on {loading.describe_device(profile)} "
           f"after a {loaded.cold_start_s:.1f}s cold start; serving one task at a time", flush=True)
     serve(task, limit=1)

@@ -11,22 +11,23 @@ import time
 from PIL import Image
 from prefect import task
 
-from tasks.version import check_code_version
-from tasks import pipelines, storage
-from tasks.edit import _retry_only_transient
-from tasks.schemas import AnimateJob, ClipResult
-from tasks.settings import get_settings
+from recast.tasks import storage
+from recast.tasks.errors import retry_only_transient
+from recast.tasks.models import loading, wan_video
+from recast.tasks.schemas.jobs import AnimateJob, ClipResult
+from recast.tasks.settings import get_settings
+from recast.tasks.version import check_code_version
 
 
 def animate_clip(job: AnimateJob) -> ClipResult:
     """Generate job.num_frames frames from job.frame and write the clip and its last frame."""
     check_code_version(job)
     profile = get_settings().get_video_profile(job.video_profile)
-    loaded, cache_hit = pipelines.get_pipeline("video", profile)
+    loaded, cache_hit = loading.get_pipeline("video", profile)
     # Wan stretches the image to height x width; the flow chose a size with the frame's aspect ratio.
     frame = storage.load_image(job.frame).resize((job.width, job.height), Image.Resampling.LANCZOS)
     started = time.perf_counter()
-    frames = pipelines.run_video(
+    frames = wan_video.run_video(
         loaded, frame, prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed, steps=job.steps,
         guidance_scale=job.guidance_scale, num_frames=job.num_frames, width=job.width, height=job.height,
         max_sequence_length=profile.max_sequence_length)
@@ -45,5 +46,5 @@ animate_task = task(
     task_run_name="animate {job.clip_id}",
     retries=2,
     retry_delay_seconds=2,
-    retry_condition_fn=_retry_only_transient,
+    retry_condition_fn=retry_only_transient,
 )

@@ -9,38 +9,22 @@ import time
 
 from prefect import task
 
-from tasks.version import VersionMismatch, check_code_version
-from tasks import pipelines, storage
-from tasks.schemas import EditJob, EditResult
-from tasks.settings import get_settings
-
-# Storage and network hiccups are worth another try; bad input, CUDA OOM or a model bug are not.
-_TRANSIENT = (ConnectionError, TimeoutError)
-_NEVER_RETRY = (pipelines.BadLora, VersionMismatch)
-
-
-def is_transient(exc: BaseException | None) -> bool:
-    if isinstance(exc, _NEVER_RETRY):
-        return False
-    if isinstance(exc, _TRANSIENT):
-        return True
-    # OSError covers both flaky network filesystems and plain bugs; errno-less ones come from drivers.
-    return isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError))
-
-
-def _retry_only_transient(task_, task_run, state) -> bool:
-    exc = state.data if isinstance(state.data, BaseException) else None
-    return is_transient(exc)
+from recast.tasks import storage
+from recast.tasks.errors import retry_only_transient
+from recast.tasks.models import loading, qwen_edit
+from recast.tasks.schemas.jobs import EditJob, EditResult
+from recast.tasks.settings import get_settings
+from recast.tasks.version import check_code_version
 
 
 def edit_image(job: EditJob) -> EditResult:
     """Run one edit and write its PNG to job.output."""
     check_code_version(job)
     profile = get_settings().get_profile(job.profile)
-    loaded, cache_hit = pipelines.get_pipeline("edit", profile)
+    loaded, cache_hit = loading.get_pipeline("edit", profile)
     images = [storage.load_image(uri) for uri in job.inputs]
     started = time.perf_counter()
-    image = pipelines.run_edit(
+    image = qwen_edit.run_edit(
         loaded, profile, images, prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed,
         steps=job.steps, true_cfg_scale=job.true_cfg_scale, width=job.width, height=job.height, loras=job.loras)
     seconds = time.perf_counter() - started
@@ -53,7 +37,7 @@ def edit_image(job: EditJob) -> EditResult:
 
 def score_identity(reference, image) -> dict:
     """Identity of the output against the reference; a scorer problem is noted, never fatal to the edit."""
-    from tasks import identity
+    from recast.tasks import identity
 
     try:
         return identity.compare(identity.main_face(reference), image).as_dict()
@@ -67,5 +51,5 @@ edit_task = task(
     task_run_name="edit {job.edit_id}",
     retries=2,
     retry_delay_seconds=2,
-    retry_condition_fn=_retry_only_transient,
+    retry_condition_fn=retry_only_transient,
 )

@@ -12,8 +12,8 @@ from functools import lru_cache
 
 import yaml
 
-from tasks.errors import BadInput
-from tasks.settings import config_dir
+from recast.tasks.errors import BadInput
+from recast.tasks.settings import config_dir
 
 CLOTHING = r"wearing|dressed|suit|tuxedo|coat|jacket|shirt|dress|uniform|costume|hat|cap|fedora|armor|armour|" \
            r"robe|gown|hoodie|sweater|blazer|jeans|trousers|shorts|boots|outfit|vest|cloak|scarf|glasses|sunglasses"

@@ -8,27 +8,31 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
-
 from pydantic import ValidationError
 
-from tasks.schemas import Settings
+from recast.tasks.errors import first_error
+from recast.tasks.schemas.settings import Settings
 
 
 class ConfigError(ValueError):
     """The YAML or RECAST_* environment does not validate."""
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+
 ENV_PREFIX = "RECAST_"
 # Variables that are not settings keys (read elsewhere) and must not be merged into the YAML tree.
 _NOT_SETTINGS = {"RECAST_CONFIG_DIR", "RECAST_CACHE_DIR", "RECAST_ROOT", "RECAST_INCOMING"}
 
 
 def config_dir() -> Path:
-    return Path(os.environ.get("RECAST_CONFIG_DIR", REPO_ROOT / "configs"))
+    """RECAST_CONFIG_DIR, else the YAML shipped inside the package (recast.configs), wherever it is installed."""
+    if "RECAST_CONFIG_DIR" in os.environ:
+        return Path(os.environ["RECAST_CONFIG_DIR"])
+    return Path(str(resources.files("recast.configs")))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -76,9 +80,8 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     try:
         return Settings.model_validate(tree)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"configuration {where}={err.get('input')!r}: {err['msg']}; fix configs/*.yaml or the "
+        where, value, message, _ = first_error(exc)
+        raise ConfigError(f"configuration {where}={value!r}: {message}; fix configs/*.yaml or the "
                           f"RECAST_{where.upper().replace('.', '__')} environment variable") from None
 
 

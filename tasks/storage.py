@@ -24,7 +24,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
-from tasks.errors import BadInput
+from recast.tasks.errors import BadInput
 
 # Schemes a request may name. Anything else (http, ftp, ssh, ...) is refused before any I/O.
 SUPPORTED_SCHEMES = ("file", "memory", "s3", "gs", "gcs")
@@ -83,6 +83,28 @@ def exists(uri: str) -> bool:
 def read_bytes(uri: str) -> bytes:
     fs, path = _fs(uri)
     return fs.cat_file(path)
+
+
+def size(uri: str) -> int:
+    fs, path = _fs(uri)
+    return int(fs.size(path))
+
+
+def local_path(uri: str) -> str:
+    """The filesystem path of a file:// URI (or plain path)."""
+    return normalize_uri(uri)[len("file://"):]
+
+
+def read_chunks(uri: str, max_bytes: int, chunk: int = 8 * 2**20):
+    """The file's bytes in chunks, refusing (OSError) to go past max_bytes."""
+    fs, path = _fs(uri)
+    read = 0
+    with fs.open(path, "rb") as f:
+        while block := f.read(chunk):
+            read += len(block)
+            if read > max_bytes:
+                raise OSError(f"{redact(uri)} is larger than {max_bytes} bytes")
+            yield block
 
 
 def write_bytes(uri: str, data: bytes) -> str:

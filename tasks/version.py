@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import hashlib
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from recast.tasks.errors import Permanent
+
+PACKAGES = ("recast.tasks", "recast.flows", "recast.configs")
 
 
 @lru_cache(maxsize=1)
 def code_version() -> str:
-    """A hash of recast's code and configs: flow and worker must agree on it."""
-    root = Path(__file__).resolve().parent.parent
+    """A hash of recast's code and configs, wherever installed: flow and worker must agree on it."""
     digest = hashlib.sha256()
-    for path in sorted([*root.glob("tasks/*.py"), *root.glob("flows/*.py"), *root.glob("configs/*.yaml")]):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for package in PACKAGES:
+        root = Path(str(resources.files(package)))
+        for path in sorted([*root.rglob("*.py"), *root.rglob("*.yaml")]):
+            digest.update(f"{package}/{path.relative_to(root).as_posix()}".encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
 
 
@@ -26,5 +32,5 @@ def check_code_version(job: Any) -> None:
                               "deploy the same recast version to flows and workers")
 
 
-class VersionMismatch(RuntimeError):
-    pass
+class VersionMismatch(Permanent, RuntimeError):
+    """A job from a flow that runs other recast code than this worker."""

@@ -9,7 +9,7 @@ import sys
 import pytest
 from PIL import Image
 
-from flows.cli import main
+from recast.flows.cli import main
 
 
 @pytest.fixture

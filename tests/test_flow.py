@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from flows.cli import main
-from flows.edit import edit_flow
-from tasks import pipelines, storage
-from tasks.schemas import EditRequest
+from recast.flows.cli import main
+from recast.flows.edit import edit_flow
+from recast.tasks import storage
+from recast.tasks.models import loading, qwen_edit
+from recast.tasks.schemas.requests import EditRequest
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -24,7 +25,7 @@ def _request(images, root, **kw) -> EditRequest:
 
 
 def test_two_runs_load_the_pipeline_once_and_write_complete_manifests(astronaut, memory_root):
-    pipelines.clear_cache()
+    loading.clear_cache()
     first = edit_flow(_request([astronaut], memory_root, prompts=["James Bond 007, tuxedo", "Neo, leather coat"],
                                seeds=[1, 2], identity_notes="short dark hair"))
     second = edit_flow(_request([astronaut], memory_root, prompts=["Top Gun flight suit"], seeds=[5]))
@@ -33,7 +34,7 @@ def test_two_runs_load_the_pipeline_once_and_write_complete_manifests(astronaut,
     assert second["pipeline"]["cache_hit"] is True, "the second run must reuse the loaded pipeline"
     assert second["pipeline"]["cold_start_s"] == first["pipeline"]["cold_start_s"]
     assert [e["cache_hit"] for e in first["edits"]] == [False, True, True, True]
-    assert [p.key.kind for p in pipelines.cached_pipelines()].count("edit") == 1, "one edit pipeline per process"
+    assert [p.key.kind for p in loading.cached_pipelines()].count("edit") == 1, "one edit pipeline per process"
 
     # every (prompt, seed) pair ran, in order
     assert [(e["prompt"], e["seed"]) for e in first["edits"]] == [
@@ -81,14 +82,14 @@ def test_unset_seed_is_drawn_and_recorded(astronaut, memory_root):
 
 
 def test_a_failing_edit_is_recorded_and_the_others_land(astronaut, memory_root, monkeypatch):
-    real_run_edit = pipelines.run_edit
+    real_run_edit = qwen_edit.run_edit
 
     def fail_on_seed_13(loaded, profile, images, **kw):
         if kw["seed"] == 13:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return real_run_edit(loaded, profile, images, **kw)
 
-    monkeypatch.setattr(pipelines, "run_edit", fail_on_seed_13)
+    monkeypatch.setattr(qwen_edit, "run_edit", fail_on_seed_13)
     manifest = edit_flow(_request([astronaut], memory_root, prompts=["John Wick, neon"], seeds=[12, 13, 14]))
     statuses = {e["seed"]: e["status"] for e in manifest["edits"]}
     assert statuses == {12: "succeeded", 13: "failed", 14: "succeeded"}
@@ -136,8 +137,8 @@ def test_cli_edit_prints_summary_and_manifest_uri_last(astronaut, tmp_path, caps
 
 
 def test_batch_edits_new_photos_once(astronaut, second_photo, memory_root, monkeypatch):
-    from flows.batch import batch_flow
-    from tasks.schemas import BatchRequest
+    from recast.flows.batch import batch_flow
+    from recast.tasks.schemas.requests import BatchRequest
 
     monkeypatch.setenv("RECAST_HANDOFF__MODE", "none")
     incoming = storage.join(memory_root, "incoming")
@@ -155,8 +156,8 @@ def test_batch_edits_new_photos_once(astronaut, second_photo, memory_root, monke
 
 
 def test_remote_runs_read_only_under_the_configured_roots(astronaut, memory_root, monkeypatch):
-    from flows import edit as edit_module
-    from tasks.errors import BadInput
+    from recast.flows import edit as edit_module
+    from recast.tasks.errors import BadInput
 
     monkeypatch.setattr(edit_module, "started_remotely", lambda: True)
     inside = storage.join(memory_root, "uploads", "me.png")

@@ -8,8 +8,8 @@ import json
 import pytest
 from PIL import Image, ImageOps
 
-from flows.cli import main
-from tasks import identity
+from recast.flows.cli import main
+from recast.tasks import identity
 
 FACES = "tests/data/faces"
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks import pipelines, storage
-from tasks.edit import edit_image
-from tasks.schemas import EditJob, ResolvedLora
-from tasks.settings import get_settings
+from recast.tasks import storage
+from recast.tasks.models import loading, lora, tiny
+from recast.tasks.edit import edit_image
+from recast.tasks.schemas.jobs import EditJob, ResolvedLora
+from recast.tasks.settings import get_settings
 
 
 def make_lora(folder, seed: int, rank: int = 4, targets=("to_q", "to_k", "to_v", "to_out.0")) -> str:
@@ -17,7 +18,7 @@ def make_lora(folder, seed: int, rank: int = 4, targets=("to_q", "to_k", "to_v",
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    transformer = QwenImageTransformer2DModel.from_pretrained(str(pipelines.ensure_tiny_edit_model()),
+    transformer = QwenImageTransformer2DModel.from_pretrained(str(tiny.ensure("tiny")),
                                                               subfolder="transformer")
     torch.manual_seed(seed)
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
@@ -36,10 +37,9 @@ def lora_files(tmp_path_factory):
 
 
 def resolved(path: str, weight: float = 1.0) -> ResolvedLora:
-    from flows.edit import resolve_lora
-    from tasks.schemas import LoraRef
+    from recast.tasks.schemas.requests import LoraRef
 
-    return resolve_lora("loras[0].source", LoraRef(source=path, weight=weight))
+    return lora.check_lora_file("loras[0].source", LoraRef(source=path, weight=weight))
 
 
 @pytest.fixture
@@ -63,16 +63,16 @@ def test_lora_changes_output_and_weight_zero_or_unloading_restores_it(run, lora_
 
 
 def test_switching_adapters_between_requests_does_not_reload(run, lora_files):
-    loaded, _ = pipelines.get_pipeline("edit", get_settings().get_profile("tiny"))
+    loaded, _ = loading.get_pipeline("edit", get_settings().get_profile("tiny"))
     cold = loaded.cold_start_s
     a, b = resolved(lora_files[0]), resolved(lora_files[1])
     out_a = run("a", [a])
     out_b = run("b", [b])
     assert out_a != out_b, "two different LoRAs must give different outputs"
     assert run("a-again", [a]) == out_a, "switching back must reproduce the first adapter's output"
-    again, hit = pipelines.get_pipeline("edit", get_settings().get_profile("tiny"))
+    again, hit = loading.get_pipeline("edit", get_settings().get_profile("tiny"))
     assert hit and again is loaded and again.cold_start_s == cold, "switching adapters reloaded the pipeline"
-    assert {a.name, b.name} <= loaded.adapters
+    assert {a.name, b.name} <= set(loaded.adapters)
 
 
 def test_manifest_records_the_adapter(lora_files):
@@ -81,19 +81,18 @@ def test_manifest_records_the_adapter(lora_files):
 
 
 def test_malformed_lora_is_refused_before_running(tmp_path):
-    from flows.edit import resolve_lora
-    from tasks.errors import BadInput
-    from tasks.schemas import LoraRef
+    from recast.tasks.errors import BadInput
+    from recast.tasks.schemas.requests import LoraRef
 
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")
     with pytest.raises(BadInput, match="not a safetensors file"):
-        resolve_lora("loras[0].source", LoraRef(source=str(junk)))
+        lora.check_lora_file("loras[0].source", LoraRef(source=str(junk)))
     from safetensors.torch import save_file
 
     save_file({"weight": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(BadInput, match="no LoRA tensors"):
-        resolve_lora("loras[0].source", LoraRef(source=str(tmp_path / "model.safetensors")))
+        lora.check_lora_file("loras[0].source", LoraRef(source=str(tmp_path / "model.safetensors")))
 
 
 def test_mismatched_lora_fails_clearly_and_leaves_the_pipeline_as_it_was(run, tmp_path):
@@ -104,8 +103,8 @@ def test_mismatched_lora_fails_clearly_and_leaves_the_pipeline_as_it_was(run, tm
     bad = tmp_path / "mismatch.safetensors"
     save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, 999),
                "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(48, 4)}, str(bad))
-    with pytest.raises(pipelines.BadLora, match="does not fit"):
+    with pytest.raises(lora.BadLora, match="does not fit"):
         run("bad", [resolved(str(bad))])
-    loaded, _ = pipelines.get_pipeline("edit", get_settings().get_profile("tiny"))
-    assert resolved(str(bad)).name not in loaded.pipe.get_list_adapters().get("transformer", [])
+    loaded, _ = loading.get_pipeline("edit", get_settings().get_profile("tiny"))
+    assert resolved(str(bad)).name not in loaded.adapters
     assert run("base-after", []) == base, "a failed LoRA load must leave the pipeline as it was"

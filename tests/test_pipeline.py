@@ -6,10 +6,12 @@ import hashlib
 
 import pytest
 
-from tasks import pipelines, storage
-from tasks.edit import edit_image
-from tasks.schemas import EditJob
-from tasks.settings import get_settings
+from recast.tasks import storage
+from recast.tasks.frames import output_size
+from recast.tasks.models import loading, tiny
+from recast.tasks.edit import edit_image
+from recast.tasks.schemas.jobs import EditJob
+from recast.tasks.settings import get_settings
 
 
 def _job(root: str, inputs: list[str], seed: int, name: str, **overrides) -> EditJob:
@@ -29,8 +31,8 @@ def staged_input(memory_root, astronaut):
 
 def test_tiny_model_is_loaded_from_a_saved_folder_with_2511_settings():
     profile = get_settings().get_profile("tiny")
-    loaded, _ = pipelines.get_pipeline("edit", profile)
-    folder = pipelines.ensure_tiny_edit_model()
+    loaded, _ = loading.get_pipeline("edit", profile)
+    folder = tiny.ensure("tiny")
     assert (folder / "model_index.json").exists(), "tiny model was not saved as a diffusers folder"
     assert loaded.source == str(folder), "tiny pipeline was not loaded from its saved folder"
     assert type(loaded.pipe).__name__ == "QwenImageEditPlusPipeline"
@@ -76,7 +78,7 @@ def test_cfg_off_changes_the_output(memory_root, staged_input):
 
 def test_output_size_keeps_aspect_and_multiples_of_16():
     for aspect, area in [(1.0, 128 * 128), (0.5625, 1024 * 1024), (16 / 9, 399360), (3 / 4, 6144)]:
-        w, h = pipelines.output_size(None, None, aspect, area)
+        w, h = output_size(None, None, aspect, area)
         assert w % 16 == 0 and h % 16 == 0, (aspect, area, w, h)
         assert abs(w / h - aspect) / aspect < 0.12, f"aspect {aspect} became {w}x{h}"
         assert abs(w * h - area) / area < 0.15, f"area {area} became {w}x{h}"

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from tasks import pipelines, precision
-from tasks.settings import load_settings
+from recast.tasks.models import kernels, precision
+from recast.tasks.settings import load_settings
 
 
 @pytest.mark.parametrize("scheme,bound", [("fp8", 0.06), ("int4", 0.12)])
@@ -31,12 +31,12 @@ def test_quantize_linears_replaces_only_eligible_layers():
 def test_real_rotary_matches_diffusers_complex_rotary():
     import diffusers.models.transformers.transformer_qwenimage as qwen
 
-    original = pipelines._ORIGINAL_ROTARY[0] if pipelines._ORIGINAL_ROTARY else qwen.apply_rotary_emb_qwen
+    original = qwen.apply_rotary_emb_qwen  # diffusers' own: recast never replaces it
     torch.manual_seed(0)
     x = torch.randn(2, 40, 3, 16, dtype=torch.bfloat16)
     freqs = torch.polar(torch.ones(40, 8), torch.randn(40, 8))
     expected = original(x, freqs, use_real=False)
-    got = pipelines._rotary_real(x, freqs, use_real=False)
+    got = kernels.rotary_real(x, freqs, use_real=False)
     assert got.dtype == expected.dtype and got.shape == expected.shape
     assert torch.allclose(got.float(), expected.float(), atol=1e-2, rtol=0), "real RoPE differs from diffusers'"
 
@@ -57,8 +57,8 @@ def test_real_rotary_accepts_real_pairs_from_the_pos_embed_hook():
     torch.manual_seed(1)
     x = torch.randn(1, 24, 2, 16)
     freqs = torch.polar(torch.ones(24, 8), torch.randn(24, 8))
-    from_complex = pipelines._rotary_real(x, freqs, use_real=False)
-    from_pairs = pipelines._rotary_real(x, torch.view_as_real(freqs), use_real=False)
+    from_complex = kernels.rotary_real(x, freqs, use_real=False)
+    from_pairs = kernels.rotary_real(x, torch.view_as_real(freqs), use_real=False)
     assert torch.equal(from_complex, from_pairs), "complex and real-pair frequencies must give the same RoPE"
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from flows.cli import main
-from tasks import prompts
-from tasks.errors import BadInput
+from recast.flows.cli import main
+from recast.tasks import prompts
+from recast.tasks.errors import BadInput
 
 GOOD = ("James Bond 007, wearing a tuxedo with bow tie, holding a martini glass, casino background, "
         "cinematic lighting, spy thriller aesthetic")

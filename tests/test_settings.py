@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from tasks.settings import load_settings
+from recast.tasks.settings import load_settings
 
 
 def test_defaults_pin_the_real_model_and_the_origin_recipe():
@@ -57,7 +57,7 @@ def test_gpu_profile_on_a_cpu_machine_says_so(tmp_path, astronaut, capsys):
 
     if torch.cuda.is_available():
         return
-    from flows.cli import main
+    from recast.flows.cli import main
 
     code = main(["edit", str(astronaut), "--prompt", "x", "--profile", "bf16", "--storage", str(tmp_path / "s")])
     err = capsys.readouterr().err

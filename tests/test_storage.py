@@ -7,8 +7,8 @@ import os
 import fsspec
 import pytest
 
-from tasks import storage
-from tasks.errors import BadInput
+from recast.tasks import storage
+from recast.tasks.errors import BadInput
 
 
 @pytest.fixture(params=["memory", "file"])

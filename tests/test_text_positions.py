@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks import pipelines
-from tasks.settings import get_settings
+from recast.tasks.models import loading
+from recast.tasks.settings import get_settings
 
 
 @pytest.fixture
 def pipe():
-    loaded, _ = pipelines.get_pipeline("edit", get_settings().get_profile("tiny"))
+    loaded, _ = loading.get_pipeline("edit", get_settings().get_profile("tiny"))
     return loaded.pipe
 
 

@@ -9,10 +9,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from flows.cli import main
-from tasks import storage
-from tasks.animate import animate_clip
-from tasks.schemas import AnimateJob
+from recast.flows.cli import main
+from recast.tasks import storage
+from recast.tasks.animate import animate_clip
+from recast.tasks.schemas.jobs import AnimateJob
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

@@ -143,10 +143,10 @@ def test_killed_worker_is_replaced_and_the_run_completes_with_each_edit_once(ser
 
 
 def test_a_worker_refuses_jobs_from_other_code(memory_root, astronaut):
-    from tasks import storage
-    from tasks.edit import edit_image
-    from tasks.schemas import EditJob
-    from tasks.version import VersionMismatch
+    from recast.tasks import storage
+    from recast.tasks.edit import edit_image
+    from recast.tasks.schemas.jobs import EditJob
+    from recast.tasks.version import VersionMismatch
 
     uri = storage.join(memory_root, "in.png")
     storage.write_bytes(uri, astronaut.read_bytes())

@@ -1,4 +1,4 @@
-"""Memory helpers for the GPU profiles: lower-precision linear layers, and an embedding kept in host RAM.
+"""Precision and placement for the GPU profiles: lower-precision linears, host-RAM embeddings, streamed blocks.
 
 Lower-precision linear layers: FP8 (weights and activations) and INT4 (weights only).
 
@@ -93,6 +93,27 @@ def quantize_linears(root: nn.Module, scheme: str, include: Callable[[str, nn.Li
 def quantizable(layer: nn.Linear) -> bool:
     """FP8 GEMMs need both dimensions to be multiples of 16 (so do INT4's groups of 16-64 inputs)."""
     return layer.in_features % 16 == 0 and layer.out_features % 16 == 0
+
+
+def quantize_blocks(blocks: list[nn.Module], scheme: str, device: torch.device) -> int:
+    """Move each block to `device` and quantize its eligible linears there, one block at a time, so the
+    high-precision copy of a model never sits whole on the GPU. Returns how many layers were quantized."""
+    count = 0
+    for block in blocks:
+        block.to(device)
+        count += quantize_linears(block, scheme, lambda name, linear: quantizable(linear))
+    return count
+
+
+def stream_blocks(parts: list[nn.Module], device: torch.device) -> None:
+    """Keep `parts` in (pinned) CPU RAM and stream them to `device` a block at a time on a side CUDA stream,
+    overlapped with compute (diffusers group offloading)."""
+    from diffusers.hooks import apply_group_offloading
+
+    for part in parts:
+        part.to("cpu")
+        apply_group_offloading(part, onload_device=device, offload_device=torch.device("cpu"),
+                               offload_type="block_level", num_blocks_per_group=1, use_stream=True)
 
 
 class HostEmbedding(nn.Module):

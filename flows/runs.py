@@ -1,0 +1,89 @@
+"""What the flows share: run ids, where a run may read, what a manifest records, and plans made once.
+
+Every flow imports this module; no flow imports another flow's module unless it runs that flow (the edit flow
+runs the animate flow inline; the batch flow runs the edit flow).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from datetime import datetime, timezone
+from importlib import metadata
+
+from recast.tasks import storage
+from recast.tasks.errors import BadInput
+
+
+def first_set(*values):
+    """Request value, else profile default, else global default."""
+    return next(v for v in values if v is not None)
+
+
+def slug(text: str, length: int = 32) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length].rstrip("-") or "edit"
+
+
+def theme(prompt: str) -> str:
+    """The first clause of a prompt: 'James Bond 007' for the origin's results table."""
+    return prompt.split(",")[0].strip()[:40]
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def timestamp(moment: datetime | None = None) -> str:
+    return (moment or now()).isoformat(timespec="milliseconds")
+
+
+def new_run_id(moment: datetime) -> str:
+    return f"{moment:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def started_remotely() -> bool:
+    """A run started from a deployment (the UI, a schedule, the API), not by a local user's CLI."""
+    from prefect.runtime import deployment
+
+    return deployment.id is not None
+
+
+def check_inputs_allowed(uris: list[str], roots: list[str], field: str = "images") -> None:
+    """UI and scheduled runs read only under the configured roots: no arbitrary local files, no other hosts."""
+    for index, uri in enumerate(uris):
+        name = f"{field}[{index}]" if len(uris) > 1 or field == "images" else field
+        storage.check_scheme(name, uri)
+        if not storage.is_under(uri, roots):
+            raise BadInput(name, uri, "runs started from the UI or a schedule may only read "
+                           "under the configured storage roots",
+                           f"upload it under {storage.redact(roots[0])}, or add its root to allowed_input_roots")
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in ("recast", "diffusers", "transformers", "torch", "prefect"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "unknown"
+    return found
+
+
+def flow_run_info() -> dict:
+    from prefect.runtime import flow_run
+
+    return {"flow_run_id": str(flow_run.id) if flow_run.id else None, "flow_run_name": flow_run.name}
+
+
+# A plan (inputs read and verified, LoRAs hashed, seeds drawn) made by the CLI before Prefect starts, kept so the
+# flow that runs it in this process does not read and decode everything a second time.
+_PLANS: dict[tuple[str, str], object] = {}
+
+
+def remember_plan(kind: str, request, plan) -> None:
+    _PLANS[(kind, request.model_dump_json())] = plan
+
+
+def take_plan(kind: str, request):
+    """The plan remembered for this exact request in this process, once; None when there is none."""
+    return _PLANS.pop((kind, request.model_dump_json()), None)

@@ -1,0 +1,179 @@
+"""The edit recipe: Qwen-Image-Edit-2511 through diffusers' QwenImageEditPlusPipeline.
+
+    load      from_pretrained (the tiny folder or the real model), then `prepare`
+    prepare   the profile's recipe on a loaded pipeline, in order:
+              1. correctness: forward mm_token_type_ids to Qwen2.5-VL; drop the unused LM head
+              2. few-step distillation: fuse the Lightning LoRA into the bf16 weights
+              3. precision and placement, block by block (FP8 / INT4 linears; text encoder resident or streamed)
+              4. LoRA branches for per-request adapters (before compiling, so compiled blocks hold them)
+              5. kernels: attention backend, real-valued RoPE, regional torch.compile
+    warm_up   small edits at two aspect ratios, so compilation happens before the first request
+    run_edit  one edit: a fresh seeded generator, the profile's VAE input area, the request's adapters
+
+`benchmarks/gpu_edit.py` calls `prepare`, `warm_up` and `run_edit` on full-size random weights, so what is
+measured is what serves.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+import types
+
+from recast.tasks.models import kernels, lora, precision
+from recast.tasks.models.loading import LoadedPipeline, torch_dtype
+from recast.tasks.schemas.settings import ModelProfile
+
+log = logging.getLogger("recast.models")
+
+
+def load(profile: ModelProfile, source: str):
+    import diffusers
+    import transformers
+    from diffusers import QwenImageEditPlusPipeline
+
+    # Per-shard loading bars are noise in a worker log; the load time is logged instead.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    # The same call for the tiny folder and the real hub model (revision is ignored for a folder). Weights land
+    # in CPU RAM; `prepare` places them (quantizing block by block on the GPU, so a card smaller than the bf16
+    # model still loads it).
+    pipe = QwenImageEditPlusPipeline.from_pretrained(source, revision=profile.revision, dtype=torch_dtype(profile.dtype))
+    prepare(pipe, profile)
+    return pipe
+
+
+def prepare(pipe, profile: ModelProfile) -> dict:
+    """Apply a profile's recipe to a loaded pipeline; returns the decisions it took (for the benchmark)."""
+    import torch
+
+    pipe.set_progress_bar_config(disable=True)
+    device = torch.device(profile.device)
+    decisions: dict = {}
+    # 1. Correctness
+    forward_mm_token_type_ids(pipe.text_encoder)
+    # The pipeline reads hidden states only; the 152k-word LM head (1.1 GB in bf16) is never used.
+    pipe.text_encoder.lm_head = torch.nn.Identity()
+    # 2. Few-step distillation: fused into the bf16 weights before any quantization.
+    if profile.lightning is not None:
+        lora.fuse_lora(pipe, profile.lightning, adapter_name="lightning")
+    if profile.scheduler:
+        pipe.scheduler = type(pipe.scheduler).from_config({**pipe.scheduler.config, **profile.scheduler})
+    # 3. Precision and placement
+    if profile.quantize != "none":
+        blocks = list(pipe.transformer.transformer_blocks)
+        if profile.quantize_text_encoder:
+            blocks += list(pipe.text_encoder.model.language_model.layers)
+        decisions["quantized_linears"] = precision.quantize_blocks(blocks, profile.quantize, device)
+    for name in ("transformer", "vae"):
+        getattr(pipe, name).to(device)
+    if profile.offload_text_encoder and device.type == "cuda":
+        language_model = pipe.text_encoder.model.language_model
+        # The 1 GB token-embedding table stays in RAM: a lookup of ~1k rows there is cheaper than moving it.
+        language_model.embed_tokens = precision.HostEmbedding(language_model.embed_tokens)
+        # Two block stacks, streamed a block at a time: at the top level the whole encoder would be one group.
+        precision.stream_blocks([language_model, pipe.text_encoder.model.visual], device)
+    else:
+        pipe.text_encoder.to(device)
+    # 4. Per-request LoRA branches
+    lora.install_branches(pipe.transformer)
+    # 5. Kernels (the RoPE processors first: the attention backend is set on the processors in place)
+    if profile.compile:
+        kernels.use_real_rotary(pipe.transformer)
+    if profile.attention_backend:
+        decisions["attention_backend"] = kernels.use_attention_backend(pipe.transformer, profile.attention_backend,
+                                                                       device)
+    if profile.compile:
+        # Regional compilation: the 60 identical blocks compile once; dynamic shapes because prompt lengths
+        # (and so sequence lengths) differ between cond, uncond and requests.
+        pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    return decisions
+
+
+def forward_mm_token_type_ids(text_encoder) -> None:
+    """Give Qwen2.5-VL the `mm_token_type_ids` diffusers 0.42.1 does not pass.
+
+    Without them transformers 5.x cannot compute the 3-D (temporal, height, width) rotary positions of the
+    image tokens and silently falls back to sequential positions, which changes every edit made with real
+    weights (diffusers issue 14194). The ids are derived from input_ids exactly as the processor derives them:
+    1 for image tokens, 2 for video tokens, 0 for text. A forward pre-hook on this one module.
+    """
+    if getattr(text_encoder, "_recast_mm_token_types", False):
+        return
+    config = text_encoder.config
+    image_id, video_id = config.image_token_id, config.video_token_id
+
+    def add_token_types(module, args, kwargs):
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None or kwargs.get("mm_token_type_ids") is not None:
+            return None
+        if kwargs.get("image_grid_thw") is None and kwargs.get("video_grid_thw") is None:
+            return None
+        types_ = (input_ids == image_id).int() + 2 * (input_ids == video_id).int()
+        return args, {**kwargs, "mm_token_type_ids": types_}
+
+    text_encoder.register_forward_pre_hook(add_token_types, with_kwargs=True)
+    text_encoder._recast_mm_token_types = True
+
+
+@functools.lru_cache(maxsize=None)
+def _call_with_vae_area(pipeline_class: type, area: int):
+    """The pipeline's own __call__ code, run with its module constant VAE_IMAGE_SIZE rebound to `area`.
+
+    diffusers resizes every input to VAE_IMAGE_SIZE pixels for the VAE, a module constant with no parameter.
+    Rather than changing the constant for the whole process, this builds a copy of the function whose globals
+    differ in that one name: nothing outside the call sees it, and no lock is needed.
+    """
+    original = inspect.unwrap(pipeline_class.__call__)
+    scoped = types.FunctionType(original.__code__, {**original.__globals__, "VAE_IMAGE_SIZE": area},
+                                original.__name__, original.__defaults__, original.__closure__)
+    scoped.__kwdefaults__ = original.__kwdefaults__
+    return scoped
+
+
+def run_edit(loaded: LoadedPipeline, profile: ModelProfile, images: list, *, prompt: str, negative_prompt: str,
+             seed: int, steps: int, true_cfg_scale: float, width: int, height: int, loras: list = ()):
+    """One edit on the loaded pipeline: a fresh generator seeded per edit, PIL image out."""
+    import torch
+
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    call = _call_with_vae_area(type(loaded.pipe), profile.vae_image_area)
+    with loaded.call_lock, torch.inference_mode():
+        lora.use_loras(loaded, list(loras))
+        loaded.calls += 1
+        result = call(
+            loaded.pipe,
+            image=images,
+            prompt=prompt,
+            # CFG needs a negative prompt; diffusers treats " " as one, "" as none.
+            negative_prompt=negative_prompt or " ",
+            true_cfg_scale=true_cfg_scale,
+            num_inference_steps=steps,
+            width=width,
+            height=height,
+            generator=generator,
+        )
+    return result.images[0]
+
+
+def warm_up(loaded: LoadedPipeline, profile: ModelProfile) -> float:
+    """Run small edits so compilation and kernel selection happen before the first request."""
+    import time
+
+    from PIL import Image
+
+    from recast.tasks.frames import output_size
+
+    if not profile.warmup:
+        return 0.0
+    started = time.perf_counter()
+    for aspect in (1.0, 0.75):  # two shapes: the compiled graph becomes shape-generic here, not later
+        width, height = output_size(None, None, aspect, profile.output_area)
+        image = Image.new("RGB", (width, height), (128, 128, 128))
+        run_edit(loaded, profile, [image], prompt="warm-up", negative_prompt=" ", seed=0, steps=2,
+                 true_cfg_scale=profile.true_cfg_scale or 4.0, width=width, height=height)
+    return time.perf_counter() - started

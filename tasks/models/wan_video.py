@@ -1,0 +1,149 @@
+"""The video recipe: Wan image-to-video through diffusers' WanImageToVideoPipeline (Wan 2.2 A14B: two experts).
+
+    load      from_pretrained (the tiny folder or the real model), then `prepare`
+    prepare   the profile's recipe on a loaded pipeline, in order:
+              1. few-step distillation: fuse the Lightning LoRA pair (one per expert) into the bf16 weights
+              2. scheduler: the profile's (Lightning: Euler, shift 5, its exact four timesteps)
+              3. precision: FP8 linears in both experts' blocks and the UMT5 encoder, block by block on the GPU;
+                 UMT5's 2 GB token table stays in host RAM
+              4. placement: everything resident, or (`offload: stream`) every block kept in pinned RAM and
+                 streamed to the card a block at a time on a side stream, overlapped with compute
+              5. kernels: each expert's 40 identical blocks compiled once (regional torch.compile)
+    warm_up   one clip at the profile's size, so compilation happens before the first request
+    run_video one clip: uint8 frames (num_frames, height, width, 3)
+
+`benchmarks/gpu_video.py` calls `prepare`, `warm_up` and `run_video` on full-size random weights, so what is
+measured is what serves.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+from recast.tasks.models import lora, precision
+from recast.tasks.models.loading import LoadedPipeline, torch_dtype
+from recast.tasks.schemas.settings import VideoProfile
+
+log = logging.getLogger("recast.models")
+
+EXPERTS = ("transformer", "transformer_2")
+
+
+def load(profile: VideoProfile, source: str):
+    import diffusers
+    from diffusers import WanImageToVideoPipeline
+
+    diffusers.utils.logging.disable_progress_bar()
+    pipe = WanImageToVideoPipeline.from_pretrained(source, revision=profile.revision, dtype=torch_dtype(profile.dtype))
+    prepare(pipe, profile)
+    return pipe
+
+
+def experts(pipe) -> list:
+    return [getattr(pipe, name) for name in EXPERTS if getattr(pipe, name, None) is not None]
+
+
+def prepare(pipe, profile: VideoProfile) -> dict:
+    """Apply a profile's recipe to a loaded pipeline; returns the decisions it took (for the benchmark)."""
+    import torch
+
+    pipe.set_progress_bar_config(disable=True)
+    device = torch.device(profile.device)
+    decisions: dict = {}
+    # 1. Few-step distillation, fused before any quantization (FP8 on top of an unfused LoRA shows artifacts).
+    for spec, component in ((profile.lightning, "transformer"), (profile.lightning_2, "transformer_2")):
+        if spec is not None:
+            lora.fuse_lora(pipe, spec, adapter_name=f"lightning-{component}", component=component)
+    # 2. Scheduler
+    if profile.scheduler is not None:
+        pipe.scheduler = make_scheduler(profile.scheduler, pipe.scheduler)
+    # 3. Precision
+    text_encoder = pipe.text_encoder
+    if profile.quantize != "none":
+        blocks = [block for expert in experts(pipe) for block in expert.blocks]
+        if profile.quantize_text_encoder:
+            blocks += list(text_encoder.encoder.block)
+        decisions["quantized_linears"] = precision.quantize_blocks(blocks, profile.quantize, device)
+    if device.type == "cuda":
+        # UMT5's 256k x 4096 token table (2 GiB in bf16) serves one lookup of <= 512 rows per clip.
+        table = precision.HostEmbedding(text_encoder.encoder.embed_tokens)
+        text_encoder.shared = text_encoder.encoder.embed_tokens = table
+    # 4. Placement
+    if profile.offload == "stream" and device.type == "cuda":
+        precision.stream_blocks([*experts(pipe), text_encoder], device)
+        for name in ("vae", "image_encoder"):
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).to(device)
+    else:
+        pipe.to(device)
+    # 5. Kernels
+    if profile.compile:
+        for expert in experts(pipe):
+            expert.compile_repeated_blocks(fullgraph=True)
+    return decisions
+
+
+def make_scheduler(spec: dict, current):
+    """The scheduler a profile names: {type: euler|unipc, shift, sigmas}; explicit sigmas fix the schedule."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    kind, shift, sigmas = spec.get("type", "unipc"), spec.get("shift"), spec.get("sigmas")
+    if kind == "euler":
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift or 1.0)
+    else:
+        config = dict(current.config, **({"flow_shift": shift} if shift is not None else {}))
+        scheduler = UniPCMultistepScheduler.from_config(config)
+    if sigmas:
+        use_fixed_sigmas(scheduler, sigmas)
+    return scheduler
+
+
+def use_fixed_sigmas(scheduler, sigmas: list[float]) -> None:
+    """Make this scheduler always run `sigmas` (before its shift): the pipeline asks it for N steps with no way
+    to pass sigmas, and a distilled recipe is only right on the exact timesteps it was trained on."""
+    original = scheduler.set_timesteps
+
+    @functools.wraps(original)
+    def set_timesteps(num_inference_steps=None, device=None, **kwargs):
+        if num_inference_steps not in (None, len(sigmas)):
+            raise ValueError(f"this profile runs exactly {len(sigmas)} steps (its distilled schedule), "
+                             f"not {num_inference_steps}")
+        return original(device=device, sigmas=list(sigmas))
+
+    scheduler.set_timesteps = set_timesteps
+
+
+def run_video(loaded: LoadedPipeline, image, *, prompt: str, negative_prompt: str, seed: int, steps: int,
+              guidance_scale: float, num_frames: int, width: int, height: int, max_sequence_length: int):
+    """One clip: uint8 frames of shape (num_frames, height, width, 3)."""
+    import numpy as np
+    import torch
+
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with loaded.call_lock, torch.inference_mode():
+        loaded.calls += 1
+        frames = loaded.pipe(image=image, prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+                             num_frames=num_frames, num_inference_steps=steps, guidance_scale=guidance_scale,
+                             max_sequence_length=max_sequence_length, generator=generator,
+                             output_type="np").frames[0]
+    return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def warm_up(loaded: LoadedPipeline, profile: VideoProfile) -> float:
+    """One clip at the profile's size and frame count (both experts run), before the first request."""
+    import time
+
+    from PIL import Image
+
+    from recast.tasks.frames import output_size
+
+    if not profile.warmup:
+        return 0.0
+    started = time.perf_counter()
+    width, height = output_size(None, None, 832 / 480, profile.area)
+    steps = len((profile.scheduler or {}).get("sigmas") or []) or 2
+    run_video(loaded, Image.new("RGB", (width, height), (128, 128, 128)), prompt="warm-up", negative_prompt="",
+              seed=0, steps=steps, guidance_scale=profile.guidance_scale or 1.0, num_frames=81, width=width,
+              height=height, max_sequence_length=profile.max_sequence_length)
+    return time.perf_counter() - started

@@ -1,0 +1,78 @@
+"""Jobs and results: what travels between a flow and its tasks (through Prefect's result storage when task
+workers run them). URIs and numbers only, never image bytes."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from recast.tasks.schemas.fields import MAX_INPUT_IMAGES, Seed, Strict
+
+
+class ResolvedLora(Strict):
+    name: str = Field(description="Adapter name in the pipeline (from the file's hash).")
+    source: str = Field(description="Where the user's file is (redacted URI).")
+    weight: float
+    sha256: str
+
+
+class EditJob(Strict):
+    """One (prompt, seed) edit, fully resolved: what the edit task needs and nothing more."""
+
+    edit_id: str
+    profile: str
+    inputs: list[str] = Field(min_length=1, max_length=MAX_INPUT_IMAGES)
+    prompt: str
+    negative_prompt: str
+    seed: Seed
+    steps: int = Field(ge=1, le=100)
+    true_cfg_scale: float = Field(ge=1.0)
+    width: int = Field(ge=16)
+    height: int = Field(ge=16)
+    output: str = Field(description="URI the PNG is written to.")
+    loras: list[ResolvedLora] = Field(default_factory=list)
+    score_identity: bool = True
+    code_version: str | None = Field(None, description="The submitting flow's code version (workers check it).")
+
+
+class AnimateJob(Strict):
+    clip_id: str
+    video_profile: str
+    frame: str = Field(description="URI of the source frame.")
+    prompt: str
+    negative_prompt: str
+    seed: Seed
+    steps: int = Field(ge=1, le=100)
+    guidance_scale: float = Field(ge=1.0)
+    num_frames: int = Field(ge=5)
+    fps: int = Field(ge=1)
+    width: int = Field(ge=16, multiple_of=16)
+    height: int = Field(ge=16, multiple_of=16)
+    output: str = Field(description="URI of the mp4.")
+    last_frame: str = Field(description="URI of the PNG of the clip's final frame.")
+    code_version: str | None = Field(None, description="The submitting flow's code version (workers check it).")
+
+
+class ClipResult(Strict):
+    clip_id: str
+    output: str
+    last_frame: str
+    seed: int
+    num_frames: int
+    fps: int
+    width: int
+    height: int
+    seconds: float
+    cache_hit: bool
+    cold_start_s: float
+
+
+class EditResult(Strict):
+    edit_id: str
+    output: str
+    seed: int
+    width: int
+    height: int
+    seconds: float
+    cache_hit: bool
+    cold_start_s: float
+    identity: dict | None = None

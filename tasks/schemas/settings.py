@@ -1,0 +1,150 @@
+"""Settings: what configs/*.yaml and the RECAST_* environment may say (loaded by recast.tasks.settings)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from recast.tasks.schemas.fields import FrameCount, Strict
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class LoraSpec(Strict):
+    source: str = Field(description="Hub repo id, local .safetensors file, or fsspec URI of a diffusers-format LoRA.")
+    weight_name: str | None = Field(None, description="File inside a hub repo.")
+    revision: str | None = Field(None, description="Pinned hub revision of the repo.")
+    weight: float = Field(1.0, ge=-4.0, le=4.0, description="Adapter strength.")
+
+
+class ModelProfile(Strict):
+    """An edit model profile (configs/profiles.yaml)."""
+
+    name: str = Field(description="Profile name, as used by --profile.")
+    description: str = Field("", description="What this profile is for.")
+    model_id: str = Field(description="Hub id, local folder, or 'tiny' (random weights built locally) of the edit model.")
+    revision: str | None = Field(None, description="Pinned hub revision (commit hash) of model_id.")
+    dtype: Dtype = Field(description="torch dtype the pipeline runs in.")
+    device: str = Field(description="torch device: cpu, cuda, cuda:1, ...")
+    output_area: int = Field(ge=64 * 64, le=4096 * 4096, description="Output pixels when width/height are unset.")
+    vae_image_area: int = Field(ge=64 * 64, le=4096 * 4096, description="Pixels each input is resized to for the VAE.")
+    handoff_area: int = Field(ge=32 * 32, le=1920 * 1088, description="Pixels of the frame handed to video.")
+    usd_per_gpu_hour: float | None = Field(None, ge=0, description="Overrides the global GPU price.")
+    memory_gib: float | None = Field(None, ge=0, description="Peak device memory this profile needs (measured; "
+                                     "the memory policy makes room for it).")
+    # Defaults this profile imposes on requests that leave them unset (e.g. Lightning: 4 steps, CFG off).
+    steps: int | None = Field(None, ge=1, le=100, description="Default steps for this profile.")
+    true_cfg_scale: float | None = Field(None, ge=1.0, le=20.0, description="Default CFG for this profile.")
+    # Speed and memory (see docs/PERFORMANCE.md).
+    attention_backend: str | None = Field(None, description="diffusers attention backend, e.g. _native_cudnn.")
+    compile: bool = Field(False, description="torch.compile the transformer's repeated blocks.")
+    quantize: Literal["none", "fp8", "int4"] = Field("none", description="Transformer block linears precision.")
+    quantize_text_encoder: bool = Field(False, description="Apply `quantize` to the text encoder's LLM too.")
+    offload_text_encoder: bool = Field(False, description="Keep the text encoder in CPU RAM, stream it per call.")
+    lightning: LoraSpec | None = Field(None, description="Few-step distillation LoRA fused at load.")
+    scheduler: dict | None = Field(None, description="Scheduler config overrides (the Lightning LoRA needs its own).")
+    warmup: bool = Field(False, description="Run (and compile) a few edits at load, before taking work.")
+
+
+class VideoProfile(Strict):
+    """An image-to-video profile (configs/video_profiles.yaml)."""
+
+    name: str = Field(description="Video profile name, as used by --video-profile.")
+    description: str = ""
+    model_id: str = Field(description="Hub id, local folder, or tiny-wan22 / tiny-wan21 (built locally).")
+    revision: str | None = Field(None, description="Pinned hub revision (commit hash).")
+    dtype: Dtype
+    device: str
+    area: int = Field(ge=16 * 16, le=1920 * 1088, description="Frame pixels when no size is given (480p: 832x480).")
+    steps: int | None = Field(None, ge=1, le=100, description="Default steps for this profile.")
+    guidance_scale: float | None = Field(None, ge=1.0, le=20.0, description="Default CFG for this profile.")
+    max_sequence_length: int = Field(512, ge=16, le=512, description="Text tokens for the UMT5 encoder.")
+    usd_per_gpu_hour: float | None = Field(None, ge=0)
+    memory_gib: float | None = Field(None, ge=0, description="Peak device memory this profile needs (measured).")
+    # The recipe (see docs/PERFORMANCE.md).
+    quantize: Literal["none", "fp8"] = Field("none", description="Precision of both experts' block linears.")
+    quantize_text_encoder: bool = Field(False, description="Apply `quantize` to the UMT5 encoder too.")
+    offload: Literal["none", "stream"] = Field(
+        "none", description="stream: keep every block in pinned CPU RAM and stream it to the card as it runs.")
+    compile: bool = Field(False, description="torch.compile each expert's repeated blocks.")
+    warmup: bool = Field(False, description="Run (and compile) one clip at load, before taking work.")
+    lightning: LoraSpec | None = Field(None, description="Distillation LoRA fused into the (high-noise) expert.")
+    lightning_2: LoraSpec | None = Field(None, description="Distillation LoRA fused into the low-noise expert.")
+    scheduler: dict | None = Field(None, description="{type: euler|unipc, shift, sigmas}: explicit sigmas fix "
+                                   "the schedule (distilled recipes).")
+
+    @model_validator(mode="after")
+    def _fixed_schedule_fixes_steps(self) -> VideoProfile:
+        sigmas = (self.scheduler or {}).get("sigmas")
+        if sigmas and self.steps not in (None, len(sigmas)):
+            raise ValueError(f"steps={self.steps} but the scheduler's fixed sigmas give {len(sigmas)} steps")
+        return self
+
+
+class AnimateDefaults(Strict):
+    steps: int = Field(40, ge=1, le=100)
+    guidance_scale: float = Field(5.0, ge=1.0, le=20.0)
+    negative_prompt: str = ""
+
+
+class EditDefaults(Strict):
+    steps: int = Field(8, ge=1, le=100)
+    true_cfg_scale: float = Field(4.0, ge=1.0, le=20.0)
+    negative_prompt: str = " "
+
+
+class HandoffDefaults(Strict):
+    motion_prompt: str = Field(min_length=1)
+    num_frames: FrameCount = 81
+    fps: int = Field(16, ge=4, le=60)
+    mode: Literal["inline", "deployment", "none"] = Field(
+        "inline", description="inline: animate in the same process; deployment: trigger the animate "
+        "deployment (its own GPU pool); none: stop at handoff.json.")
+    deployment: str = Field("recast-animate/animate", description="Deployment run in 'deployment' mode.")
+    timeout_s: float = Field(3600, gt=0, description="How long the edit flow waits for a deployment run.")
+
+
+def _pick(field: str, name: str, known: dict):
+    from recast.tasks.errors import BadInput
+
+    if name not in known:
+        raise BadInput(field, name, "unknown profile", f"use one of: {', '.join(sorted(known))}")
+    return known[name]
+
+
+class Settings(Strict):
+    profile: str
+    video_profile: str
+    execution: Literal["local", "workers"] = Field(
+        "local", description="local: GPU tasks run in the flow's process; workers: on `recast worker` processes.")
+    worker_task_timeout_s: float = Field(1800, gt=0, description="How long a flow waits for one task's result.")
+    worker_resubmits: int = Field(2, ge=0, le=10, description="Resubmissions of a task run with no result.")
+    allowed_input_roots: list[str] = Field(
+        default_factory=list, description="Where runs triggered from the UI or a schedule may read inputs "
+        "(besides storage_root).")
+    storage_root: str
+    edit: EditDefaults
+    animate: AnimateDefaults
+    handoff: HandoffDefaults
+    usd_per_gpu_hour: float = Field(ge=0)
+    max_input_pixels: int = Field(ge=64 * 64)
+    device_memory_gib: dict[str, float] = Field(
+        default_factory=dict, description="Memory the policy may fill per device (e.g. {cuda: 70}); unset: what "
+        "the card reports free.")
+    profiles: dict[str, ModelProfile]
+    video_profiles: dict[str, VideoProfile]
+
+    @model_validator(mode="after")
+    def _known_profile(self) -> Settings:
+        if self.profile not in self.profiles:
+            raise ValueError(f"profile={self.profile!r} is not defined; known: {sorted(self.profiles)}")
+        if self.video_profile not in self.video_profiles:
+            raise ValueError(f"video_profile={self.video_profile!r} is not defined; known: {sorted(self.video_profiles)}")
+        return self
+
+    def get_profile(self, name: str | None) -> ModelProfile:
+        return _pick("profile", name or self.profile, self.profiles)
+
+    def get_video_profile(self, name: str | None) -> VideoProfile:
+        return _pick("video_profile", name or self.video_profile, self.video_profiles)
