@@ -11,21 +11,24 @@ so each profile starts from the same weights. Rows, all in one run on one card:
                         (the loader's recipe step), warm_up, and run_edit
 
 Each row: median s/image over --runs timed calls after warm-up, ratio to the baseline, peak GPU memory
-during the timed calls, and the relative L2 error of the output image against the baseline's (for
-`lightning`, against a bf16 run of the same 4-step recipe on the same fused weights).
+during the timed calls, and the PSNR of the output image against the baseline's on the same weights and seed
+(for `lightning`, against a bf16 run of the same 4-step recipe on the same fused weights). The baseline's
+image of another seed is scored against the same reference (`unrelated_psnr_db`), so a bound is seen to fail.
+With --check, each quantized profile also serves a per-request LoRA without reloading: the output must change
+with it and come back bit for bit without it.
 
-    python benchmarks/gpu_edit.py --out docs/performance.json           # the full table
-    python benchmarks/gpu_edit.py --check                               # GPU tests: runs, finite, bounded error
+With `--weights real` the pipeline is loaded from the Hugging Face cache (the pinned revision) instead of
+random weights, so a user with the weights reproduces the table on real images.
+
+    python benchmarks/gpu_edit.py --check --out docs/performance.json   # the table, GPU tests included
     python benchmarks/gpu_edit.py --tiny --device cpu                   # code-path check without a GPU
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -36,7 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recast.tasks.models import kernels, loading, qwen_edit
+import common
+from common import materialize_random, sync
+from recast.tasks.models import kernels, loading, lora, qwen_edit
 from recast.tasks.models.offline_tokenizers import build_qwen2_tokenizer, build_qwen2vl_processor, qwen2_token_ids
 from recast.tasks.settings import load_settings
 
@@ -72,35 +77,13 @@ TINY = dict(
                 fullatt_block_indexes=[1]),
 )
 PROMPT = "James Bond 007, wearing a tuxedo with bow tie, casino background, cinematic lighting"
-# The error each profile may show against bf16 on the same weights (GPU tests, --check).
-ERROR_BOUNDS = {"bf16": 1e-3, "bf16-fast": 0.05, "fp8": 0.20, "fp8-offload": 0.20, "int4": 0.30, "lightning": 0.20}
+# Minimum PSNR (dB) against the reference on the same weights and seed that --check enforces.
+PSNR_BOUNDS = {"bf16": 60.0, "bf16-fast": 35.0, "fp8": 28.0, "fp8-offload": 28.0, "int4": 26.0, "lightning": 28.0}
+LORA_CHECKED = ("fp8", "int4", "lightning")  # quantized profiles whose per-request LoRA --check exercises
 DEFAULT_PROFILES = "diffusers-baseline,bf16,bf16-fast,fp8,fp8-offload,int4,lightning"
 
 
-@torch.no_grad()
-def materialize_random(model: torch.nn.Module, device, dtype, seed: int) -> torch.nn.Module:
-    """meta parameters -> empty on `device` in `dtype` -> seeded random values; real buffers are kept."""
-    saved = {name: buf.detach().clone() for name, buf in model.named_buffers() if not buf.is_meta}
-    model.to(dtype=dtype)
-    model.to_empty(device=device)
-    modules = dict(model.named_modules())
-    for name, buf in saved.items():
-        owner, _, attr = name.rpartition(".")
-        modules[owner]._buffers[attr] = buf.to(device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    for module in model.modules():
-        is_norm = "norm" in type(module).__name__.lower()
-        for pname, param in module.named_parameters(recurse=False):
-            if is_norm and pname in ("weight", "gamma", "scale"):
-                param.fill_(1.0)
-            elif pname.endswith("bias") or param.ndim <= 1:
-                param.zero_()
-            else:
-                param.normal_(0.0, 0.02, generator=generator)
-    return model.eval().requires_grad_(False)
-
-
-def build_pipeline(tiny: bool, device: torch.device, dtype: torch.dtype, layers: int | None):
+def build_pipeline(tiny: bool, device: torch.device, dtype: torch.dtype, layers: int | None, rng_device=None):
     """QwenImageEditPlusPipeline with the 2511 architecture and seeded random weights, built on `device`."""
     from accelerate import init_empty_weights
     from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline,
@@ -122,9 +105,9 @@ def build_pipeline(tiny: bool, device: torch.device, dtype: torch.dtype, layers:
         transformer = QwenImageTransformer2DModel(**transformer_cfg)
         vae = AutoencoderKLQwenImage(**cfg["vae"])
         text_encoder = Qwen2_5_VLForConditionalGeneration(te_config)
-    materialize_random(transformer, device, dtype, seed=1)
-    materialize_random(vae, device, dtype, seed=2)
-    materialize_random(text_encoder, device, dtype, seed=3)
+    materialize_random(transformer, device, dtype, seed=1, rng_device=rng_device)
+    materialize_random(vae, device, dtype, seed=2, rng_device=rng_device)
+    materialize_random(text_encoder, device, dtype, seed=3, rng_device=rng_device)
     return QwenImageEditPlusPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FULL_SCHEDULER), vae=vae,
                                      text_encoder=text_encoder, tokenizer=tokenizer, processor=processor,
                                      transformer=transformer)
@@ -181,27 +164,8 @@ def component_split(pipe, call, device) -> dict:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in timings.items()}
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
-
-def rel_error(image, reference) -> float | None:
-    if reference is None:
-        return None
-    a, b = np.asarray(image, dtype=np.float64), np.asarray(reference, dtype=np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
-
-
-def free(device: torch.device) -> None:
-    loading.clear_cache()
-    torch._dynamo.reset()  # compiled graphs hold references to the last profile's modules
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def bench_profile(name, args, settings, device, dtype, image, references, lora_dir):
+def bench_profile(name, args, settings, device, dtype, image, references, lora_dir) -> dict:
     """Build fresh weights, apply the profile through recast's code, warm up, time. Returns a result row."""
     baseline = name == "diffusers-baseline"
     profile = settings.profiles["bf16" if baseline else name]
@@ -210,10 +174,10 @@ def bench_profile(name, args, settings, device, dtype, image, references, lora_d
     if args.tiny:  # CPU code-path check: no CUDA kernels, no compilation
         overrides.update(compile=False, attention_backend=None, warmup=False)
     build_started = time.perf_counter()
-    pipe = build_pipeline(args.tiny, device, dtype, args.layers)
-    if profile.lightning is not None:
-        lora = make_random_lora(pipe, lora_dir)
-        overrides["lightning"] = profile.lightning.model_copy(update=dict(source=str(lora), weight_name=None,
+    pipe = build(args, device, dtype)
+    if profile.lightning is not None and args.weights == "random":
+        fused = make_random_lora(pipe, lora_dir)
+        overrides["lightning"] = profile.lightning.model_copy(update=dict(source=str(fused), weight_name=None,
                                                                           revision=None))
     profile = profile.model_copy(update=overrides)
     steps = profile.steps or 8
@@ -225,9 +189,9 @@ def bench_profile(name, args, settings, device, dtype, image, references, lora_d
         pipe.set_progress_bar_config(disable=True)
         qwen_edit.forward_mm_token_type_ids(pipe.text_encoder)
 
-        def call():
+        def call(seed=42):
             return pipe(image=[image], prompt=PROMPT, negative_prompt=" ", num_inference_steps=8,
-                        true_cfg_scale=4.0, guidance_scale=1.0, generator=torch.Generator().manual_seed(42),
+                        true_cfg_scale=4.0, guidance_scale=1.0, generator=torch.Generator().manual_seed(seed),
                         width=args.res, height=args.res).images[0]
         warm = time.perf_counter()
         call()
@@ -240,75 +204,98 @@ def bench_profile(name, args, settings, device, dtype, image, references, lora_d
                                                    offload_text_encoder=False))
             qwen_edit.prepare(pipe, eager)
             ref_loaded = loading.install("edit", eager, pipe, "random")
-            references[recipe] = qwen_edit.run_edit(ref_loaded, eager, [image], prompt=PROMPT,
-                                                    negative_prompt=" ", seed=42, steps=steps, true_cfg_scale=cfg,
-                                                    width=args.res, height=args.res)
+            references[recipe] = qwen_edit.run_edit(ref_loaded, eager, [image], prompt=PROMPT, negative_prompt=" ",
+                                                    seed=42, steps=steps, true_cfg_scale=cfg, width=args.res,
+                                                    height=args.res)
             del pipe, ref_loaded
-            free(device)
-            pipe = build_pipeline(args.tiny, device, dtype, args.layers)
+            common.free(device)
+            pipe = build(args, device, dtype)
         decisions = qwen_edit.prepare(pipe, profile)
         loaded = loading.install("edit", profile, pipe, "random")
         warm = time.perf_counter()
-        if profile.warmup:
-            qwen_edit.warm_up(loaded, profile)
+        qwen_edit.warm_up(loaded, profile)
 
-        def call():
-            return qwen_edit.run_edit(loaded, profile, [image], prompt=PROMPT, negative_prompt=" ", seed=42,
-                                      steps=steps, true_cfg_scale=cfg, width=args.res, height=args.res)
+        def call(seed=42, loras=()):
+            return qwen_edit.run_edit(loaded, profile, [image], prompt=PROMPT, negative_prompt=" ", seed=seed,
+                                      steps=steps, true_cfg_scale=cfg, width=args.res, height=args.res, loras=loras)
         call()  # one more at the benchmark's own size
         warm_s = time.perf_counter() - warm
     ready_s = time.perf_counter() - build_started
 
-    sync(device)
-    resident = None
-    if device.type == "cuda":
-        gc.collect()
-        torch.cuda.reset_peak_memory_stats(device)
-        resident = round(torch.cuda.memory_allocated(device) / 2**30, 2)
+    resident = common.reset_peak(device)
     times, out = [], None
     for _ in range(args.runs):
-        sync(device)
-        started = time.perf_counter()
-        out = call()
-        sync(device)
-        times.append(time.perf_counter() - started)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        out, seconds = common.timed(call, device)
+        times.append(seconds)
+    peak = common.peak_gib(device)
     split = component_split(pipe, call, device)
+    extra: dict = {}
     if baseline:
         references["cfg8"] = out
+        extra["unrelated_psnr_db"] = common.psnr(call(seed=43), out)  # another seed: must fail every bound
+    elif args.check and name in LORA_CHECKED:
+        extra.update(lora_check(call, out, pipe.transformer, lora_dir, device))
     arr = np.asarray(out, dtype=np.float32)
-    row = dict(profile=name, card=card_name(device), seconds_per_image=round(statistics.median(times), 4),
-               runs=[round(t, 4) for t in times], peak_gib=None if peak is None else round(peak, 2),
-               rel_error=None if baseline else rel_error(out, references.get(recipe)),
-               steps=steps, true_cfg_scale=cfg, width=out.width, height=out.height,
+    seconds = round(statistics.median(times), 4)
+    row = dict(stage="edit", profile=name, card=common.card_name(device), gpus=1, seconds=seconds,
+               seconds_per_image=seconds, runs=[round(t, 4) for t in times], peak_gib=peak,
+               psnr_db=None if baseline else common.psnr(out, references.get(recipe)),
+               steps=steps, true_cfg_scale=cfg, width=out.width, height=out.height, num_frames=None,
                warmup_s=round(warm_s, 1), ready_s=round(ready_s, 1), finite=bool(np.isfinite(arr).all()),
                output_mean=round(float(arr.mean()), 2), output_std=round(float(arr.std()), 2),
-               resident_gib=resident, split_s=split, **decisions)
-    if row["rel_error"] is not None:
-        row["rel_error"] = round(row["rel_error"], 5)
+               resident_gib=resident, split_s=split, **decisions, **extra)
     call = pipe = None  # drop the last references before free()
     if not baseline:
         del loaded
-    free(device)
+    common.free(device)
     return row
 
 
-def write_rows(path: Path, meta: dict, rows: list[dict]) -> None:
-    """docs/performance.json: a list of rows, each carrying the run it came from."""
-    run = {k: meta[k] for k in ("date", "versions", "command", "layers", "attention_ms")}
-    path.write_text(json.dumps([dict(row, run=run) for row in rows], indent=2) + "\n")
+def lora_check(call, base_out, transformer, lora_dir: Path, device) -> dict:
+    """A per-request LoRA on the loaded (quantized, compiled) pipeline: it changes the output, and the next
+    request without it gets the base output back bit for bit. Nothing is reloaded."""
+    from recast.tasks.schemas.requests import LoraRef
+
+    from PIL import ImageChops
+
+    folder = lora_dir / "request"
+    if not (folder / "pytorch_lora_weights.safetensors").exists():
+        make_request_lora(folder, transformer)
+    resolved = lora.check_lora_file("loras[0].source", LoraRef(source=str(folder / "pytorch_lora_weights.safetensors")))
+    with_lora, first_s = common.timed(lambda: call(loras=[resolved]), device)
+    _, switch_s = common.timed(lambda: call(loras=[resolved]), device)
+    without = call()
+    return dict(lora_changes_output=ImageChops.difference(with_lora, base_out).getbbox() is not None,
+                lora_restores_base=ImageChops.difference(without, base_out).getbbox() is None,
+                lora_first_call_s=round(first_s, 2), lora_call_s=round(switch_s, 2))
 
 
-def card_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or 'cpu'})"
+def make_request_lora(folder: Path, transformer, rank: int = 8) -> None:
+    """A random rank-8 LoRA on the attention projections of the loaded transformer (a user's adapter), written in
+    the diffusers format straight from the layers' shapes (quantized layers keep in/out_features)."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(9)
+    state = {}
+    for name, module in transformer.named_modules():
+        if name.endswith(("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")):
+            # Scaled so the branch moves each layer's output by about half its input's size: a visible adapter.
+            down = torch.randn(rank, module.in_features, generator=generator) / module.in_features ** 0.5
+            state[f"transformer.{name}.lora_A.weight"] = down
+            state[f"transformer.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.5 / rank ** 0.5
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in state.items()},
+              str(folder / "pytorch_lora_weights.safetensors"))
 
 
-def versions() -> dict:
-    import diffusers
-    import transformers
+def build(args, device, dtype):
+    """Random full-size (or tiny) weights, or the real checkpoint from the Hugging Face cache (--weights real)."""
+    if args.weights == "real":
+        from diffusers import QwenImageEditPlusPipeline
 
-    return dict(torch=torch.__version__, cuda=torch.version.cuda, diffusers=diffusers.__version__,
-                transformers=transformers.__version__, python=platform.python_version())
+        profile = load_settings({}).profiles["bf16"]
+        return QwenImageEditPlusPipeline.from_pretrained(profile.model_id, revision=profile.revision, dtype=dtype)
+    return build_pipeline(args.tiny, device, dtype, args.layers)
 
 
 def main() -> int:
@@ -317,10 +304,12 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3, help="timed runs per profile (median reported)")
     ap.add_argument("--res", type=int, default=1024, help="input and output side")
     ap.add_argument("--layers", type=int, default=None, help="transformer blocks (default: 60; fewer = smoke test)")
+    ap.add_argument("--weights", choices=["random", "real"], default="random")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes, for a CPU check of the code path")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--check", action="store_true", help="GPU tests: every profile finite, error within bounds")
-    ap.add_argument("--out", default=None, help="write the rows as JSON here (appended as each profile ends)")
+    ap.add_argument("--check", action="store_true", help="GPU tests: every profile finite, PSNR within bounds, "
+                    "per-request LoRAs on the quantized profiles")
+    ap.add_argument("--out", default=None, help="merge the rows into this JSON file as each profile ends")
     args = ap.parse_args()
     device = torch.device(args.device)
     args.dtype = "bfloat16" if device.type == "cuda" else "float32"
@@ -332,9 +321,9 @@ def main() -> int:
     if names and names[0] != "diffusers-baseline":
         names.insert(0, "diffusers-baseline")  # every table has its baseline, from the same run
 
-    meta = dict(attention_ms=None, date=datetime.now(timezone.utc).isoformat(timespec="seconds"), card=card_name(device),
-                versions=versions(), command="python " + " ".join(sys.argv), res=args.res, layers=args.layers or 60,
-                prompt=PROMPT)
+    meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), versions=common.versions(),
+                command="python " + " ".join(sys.argv), res=args.res, layers=args.layers or 60, weights=args.weights,
+                prompt=PROMPT, attention_ms=None)
     print(json.dumps(meta), flush=True)
     rng = np.random.default_rng(0)
     from PIL import Image
@@ -342,7 +331,6 @@ def main() -> int:
     image = Image.fromarray(rng.integers(0, 256, (args.res, args.res, 3), dtype=np.uint8), "RGB")
     references: dict = {}
     rows: list[dict] = []
-    failures = []
     with tempfile.TemporaryDirectory() as lora_dir:
         for name in names:
             try:
@@ -351,31 +339,36 @@ def main() -> int:
                 import traceback
 
                 traceback.print_exc()
-                row = dict(profile=name, card=card_name(device), error=f"{type(exc).__name__}: {exc}"[:500])
-            free(device)  # again, outside the profile's frame: nothing of it may count in the next row
-            if rows and "seconds_per_image" in row and "seconds_per_image" in rows[0]:
-                row["ratio_to_baseline"] = round(row["seconds_per_image"] / rows[0]["seconds_per_image"], 3)
-            elif name == "diffusers-baseline" and "seconds_per_image" in row:
+                row = dict(stage="edit", profile=name, gpus=1, card=common.card_name(device),
+                           error=f"{type(exc).__name__}: {exc}"[:500])
+            common.free(device)  # again, outside the profile's frame: nothing of it may count in the next row
+            if rows and "seconds" in row and "seconds" in rows[0]:
+                row["ratio_to_baseline"] = round(row["seconds"] / rows[0]["seconds"], 3)
+            elif name == "diffusers-baseline" and "seconds" in row:
                 row["ratio_to_baseline"] = 1.0
-            rows.append(row)
             meta["attention_ms"] = dict(kernels.ATTENTION_TIMINGS_MS) or None
+            row["run"] = dict(meta)
+            rows.append(row)
             print(json.dumps(row), flush=True)
             if args.out:
-                write_rows(Path(args.out), meta, rows)
-            if args.check:
-                bound = ERROR_BOUNDS.get(name)
-                if "error" in row or not row.get("finite", False):
-                    failures.append(f"{name}: did not run or produced non-finite output: {row.get('error')}")
-                elif bound is not None and row["rel_error"] is not None and row["rel_error"] > bound:
-                    failures.append(f"{name}: relative error {row['rel_error']:.4f} above its bound {bound}")
+                common.write_rows(Path(args.out), [row])
 
-    print(f"\n{'profile':20} {'s/image':>8} {'x base':>7} {'peak GiB':>9} {'rel err':>9}  steps cfg  size")
+    failures: list[str] = []
+    unrelated = rows[0].get("unrelated_psnr_db") if rows else None
+    for row in rows:
+        if args.check:
+            common.check_quality(row["profile"], dict(row, unrelated_psnr_db=unrelated), PSNR_BOUNDS, failures)
+            if row["profile"] in LORA_CHECKED and "error" not in row:
+                if not row.get("lora_changes_output") or not row.get("lora_restores_base"):
+                    failures.append(f"{row['profile']}: per-request LoRA changes={row.get('lora_changes_output')}, "
+                                    f"restores base={row.get('lora_restores_base')}")
+    print(f"\n{'profile':20} {'s/image':>8} {'x base':>7} {'peak GiB':>9} {'PSNR dB':>8}  steps cfg  size")
     for r in rows:
         if "error" in r:
             print(f"{r['profile']:20} ERROR {r['error'][:80]}")
             continue
-        print(f"{r['profile']:20} {r['seconds_per_image']:8.3f} {r.get('ratio_to_baseline', 0):7.3f} "
-              f"{(r['peak_gib'] or 0):9.2f} {(r['rel_error'] if r['rel_error'] is not None else 0):9.5f}  "
+        print(f"{r['profile']:20} {r['seconds']:8.3f} {r.get('ratio_to_baseline', 0):7.3f} "
+              f"{(r['peak_gib'] or 0):9.2f} {(r['psnr_db'] or 0):8.2f}  "
               f"{r['steps']:5} {r['true_cfg_scale']:3} {r['width']}x{r['height']}")
     if args.check:
         print("\nGPU checks:", "all passed" if not failures else "\n  " + "\n  ".join(failures))

@@ -43,13 +43,19 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _existing_key(tree: dict[str, Any], key: str) -> str:
+    """The tree's own spelling of `key`: environment names cannot hold '-', so WAN22_LIGHTNING is wan22-lightning."""
+    return next((k for k in tree if k.replace("-", "_").lower() == key), key)
+
+
 def _set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
     for key in keys[:-1]:
+        key = _existing_key(tree, key)
         node = tree.get(key)
         if not isinstance(node, dict):
             node = tree[key] = {}
         tree = node
-    tree[keys[-1]] = value
+    tree[_existing_key(tree, keys[-1])] = value
 
 
 def _env_overrides(environ: dict[str, str]) -> list[tuple[list[str], Any]]:

@@ -19,6 +19,7 @@ with a clear error instead of loading a second model behind its operator's back.
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import threading
 import time
@@ -45,6 +46,12 @@ class PipelineKey:
     revision: str | None
     dtype: str
     device: str
+    recipe: str  # a hash of the whole profile: the same name with other settings is another pipeline
+
+    @classmethod
+    def of(cls, kind: str, profile: ModelProfile | VideoProfile) -> PipelineKey:
+        recipe = hashlib.sha256(profile.model_dump_json().encode()).hexdigest()[:12]
+        return cls(kind, profile.name, profile.model_id, profile.revision, profile.dtype, profile.device, recipe)
 
 
 @dataclass
@@ -157,6 +164,10 @@ def resolve_source(profile: ModelProfile | VideoProfile) -> str:
 def check_available(profile: ModelProfile | VideoProfile) -> str:
     """Fail fast (seconds, not minutes) if `profile` cannot load here; returns the source to load."""
     check_device(profile)
+    loaded = next((p for p in cached_pipelines() if (p.key.profile, p.key.model_id, p.key.revision, p.key.device)
+                   == (profile.name, profile.model_id, profile.revision, profile.device)), None)
+    if loaded is not None:
+        return loaded.source  # already in this process
     return resolve_source(profile)
 
 
@@ -250,7 +261,7 @@ def get_pipeline(kind: Kind, profile: ModelProfile | VideoProfile) -> tuple[Load
         served = ", ".join(f"{k} {p}" for k, p in sorted(_SERVED))
         raise ProfileNotServed(f"this worker serves {served}, not {kind} profile '{profile.name}': send the job to "
                                f"a worker started with that profile (`recast worker ... --profile {profile.name}`)")
-    key = PipelineKey(kind, profile.name, profile.model_id, profile.revision, profile.dtype, profile.device)
+    key = PipelineKey.of(kind, profile)
     with _CACHE_LOCK:
         loaded = _CACHE.get(key)
         if loaded is not None:
@@ -274,7 +285,7 @@ def get_pipeline(kind: Kind, profile: ModelProfile | VideoProfile) -> tuple[Load
 def install(kind: Kind, profile: ModelProfile | VideoProfile, pipe, source: str,
             before_gib: float | None = None) -> LoadedPipeline:
     """Put an already prepared pipeline into the cache (the loader, and benchmarks that build random weights)."""
-    key = PipelineKey(kind, profile.name, profile.model_id, profile.revision, profile.dtype, profile.device)
+    key = PipelineKey.of(kind, profile)
     after = _allocated_gib(profile.device)
     resident = after - before_gib if before_gib is not None and after is not None else _module_gib(pipe)
     loaded = LoadedPipeline(key=key, pipe=pipe, source=source, cold_start_s=0.0, resident_gib=round(resident, 3),

@@ -95,13 +95,14 @@ def quantizable(layer: nn.Linear) -> bool:
     return layer.in_features % 16 == 0 and layer.out_features % 16 == 0
 
 
-def quantize_blocks(blocks: list[nn.Module], scheme: str, device: torch.device) -> int:
-    """Move each block to `device` and quantize its eligible linears there, one block at a time, so the
-    high-precision copy of a model never sits whole on the GPU. Returns how many layers were quantized."""
+def quantize_blocks(blocks: list[nn.Module], scheme: str, device: torch.device,
+                    skip: tuple[str, ...] = ()) -> int:
+    """Move each block to `device` and quantize its eligible linears there (except names ending in `skip`), one
+    block at a time, so the high-precision copy of a model never sits whole on the GPU. Returns the count."""
     count = 0
     for block in blocks:
         block.to(device)
-        count += quantize_linears(block, scheme, lambda name, linear: quantizable(linear))
+        count += quantize_linears(block, scheme, lambda name, linear: quantizable(linear) and not name.endswith(skip))
     return count
 
 

@@ -62,9 +62,12 @@ def prepare(pipe, profile: VideoProfile) -> dict:
     text_encoder = pipe.text_encoder
     if profile.quantize != "none":
         blocks = [block for expert in experts(pipe) for block in expert.blocks]
-        if profile.quantize_text_encoder:
-            blocks += list(text_encoder.encoder.block)
         decisions["quantized_linears"] = precision.quantize_blocks(blocks, profile.quantize, device)
+        if profile.quantize_text_encoder:
+            # T5's feed-forward output (`wo`) casts its input to the layer's weight dtype and is kept in full
+            # precision by transformers for stability: it stays as it is.
+            decisions["quantized_linears"] += precision.quantize_blocks(list(text_encoder.encoder.block),
+                                                                        profile.quantize, device, skip=("wo",))
     if device.type == "cuda":
         # UMT5's 256k x 4096 token table (2 GiB in bf16) serves one lookup of <= 512 rows per clip.
         table = precision.HostEmbedding(text_encoder.encoder.embed_tokens)

@@ -1,0 +1,140 @@
+"""What the GPU benchmarks share: random full-size weights, timing, memory, quality, and docs/performance.json.
+
+Quality is PSNR (dB) of a row's output against its reference on the same weights and seed. A bound is only
+worth stating if an unrelated output falls outside it, so each benchmark also scores an output of another seed
+against the same reference (`unrelated_psnr_db`) and `--check` fails when that one would pass.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+GIB = 2**30
+
+
+@torch.no_grad()
+def materialize_random(model: torch.nn.Module, device, dtype, seed: int, rng_device=None) -> torch.nn.Module:
+    """meta parameters -> empty on `device` in `dtype` -> seeded random values; real buffers are kept.
+
+    normal(0, 0.02) for matrices, ones for norm scales, zeros for biases: the same weights for every row.
+    With `rng_device` (a GPU) the values are drawn there and copied to `device` (host RAM): the same values as a
+    build on that GPU, made in seconds instead of minutes."""
+    rng_device = torch.device(rng_device or device)
+    saved = {name: buf.detach().clone() for name, buf in model.named_buffers() if not buf.is_meta}
+    model.to(dtype=dtype)
+    model.to_empty(device=device)
+    modules = dict(model.named_modules())
+    for name, buf in saved.items():
+        owner, _, attr = name.rpartition(".")
+        modules[owner]._buffers[attr] = buf.to(device)
+    generator = torch.Generator(device=rng_device).manual_seed(seed)
+    for module in model.modules():
+        is_norm = "norm" in type(module).__name__.lower()
+        for pname, param in module.named_parameters(recurse=False):
+            if is_norm and pname in ("weight", "gamma", "scale"):
+                param.fill_(1.0)
+            elif pname.endswith("bias") or param.ndim <= 1:
+                param.zero_()
+            elif rng_device == param.device:
+                param.normal_(0.0, 0.02, generator=generator)
+            else:
+                drawn = torch.empty(param.shape, dtype=param.dtype, device=rng_device)
+                param.copy_(drawn.normal_(0.0, 0.02, generator=generator))
+    return model.eval().requires_grad_(False)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(call, device: torch.device) -> tuple[object, float]:
+    sync(device)
+    started = time.perf_counter()
+    out = call()
+    sync(device)
+    return out, time.perf_counter() - started
+
+
+def reset_peak(device: torch.device) -> float | None:
+    """Reset the peak counter; returns what is resident now (GiB)."""
+    if device.type != "cuda":
+        return None
+    gc.collect()
+    torch.cuda.reset_peak_memory_stats(device)
+    return round(torch.cuda.memory_allocated(device) / GIB, 2)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / GIB, 2) if device.type == "cuda" else None
+
+
+def free(device: torch.device) -> None:
+    from recast.tasks.models import loading
+
+    loading.clear_cache()
+    torch._dynamo.reset()  # compiled graphs hold references to the last profile's modules
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def psnr(output, reference) -> float | None:
+    """PSNR in dB of uint8 images or frame stacks (255 = peak); inf when identical."""
+    if reference is None:
+        return None
+    a, b = np.asarray(output, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    if a.shape != b.shape:
+        return None
+    mse = float(np.mean((a - b) ** 2))
+    return float("inf") if mse == 0 else round(10 * np.log10(255.0**2 / mse), 2)
+
+
+def card_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or 'cpu'})"
+
+
+def versions() -> dict:
+    import diffusers
+    import transformers
+
+    return dict(torch=torch.__version__, cuda=torch.version.cuda, diffusers=diffusers.__version__,
+                transformers=transformers.__version__, python=platform.python_version())
+
+
+def row_key(row: dict) -> tuple:
+    return row.get("stage", "edit"), row["profile"], row.get("gpus", 1), row.get("card")
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """Merge rows into docs/performance.json: a row replaces the one with the same (stage, profile, gpus, card);
+    rows measured on other cards stay, each with the run it came from."""
+    existing = json.loads(path.read_text()) if path.exists() else []
+    fresh = {row_key(row) for row in rows}
+    merged = [row for row in existing if row_key(row) not in fresh] + rows
+    order = {"edit": 0, "video": 1, "chain": 2}
+    merged.sort(key=lambda r: (order.get(r.get("stage", "edit"), 3), r.get("gpus", 1)))
+    path.write_text(json.dumps(merged, indent=2) + "\n")
+
+
+def check_quality(name: str, row: dict, bounds: dict[str, float], failures: list[str]) -> None:
+    """--check: the row ran, its output is finite, its PSNR meets the bound, and the bound can fail."""
+    bound = bounds.get(name)
+    if "error" in row or not row.get("finite", False):
+        failures.append(f"{name}: did not run or produced non-finite output: {row.get('error')}")
+        return
+    if bound is None or row.get("psnr_db") is None:
+        return
+    if row["psnr_db"] < bound:
+        failures.append(f"{name}: PSNR {row['psnr_db']} dB below its bound {bound} dB")
+    unrelated = row.get("unrelated_psnr_db")
+    if unrelated is not None and unrelated >= bound:
+        failures.append(f"{name}: an unrelated output scores {unrelated} dB, inside the bound {bound} dB: "
+                        "the bound would catch nothing")

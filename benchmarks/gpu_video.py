@@ -1,0 +1,399 @@
+"""GPU benchmark of the video stage and the photo-to-clip chain, on FULL-SIZE Wan 2.2 I2V A14B weights.
+
+With `--weights random` (the default, nothing downloaded) every module is built on the meta device and filled
+on the GPU with seeded random values, so every row starts from the same weights. With `--weights real` the
+checkpoints are loaded from the Hugging Face cache (pinned revisions of configs/*.yaml) and the Lightning
+LoRAs are the profile's own files. Rows, all in one process on one card:
+
+    wan-diffusers-baseline  WanImageToVideoPipeline(...).to("cuda"), 480x832, 81 frames, 40 steps, guidance 3.5
+    wan22-fp8               the same recipe through recast's own code (wan_video.prepare, warm_up, run_video)
+    wan22-lightning         4 steps, CFG off, Lightning pair fused before FP8, exact timesteps
+    wan22-offload           wan22-lightning with every block streamed from pinned RAM (24-48 GB cards)
+    chain-lightning         one photo to one 480p clip through recast's edit flow in one process: edit `lightning`
+                            then the inline animate flow on `wan22-lightning`, the memory policy deciding what
+                            stays loaded, storage I/O included
+
+Each row: median seconds over --runs timed calls after warm-up (one call for the 40-step rows), ratio to the
+baseline, peak GPU memory during the timed calls, and PSNR against the reference on the same weights and seed
+(the baseline's clip for wan22-fp8; for the Lightning rows a bf16 eager run of the same 4-step recipe on the same
+fused weights). An output of another seed is scored against the same reference, so the bound is seen to fail.
+
+    python benchmarks/gpu_video.py --check --out docs/performance.json      # the table (about 15 minutes)
+    python benchmarks/gpu_video.py --smoke                                  # 2 blocks per expert, 17 frames
+    python benchmarks/gpu_video.py --tiny --device cpu                      # the code path, no GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common
+from recast.tasks.frames import output_size
+from recast.tasks.models import loading, wan_video
+from recast.tasks.models.offline_tokenizers import build_t5_tokenizer
+from recast.tasks.settings import get_settings
+from recast.tasks.schemas.settings import LoraSpec
+
+# Wan-AI/Wan2.2-I2V-A14B-Diffusers: transformer/config.json (both experts), text_encoder (UMT5-XXL encoder).
+WAN = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16,
+           text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+           qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024)
+UMT5 = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+            relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu")
+TINY_WAN = dict(WAN, num_attention_heads=2, attention_head_dim=16, ffn_dim=32, num_layers=2, text_dim=32)
+TINY_UMT5 = dict(UMT5, vocab_size=600, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+PROMPT = "The person turns slightly towards the camera and smiles, subtle natural motion, cinematic."
+NEGATIVE = "static, blurred details, worst quality, low quality, deformed"
+# Minimum PSNR (dB) against the reference on the same weights and seed that --check enforces.
+PSNR_BOUNDS = {"wan22-fp8": 16.0, "wan22-lightning": 18.0, "wan22-offload": 18.0}
+DEFAULT_ROWS = "wan-diffusers-baseline,wan22-fp8,wan22-lightning,chain-lightning,wan22-offload"
+
+
+class Bench:
+    """One benchmark run: its arguments, device, and what later rows compare against."""
+
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.references: dict[str, np.ndarray] = {}
+        self.baseline_seconds: float | None = None
+        self.lora_dir = Path(tempfile.mkdtemp(prefix="recast-bench-lora-"))
+        self.loras: tuple[LoraSpec, LoraSpec] | None = None
+        size = (64, 96) if args.tiny else (480, 832)
+        self.height, self.width = size
+        self.frames = 9 if args.tiny else (17 if args.smoke else 81)
+        self.image = _photo(self.width, self.height)
+
+    def profile(self, name: str):
+        """The named video profile exactly as the settings give it, so the flows of the chain row find the very
+        pipelines the rows installed (sizes, device and the stand-in LoRA files are set through RECAST_*)."""
+        if get_settings().get_video_profile(name).lightning is not None and self.args.weights == "random":
+            self.random_loras()
+        return get_settings().get_video_profile(name)
+
+    # ----------------------------------------------------------------------------------------------
+    # Weights
+
+    def build(self):
+        """WanImageToVideoPipeline with the A14B layout: seeded random weights built on the device, or the real ones."""
+        from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+        from transformers import UMT5Config, UMT5EncoderModel
+
+        if self.args.weights == "real":
+            profile = get_settings().get_video_profile("wan22")
+            return WanImageToVideoPipeline.from_pretrained(profile.model_id, revision=profile.revision,
+                                                           dtype=self.dtype).to(self.device)
+        from accelerate import init_empty_weights
+
+        wan, umt5 = (TINY_WAN, TINY_UMT5) if self.args.tiny else (WAN, UMT5)
+        if self.args.smoke:
+            wan, umt5 = dict(wan, num_layers=2), dict(umt5, num_layers=2)
+        with init_empty_weights(include_buffers=False):
+            experts = [WanTransformer3DModel(**wan) for _ in range(2)]
+            text_encoder = UMT5EncoderModel(UMT5Config(**umt5))
+            vae = AutoencoderKLWan(base_dim=8) if self.args.tiny else AutoencoderKLWan()
+        for seed, module in enumerate([*experts, text_encoder, vae], start=1):
+            common.materialize_random(module, self.device, self.dtype, seed)
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0,
+                                            num_train_timesteps=1000)
+        return WanImageToVideoPipeline(tokenizer=build_t5_tokenizer(), text_encoder=text_encoder, vae=vae,
+                                       scheduler=scheduler, transformer=experts[0], transformer_2=experts[1],
+                                       boundary_ratio=0.9, image_encoder=None, image_processor=None)
+
+    def random_loras(self) -> None:
+        """A random LoRA per expert with the Lightning files' layout, standing in for them (the hub is unreachable),
+        named by every Lightning video profile through RECAST_* so settings and installed pipelines agree."""
+        if self.loras is not None:
+            return
+        pipe = self.build()
+        self.loras = tuple(_random_lora(expert, self.lora_dir / name, seed)
+                           for seed, (name, expert) in enumerate((("high", pipe.transformer),
+                                                                  ("low", pipe.transformer_2)), start=7))
+        del pipe
+        common.free(self.device)
+        for profile in ("WAN22_LIGHTNING", "WAN22_OFFLOAD"):
+            for field, spec in (("LIGHTNING", self.loras[0]), ("LIGHTNING_2", self.loras[1])):
+                prefix = f"RECAST_VIDEO_PROFILES__{profile}__{field}__"
+                os.environ.update({prefix + "SOURCE": spec.source, prefix + "WEIGHT_NAME": "null",
+                                   prefix + "REVISION": "null"})
+
+    # ----------------------------------------------------------------------------------------------
+    # Rows
+
+    def call(self, loaded, profile, seed: int = 42, steps: int | None = None, guidance: float | None = None):
+        return wan_video.run_video(loaded, self.image, prompt=PROMPT, negative_prompt=NEGATIVE, seed=seed,
+                                   steps=steps or self.steps(profile), guidance_scale=guidance or profile.guidance_scale,
+                                   num_frames=self.frames, width=self.width, height=self.height,
+                                   max_sequence_length=profile.max_sequence_length)
+
+    def steps(self, profile) -> int:
+        if (profile.scheduler or {}).get("sigmas"):
+            return len(profile.scheduler["sigmas"])
+        return self.args.steps
+
+    def baseline(self) -> dict:
+        """Plain diffusers, as a user would call it: the whole bf16 pipeline moved to the GPU."""
+        pipe = self.build()
+        pipe.set_progress_bar_config(disable=True)
+
+        def call(seed=42, steps=None):
+            generator = torch.Generator().manual_seed(seed)
+            frames = pipe(image=self.image, prompt=PROMPT, negative_prompt=NEGATIVE, height=self.height,
+                          width=self.width, num_frames=self.frames, num_inference_steps=steps or self.args.steps,
+                          guidance_scale=3.5, generator=generator, output_type="np").frames[0]
+            return (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+
+        warm, warm_s = common.timed(lambda: call(steps=1), self.device)
+        resident = common.reset_peak(self.device)
+        out, seconds = common.timed(call, self.device)
+        self.references["baseline"] = out
+        self.baseline_seconds = seconds
+        del pipe
+        common.free(self.device)
+        return self.row("wan-diffusers-baseline", "video", out, [seconds], resident, warm_s, steps=self.args.steps,
+                        guidance=3.5)
+
+    def recast_row(self, name: str, runs: int, reference: str | None, keep: bool = False) -> dict:
+        """A recast profile: fresh weights, the profile's recipe, its warm-up, timed calls."""
+        profile = self.profile(name)
+        build_started = time.perf_counter()
+        pipe = self.build()
+        decisions = wan_video.prepare(pipe, profile)
+        loaded = loading.install("video", profile, pipe, "random")
+        warm_started = time.perf_counter()
+        if self.frames == 81 and profile.warmup:
+            wan_video.warm_up(loaded, profile)  # what a worker does before it serves
+        else:  # this run's own frame count (smoke and CPU runs): one short call
+            fixed = bool((profile.scheduler or {}).get("sigmas"))
+            self.call(loaded, profile, steps=self.steps(profile) if fixed else 2)
+        warm_s = time.perf_counter() - warm_started
+        ready_s = time.perf_counter() - build_started  # build + recipe + warm-up: what a worker pays at start
+        resident = common.reset_peak(self.device)
+        outs, times = [], []
+        for _ in range(runs):
+            out, seconds = common.timed(lambda: self.call(loaded, profile), self.device)
+            outs.append(out)
+            times.append(seconds)
+        peak = common.peak_gib(self.device)
+        unrelated = None
+        if reference in self.references and name == "wan22-lightning":
+            unrelated = common.psnr(self.call(loaded, profile, seed=43), self.references[reference])
+        row = self.row(name, "video", outs[-1], times, resident, warm_s, steps=self.steps(profile),
+                       guidance=profile.guidance_scale, reference=reference, peak=peak,
+                       ready_s=round(ready_s, 1), **decisions)
+        row["unrelated_psnr_db"] = unrelated
+        if not keep:
+            del loaded, pipe
+            common.free(self.device)
+        return row
+
+    def lightning_reference(self) -> None:
+        """The 4-step recipe on the same fused weights in bf16, eager: what the Lightning rows are compared to."""
+        profile = self.profile("wan22-lightning").model_copy(update=dict(
+            quantize="none", quantize_text_encoder=False, compile=False, warmup=False))
+        pipe = self.build()
+        wan_video.prepare(pipe, profile)
+        loaded = loading.install("video", profile, pipe, "random")
+        self.references["lightning"] = self.call(loaded, profile)
+        del loaded, pipe
+        common.free(self.device)
+
+    def chain(self) -> dict:
+        """Photo to clip through recast's own flows, in this process: both pipelines installed in the loader's
+        cache as the configured `lightning` and `wan22-lightning` profiles, then `edit_flow` with the inline
+        handoff, timed end to end (the second run: the first pays Prefect's start and the new shapes)."""
+        import gpu_edit
+
+        from recast.flows.edit import edit_flow
+        from recast.tasks import storage
+        from recast.tasks.models import qwen_edit
+        from recast.tasks.schemas.requests import EditRequest
+
+        video_profile = self.profile("wan22-lightning")
+        if not any(p.key.kind == "video" and p.key.profile == video_profile.name for p in loading.cached_pipelines()):
+            raise RuntimeError("chain-lightning runs after wan22-lightning, whose pipeline it reuses")
+        # The edit side: full-size Qwen-Image-Edit-2511 built in host RAM (as from_pretrained loads it; the bf16
+        # copy would not fit the card beside Wan), random Lightning LoRA fused, then placed block by block in FP8,
+        # compiled and warmed up by recast's own recipe.
+        pipe = gpu_edit.build_pipeline(self.args.tiny, torch.device("cpu"), self.dtype, None, rng_device=self.device)
+        if self.args.weights == "random":
+            lora = gpu_edit.make_random_lora(pipe, self.lora_dir / "edit")
+            os.environ.update({"RECAST_PROFILES__LIGHTNING__LIGHTNING__SOURCE": str(lora),
+                               "RECAST_PROFILES__LIGHTNING__LIGHTNING__WEIGHT_NAME": "null",
+                               "RECAST_PROFILES__LIGHTNING__LIGHTNING__REVISION": "null"})
+        edit_profile = get_settings().get_profile("lightning")
+        loading.make_room("edit", edit_profile)
+        qwen_edit.prepare(pipe, edit_profile)
+        loaded = loading.install("edit", edit_profile, pipe, "random")
+        qwen_edit.warm_up(loaded, edit_profile)
+        photo = tempfile.mkdtemp(prefix="recast-chain-")
+        photo_uri = storage.write_bytes(f"file://{photo}/photo.png", storage.png_bytes(_photo(1248, 720)))
+        request = EditRequest(images=[photo_uri], prompts=[
+            "James Bond 007, wearing a tuxedo with bow tie, casino background, cinematic lighting"], seeds=[42],
+            profile=edit_profile.name, video_profile=video_profile.name, storage_root=f"file://{photo}/out")
+        edit_flow(request)  # Prefect's temporary server, the photo's aspect ratio: paid once
+        resident = common.reset_peak(self.device)
+        times, manifest = [], None
+        for _ in range(self.args.runs):
+            manifest, seconds = common.timed(lambda: edit_flow(request), self.device)
+            times.append(seconds)
+        clip = manifest["animation"]["clips"][0]
+        frames, _ = storage.read_video(clip["output"])
+        row = self.row("chain-lightning", "chain", frames, times, resident, None, steps=4, guidance=1.0,
+                       peak=common.peak_gib(self.device))
+        row.update(width=clip["width"], height=clip["height"], num_frames=clip["num_frames"],
+                   edit_seconds=manifest["edits"][0]["seconds"], clip_seconds=clip["seconds"],
+                   status=manifest["status"], video_status=manifest["animation"]["status"],
+                   pipelines_loaded=[f"{p.key.kind}:{p.key.profile}" for p in loading.cached_pipelines()])
+        del loaded, pipe
+        common.free(self.device)
+        return row
+
+    def row(self, name, stage, out, times, resident, warm_s, *, steps, guidance, reference=None, peak=None, **extra):
+        arr = np.asarray(out)
+        seconds = round(statistics.median(times), 3)
+        base = self.baseline_seconds
+        return dict(stage=stage, profile=name, card=common.card_name(self.device), gpus=1, seconds=seconds,
+                    runs=[round(t, 3) for t in times],
+                    ratio_to_baseline=(1.0 if name == "wan-diffusers-baseline" else round(seconds / base, 3))
+                    if base and stage == "video" else None,
+                    peak_gib=peak if peak is not None else common.peak_gib(self.device), resident_gib=resident,
+                    psnr_db=common.psnr(out, self.references.get(reference)) if reference else None,
+                    width=int(arr.shape[-2]), height=int(arr.shape[-3]), num_frames=int(arr.shape[0]), steps=steps,
+                    guidance_scale=guidance, warmup_s=None if warm_s is None else round(warm_s, 1),
+                    finite=bool(np.isfinite(arr.astype(np.float32)).all()),
+                    output_mean=round(float(arr.mean()), 2), output_std=round(float(arr.std()), 2), **extra)
+
+
+def _photo(width: int, height: int):
+    """The bundled astronaut portrait at the requested size (the conditioning image of every row)."""
+    from PIL import Image
+
+    path = Path(__file__).resolve().parent.parent / "tests" / "data" / "astronaut.png"
+    with Image.open(path) as img:
+        return img.convert("RGB").resize((width, height))
+
+
+def _random_lora(expert, folder: Path, seed: int, rank: int = 16) -> LoraSpec:
+    """A random diffusers-format LoRA on the layers the Wan Lightning LoRAs adapt."""
+    from diffusers import WanImageToVideoPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                        target_modules=["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q",
+                                        "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2"])
+    torch.manual_seed(seed)
+    expert.add_adapter(config, adapter_name="bench")
+    for name, param in expert.named_parameters():
+        if "lora_B" in name:  # gaussian init leaves B at zero: make the LoRA actually change the weights
+            param.data.normal_(0.0, 0.02)
+    state = get_peft_model_state_dict(expert, adapter_name="bench")
+    folder.mkdir(parents=True, exist_ok=True)
+    WanImageToVideoPipeline.save_lora_weights(str(folder), transformer_lora_layers=state, safe_serialization=True)
+    expert.delete_adapters("bench")
+    return LoraSpec(source=str(folder / "pytorch_lora_weights.safetensors"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default=DEFAULT_ROWS)
+    ap.add_argument("--runs", type=int, default=3, help="timed runs of the fast rows (median reported)")
+    ap.add_argument("--steps", type=int, default=40, help="steps of the baseline and wan22-fp8")
+    ap.add_argument("--weights", choices=["random", "real"], default="random")
+    ap.add_argument("--smoke", action="store_true", help="2 blocks per expert, 17 frames, 2 steps: a quick GPU check")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes, for a CPU check of the code path")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--check", action="store_true", help="GPU tests: every row runs, finite, PSNR within bounds")
+    ap.add_argument("--out", default=None, help="merge the rows into this JSON file as each row ends")
+    args = ap.parse_args()
+    if args.smoke or args.tiny:
+        args.steps, args.runs = 2, 1
+    for key, value in _environment(args).items():
+        os.environ[key] = value
+    bench = Bench(args)
+    meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), versions=common.versions(),
+                command="python " + " ".join(sys.argv), weights=args.weights, smoke=args.smoke or args.tiny)
+    print(json.dumps(meta), flush=True)
+    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    rows, failures = [], []
+    for name in names:
+        try:
+            if name == "wan-diffusers-baseline":
+                row = bench.baseline()
+            elif name == "wan22-fp8":
+                row = bench.recast_row(name, runs=1, reference="baseline")
+            elif name == "wan22-lightning":
+                bench.lightning_reference()
+                row = bench.recast_row(name, runs=args.runs, reference="lightning", keep="chain-lightning" in names)
+            elif name == "wan22-offload":
+                row = bench.recast_row(name, runs=min(args.runs, 2), reference="lightning")
+            elif name == "chain-lightning":
+                row = bench.chain()
+            else:
+                raise ValueError(f"unknown row {name}")
+        except Exception as exc:  # noqa: BLE001 - one row's failure must not lose the others
+            import traceback
+
+            traceback.print_exc()
+            row = dict(stage="chain" if name.startswith("chain") else "video", profile=name, gpus=1,
+                       card=common.card_name(bench.device), error=f"{type(exc).__name__}: {exc}"[:500])
+            common.free(bench.device)
+        row["run"] = meta
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            common.write_rows(Path(args.out), [row])
+    # Another seed's clip against the Lightning reference: every bound must reject it.
+    unrelated = next((r.get("unrelated_psnr_db") for r in rows if r.get("unrelated_psnr_db") is not None), None)
+    for row in rows:
+        row.setdefault("unrelated_psnr_db", unrelated)
+        if args.check:
+            common.check_quality(row["profile"], dict(row, unrelated_psnr_db=unrelated), PSNR_BOUNDS, failures)
+    print(f"\n{'row':24} {'seconds':>8} {'x base':>7} {'peak GiB':>9} {'PSNR dB':>8}  steps  size")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['profile']:24} ERROR {r['error'][:100]}")
+            continue
+        print(f"{r['profile']:24} {r['seconds']:8.2f} {r['ratio_to_baseline'] or 0:7.3f} {r['peak_gib'] or 0:9.2f} "
+              f"{r['psnr_db'] or 0:8.2f}  {r['steps']:5}  {r['width']}x{r['height']}x{r['num_frames']}")
+    if args.check:
+        print("\nGPU checks:", "all passed" if not failures else "\n  " + "\n  ".join(failures))
+        return 1 if failures else 0
+    return 0
+
+
+def _environment(args) -> dict[str, str]:
+    """Settings for this run: the chain's flows inline and quiet; on CPU (--tiny) every profile it uses on the CPU
+    at tiny sizes, uncompiled."""
+    env = {"RECAST_HANDOFF__MODE": "inline", "PREFECT_LOGGING_LEVEL": "WARNING",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false"}
+    if args.tiny or args.device == "cpu":
+        profiles = [("PROFILES", "LIGHTNING")] + [("VIDEO_PROFILES", name) for name in
+                                                  ("WAN22", "WAN22_FP8", "WAN22_LIGHTNING", "WAN22_OFFLOAD")]
+        for section, name in profiles:
+            prefix = f"RECAST_{section}__{name}__"
+            env.update({prefix + "DEVICE": args.device, prefix + "DTYPE": "float32", prefix + "COMPILE": "false",
+                        prefix + "WARMUP": "false"})
+            env[prefix + ("OUTPUT_AREA" if section == "PROFILES" else "AREA")] = "6144" if args.tiny else "16384"
+        env.update(RECAST_PROFILES__LIGHTNING__VAE_IMAGE_AREA="16384", RECAST_PROFILES__LIGHTNING__HANDOFF_AREA="6144",
+                   RECAST_PROFILES__LIGHTNING__ATTENTION_BACKEND="null", RECAST_HANDOFF__NUM_FRAMES="9")
+    elif args.smoke:
+        env["RECAST_HANDOFF__NUM_FRAMES"] = "17"
+    return env
+
+
+if __name__ == "__main__":
+    sys.exit(main())
