@@ -205,7 +205,8 @@ def _identity(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from recast.flows.workers import serve_worker
 
-    serve_worker(args.kind, gpu=args.gpu, profile_name=args.profile)
+    serve_worker(list(dict.fromkeys(args.kinds)), gpu=args.gpu, profile_name=args.profile,
+                 video_profile_name=args.video_profile)
     return 0
 
 
@@ -283,10 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
     ident.add_argument("--json", action="store_true", help="print the scores as JSON")
     ident.set_defaults(handler=_identity, model=None)
 
-    worker = sub.add_parser("worker", help="serve edit or animate tasks, keeping the model loaded (one GPU)")
-    worker.add_argument("kind", choices=["edit", "animate"], help="which task this worker serves")
+    worker = sub.add_parser("worker", help="serve edit and/or animate tasks, keeping the models loaded (one GPU)",
+                            description="Load and warm the models, then serve Prefect task runs one at a time. "
+                            "A worker serves only the profiles it loaded.")
+    worker.add_argument("kinds", nargs="+", choices=["edit", "animate"], metavar="{edit,animate}",
+                        help="which tasks this worker serves (both: one process for the whole chain)")
     worker.add_argument("--gpu", type=int, default=None, help="GPU index (sets CUDA_VISIBLE_DEVICES)")
-    worker.add_argument("--profile", default=None, help="edit or video profile to load (default from config)")
+    worker.add_argument("--profile", default=None, help="edit profile to load (default from config)")
+    worker.add_argument("--video-profile", dest="video_profile", default=None,
+                        help="video profile to load (default from config)")
     worker.set_defaults(handler=_worker, model=None)
 
     board = sub.add_parser("storyboard", help="edit and animate a storyboard of scenes, stitched into one video",

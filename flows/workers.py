@@ -17,7 +17,13 @@ from recast.tasks.settings import get_settings
 log = logging.getLogger("recast.worker")
 
 
-def serve_worker(kind: str, gpu: int | None = None, profile_name: str | None = None) -> None:
+def serve_worker(kinds: list[str], gpu: int | None = None, profile_name: str | None = None,
+                 video_profile_name: str | None = None) -> None:
+    """Load (and warm) the pipelines of `kinds` ("edit", "animate"), then serve their task runs one at a time.
+
+    The worker serves exactly the profiles it loaded: a job for another profile is refused (ProfileNotServed),
+    so nobody can make it load a second model. With both kinds, the memory policy keeps both pipelines resident
+    when they fit the card and otherwise swaps them as jobs arrive."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before torch initialises CUDA
     if not os.environ.get("PREFECT_API_URL"):
@@ -30,13 +36,16 @@ def serve_worker(kind: str, gpu: int | None = None, profile_name: str | None = N
     from recast.tasks.edit import edit_task
 
     settings = get_settings()
-    if kind == "edit":
-        profile, task, loader_kind = settings.get_profile(profile_name), edit_task, "edit"
-    else:
-        profile, task, loader_kind = settings.get_video_profile(profile_name), animate_task, "video"
+    served = []  # (loader kind, profile, task)
+    if "edit" in kinds:
+        served.append(("edit", settings.get_profile(profile_name), edit_task))
+    if "animate" in kinds:
+        served.append(("video", settings.get_video_profile(video_profile_name), animate_task))
+    loading.serve_only({(kind, profile.name) for kind, profile, _ in served})
     # Load (and for compiled profiles, compile) before the first task can arrive.
-    loading.serve_only({(loader_kind, profile.name)})
-    loaded, _ = loading.get_pipeline(loader_kind, profile)
-    print(f"recast worker {kind}: {profile.name} ({profile.model_id}) ready on {loading.describe_device(profile)} "
-          f"after a {loaded.cold_start_s:.1f}s cold start; serving one task at a time", flush=True)
-    serve(task, limit=1)
+    for kind, profile, _ in served:
+        loaded, _ = loading.get_pipeline(kind, profile)
+        print(f"recast worker: {kind} {profile.name} ({profile.model_id}) ready on {loading.describe_device(profile)} "
+              f"after a {loaded.cold_start_s:.1f}s cold start", flush=True)
+    print(f"recast worker {' '.join(kinds)}: serving one task at a time", flush=True)
+    serve(*[task for _, _, task in served], limit=1)

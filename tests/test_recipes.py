@@ -1,0 +1,213 @@
+"""The GPU recipes' code paths on the real tiny pipelines (CPU): Wan Lightning's schedule and fused LoRA pair, FP8
+experts, per-request LoRAs on quantized layers, the memory policy, a worker's served profiles, and both GPU
+benchmarks run end to end on tiny shapes."""
+
+from __future__ import annotations
+
+import gc
+import json
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from recast.tasks.models import loading, lora, precision, qwen_edit, wan_video
+from recast.tasks.schemas.settings import LoraSpec
+from recast.tasks.settings import get_settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_wan_lightning_runs_exactly_the_recipes_four_timesteps():
+    profile = get_settings().get_video_profile("wan22-lightning")
+    scheduler = wan_video.make_scheduler(profile.scheduler, None)
+    scheduler.set_timesteps(4, device="cpu")  # what WanImageToVideoPipeline asks for
+    timesteps = scheduler.timesteps.tolist()
+    assert timesteps == pytest.approx([1000.0, 937.5, 833.333, 625.0], abs=0.01), \
+        f"Lightning needs timesteps [1000, 937.5, 833.3, 625], the scheduler gives {timesteps}"
+    boundary = 0.9 * scheduler.config.num_train_timesteps  # Wan 2.2's boundary_ratio
+    assert [t >= boundary for t in timesteps] == [True, True, False, False], \
+        "two steps must run on the high-noise expert and two on the low-noise one"
+    assert (profile.steps, profile.guidance_scale) == (4, 1.0), "Lightning runs 4 steps with CFG off"
+    with pytest.raises(ValueError, match="exactly 4 steps"):
+        scheduler.set_timesteps(8, device="cpu")
+
+
+def _random_wan_lora(expert, path: Path, seed: int) -> LoraSpec:
+    from diffusers import WanImageToVideoPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    expert.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                  target_modules=["attn1.to_q", "attn1.to_v", "ffn.net.2"]), adapter_name="t")
+    state = get_peft_model_state_dict(expert, adapter_name="t")
+    expert.delete_adapters("t")
+    path.mkdir(parents=True, exist_ok=True)
+    WanImageToVideoPipeline.save_lora_weights(str(path), transformer_lora_layers=state, safe_serialization=True)
+    return LoraSpec(source=str(path / "pytorch_lora_weights.safetensors"))
+
+
+def _clip(pipe, profile) -> np.ndarray:
+    loaded = loading.install("video", profile, pipe, "test")
+    try:
+        image = Image.new("RGB", (48, 32), (120, 90, 60))
+        return wan_video.run_video(loaded, image, prompt="he smiles", negative_prompt="", seed=3, steps=4,
+                                   guidance_scale=1.0, num_frames=5, width=48, height=32, max_sequence_length=16)
+    finally:
+        loading.clear_cache()
+
+
+def test_wan_lightning_recipe_fuses_one_lora_per_expert_and_runs_fp8_experts(tmp_path):
+    from diffusers import WanImageToVideoPipeline
+
+    source = loading.check_available(get_settings().get_video_profile("tiny"))
+    load = lambda: WanImageToVideoPipeline.from_pretrained(source, dtype=torch.float32)  # noqa: E731
+    lightning = get_settings().get_video_profile("wan22-lightning")
+    base = get_settings().get_video_profile("tiny").model_copy(update=dict(
+        name="tiny-lightning", quantize="fp8", quantize_text_encoder=True, scheduler=lightning.scheduler,
+        steps=4, guidance_scale=1.0))
+    donor = load()
+    pair = _random_wan_lora(donor.transformer, tmp_path / "high", 1), _random_wan_lora(donor.transformer_2,
+                                                                                        tmp_path / "low", 2)
+    fused_profile = base.model_copy(update=dict(lightning=pair[0], lightning_2=pair[1]))
+
+    pipe = load()
+    decisions = wan_video.prepare(pipe, fused_profile)
+    linears = [m for expert in (pipe.transformer, pipe.transformer_2) for m in expert.blocks.modules()
+               if isinstance(m, (torch.nn.Linear, precision.Float8Linear))]
+    assert linears and all(isinstance(m, precision.Float8Linear) for m in linears), "both experts' blocks run FP8"
+    assert decisions["quantized_linears"] > len(linears), "the UMT5 encoder is quantized too"
+    assert all(not isinstance(block.layer[1].DenseReluDense.wo, precision.Float8Linear)
+               for block in pipe.text_encoder.encoder.block), "UMT5's wo keeps its precision"
+    fused = _clip(pipe, fused_profile)
+
+    plain = load()
+    wan_video.prepare(plain, base)
+    unfused = _clip(plain, base)
+    assert fused.shape == (5, 32, 48, 3) and fused.dtype == np.uint8
+    assert not np.array_equal(fused, unfused), "the fused Lightning pair must change the clip"
+
+
+@pytest.mark.parametrize("scheme", ["int4", "fp8"])
+def test_per_request_lora_on_quantized_layers_changes_the_output_and_restores_it_exactly(scheme, tmp_path,
+                                                                                          astronaut):
+    from recast.tasks.schemas.requests import LoraRef
+
+    profile = get_settings().get_profile("tiny").model_copy(update=dict(name=f"tiny-{scheme}", quantize=scheme))
+    loaded, _ = loading.get_pipeline("edit", profile)
+    layers = [m for m in loaded.pipe.transformer.transformer_blocks.modules()
+              if isinstance(m, (precision.Int4Linear, precision.Float8Linear))]
+    assert layers, f"the {scheme} profile quantized nothing"
+    weights = {id(m): (m.weight_packed if scheme == "int4" else m.weight).clone() for m in layers}
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for name, module in loaded.pipe.transformer.named_modules():
+        if name.endswith(("attn.to_q", "attn.to_v")):
+            state[f"transformer.{name}.lora_A.weight"] = torch.randn(4, module.in_features, generator=generator)
+            state[f"transformer.{name}.lora_B.weight"] = torch.randn(module.out_features, 4, generator=generator)
+    save_file(state, str(tmp_path / "adapter.safetensors"))
+    adapter = lora.check_lora_file("loras[0].source", LoraRef(source=str(tmp_path / "adapter.safetensors")))
+
+    image = Image.open(astronaut).convert("RGB").resize((64, 64))
+
+    def edit(loras=()):
+        out = qwen_edit.run_edit(loaded, profile, [image], prompt="a tuxedo", negative_prompt=" ", seed=1, steps=2,
+                                 true_cfg_scale=4.0, width=64, height=64, loras=loras)
+        return np.asarray(out)
+
+    try:
+        base = edit()
+        with_lora = edit([adapter])
+        assert not np.array_equal(base, with_lora), f"a LoRA on {scheme} layers must change the output"
+        assert np.array_equal(edit(), base), "without the LoRA the base output must come back bit for bit"
+        assert np.array_equal(edit([adapter.model_copy(update=dict(weight=0.0))]), base), "weight 0 is the base"
+        for module in layers:
+            kept = module.weight_packed if scheme == "int4" else module.weight
+            assert torch.equal(kept, weights[id(module)]), "the quantized weights must stay untouched"
+    finally:
+        loading.clear_cache()
+
+
+def _tiny(kind):
+    settings = get_settings()
+    return settings.get_profile("tiny") if kind == "edit" else settings.get_video_profile("tiny")
+
+
+def test_memory_policy_keeps_both_pipelines_when_they_fit(monkeypatch):
+    loading.clear_cache()
+    monkeypatch.setenv("RECAST_DEVICE_MEMORY_GIB", "{cpu: 64}")
+    loading.get_pipeline("edit", _tiny("edit"))
+    loading.get_pipeline("video", _tiny("video"))
+    kinds = sorted(p.key.kind for p in loading.cached_pipelines())
+    assert kinds == ["edit", "video"], f"both fit, both must stay loaded; loaded: {kinds}"
+    loading.clear_cache()
+
+
+def test_memory_policy_releases_the_idle_pipeline_when_both_do_not_fit(monkeypatch):
+    loading.clear_cache()
+    edit, video = _tiny("edit"), _tiny("video")
+    loaded_edit, _ = loading.get_pipeline("edit", edit)
+    held = loaded_edit.resident_gib
+    assert held > 0, "the loader must know how much the pipeline holds"
+    # A card with room for one of them only.
+    monkeypatch.setenv("RECAST_DEVICE_MEMORY_GIB", f"{{cpu: {held * 1.5}}}")
+    video = video.model_copy(update=dict(memory_gib=held))
+    pipe_ref = weakref.ref(loaded_edit.pipe)
+    loaded_video, _ = loading.get_pipeline("video", video)
+    gc.collect()
+    assert [p.key.kind for p in loading.cached_pipelines()] == ["video"], "the idle edit pipeline must be released"
+    assert pipe_ref() is None, "the released pipeline must really be freed, not just forgotten"
+    # Room for the edit model, not for both.
+    monkeypatch.setenv("RECAST_DEVICE_MEMORY_GIB", f"{{cpu: {held + loaded_video.resident_gib / 2}}}")
+    again, hit = loading.get_pipeline("edit", edit.model_copy(update=dict(memory_gib=held)))
+    assert not hit and [p.key.kind for p in loading.cached_pipelines()] == ["edit"], \
+        "loading the edit model again releases the video one: never both on the card"
+    loading.clear_cache()
+
+
+def test_a_worker_refuses_profiles_it_was_not_started_with():
+    loading.serve_only({("edit", "tiny")})
+    try:
+        with pytest.raises(loading.ProfileNotServed, match="serves edit tiny, not edit profile 'bf16'"):
+            loading.get_pipeline("edit", get_settings().get_profile("bf16"))
+        assert not loading.cached_pipelines() or all(p.key.profile == "tiny" for p in loading.cached_pipelines())
+    finally:
+        loading.serve_only(None)
+
+
+def test_video_benchmark_runs_every_row_and_the_chain_on_tiny_models(tmp_path):
+    out = tmp_path / "performance.json"
+    proc = subprocess.run([sys.executable, "gpu_video.py", "--tiny", "--device", "cpu", "--out", str(out)],
+                          cwd=REPO / "benchmarks", capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = {r["profile"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"wan-diffusers-baseline", "wan22-fp8", "wan22-lightning", "wan22-offload",
+                         "chain-lightning"}, sorted(rows)
+    for name, row in rows.items():
+        assert "error" not in row and row["finite"], f"{name}: {row.get('error')}"
+        assert row["num_frames"] == 9 and row["stage"] in ("video", "chain") and row["gpus"] == 1
+    chain = rows["chain-lightning"]
+    assert (chain["status"], chain["video_status"]) == ("succeeded", "succeeded"), chain
+    assert sorted(chain["pipelines_loaded"]) == ["edit:lightning", "video:wan22-lightning"], \
+        "in one process, the memory policy keeps both pipelines when they fit"
+    assert rows["wan22-lightning"]["steps"] == 4 and rows["wan22-lightning"]["unrelated_psnr_db"] is not None
+
+
+def test_edit_benchmark_checks_per_request_loras_on_quantized_profiles(tmp_path):
+    proc = subprocess.run([sys.executable, "gpu_edit.py", "--tiny", "--device", "cpu", "--check", "--runs", "1",
+                           "--profiles", "fp8,int4,lightning", "--out", str(tmp_path / "p.json")],
+                          cwd=REPO / "benchmarks", capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    rows = {r["profile"]: r for r in json.loads((tmp_path / "p.json").read_text())}
+    for name in ("fp8", "int4", "lightning"):
+        assert rows[name]["lora_changes_output"] and rows[name]["lora_restores_base"], rows[name]
+        assert rows[name]["psnr_db"] is not None
+    assert rows["diffusers-baseline"]["unrelated_psnr_db"] is not None
