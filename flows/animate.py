@@ -8,16 +8,16 @@
 from __future__ import annotations
 
 import json
-import secrets
 from dataclasses import dataclass, field
 
 from prefect import flow, get_run_logger
+from prefect.states import Completed, Failed
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field, ValidationError
 
 from recast.flows.execution import run_task
-from recast.flows.runs import (check_inputs_allowed, first_set, flow_run_info, new_run_id, now, started_remotely,
-                               take_plan, timestamp, versions)
+from recast.flows.runs import (check_inputs_allowed, check_storage_root, first_set, flow_run_info, new_run_id, now,
+                               started_remotely, take_plan, timestamp, versions)
 from recast.tasks import storage
 from recast.tasks.animate import animate_task
 from recast.tasks.errors import BadInput, first_error
@@ -83,15 +83,15 @@ def plan_animation(request: AnimateRequest, settings: Settings | None = None) ->
     """Everything that can be refused is refused here, before anything is written."""
     settings = settings or get_settings()
     profile = settings.get_video_profile(request.video_profile)
-    handoff_uri = storage.normalize_uri(request.handoff)
-    root = storage.check_scheme("storage", request.storage_root or settings.storage_root)
+    handoff_uri = storage.check_scheme("handoff", request.handoff)
     remote = started_remotely()
+    root = check_storage_root(request.storage_root, settings, remote)
     if remote:
-        check_inputs_allowed([handoff_uri], [root, *settings.allowed_input_roots], field="handoff")
+        check_inputs_allowed([handoff_uri], settings.input_roots, field="handoff")
     handoff = read_handoff(handoff_uri)
     frame_uri = storage.check_scheme("handoff.frame", handoff.frame)
     if remote:
-        check_inputs_allowed([frame_uri], [root, *settings.allowed_input_roots], field="handoff.frame")
+        check_inputs_allowed([frame_uri], settings.input_roots, field="handoff.frame")
     if not storage.exists(frame_uri):
         raise BadInput("handoff.frame", handoff.frame, "frame does not exist", "re-run the edit flow")
     frame = storage.read_image("handoff.frame", frame_uri, settings.max_input_pixels)
@@ -104,6 +104,9 @@ def plan_animation(request: AnimateRequest, settings: Settings | None = None) ->
     else:
         width = snap16("handoff.width", handoff.width, warnings)
         height = snap16("handoff.height", handoff.height, warnings)
+    if width * height > settings.max_clip_pixels:
+        raise BadInput("width x height", f"{width}x{height}", f"{width * height} pixels per frame is over the "
+                       f"limit of {settings.max_clip_pixels}", "use --resolution 480p or 720p, or a smaller size")
     if request.num_frames is not None:
         num_frames = snap_frames("num_frames", request.num_frames, warnings)
     else:
@@ -112,9 +115,13 @@ def plan_animation(request: AnimateRequest, settings: Settings | None = None) ->
         loading.check_available(profile)
 
     moment = now()
-    layout = storage.RunLayout(root, new_run_id(moment))
+    # Into the edit run's own folder (the edit flow's video stage), or a run of its own.
+    run_id = handoff.run_id if request.into_edit_run and handoff.run_id else new_run_id(moment)
+    layout = storage.RunLayout(root, run_id)
     clip_id = "clip-01"
-    seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    # The handoff's seed by default: the same edit run always gives the same clip.
+    seed = first_set(request.seed, handoff.seed)
+    storage.check_writable("storage", root)
     job = AnimateJob(
         clip_id=clip_id, video_profile=profile.name, frame=frame_uri,
         prompt=request.motion_prompt or handoff.motion_prompt,
@@ -123,20 +130,15 @@ def plan_animation(request: AnimateRequest, settings: Settings | None = None) ->
         seed=seed, steps=first_set(request.steps, profile.steps, settings.animate.steps),
         guidance_scale=first_set(request.guidance_scale, profile.guidance_scale, settings.animate.guidance_scale),
         num_frames=num_frames, fps=request.fps or handoff.fps, width=width, height=height,
-        output=layout.clip_uri(clip_id), last_frame=layout.last_frame_uri(clip_id))
+        output=layout.clip_uri(clip_id), last_frame=layout.last_frame_uri(clip_id),
+        control=layout.control_uri(clip_id))
     return AnimatePlan(run_id=layout.run_id, created_at=timestamp(moment), request=request,
                        settings=settings, profile=profile, layout=layout, handoff_uri=handoff_uri, handoff=handoff,
                        job=job, warnings=warnings)
 
 
-def run_clip(job: AnimateJob) -> tuple[ClipResult | None, str | None]:
-    """Submit one clip and wait for it; a failure comes back as (None, reason), not as an exception."""
-    result, message = run_task(animate_task, job)
-    return (result, None) if isinstance(result, ClipResult) else (None, message or "failed")
-
-
 @flow(name="recast-animate", log_prints=True)
-def animate_flow(request: AnimateRequest) -> dict:
+def animate_flow(request: AnimateRequest):
     """Animate the chosen frame of an edit run (its handoff.json); returns the manifest."""
     logger = get_run_logger()
     # 1. Plan (the CLI may have planned it already)
@@ -147,21 +149,26 @@ def animate_flow(request: AnimateRequest) -> dict:
     logger.info("run %s: %d frames %dx%d at %d fps on %s", plan.run_id, job.num_frames, job.width, job.height,
                 job.fps, plan.profile.name)
     # 2. Clip
-    result, message = run_clip(job)
+    outcome = run_task(animate_task, job, stage="animate")
+    result = outcome.result if isinstance(outcome.result, ClipResult) else None
+    message = None if result else (outcome.message or "failed")
     record = ClipRecord.of(job, result, message, storage.redact)
-    # 3. Manifest (last)
+    record.submissions = outcome.submissions
+    # 3. Manifest (last); beside an edit run's own manifest when the clip went into that run
     seconds = (result.seconds + (0.0 if result.cache_hit else result.cold_start_s)) if result else 0.0
     request_dump = request.model_dump()
     request_dump["seed"] = job.seed
     manifest = AnimateManifest(
-        run_id=plan.run_id, folder=storage.redact(plan.layout.folder), created_at=plan.created_at,
+        run_id=plan.run_id, folder=plan.layout.folder, created_at=plan.created_at,
         finished_at=timestamp(), status="succeeded" if result else "failed", request=request_dump,
-        handoff=storage.redact(plan.handoff_uri), warnings=plan.warnings, model=ModelInfo.of(plan.profile),
+        handoff=plan.handoff_uri, warnings=plan.warnings, model=ModelInfo.of(plan.profile),
         versions=versions(), device=loading.describe_device(plan.profile),
         pipeline=PipelineInfo(cold_start_s=result.cold_start_s if result else None,
                               cache_hit=result.cache_hit if result else None),
         clips=[record], cost=Cost.of(seconds, plan.profile, plan.settings), prefect=flow_run_info())
-    storage.write_json(plan.layout.manifest_uri, manifest.model_dump())
+    manifest_uri = plan.layout.video_manifest_uri if request.into_edit_run else plan.layout.manifest_uri
+    dump = dict(storage.redact_all(manifest.model_dump()), manifest=storage.redact(manifest_uri))
+    storage.write_json(manifest_uri, dump)
     create_table_artifact(key="recast-animate-clips", table=[
         {"clip": r.clip_id, "prompt": r.prompt, "seed": r.seed, "frames": r.num_frames, "fps": r.fps,
          "size": f"{r.width}x{r.height}", "seconds": r.seconds, "output": r.output} for r in manifest.clips])
@@ -170,5 +177,5 @@ def animate_flow(request: AnimateRequest) -> dict:
         f"- clip `{record.output}` ({job.num_frames} frames, {job.fps} fps)\n"
         + "".join(f"- warning: {w}\n" for w in plan.warnings)))
     if not result:
-        raise RuntimeError(f"the clip failed: {message}; see {storage.redact(plan.layout.manifest_uri)}")
-    return manifest.model_dump()
+        return Failed(message=f"the clip failed: {message}; see {storage.redact(manifest_uri)}", data=dump)
+    return Completed(message="the clip is written", data=dump)

@@ -37,9 +37,12 @@ def batch_flow(request: BatchRequest) -> dict:
             skipped.append(uri)
             continue
         try:
-            manifest = edit_flow(EditRequest(images=[uri], prompts=request.prompts, seeds=request.seeds,
-                                             steps=request.steps, true_cfg_scale=request.true_cfg_scale,
-                                             profile=request.profile, storage_root=root))
+            state = edit_flow(EditRequest(images=[uri], prompts=request.prompts, seeds=request.seeds,
+                                          steps=request.steps, true_cfg_scale=request.true_cfg_scale,
+                                          profile=request.profile, storage_root=root), return_state=True)
+            manifest = state.result(raise_on_failure=False)
+            if not state.is_completed():
+                raise RuntimeError(state.message)
         except Exception as exc:  # noqa: BLE001 - one bad photo must not stop the batch
             logger.error("%s failed: %s", storage.redact(uri), exc)
             failed.append({"source": storage.redact(uri), "error": str(exc)})

@@ -1,7 +1,7 @@
 """The `recast` command. Its options are generated from the same pydantic models the Prefect UI form uses.
 
-Exit codes: 0 success; 1 the job ran and failed (the reason is printed); 2 bad input (one line on stderr
-naming the field, the value and the fix; nothing written).
+Exit codes: 0 done; 1 the job ran and failed (the reason is printed); 2 bad input (one line on stderr naming the
+field, the value and the fix; nothing written); 3 the run finished but its identity target was not met.
 """
 
 from __future__ import annotations
@@ -10,100 +10,35 @@ import argparse
 import json
 import os
 import sys
-import types
-import typing
-from typing import Any
+from importlib import metadata
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
-from recast.tasks.errors import BadInput, ModelUnavailable, first_error
+from recast.flows.cli_models import (add_model_arguments, describe_file_error, describe_validation_error,
+                                     model_from_args, yaml_keys_help)
+from recast.tasks.errors import BadInput, ModelUnavailable
 from recast.tasks.schemas.requests import AnimateRequest, EditRequest, Storyboard
 from recast.tasks.settings import ConfigError
 
-EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_IDENTITY_NOT_MET = 1, 2, 3
 
 
-# --------------------------------------------------------------------------------------------------
-# pydantic model -> argparse
+def _print_warnings(warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"recast: warning: {warning}", file=sys.stderr)
 
 
-def _flag(name: str, extra: dict) -> str:
-    return extra.get("cli") or "--" + name.replace("_", "-")
+def _theme(prompt: str) -> str:
+    """A prompt's first clause, for one-line messages (never cut mid-word)."""
+    return prompt.split(",")[0].strip()
 
 
-def _unwrap(annotation) -> tuple[type, bool]:
-    """(scalar type, is_list) of a field annotation such as `list[int] | None`."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    if typing.get_origin(annotation) is list:
-        inner = typing.get_args(annotation)[0]
-        inner = typing.get_args(inner)[0] if typing.get_origin(inner) is typing.Annotated else inner
-        return inner, True
-    return annotation, False
-
-
-def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
-    for name, field in model.model_fields.items():
-        extra = dict(field.json_schema_extra or {})
-        scalar, is_list = _unwrap(field.annotation)
-        help_text = field.description
-        if extra.get("cli") == "positional-one":
-            parser.add_argument(name, metavar=extra.get("metavar"), help=help_text)
-            continue
-        if extra.get("cli") == "positional":
-            parser.add_argument(name, nargs="*", metavar=extra.get("metavar"), help=help_text)
-            parser.add_argument("--" + name.rstrip("s"), dest=f"{name}_option", action="append", default=[],
-                                metavar="PATH", help=f"same as {extra.get('metavar', name)} (repeatable)")
-            continue
-        kwargs: dict[str, Any] = dict(dest=name, help=help_text, default=argparse.SUPPRESS)
-        if typing.get_origin(scalar) is typing.Literal:
-            kwargs["choices"] = list(typing.get_args(scalar))
-        elif scalar is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = scalar if scalar in (int, float) else str
-            kwargs["metavar"] = extra.get("metavar")
-            if is_list:
-                kwargs["action"] = "append"
-        parser.add_argument(_flag(name, extra), **kwargs)
-
-
-def model_from_args(model: type[BaseModel], args: argparse.Namespace) -> BaseModel:
-    values = {}
-    for name, field in model.model_fields.items():
-        if (field.json_schema_extra or {}).get("cli") == "positional":
-            values[name] = list(getattr(args, name)) + list(getattr(args, f"{name}_option"))
-        elif hasattr(args, name):
-            value = getattr(args, name)
-            item, is_list = _unwrap(field.annotation)
-            if is_list and isinstance(item, type) and hasattr(item, "parse_cli"):
-                value = [item.parse_cli(v) for v in value]
-            values[name] = value
-    return model.model_validate(values)
-
-
-def describe_validation_error(model: type[BaseModel], exc: ValidationError) -> str:
-    """One line: the CLI flag, the value received, what is wrong and how to fix it."""
-    where, value, message, kind = first_error(exc)
-    name = where.split(".")[0] or "request"
-    field = model.model_fields.get(name)
-    extra = dict(field.json_schema_extra or {}) if field else {}
-    positional = extra.get("cli", "").startswith("positional")
-    flag = extra.get("metavar", name) if positional else _flag(name, extra)
-    schema = model.model_json_schema()["properties"].get(name, {})
-    bounds = next((s for s in [schema, schema.get("items", {}), *schema.get("anyOf", []),
-                               *[s.get("items", {}) for s in schema.get("anyOf", [])]]
-                   if "minimum" in s or "maximum" in s), {})
-    if "minimum" in bounds and "maximum" in bounds:
-        fix = f"use a value from {bounds['minimum']} to {bounds['maximum']}"
-    elif kind in ("too_short", "string_too_short", "missing"):
-        fix = f"give a non-empty {flag}"
-    elif kind == "too_long":
-        fix = f"give at most {exc.errors()[0].get('ctx', {}).get('max_length')} values for {flag}"
-    else:
-        fix = f"see `recast {model.__name__.removesuffix('Request').lower()} --help`"
-    shown = value if not isinstance(value, (dict, BaseModel)) else "(missing)"
-    return f"{flag}={shown!r}: {message}; fix: {fix}"
+def _run(flow, *args, **kwargs) -> tuple[dict | None, str | None]:
+    """Run a flow in this process; (manifest, None) or (manifest or None, the reason it failed)."""
+    state = flow(*args, return_state=True, **kwargs)
+    data = state.result(raise_on_failure=False)
+    manifest = data if isinstance(data, dict) else None
+    return manifest, None if state.is_completed() else (state.message or str(data))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -112,51 +47,80 @@ def describe_validation_error(model: type[BaseModel], exc: ValidationError) -> s
 
 def _edit(args: argparse.Namespace) -> int:
     request = model_from_args(EditRequest, args)
-    from recast.flows.edit import edit_flow, plan_run, progress_listeners
+    from recast.flows.edit import plan_run
     from recast.flows.runs import remember_plan
-    from recast.tasks import storage
 
     plan = plan_run(request)  # refuse bad input here, before Prefect starts or anything is written
     remember_plan("edit", request, plan)  # the flow runs this plan instead of reading everything again
     for prompt, warnings in plan.prompt_warnings.items():
-        _print_warnings([f"prompt {prompt[:40]!r}: {w}" for w in warnings])
+        _print_warnings([f"prompt '{_theme(prompt)}': {w}" for w in warnings])
+    return _run_edit(request, args.json)
 
-    bar = _progress_bar(quiet=args.json)
-    progress_listeners.append(bar)
+
+def _resume(args: argparse.Namespace) -> int:
+    from recast.flows.edit import load_resume
+
+    request, _ = load_resume(args.run, args.storage)  # refuses a run that is not there, or complete
+    if args.storage:
+        request = request.model_copy(update={"storage_root": args.storage})
+    return _run_edit(request, args.json, resume=args.run)
+
+
+def _run_edit(request: EditRequest, as_json: bool, resume: str | None = None) -> int:
+    from recast.flows.edit import edit_flow, progress_listeners
+
+    progress = _Progress(quiet=as_json)
+    progress_listeners.append(progress)
     try:
-        manifest = edit_flow(request)
+        manifest, failure = _run(edit_flow, request, resume=resume)
     finally:
-        progress_listeners.remove(bar)
-        bar.close()
-    manifest_uri = storage.join(manifest["folder"], "manifest.json")
-    if args.json:
+        progress_listeners.remove(progress)
+        progress.close()
+    if manifest is None:
+        print(f"recast edit: failed: {failure}", file=sys.stderr)
+        return EXIT_FAILED
+    if as_json:
         print(json.dumps(manifest, indent=2, default=str))
-        return 0
+    else:
+        _print_edit_summary(manifest)
+    if manifest["status"] == "failed":
+        print(f"recast edit: failed: {failure}", file=sys.stderr)
+        return EXIT_FAILED
+    if manifest["status"] == "identity_not_met":
+        target = manifest["identity_target"]
+        print(f"recast edit: identity target {target['grade']} not met (best: {target['best_grade']}); nothing was "
+              "handed to video (--handoff-below-target hands the best anyway)", file=sys.stderr)
+        return EXIT_IDENTITY_NOT_MET
+    return 0
+
+
+def _print_edit_summary(manifest: dict) -> None:
+    from recast.tasks import storage
+
     ok = [e for e in manifest["edits"] if e["status"] == "succeeded"]
     print(f"recast run {manifest['run_id']}: {manifest['status']} ({len(ok)}/{len(manifest['edits'])} edits, "
           f"profile {manifest['model']['profile']}, {manifest['device']})")
-    print(f"  {'theme':32} {'identity':10} {'score':>6} {'seed':>10} {'seconds':>8}  output")
+    print(f"  {'theme':30} {'try':>3} {'identity':10} {'score':>6} {'seed':>10} {'seconds':>8}  output")
     for edit in manifest["edits"]:
         where = edit["output"] if edit["status"] == "succeeded" else f"FAILED: {edit['error']}"
         seconds = f"{edit['seconds']:.2f}" if edit["seconds"] is not None else "-"
         score = edit["identity"].get("score")
-        print(f"  {edit['prompt'].split(',')[0][:32]:32} {str(edit['identity'].get('grade') or '-'):10} "
+        print(f"  {_theme(edit['prompt'])[:30]:30} {edit['attempt']:>3} {str(edit['identity'].get('grade') or '-'):10} "
               f"{'-' if score is None else format(score, '.3f'):>6} {edit['seed']:>10} {seconds:>8}  {where}")
+    target = manifest.get("identity_target")
+    if target:
+        print(f"  identity target {target['grade']}: {'met' if target['met'] else 'NOT met'} "
+              f"(best {target['best_grade']})")
     if manifest.get("contact_sheet"):
         print(f"  contact sheet: {manifest['contact_sheet']}")
     print(f"  pipeline: cold start {manifest['pipeline']['cold_start_s']}s, cache hit {manifest['pipeline']['cache_hit']}")
     print(f"  handoff: {manifest['handoff']}")
     animation = manifest.get("animation")
     if animation:
-        clips = ", ".join(c["output"] for c in animation.get("clips", [])) or animation.get("error", "")
+        clips = ", ".join(c["output"] or f"FAILED: {c['error']}" for c in animation.get("clips", [])) \
+            or animation.get("error", "")
         print(f"  video ({animation['mode']}): {animation['status']}: {clips}")
-    print(manifest_uri)
-    return 0
-
-
-def _print_warnings(warnings: list[str]) -> None:
-    for warning in warnings:
-        print(f"recast: warning: {warning}", file=sys.stderr)
+    print(storage.join(manifest["folder"], "manifest.json"))
 
 
 def _animate(args: argparse.Namespace) -> int:
@@ -167,19 +131,66 @@ def _animate(args: argparse.Namespace) -> int:
     plan = plan_animation(request)  # refuse bad input before Prefect starts
     remember_plan("animate", request, plan)
     _print_warnings(plan.warnings)
-    manifest = animate_flow(request)
-    if args.json:
+    manifest, failure = _run(animate_flow, request)
+    if manifest is not None and args.json:
         print(json.dumps(manifest, indent=2, default=str))
-        return 0
-    clip = manifest["clips"][0]
-    print(f"recast animate {manifest['run_id']}: {manifest['status']} ({clip['num_frames']} frames "
-          f"{clip['width']}x{clip['height']} at {clip['fps']} fps, seed {clip['seed']}, {clip['seconds']:.2f}s, "
-          f"profile {manifest['model']['profile']})")
-    print(f"  clip: {clip['output']}\n  last frame: {clip['last_frame']}")
+    elif manifest is not None:
+        clip = manifest["clips"][0]
+        print(f"recast animate {manifest['run_id']}: {manifest['status']} ({clip['num_frames']} frames "
+              f"{clip['width']}x{clip['height']} at {clip['fps']} fps, seed {clip['seed']}, profile "
+              f"{manifest['model']['profile']})")
+        print(f"  clip: {clip['output'] or 'FAILED: ' + str(clip['error'])}\n  last frame: {clip['last_frame']}")
+        print(manifest["manifest"])
+    if failure:
+        print(f"recast animate: failed: {failure}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def _storyboard(args: argparse.Namespace) -> int:
+    import yaml
+
     from recast.tasks import storage
 
-    print(storage.join(manifest["folder"], "manifest.json"))
+    try:
+        data = yaml.safe_load(storage.read_bytes(storage.check_scheme("FILE", args.file)))
+    except FileNotFoundError:
+        raise BadInput("FILE", args.file, "file does not exist", "pass a storyboard YAML file") from None
+    except yaml.YAMLError as exc:
+        raise BadInput("FILE", args.file, f"not valid YAML ({str(exc).splitlines()[0]})", "fix the YAML") from None
+    if not isinstance(data, dict):
+        raise BadInput("FILE", args.file, "expected a mapping with 'scenes'", "see `recast storyboard --help`")
+    for option, key in (("image", "reference"), ("storage", "storage_root"), ("profile", "profile"),
+                        ("video_profile", "video_profile")):
+        if getattr(args, option):
+            data[key] = getattr(args, option)
+    try:
+        board = Storyboard.model_validate(data)
+    except ValidationError as exc:
+        raise _FileError(describe_file_error(args.file, Storyboard, exc)) from None
+    from recast.flows.runs import remember_plan
+    from recast.flows.storyboard import check_storyboard, storyboard_flow
+
+    plan = check_storyboard(board)
+    remember_plan("storyboard", board, plan)
+    _print_warnings(plan.prompt_warnings)
+    manifest, failure = _run(storyboard_flow, board)
+    if manifest is not None and args.json:
+        print(json.dumps(manifest, indent=2, default=str))
+    elif manifest is not None:
+        print(f"recast storyboard {manifest['run_id']}: {manifest['status']} ({len(manifest['scenes'])} scenes)")
+        for scene in manifest["scenes"]:
+            print(f"  scene {scene['scene']}: {scene.get('status')} from {scene['source']}: {scene.get('clip')}")
+        print(f"  stitched: {manifest['stitched']['output']} ({manifest['stitched']['num_frames']} frames)")
+        print(storage.join(manifest["folder"], "manifest.json"))
+    if failure:
+        print(f"recast storyboard: failed: {failure}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
+
+
+class _FileError(ValueError):
+    """A file that does not validate: the message names the file, where in it, and the fix."""
 
 
 def _identity(args: argparse.Namespace) -> int:
@@ -210,47 +221,17 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _storyboard(args: argparse.Namespace) -> int:
-    import yaml
+class _Progress:
+    """Edits done: one live bar on a terminal, a plain line per edit in a log (no bar codes in files)."""
 
-    from recast.tasks import storage
-
-    try:
-        data = yaml.safe_load(storage.read_bytes(storage.check_scheme("FILE", args.file)))
-    except FileNotFoundError:
-        raise BadInput("FILE", args.file, "file does not exist", "pass a storyboard YAML file") from None
-    except yaml.YAMLError as exc:
-        raise BadInput("FILE", args.file, f"not valid YAML ({str(exc).splitlines()[0]})", "fix the YAML") from None
-    if not isinstance(data, dict):
-        raise BadInput("FILE", args.file, "expected a mapping with 'scenes'", "see the README's storyboard example")
-    for option, key in (("image", "reference"), ("storage", "storage_root"), ("profile", "profile"),
-                        ("video_profile", "video_profile")):
-        if getattr(args, option):
-            data[key] = getattr(args, option)
-    board = Storyboard.model_validate(data)
-    from recast.flows.runs import remember_plan
-    from recast.flows.storyboard import check_storyboard, storyboard_flow
-
-    remember_plan("storyboard", board, check_storyboard(board))
-    manifest = storyboard_flow(board)
-    if args.json:
-        print(json.dumps(manifest, indent=2, default=str))
-        return 0
-    print(f"recast storyboard {manifest['run_id']}: {manifest['status']} ({len(manifest['scenes'])} scenes)")
-    for scene in manifest["scenes"]:
-        print(f"  scene {scene['scene']}: {scene.get('status')} from {scene['source']}: {scene.get('clip')}")
-    print(f"  stitched: {manifest['stitched']['output']} ({manifest['stitched']['num_frames']} frames)")
-    print(storage.join(manifest["folder"], "manifest.json"))
-    return 0
-
-
-class _progress_bar:
     def __init__(self, quiet: bool):
-        self._bar = None
-        self._quiet = quiet
+        self._bar, self._quiet, self._tty = None, quiet, sys.stderr.isatty()
 
     def __call__(self, done: int, total: int) -> None:
         if self._quiet:
+            return
+        if not self._tty:
+            print(f"recast: {done}/{total} edits done", file=sys.stderr, flush=True)
             return
         if self._bar is None:
             from tqdm import tqdm
@@ -263,8 +244,13 @@ class _progress_bar:
             self._bar.close()
 
 
+# --------------------------------------------------------------------------------------------------
+# The parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recast", description="Identity-preserving photo edits -> video.")
+    parser.add_argument("--version", action="version", version=f"recast {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     edit = sub.add_parser("edit", help="edit photos of a person with one or more prompts",
                           description=EditRequest.__doc__)
@@ -272,13 +258,24 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--json", action="store_true", help="print the manifest as JSON instead of a summary")
     edit.set_defaults(handler=_edit, model=EditRequest)
 
+    resume = sub.add_parser("resume", help="finish an edit run whose process died, in the same folder",
+                            description="Resume an edit run that did not finish (no manifest.json): what it had "
+                            "done is kept, the rest runs, and the manifest records every attempt.")
+    resume.add_argument("run", metavar="RUN", help="the run id (a folder under runs/), or the run folder's URI")
+    resume.add_argument("--storage", help="the storage root the run is under (default ./artifacts)")
+    resume.add_argument("--json", action="store_true", help="print the manifest as JSON instead of a summary")
+    resume.set_defaults(handler=_resume, model=None)
+
     animate = sub.add_parser("animate", help="animate an edit run's chosen frame (its handoff.json)",
                              description=AnimateRequest.__doc__)
     add_model_arguments(animate, AnimateRequest)
     animate.add_argument("--json", action="store_true", help="print the manifest as JSON")
     animate.set_defaults(handler=_animate, model=AnimateRequest)
 
-    ident = sub.add_parser("identity", help="score images against a reference photo's face")
+    ident = sub.add_parser("identity", help="score images against a reference photo's face",
+                           description="Grade how well each image keeps the identity of the reference photo's "
+                           "face (YuNet + SFace cosine: Excellent, Good, Drifted, Lost; unscorable when the "
+                           "reference has no face).")
     ident.add_argument("reference", metavar="REFERENCE", help="photo of the person")
     ident.add_argument("images", metavar="IMAGE", nargs="+", help="images to score")
     ident.add_argument("--json", action="store_true", help="print the scores as JSON")
@@ -286,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="serve edit and/or animate tasks, keeping the models loaded (one GPU)",
                             description="Load and warm the models, then serve Prefect task runs one at a time. "
-                            "A worker serves only the profiles it loaded.")
+                            "A worker serves only the profiles it loaded. Needs a Prefect server (PREFECT_API_URL).")
     worker.add_argument("kinds", nargs="+", choices=["edit", "animate"], metavar="{edit,animate}",
                         help="which tasks this worker serves (both: one process for the whole chain)")
     worker.add_argument("--gpu", type=int, default=None, help="GPU index (sets CUDA_VISIBLE_DEVICES)")
@@ -296,8 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(handler=_worker, model=None)
 
     board = sub.add_parser("storyboard", help="edit and animate a storyboard of scenes, stitched into one video",
-                           description=Storyboard.__doc__)
-    board.add_argument("file", metavar="FILE.yaml", help="storyboard: reference (optional), scenes, num_frames, fps")
+                           description=Storyboard.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="The YAML file's keys:\n" + yaml_keys_help(Storyboard))
+    board.add_argument("file", metavar="FILE.yaml", help="the storyboard (its keys are listed below)")
     board.add_argument("--image", help="the person's photo (overrides the file's reference)")
     board.add_argument("--storage", help="where the run is written (default ./artifacts)")
     board.add_argument("--profile", help="edit model profile")
@@ -307,9 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    try:
+        return metadata.version("recast")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
-    # Offline by design: no usage telemetry from the embedded Prefect server.
+    # Offline by design (no telemetry from the embedded server), and Prefect's own INFO lines stay out of the
+    # terminal: recast prints its progress and the reasons itself. A deployment's workers set their own level.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -317,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"recast {args.command}: {describe_validation_error(args.model, exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (BadInput, ConfigError) as exc:
+    except (BadInput, ConfigError, _FileError) as exc:
         print(f"recast {args.command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ModelUnavailable as exc:

@@ -1,16 +1,18 @@
-"""The edit flow: request -> verified inputs -> every (prompt, seed) edit -> handoff -> manifest.
+"""The edit flow: request -> verified inputs -> every (prompt, seed) edit -> handoff -> video -> manifest.
 
-    1. Plan: resolve settings and profile, verify every input photo, draw missing seeds (nothing written yet)
-    2. Copy the inputs into the run folder
-    3. Run every (prompt, seed) edit on the one loaded pipeline; a failed edit is recorded, not fatal
-    4. Write the handoff for the image-to-video stage (the first successful edit is the chosen frame)
-    5. Hand over to the video stage as configured: inline subflow, deployment run, or none
-    6. Write the manifest, last: its presence means the run is complete
-    7. Show the run in the Prefect UI: results table and summary
+    1. Plan: settings, profiles, inputs verified, seeds drawn, storage checked (nothing written yet)
+    2. Copy the inputs into the run folder, with the plan (plan.json), from which a crashed run is resumed
+    3. Run every (prompt, seed) edit: fanned out to task workers, or in turn in this process; an edit below
+       min_identity is tried again with a new seed; every attempt is recorded (.jobs/), a failure is not fatal
+    4. Handoff: the best identity among the edits that met the target (any edit, without a target)
+    5. Video stage: the animate flow inline (its clip in this run's folder), a deployment run, or none
+    6. Manifest, last: its presence means the run is complete
+    7. The Prefect UI: results table and summary
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,10 +20,11 @@ from dataclasses import dataclass
 from prefect import flow, get_run_logger
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
+from prefect.states import Completed, Failed
 
-from recast.flows.execution import run_task
-from recast.flows.runs import (check_inputs_allowed, first_set, flow_run_info, new_run_id, now, slug,
-                               started_remotely, take_plan, theme, timestamp, versions)
+from recast.flows.execution import Outcome, run_chains
+from recast.flows.runs import (check_inputs_allowed, check_storage_root, first_set, flow_run_info, new_run_id, now,
+                               slug, started_remotely, take_plan, theme, timestamp, versions)
 from recast.tasks import identity, storage
 from recast.tasks import prompts as prompt_checks
 from recast.tasks.edit import edit_task
@@ -31,11 +34,12 @@ from recast.tasks.models import loading
 from recast.tasks.models.lora import check_lora_file
 from recast.tasks.schemas.fields import MAX_SEED
 from recast.tasks.schemas.jobs import EditJob, EditResult, ResolvedLora
-from recast.tasks.schemas.manifests import (Cost, EditRecord, Handoff, IdentityRecord, Manifest, ModelInfo,
-                                            PipelineInfo)
+from recast.tasks.schemas.manifests import (Cost, EditRecord, Handoff, IdentityRecord, IdentityTarget, Manifest,
+                                            ModelInfo, PipelineInfo)
 from recast.tasks.schemas.requests import AnimateRequest, EditRequest
-from recast.tasks.schemas.settings import ModelProfile, Settings
+from recast.tasks.schemas.settings import ModelProfile, Settings, VideoProfile
 from recast.tasks.settings import get_settings
+from recast.tasks.sheets import contact_sheet
 
 # Called with (edits done, edits total) as the run advances; the CLI hangs its progress bar here.
 ProgressListener = Callable[[int, int], None]
@@ -49,6 +53,7 @@ class RunPlan:
     request: EditRequest
     settings: Settings
     profile: ModelProfile
+    video_profile: VideoProfile | None
     layout: storage.RunLayout
     images: list[storage.InputImage]
     seeds: list[int]
@@ -65,20 +70,25 @@ class RunPlan:
         for p_index, prompt in enumerate(self.prompts, start=1):
             for seed in self.seeds:
                 edit_id = f"{p_index:02d}-{slug(prompt)}-s{seed}"
-                jobs.append(EditJob(loras=self.loras,
-                    edit_id=edit_id, profile=self.profile.name, inputs=input_uris, prompt=prompt,
+                jobs.append(EditJob(
+                    loras=self.loras, edit_id=edit_id, profile=self.profile.name, inputs=input_uris, prompt=prompt,
                     negative_prompt=req.negative_prompt if req.negative_prompt is not None else defaults.negative_prompt,
                     seed=seed, steps=first_set(req.steps, self.profile.steps, defaults.steps),
                     true_cfg_scale=first_set(req.true_cfg_scale, self.profile.true_cfg_scale, defaults.true_cfg_scale),
-                    width=width, height=height, output=self.layout.edit_uri(edit_id)))
+                    width=width, height=height, output=self.layout.edit_uri(edit_id),
+                    control=self.layout.control_uri(edit_id)))
         return jobs
 
 
-def plan_run(request: EditRequest, settings: Settings | None = None) -> RunPlan:
-    """Everything that can be refused is refused here, before anything is written."""
+def plan_run(request: EditRequest, settings: Settings | None = None, resume: dict | None = None) -> RunPlan:
+    """Everything that can be refused is refused here, before anything is written. `resume`: a crashed run's
+    plan.json, whose run id, seeds and inputs are kept."""
     settings = settings or get_settings()
     profile = settings.get_profile(request.profile)
-    root = storage.check_scheme("storage", request.storage_root or settings.storage_root)
+    mode = settings.handoff.mode
+    video = settings.get_video_profile(request.video_profile) if mode != "none" or request.video_profile else None
+    remote = started_remotely()
+    root = check_storage_root(request.storage_root, settings, remote)
     prompts = list(request.prompts)
     if request.template:
         prompts.append(prompt_checks.fill(request.template, prompt_checks.parse_assignments(request.template_fields)))
@@ -91,21 +101,43 @@ def plan_run(request: EditRequest, settings: Settings | None = None) -> RunPlan:
         for prompt, found in warnings.items():
             if found:
                 raise BadInput("--prompt", prompt, f"prompt check: {found[0]}", "reword it, or run without --strict")
-    if started_remotely():
-        check_inputs_allowed(request.images, [root, *settings.allowed_input_roots])
-    images = [storage.read_image(f"images[{i}]", uri, settings.max_input_pixels)
-              for i, uri in enumerate(request.images)]
+    images_in = resume["inputs"] if resume else request.images
+    if remote:
+        check_inputs_allowed(images_in, settings.input_roots)
+        for index, lora in enumerate(request.loras):
+            check_inputs_allowed([lora.source], settings.input_roots, field=f"loras[{index}].source")
+    images = [storage.read_image(f"images[{i}]", uri, settings.max_input_pixels) for i, uri in enumerate(images_in)]
     loras = [check_lora_file(f"loras[{i}].source", lora) for i, lora in enumerate(request.loras)]
-    # Fails in seconds when the model cannot be had here (no GPU, not cached and no hub). With task workers the
-    # model lives on the workers' machines, not here.
+    # Fails in seconds when a model cannot be had here (no GPU, not cached and no hub). With task workers the
+    # models live on the workers' machines, not here.
     if settings.execution == "local":
         loading.check_available(profile)
-    seeds = list(dict.fromkeys(request.seeds)) if request.seeds else [secrets.randbelow(MAX_SEED + 1)]
+        if mode == "inline":
+            loading.check_available(video)
+    seeds = resume["seeds"] if resume else (list(dict.fromkeys(request.seeds)) if request.seeds
+                                            else [secrets.randbelow(MAX_SEED + 1)])
     moment = now()
-    run_id = new_run_id(moment)
-    return RunPlan(run_id=run_id, created_at=timestamp(moment), request=request, settings=settings,
-                   profile=profile, layout=storage.RunLayout(root, run_id), images=images, seeds=seeds,
-                   prompts=prompts, prompt_warnings={p: w for p, w in warnings.items() if w}, loras=loras)
+    run_id = resume["run_id"] if resume else new_run_id(moment)
+    storage.check_writable("storage", root)  # last: it creates the root folder, as the run would
+    return RunPlan(run_id=run_id, created_at=resume["created_at"] if resume else timestamp(moment), request=request,
+                   settings=settings, profile=profile, video_profile=video, layout=storage.RunLayout(root, run_id),
+                   images=images, seeds=seeds, prompts=prompts,
+                   prompt_warnings={p: w for p, w in warnings.items() if w}, loras=loras)
+
+
+def load_resume(run: str, storage_root: str | None = None) -> tuple[EditRequest, dict]:
+    """The request and plan of a run to resume: `run` is a run id (under the storage root) or a run folder URI."""
+    settings = get_settings()
+    folder = run if "/" in run else storage.join(storage.normalize_uri(storage_root or settings.storage_root),
+                                                 "runs", run)
+    uri = storage.join(storage.check_scheme("RUN", folder), "plan.json")
+    if not storage.exists(uri):
+        raise BadInput("RUN", run, "no plan.json there: not an edit run, or it crashed before its inputs were written",
+                       "pass a run id under the storage root (see runs/), or the run folder")
+    if storage.exists(storage.join(folder, "manifest.json")):
+        raise BadInput("RUN", run, "the run is complete (it has a manifest.json)", "start a new run instead")
+    saved = json.loads(storage.read_bytes(uri))
+    return EditRequest.model_validate(saved["request"]), saved
 
 
 def handoff_size(width: int, height: int, area: int) -> tuple[int, int]:
@@ -117,7 +149,10 @@ def _report_progress(progress_id, done: int, total: int) -> None:
     for listener in progress_listeners:
         listener(done, total)
     if progress_id is not None:
-        update_progress_artifact(progress_id, progress=100.0 * done / total)
+        try:
+            update_progress_artifact(progress_id, progress=100.0 * done / total)
+        except Exception as exc:  # noqa: BLE001 - the UI's progress bar must never stop the run (server restarting)
+            get_run_logger().warning("could not update the progress artifact: %s", exc)
 
 
 def _flow_run_name() -> str:
@@ -130,79 +165,125 @@ def _flow_run_name() -> str:
 
 
 @flow(name="recast-edit", flow_run_name=_flow_run_name, log_prints=True)
-def edit_flow(request: EditRequest) -> dict:
-    """Edit a person's photo with every prompt and seed of the request; returns the manifest."""
+def edit_flow(request: EditRequest, resume: str | None = None):
+    """Edit a person's photo with every prompt and seed of the request; returns the manifest.
+
+    `resume`: the run id of a run whose process died; it goes on in the same folder and redoes nothing done."""
     logger = get_run_logger()
 
     # 1. Plan (validates everything; nothing is written if it raises). The CLI may have planned it already.
-    plan = take_plan("edit", request) or plan_run(request)
+    saved = load_resume(resume, request.storage_root)[1] if resume else None
+    plan = take_plan("edit", request) or plan_run(request, resume=saved)
     profile, layout = plan.profile, plan.layout
-    logger.info("run %s: %d prompt(s) x %d seed(s) on profile %s -> %s", plan.run_id, len(request.prompts),
-                len(plan.seeds), profile.name, storage.redact(layout.folder))
+    logger.info("run %s: %d prompt(s) x %d seed(s) on profile %s -> %s%s", plan.run_id, len(plan.prompts),
+                len(plan.seeds), profile.name, storage.redact(layout.folder), " (resumed)" if saved else "")
 
-    # 2. Inputs
-    input_uris = []
-    for index, image in enumerate(plan.images):
-        uri = layout.input_uri(index, image.uri, image.format)
-        input_uris.append(storage.write_bytes(uri, image.data))
+    # 2. Inputs and the plan
+    input_uris = saved["inputs"] if saved else [
+        storage.write_bytes(layout.input_uri(index, image.uri, image.format), image.data)
+        for index, image in enumerate(plan.images)]
+    if not saved:
+        storage.write_json(layout.plan_uri, {"run_id": plan.run_id, "created_at": plan.created_at,
+                                             "request": request.model_dump(), "seeds": plan.seeds, "inputs": input_uris})
 
-    # 3. Edits
+    # 3. Edits, fanned out; each chain of attempts kept with its job, in request order
     jobs = plan.jobs(input_uris)
     progress_id = create_progress_artifact(progress=0.0, description=f"recast run {plan.run_id}: edits done")
-    records: list[EditRecord] = []
-    results: list[EditResult] = []
-    attempts = request.max_attempts if request.min_identity else 1
-    for done, job in enumerate(jobs, start=1):
-        for attempt in range(1, attempts + 1):
-            result, message = run_task(edit_task, job)
-            if not isinstance(result, EditResult):
-                result = None
-                logger.error("edit %s failed: %s", job.edit_id, message)
-            else:
-                results.append(result)
-                logger.info("edit %s done in %.2fs (cache_hit=%s, identity %s)", job.edit_id, result.seconds,
-                            result.cache_hit, (result.identity or {}).get("grade"))
-            records.append(_record(job, result, message, plan, attempt))
-            grade = (result.identity or {}).get("grade") if result else None
-            if result is None or request.min_identity is None or identity.meets(grade, request.min_identity):
-                break
-            if attempt < attempts:  # below the requested grade: same prompt, new seed
-                seed = secrets.randbelow(MAX_SEED + 1)
-                edit_id = f"{job.edit_id.rsplit('-s', 1)[0]}-s{seed}"
-                logger.info("edit %s graded %s (< %s): attempt %d with seed %d", job.edit_id, grade,
-                            request.min_identity, attempt + 1, seed)
-                job = job.model_copy(update=dict(seed=seed, edit_id=edit_id, output=layout.edit_uri(edit_id)))
+    chains: list[list[EditRecord]] = [[] for _ in jobs]
+    attempts = [_edit_chain(job, plan) for job in jobs]
+    for done, (index, chain) in enumerate(run_chains(edit_task, attempts, stage="edit"), start=1):
+        chains[index] = chain
         _report_progress(progress_id, done, len(jobs))
+    records = [record for chain in chains for record in chain]
 
-    # 4. Handoff
+    # 4. Handoff: the best identity among the edits that met the target
+    target = _identity_target(plan, chains)
+    eligible = [r for r in records if r.status == "succeeded" and (target is None or target.met_by(r)
+                                                                    or request.handoff_below_target)]
     handoff_uri = None
-    if results:
-        # The best-scoring identity goes to video; among equals (or unscored), the first.
-        chosen = max(results, key=lambda r: (r.identity or {}).get("score") or -1.0)
+    if eligible:
+        chosen = max(eligible, key=lambda r: r.identity.score if r.identity.score is not None else -1.0)
         width, height = handoff_size(chosen.width, chosen.height, profile.handoff_area)
         handoff = Handoff(run_id=plan.run_id, frame=chosen.output, edit_id=chosen.edit_id,
                           motion_prompt=request.motion_prompt or plan.settings.handoff.motion_prompt,
                           width=width, height=height, num_frames=plan.settings.handoff.num_frames,
                           fps=plan.settings.handoff.fps, seed=chosen.seed, manifest=layout.manifest_uri)
         handoff_uri = storage.write_json(layout.handoff_uri, handoff.model_dump())
+    elif target is not None and any(r.status == "succeeded" for r in records):
+        logger.warning("no edit reached identity %s: nothing is handed to video (handoff_below_target hands the "
+                       "best anyway)", target.grade)
 
     # 5. Video stage
     animation = hand_over(handoff_uri, plan) if handoff_uri else None
 
     # 6. Manifest (last), after the contact sheet it points to
-    manifest = _manifest(plan, records, results, handoff_uri)
+    manifest = _manifest(plan, records, handoff_uri, target, resumed=saved is not None)
     manifest.animation = animation
-    if results:
+    if any(r.output for r in records):
         manifest.contact_sheet = storage.write_bytes(
             storage.join(layout.folder, "contact_sheet.png"),
             storage.png_bytes(contact_sheet(plan.images[0].data, manifest.edits)))
-    storage.write_json(layout.manifest_uri, manifest.model_dump())
+    storage.write_json(layout.manifest_uri, storage.redact_all(manifest.model_dump()))
+    storage.remove_tree(storage.join(layout.folder, ".jobs"))  # heartbeats and records: the manifest holds it all
 
     # 7. UI
     _publish(manifest, layout.manifest_uri)
-    if not results:
-        raise RuntimeError(f"all {len(jobs)} edits failed; see {storage.redact(layout.manifest_uri)}")
-    return manifest.model_dump()
+    dump = storage.redact_all(manifest.model_dump())
+    if manifest.status == "failed":
+        reason = next((r.error for r in records if r.error), "no edit succeeded")
+        return Failed(message=f"all {len(records)} edits failed: {reason}; see {storage.redact(layout.manifest_uri)}",
+                      data=dump)
+    if manifest.status == "identity_not_met":
+        return Failed(message=f"no edit reached identity {target.grade} (best: {target.best_grade}); see "
+                      f"{storage.redact(layout.manifest_uri)}", data=dump)
+    return Completed(message=f"{manifest.status}: {len(records)} edit attempts", data=dump)
+
+
+def _edit_chain(job: EditJob, plan: RunPlan):
+    """One (prompt, seed), as a chain for run_chains: yields each attempt's job until the identity target is met
+    (a new seed each time) or attempts run out; returns the attempts' records. Attempts already recorded (a resumed
+    run) are read back, not redone."""
+    request, layout = plan.request, plan.layout
+    attempts = request.max_attempts if request.min_identity else 1
+    chain: list[EditRecord] = []
+    base = job.edit_id.rsplit("-s", 1)[0]
+    for attempt in range(1, attempts + 1):
+        record = _recorded(layout, job.edit_id)
+        if record is None:
+            outcome: Outcome = yield job
+            result = outcome.result if isinstance(outcome.result, EditResult) else None
+            record = _record(job, result, outcome.message, plan, attempt, outcome.submissions)
+            storage.write_json(layout.record_uri(job.edit_id), record.model_dump())
+        chain.append(record)
+        if record.status == "failed" or request.min_identity is None or \
+                identity.meets(record.identity.grade, request.min_identity):
+            break
+        if attempt < attempts:  # below the requested grade: same prompt, a new seed (kept in the chain's record)
+            seed = record.next_seed if record.next_seed is not None else secrets.randbelow(MAX_SEED + 1)
+            if record.next_seed is None:
+                record.next_seed = seed
+                storage.write_json(layout.record_uri(job.edit_id), record.model_dump())
+            edit_id = f"{base}-s{seed}"
+            job = job.model_copy(update=dict(seed=seed, edit_id=edit_id, output=layout.edit_uri(edit_id),
+                                             control=layout.control_uri(edit_id)))
+    return chain
+
+
+def _recorded(layout: storage.RunLayout, edit_id: str) -> EditRecord | None:
+    uri = layout.record_uri(edit_id)
+    return EditRecord.model_validate_json(storage.read_bytes(uri)) if storage.exists(uri) else None
+
+
+def _identity_target(plan: RunPlan, chains: list[list[EditRecord]]) -> IdentityTarget | None:
+    wanted = plan.request.min_identity
+    if wanted is None:
+        return None
+    missed = [chain[-1].edit_id for chain in chains if chain and chain[-1].status == "succeeded"
+              and not identity.meets(chain[-1].identity.grade, wanted)]
+    grades = [r.identity.grade for chain in chains for r in chain if r.status == "succeeded"]
+    best = max(grades, key=lambda g: identity.GRADE_ORDER.index(g) if g in identity.GRADE_ORDER else -1,
+               default=None)
+    return IdentityTarget(grade=wanted, met=not missed and bool(grades), missed=missed, best_grade=best)
 
 
 def hand_over(handoff_uri: str, plan: RunPlan) -> dict | None:
@@ -210,18 +291,22 @@ def hand_over(handoff_uri: str, plan: RunPlan) -> dict | None:
     mode = plan.settings.handoff.mode
     if mode == "none":
         return None
+    # The clip lands in this run's folder (clips/), with the edit's seed: the same edit gives the same clip.
     request = AnimateRequest(handoff=handoff_uri, storage_root=plan.layout.root,
-                             video_profile=plan.request.video_profile)
+                             video_profile=plan.request.video_profile, into_edit_run=True)
     logger = get_run_logger()
     try:
         if mode == "inline":
             from recast.flows.animate import animate_flow  # the edit flow is built on it (a subflow)
 
-            manifest = animate_flow(request)
+            state = animate_flow(request, return_state=True)
+            manifest = state.result(raise_on_failure=False)
+            if not isinstance(manifest, dict):
+                return {"mode": mode, "status": "failed", "error": state.message}
             return {"mode": mode, "status": manifest["status"], "run_id": manifest["run_id"],
-                    "manifest": storage.join(manifest["folder"], "manifest.json"),
+                    "manifest": manifest["manifest"],
                     "clips": [{k: c[k] for k in ("clip_id", "output", "last_frame", "num_frames", "fps", "width",
-                                                 "height", "seconds")} for c in manifest["clips"]]}
+                                                 "height", "seconds", "error")} for c in manifest["clips"]]}
         from prefect.deployments import run_deployment
 
         # The video model lives on its own GPU pool; this flow waits for it as a subflow.
@@ -234,74 +319,70 @@ def hand_over(handoff_uri: str, plan: RunPlan) -> dict | None:
         return {"mode": mode, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
 
 
-def _record(job: EditJob, result: EditResult | None, message: str | None, plan: RunPlan, attempt: int) -> EditRecord:
+def _record(job: EditJob, result: EditResult | None, message: str | None, plan: RunPlan, attempt: int,
+            submissions: list[dict]) -> EditRecord:
     scored = dict(result.identity or {}) if result else {}
     scorer_notes = scored.pop("notes", "")
     return EditRecord(
-        attempt=attempt, prompt_warnings=plan.prompt_warnings.get(job.prompt, []),
+        attempt=attempt, prompt_warnings=plan.prompt_warnings.get(job.prompt, []), submissions=submissions,
         loras=[lora.model_copy(update=dict(source=storage.redact(lora.source))) for lora in job.loras],
         edit_id=job.edit_id, status="succeeded" if result else "failed", prompt=job.prompt,
         negative_prompt=job.negative_prompt, seed=job.seed, steps=job.steps, true_cfg_scale=job.true_cfg_scale,
         inputs=[storage.redact(u) for u in job.inputs], output=result.output if result else None,
         width=result.width if result else job.width, height=result.height if result else job.height,
         seconds=result.seconds if result else None, cache_hit=result.cache_hit if result else None,
-        error=None if result else (message or "failed"),
+        cold_start_s=result.cold_start_s if result else None, error=None if result else (message or "failed"),
         identity=IdentityRecord(notes=plan.request.identity_notes, scorer_notes=scorer_notes, **scored))
 
 
-def _manifest(plan: RunPlan, records: list[EditRecord], results: list[EditResult], handoff: str | None) -> Manifest:
+def _manifest(plan: RunPlan, records: list[EditRecord], handoff: str | None, target: IdentityTarget | None,
+              resumed: bool) -> Manifest:
     profile, settings = plan.profile, plan.settings
-    first = results[0] if results else None
+    done = [r for r in records if r.status == "succeeded"]
+    first = done[0] if done else None
     # This run paid the cold start only if its first edit loaded the pipeline.
     cold_start_paid = first.cold_start_s if first and not first.cache_hit else 0.0
-    gpu_seconds = sum(r.seconds for r in results) + cold_start_paid
-    succeeded = len(results)
-    status = "succeeded" if succeeded == len(records) else ("partial" if succeeded else "failed")
+    gpu_seconds = sum(r.seconds for r in done) + (cold_start_paid or 0.0)
+    if not done:
+        status = "failed"
+    elif target is not None and not target.met:
+        status = "identity_not_met"
+    else:
+        chains_failed = any(r.status == "failed" for r in records)
+        status = "partial" if chains_failed else "succeeded"
     request = plan.request.model_dump()
-    request["images"] = [storage.redact(storage.normalize_uri(u)) for u in request["images"]]
     request["seeds"] = plan.seeds
     return Manifest(
-        run_id=plan.run_id, folder=storage.redact(plan.layout.folder), created_at=plan.created_at,
-        finished_at=timestamp(), status=status, request=request, model=ModelInfo.of(profile),
-        versions=versions(), device=loading.describe_device(profile),
+        run_id=plan.run_id, folder=plan.layout.folder, created_at=plan.created_at, finished_at=timestamp(),
+        status=status, request=request, model=ModelInfo.of(profile), versions=versions(),
+        device=loading.describe_device(profile),
         pipeline=PipelineInfo(cold_start_s=first.cold_start_s if first else None,
                               cache_hit=first.cache_hit if first else None),
-        edits=records, cost=Cost.of(gpu_seconds, profile, settings),
+        edits=records, cost=Cost.of(gpu_seconds, profile, settings), identity_target=target, resumed=resumed,
         handoff=handoff, identity_notes=plan.request.identity_notes, prefect=flow_run_info(),
     )
 
 
-def contact_sheet(reference_png: bytes, edits: list[EditRecord], tile: int = 256):
-    """The reference and every successful edit side by side, each labelled with its identity grade."""
-    from PIL import Image, ImageDraw
-
-    tiles = [(storage.decode_image(reference_png), "reference")]
-    for edit in edits:
-        if edit.output:
-            score = f" {edit.identity.score:.2f}" if edit.identity.score is not None else ""
-            tiles.append((storage.load_image(edit.output), f"{edit.identity.grade or '?'}{score} s{edit.seed}"))
-    sheet = Image.new("RGB", (tile * len(tiles), tile + 24), "white")
-    draw = ImageDraw.Draw(sheet)
-    for index, (image, label) in enumerate(tiles):
-        image.thumbnail((tile, tile))
-        sheet.paste(image, (index * tile + (tile - image.width) // 2, (tile - image.height) // 2))
-        draw.text((index * tile + 6, tile + 6), label[:40], fill="black")
-    return sheet
-
-
 def _publish(manifest: Manifest, manifest_uri: str) -> None:
-    rows = [{"prompt theme": theme(e.prompt), "identity": e.identity.grade, "score": e.identity.score,
-             "seed": e.seed, "seconds": e.seconds, "status": e.status, "output": storage.redact(e.output or "")}
-            for e in manifest.edits]
+    rows = [{"prompt theme": theme(e.prompt), "attempt": e.attempt, "identity": e.identity.grade,
+             "score": e.identity.score, "seed": e.seed, "seconds": e.seconds, "status": e.status,
+             "output": storage.redact(e.output or "")} for e in manifest.edits]
     create_table_artifact(table=rows, key="recast-edit-results", description=f"recast run {manifest.run_id}")
     ok = sum(e.status == "succeeded" for e in manifest.edits)
-    create_markdown_artifact(key="recast-edit-summary", markdown="\n".join([
+    model = manifest.model
+    revision = f"@ `{model.revision}`" if model.revision else "(built locally, no revision)" \
+        if model.id.startswith("tiny") else "(unpinned)"
+    lines = [
         f"# recast run `{manifest.run_id}`: {manifest.status}",
-        f"- model: `{manifest.model.id}` @ `{manifest.model.revision}` ({manifest.model.profile}, "
-        f"{manifest.model.dtype}) on {manifest.device}",
+        f"- model: `{model.id}` {revision} ({model.profile}, {model.dtype}) on {manifest.device}",
         f"- edits: {ok}/{len(manifest.edits)} succeeded; cold start {manifest.pipeline.cold_start_s} s, "
         f"cache hit {manifest.pipeline.cache_hit}",
         f"- cost: {manifest.cost.gpu_seconds} GPU-s = ${manifest.cost.usd}",
         f"- manifest: `{storage.redact(manifest_uri)}`",
         f"- handoff: `{storage.redact(manifest.handoff or 'none')}`",
-    ]))
+    ]
+    if manifest.identity_target is not None:
+        target = manifest.identity_target
+        lines.append(f"- identity target {target.grade}: {'met' if target.met else 'NOT met'} "
+                     f"(best {target.best_grade})")
+    create_markdown_artifact(key="recast-edit-summary", markdown="\n".join(lines))

@@ -1,63 +1,248 @@
 """How a flow runs its GPU tasks: in its own process (`local`) or on long-lived task workers (`workers`).
 
-The flows are the same in both modes; only this submission step differs. In `workers` mode the task's
-parameters and result travel through Prefect's result storage (shared by flow and workers), so only small
-jobs and URIs cross, never images.
+The flows are the same in both modes; only this step differs. In `workers` mode the task's parameters and result
+travel through Prefect's result storage (shared by flow and workers), so only small jobs and URIs cross.
 
-Guardrails for task workers (see README, "Workers"):
-- A task run with no result after `worker_task_timeout_s` is cancelled (no GPU works on a result nobody waits
-  for) and submitted again, up to `worker_resubmits` times. This recovers runs stranded by a server restart
-  (Prefect keeps its task queue in memory: they stay Scheduled forever) and runs lost with a killed worker
-  (they stay Running). Outputs go to fixed URIs, atomically, so a re-run never duplicates an edit.
-- Every job carries the flow's code version; a worker running other code refuses it with a clear message.
+A flow hands over *chains*: generators that yield a job, receive its Outcome, and may yield another (an edit
+retried with a new seed until its identity target is met), returning what they made of it. `run_chains` drives
+them: one after another in `local` mode (one pipeline in this process), fanned out in `workers` mode, at most
+`worker_in_flight` jobs submitted at once, all from the flow's own thread, gathered as they finish.
+
+Guardrails for task workers (README, "Workers"):
+- The flow watches each job by polling, not by waiting for an event: the job's result file, its heartbeat and its
+  Prefect state (see recast.tasks.lifecycle). A restart of the Prefect server loses nothing: finished work is
+  found in storage, and jobs that were still queued (the server keeps its queue in memory) are submitted again
+  once it is back.
+- A job is given up when its worker stops beating (`worker_heartbeat_timeout_s`: the worker died) or when it has
+  *run* longer than its stage's limit (`edit_timeout_s`, `animate_timeout_s`; time spent queued does not count).
+  The given-up task run is marked cancelled (a worker still on it stops at its next denoising step) and the job
+  is submitted again, up to `worker_resubmits` times. Every submission is recorded in the Outcome.
+- Every job carries the flow's code version; a worker running other code refuses it.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import Task
 
+from recast.tasks import lifecycle
 from recast.tasks.settings import get_settings
 from recast.tasks.version import code_version
 
 log = logging.getLogger("recast.execution")
+POLL_S = 1.0
+
+Chain = Generator[Any, "Outcome", Any]
 
 
-def run_task(task: Task, job: Any) -> tuple[Any, str | None]:
-    """Run `task(job)` and wait for it; returns (result, None) or (None, reason). Never raises for task failure."""
+@dataclass
+class Outcome:
+    """What became of one job: its result, or why there is none, and every submission it took."""
+
+    result: Any = None
+    message: str | None = None
+    submissions: list[dict] = field(default_factory=list)
+
+
+def single(job: Any) -> Chain:
+    """A chain of one job; returns its Outcome."""
+    outcome = yield job
+    return outcome
+
+
+def run_task(task: Task, job: Any, stage: str = "edit") -> Outcome:
+    """Run one job and wait for it. Never raises for a task's failure: the reason comes back instead."""
+    return next(run_chains(task, [single(job)], stage))[1]
+
+
+def run_chains(task: Task, chains: Iterable[Chain], stage: str = "edit") -> Iterator[tuple[int, Any]]:
+    """Drive every chain to its end; yields (index, what the chain returned) as each finishes."""
     settings = get_settings()
+    chains = list(chains)
     if settings.execution == "local":
-        state = task(job, return_state=True)
-    else:
-        job = job.model_copy(update={"code_version": code_version()})
-        for submission in range(1 + settings.worker_resubmits):
-            future = task.delay(job)
-            future.wait(timeout=settings.worker_task_timeout_s)
-            state = future.state
-            if state.is_final():
-                break
-            _cancel(future.task_run_id, settings.worker_task_timeout_s)
-            log.warning("task run %s (%s) had no result after %.0fs (worker gone, or server restarted): %s",
-                        future.task_run_id, state.type.value, settings.worker_task_timeout_s,
-                        "submitting it again" if submission < settings.worker_resubmits else "giving up")
+        for index, chain in enumerate(chains):
+            yield index, _drive_locally(task, chain)
+        return
+    limit = settings.edit_timeout_s if stage == "edit" else settings.animate_timeout_s
+    queue = list(enumerate(chains))
+    active: list[_Watch] = []
+    while queue or active:
+        while queue and len(active) < settings.worker_in_flight:
+            index, chain = queue.pop(0)
+            try:
+                job = next(chain)
+            except StopIteration as done:  # nothing left to run (a resumed run's recorded attempts)
+                yield index, done.value
+                continue
+            active.append(_Watch(task, index, chain, job, limit, settings))
+        if any(watch.needs_api() for watch in active):
+            _poll_all(active)
+        for watch in list(active):
+            if watch.outcome is None:
+                continue
+            try:
+                job = watch.chain.send(watch.outcome)
+            except StopIteration as done:
+                active.remove(watch)
+                yield watch.index, done.value
+                continue
+            active[active.index(watch)] = _Watch(task, watch.index, watch.chain, job, limit, settings)
+        if active and all(watch.outcome is None for watch in active):
+            time.sleep(POLL_S)
+
+
+def _drive_locally(task: Task, chain: Chain) -> Any:
+    try:
+        job = next(chain)
+    except StopIteration as done:
+        return done.value
+    while True:
+        outcome = _finished_before(job)
+        if outcome is None:
+            state = task(job, return_state=True)
+            outcome = (Outcome(result=state.result(raise_on_failure=False)) if state.is_completed()
+                       else Outcome(message=state.message or state.type.value))
+        try:
+            job = chain.send(outcome)
+        except StopIteration as done:
+            return done.value
+
+
+def _finished_before(job: Any) -> Outcome | None:
+    """A job whose result is already in storage (it finished after its flow's process died): not run again."""
+    record = lifecycle.read_result(job.control) if getattr(job, "control", None) else None
+    return None if record is None else Outcome(result=type(job).result_type().model_validate(record),
+                                               submissions=[{"submission": 0, "outcome": "found finished"}])
+
+
+class _Watch:
+    """One job on the task workers: its submissions and what the flow has seen of the current one."""
+
+    def __init__(self, task: Task, index: int, chain: Chain, job: Any, run_limit_s: float, settings):
+        self.task, self.index, self.chain, self.run_limit_s = task, index, chain, run_limit_s
+        self.heartbeat_timeout_s, self.resubmits = settings.worker_heartbeat_timeout_s, settings.worker_resubmits
+        self.job = job.model_copy(update={"code_version": code_version()})
+        self.result_type = type(job).result_type()
+        self.outcome: Outcome | None = None
+        self.submissions: list[dict] = []
+        self.run_id: str | None = None
+        self.submitted = 0.0
+        self.server_went_away = False
+        self.outcome = _finished_before(self.job)
+        if self.outcome is None:
+            # A job a dead flow process had submitted is adopted, not submitted twice (a resumed run).
+            self.run_id = lifecycle.read_submission(self.job.control)
+            if self.run_id is not None:
+                self.submitted = time.monotonic()
+            else:
+                self._submit()
+
+    def needs_api(self) -> bool:
+        return self.outcome is None
+
+    def _submit(self) -> None:
+        try:
+            self.run_id = str(self.task.delay(self.job).task_run_id)
+            self.submitted, self.server_went_away = time.monotonic(), False
+            lifecycle.record_submission(self.job.control, self.run_id)
+        except Exception as exc:  # noqa: BLE001 - the server is away: submit again at the next poll
+            log.warning("could not submit %s yet: %s", self._name(), exc)
+            self.run_id = None
+
+    def _name(self) -> str:
+        return getattr(self.job, "edit_id", None) or getattr(self.job, "clip_id", "job")
+
+    def observe(self, state, api_ok: bool) -> None:
+        """One look at the job: its result file, its heartbeat, its Prefect state (None when unreadable)."""
+        if self.run_id is None:
+            self._submit()
+            return
+        record = lifecycle.read_result(self.job.control)
+        if record is not None:
+            return self._finish("completed", self.result_type.model_validate(record))
+        if not api_ok:
+            self.server_went_away = True
+            return
+        if state is not None and state.is_final():
+            if state.is_completed():
+                record = lifecycle.read_result(self.job.control)
+                return self._finish("completed", state.result(raise_on_failure=False) if record is None
+                                    else self.result_type.model_validate(record))
+            return self._finish("failed", state.message or state.type.value)
+        beat = lifecycle.read_heartbeat(self.job.control)
+        now = time.time()
+        if beat is not None and beat.get("task_run_id") == self.run_id:
+            if now - beat["at"] > self.heartbeat_timeout_s:
+                return self._lost(f"its worker stopped beating {now - beat['at']:.0f}s ago (worker gone)")
+            if now - beat["started"] > self.run_limit_s:
+                return self._lost(f"it ran longer than {self.run_limit_s:.0f}s")
+        elif state is not None and (state.is_running() or state.is_pending()):
+            # A worker took it but never beat: it died between taking the run and starting the work.
+            taken = state.timestamp.timestamp() if state.timestamp else now
+            if now - taken > self.heartbeat_timeout_s:
+                return self._lost(f"a worker took it {now - taken:.0f}s ago and never started it (worker gone)")
+        elif self.server_went_away and (state is None or state.is_scheduled()):
+            return self._lost("the Prefect server restarted before a worker took it (its queue lives in memory)")
+
+    def _finish(self, kind: str, detail: Any) -> None:
+        self._note(kind, None if kind == "completed" else detail)
+        self.outcome = Outcome(result=detail if kind == "completed" else None,
+                               message=None if kind == "completed" else detail, submissions=self.submissions)
+
+    def _note(self, kind: str, detail: str | None) -> None:
+        self.submissions.append({"submission": len(self.submissions) + 1, "task_run_id": self.run_id, "outcome": kind,
+                                 "detail": detail, "seconds": round(time.monotonic() - self.submitted, 2)})
+
+    def _lost(self, reason: str) -> None:
+        self._note("lost", reason)
+        lifecycle.cancel(self.job.control, self.run_id)
+        _cancel_in_prefect(self.run_id, reason)
+        again = len(self.submissions) <= self.resubmits
+        log.warning("task run %s (%s): %s; %s", self.run_id, self._name(), reason,
+                    "submitting it again" if again else "giving up")
+        if again:
+            self._submit()
         else:
-            return None, (f"no worker finished it in {1 + settings.worker_resubmits} tries of "
-                          f"{settings.worker_task_timeout_s:.0f}s (is `recast worker` running against this server, "
-                          "with the same code version?); the task runs were cancelled")
-    if state.is_completed():
-        return state.result(raise_on_failure=False), None
-    return None, state.message or state.type.value
+            self.outcome = Outcome(message=f"no worker finished it in {len(self.submissions)} submissions (last: "
+                                   f"{reason}); is `recast worker` running against this server, with the same code "
+                                   "version?", submissions=self.submissions)
 
 
-def _cancel(task_run_id, waited: float) -> None:
+def _poll_all(watches: list[_Watch]) -> None:
+    """One round of looks at every job still running, over one API connection."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    pending = [w for w in watches if w.outcome is None]
+    try:
+        # No client-side retries: a server that went away must show here, or its lost queue goes unnoticed.
+        with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}), get_client(sync_client=True) as client:
+            for watch in pending:
+                state = client.read_task_run(watch.run_id).state if watch.run_id else None
+                watch.observe(state, api_ok=True)
+    except Exception:  # noqa: BLE001 - the server is away (restarting): look at storage alone
+        for watch in pending:
+            if watch.outcome is None:
+                watch.observe(None, api_ok=False)
+
+
+def _cancel_in_prefect(task_run_id: str, reason: str) -> None:
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelled
 
     try:
         with get_client(sync_client=True) as client:
-            client.set_task_run_state(task_run_id, Cancelled(message=f"flow stopped waiting after {waited:.0f}s"),
-                                      force=True)
-    except Exception as exc:  # noqa: BLE001 - best effort; the flow reports the timeout either way
+            client.set_task_run_state(task_run_id, Cancelled(message=f"given up by its flow: {reason}"), force=True)
+    except Exception as exc:  # noqa: BLE001 - best effort; the worker also sees the cancel marker
         log.warning("could not cancel task run %s: %s", task_run_id, exc)
+
+
+def run_many(work: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[tuple[int, Any]]:
+    """work(item) for every item in turn (flows whose items are not GPU jobs, e.g. the batch's photos)."""
+    for index, item in enumerate(items):
+        yield index, work(item)

@@ -59,6 +59,18 @@ def check_inputs_allowed(uris: list[str], roots: list[str], field: str = "images
                            f"upload it under {storage.redact(roots[0])}, or add its root to allowed_input_roots")
 
 
+def check_storage_root(requested: str | None, settings, remote: bool) -> str:
+    """The run's storage root. A run from the UI, the API or a schedule may pick one of the configured storage
+    roots, never name another (it would read and write outside them); the CLI writes where its user says."""
+    root = storage.check_scheme("storage", requested or settings.storage_root)
+    if remote and requested and not any(storage.is_under(root, [configured]) and storage.is_under(configured, [root])
+                                        for configured in settings.storage_roots):
+        raise BadInput("storage_root", requested, "runs started from the UI, the API or a schedule may only write "
+                       "to a configured storage root", f"pick one of: {', '.join(settings.storage_roots)}, or leave "
+                       "it empty")
+    return root
+
+
 def versions() -> dict[str, str]:
     found = {}
     for name in ("recast", "diffusers", "transformers", "torch", "prefect"):

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 from prefect import flow, get_run_logger
+from prefect.states import Completed, Failed
 from prefect.artifacts import create_table_artifact
 
 from recast.flows.execution import run_task
-from recast.flows.runs import (check_inputs_allowed, first_set, flow_run_info, new_run_id, now, slug,
-                               started_remotely, take_plan, timestamp, versions)
+from recast.flows.runs import (check_inputs_allowed, check_storage_root, first_set, flow_run_info, new_run_id, now,
+                               slug, started_remotely, take_plan, timestamp, versions)
+from recast.tasks import prompts as prompt_checks
 from recast.tasks import storage
 from recast.tasks.animate import animate_task
 from recast.tasks.edit import edit_task
@@ -42,37 +44,52 @@ class StoryboardPlan:
     video: VideoProfile
     reference: InputImage
     root: str
+    prompt_warnings: list[str]
 
 
 def check_storyboard(board: Storyboard) -> StoryboardPlan:
     """Refuse what cannot run before anything is written."""
     settings = get_settings()
     profile, video = settings.get_profile(board.profile), settings.get_video_profile(board.video_profile)
-    root = storage.check_scheme("storage", board.storage_root or settings.storage_root)
-    if started_remotely():
-        check_inputs_allowed([board.reference], [root, *settings.allowed_input_roots], field="reference")
+    remote = started_remotely()
+    root = check_storage_root(board.storage_root, settings, remote)
+    if remote:
+        check_inputs_allowed([board.reference], settings.input_roots, field="reference")
     image = storage.read_image("reference", board.reference, settings.max_input_pixels)
+    # The same prompt check as the edit flow's: what the origin saw lose identity, per scene.
+    warnings = [f"scene {index} edit_prompt '{scene.edit_prompt.split(',')[0]}': {warning}"
+                for index, scene in enumerate(board.scenes, start=1) if scene.edit_prompt
+                for warning in prompt_checks.check(scene.edit_prompt)]
     if settings.execution == "local":
         loading.check_available(profile)
         loading.check_available(video)
-    return StoryboardPlan(settings=settings, profile=profile, video=video, reference=image, root=root)
+    storage.check_writable("storage", root)
+    return StoryboardPlan(settings=settings, profile=profile, video=video, reference=image, root=root,
+                          prompt_warnings=warnings)
 
 
 def stitch(clip_uris: list[str], fps: int) -> tuple[bytes, int]:
-    """Concatenate clips (decoded from storage) into one mp4; frames are resized to the first clip's size."""
-    parts = []
-    for uri in clip_uris:
-        frames, _ = storage.read_video(uri)
-        if parts and frames.shape[1:3] != parts[0].shape[1:3]:
-            height, width = parts[0].shape[1:3]
-            frames = np.stack([np.asarray(Image.fromarray(f).resize((width, height))) for f in frames])
-        parts.append(frames)
-    frames = np.concatenate(parts)
-    return storage.mp4_bytes(frames, fps), len(frames)
+    """Concatenate clips into one mp4, streaming: each frame is decoded, resized to the first clip's size if it
+    differs, and handed to the encoder before the next is read, so a long storyboard never sits whole in RAM."""
+    count, size = 0, None
+
+    def frames():
+        nonlocal count, size
+        for uri in clip_uris:
+            for frame in storage.iter_video(uri):
+                if size is None:
+                    size = frame.shape[1], frame.shape[0]
+                elif (frame.shape[1], frame.shape[0]) != size:
+                    frame = np.asarray(Image.fromarray(frame).resize(size))
+                count += 1
+                yield frame
+
+    data = storage.mp4_bytes(frames(), fps)
+    return data, count
 
 
 @flow(name="recast-storyboard", log_prints=True)
-def storyboard_flow(storyboard: Storyboard) -> dict:
+def storyboard_flow(storyboard: Storyboard):
     """Edit and animate every scene, chaining clips by their last frames, and stitch one video."""
     logger = get_run_logger()
     # 1. Plan (the CLI may have planned it already)
@@ -100,14 +117,16 @@ def storyboard_flow(storyboard: Storyboard) -> dict:
             if scene.edit_prompt:
                 width, height = output_size(None, None, reference.width / reference.height, profile.output_area)
                 edit_id = f"s{index:02d}-{slug(scene.edit_prompt, 24)}-s{seed}"
-                edited, message = run_task(edit_task, EditJob(
+                outcome = run_task(edit_task, EditJob(
                     edit_id=edit_id, profile=profile.name, inputs=[reference_uri], prompt=scene.edit_prompt,
                     negative_prompt=settings.edit.negative_prompt, seed=seed,
                     steps=first_set(profile.steps, settings.edit.steps),
                     true_cfg_scale=first_set(profile.true_cfg_scale, settings.edit.true_cfg_scale),
-                    width=width, height=height, output=layout.edit_uri(edit_id)))
+                    width=width, height=height, output=layout.edit_uri(edit_id),
+                    control=layout.control_uri(edit_id)), stage="edit")
+                edited = outcome.result
                 if not isinstance(edited, EditResult):
-                    record.status, record.stage, record.error = "failed", "edit", message
+                    record.status, record.stage, record.error = "failed", "edit", outcome.message
                     continue
                 record.edit, record.edit_seconds = storage.redact(edited.output), edited.seconds
                 gpu_seconds += edited.seconds
@@ -121,10 +140,12 @@ def storyboard_flow(storyboard: Storyboard) -> dict:
                 steps=first_set(video.steps, settings.animate.steps),
                 guidance_scale=first_set(video.guidance_scale, settings.animate.guidance_scale),
                 num_frames=storyboard.num_frames, fps=storyboard.fps, width=width, height=height,
-                output=layout.clip_uri(clip_id), last_frame=layout.last_frame_uri(clip_id))
-            result, message = run_task(animate_task, job)
-            result = result if isinstance(result, ClipResult) else None
-            record.clip = ClipRecord.of(job, result, message, storage.redact)
+                output=layout.clip_uri(clip_id), last_frame=layout.last_frame_uri(clip_id),
+                control=layout.control_uri(clip_id))
+            outcome = run_task(animate_task, job, stage="animate")
+            result = outcome.result if isinstance(outcome.result, ClipResult) else None
+            record.clip = ClipRecord.of(job, result, outcome.message, storage.redact)
+            record.clip.submissions = outcome.submissions
             record.source_frame, record.stage = storage.redact(source), "animate"
             record.status = "succeeded" if result else "failed"
             if result:
@@ -155,10 +176,11 @@ def storyboard_flow(storyboard: Storyboard) -> dict:
         scenes=scenes, stitched=Stitched(output=storage.redact(stitched) if stitched else None,
                                          num_frames=total_frames, fps=storyboard.fps),
         cost=Cost.of(gpu_seconds, video, settings), prefect=flow_run_info())
-    storage.write_json(layout.manifest_uri, manifest.model_dump())
+    dump = storage.redact_all(manifest.model_dump())
+    storage.write_json(layout.manifest_uri, dump)
     create_table_artifact(key="recast-storyboard", table=[
         {"scene": s.scene, "source": s.source, "status": s.status, "attempts": len(s.attempts), "clip": s.clip}
         for s in scenes])
     if not ok:
-        raise RuntimeError(f"no scene produced a clip; see {storage.redact(layout.manifest_uri)}")
-    return manifest.model_dump()
+        return Failed(message=f"no scene produced a clip; see {storage.redact(layout.manifest_uri)}", data=dump)
+    return Completed(message=f"{ok}/{len(scenes)} scenes", data=dump)

@@ -30,8 +30,6 @@ def serve_worker(kinds: list[str], gpu: int | None = None, profile_name: str | N
         raise BadInput("PREFECT_API_URL", None, "task workers need a Prefect server, not the ephemeral API",
                        "start one (`make serve` or `prefect server start`) and export "
                        "PREFECT_API_URL=http://127.0.0.1:4200/api")
-    from prefect.task_worker import serve
-
     from recast.tasks.animate import animate_task
     from recast.tasks.edit import edit_task
 
@@ -48,4 +46,46 @@ def serve_worker(kinds: list[str], gpu: int | None = None, profile_name: str | N
         print(f"recast worker: {kind} {profile.name} ({profile.model_id}) ready on {loading.describe_device(profile)} "
               f"after a {loaded.cold_start_s:.1f}s cold start", flush=True)
     print(f"recast worker {' '.join(kinds)}: serving one task at a time", flush=True)
-    serve(*[task for _, _, task in served], limit=1)
+    import asyncio
+
+    async def serve() -> None:
+        worker = _one_at_a_time_worker()(*[task for _, _, task in served], limit=1)  # inside the event loop
+        await worker.astart()
+
+    try:
+        asyncio.run(serve())
+    except (KeyboardInterrupt, SystemExit, BaseExceptionGroup):  # stopped (TERM, Ctrl-C)
+        pass
+
+
+def _one_at_a_time_worker():
+    """Prefect's task worker, asking the server for its next task run only once it is free.
+
+    A stock worker acknowledges the next task run while still busy with one (it then waits for a free slot), so a
+    worker that dies takes that queued run with it: the server thinks it delivered, and it stays Scheduled forever.
+    This one receives a run only when it can start it; a run the server sent but nobody acknowledged goes back to
+    the queue when the worker's connection drops.
+    """
+    import anyio
+    from prefect.client.schemas.objects import TaskRun
+    from prefect.client.subscriptions import Subscription
+    from prefect.settings import get_current_settings
+    from prefect.task_worker import TaskWorker
+
+    class OneAtATimeWorker(TaskWorker):
+        async def _subscribe_to_task_scheduling(self):
+            keys = " | ".join(key.split(".")[-1].split("-")[0] for key in sorted(self.task_keys))
+            log.info("Subscribing to runs of task(s): %s", keys)
+            print(f"Subscribing to runs of task(s): {keys}", flush=True)
+            subscription = Subscription(model=TaskRun, path="/task_runs/subscriptions/scheduled",
+                                        keys=self.task_keys, client_id=self.client_id,
+                                        base_url=get_current_settings().api.url)
+            while True:
+                while self._limiter is not None and self._limiter.available_tokens < 1:
+                    await anyio.sleep(0.05)
+                task_run = await subscription.__anext__()
+                log.info("Received task run: %s - %s", task_run.id, task_run.name)
+                if await self._acquire_token(task_run.id):
+                    self._runs_task_group.start_soon(self._safe_submit_scheduled_task_run, task_run)
+
+    return OneAtATimeWorker

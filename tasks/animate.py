@@ -11,7 +11,7 @@ import time
 from PIL import Image
 from prefect import task
 
-from recast.tasks import storage
+from recast.tasks import lifecycle, storage
 from recast.tasks.errors import retry_only_transient
 from recast.tasks.models import loading, wan_video
 from recast.tasks.schemas.jobs import AnimateJob, ClipResult
@@ -23,21 +23,24 @@ def animate_clip(job: AnimateJob) -> ClipResult:
     """Generate job.num_frames frames from job.frame and write the clip and its last frame."""
     check_code_version(job)
     profile = get_settings().get_video_profile(job.video_profile)
-    loaded, cache_hit = loading.get_pipeline("video", profile)
-    # Wan stretches the image to height x width; the flow chose a size with the frame's aspect ratio.
-    frame = storage.load_image(job.frame).resize((job.width, job.height), Image.Resampling.LANCZOS)
-    started = time.perf_counter()
-    frames = wan_video.run_video(
-        loaded, frame, prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed, steps=job.steps,
-        guidance_scale=job.guidance_scale, num_frames=job.num_frames, width=job.width, height=job.height,
-        max_sequence_length=profile.max_sequence_length)
-    seconds = time.perf_counter() - started
-    # The last frame is written losslessly: it is the next scene's starting image.
-    storage.write_bytes(job.last_frame, storage.png_bytes(Image.fromarray(frames[-1])))
-    storage.write_bytes(job.output, storage.mp4_bytes(frames, job.fps))
-    return ClipResult(clip_id=job.clip_id, output=job.output, last_frame=job.last_frame, seed=job.seed,
-                      num_frames=len(frames), fps=job.fps, width=frames.shape[2], height=frames.shape[1],
-                      seconds=round(seconds, 4), cache_hit=cache_hit, cold_start_s=round(loaded.cold_start_s, 3))
+    with lifecycle.running(job) as should_stop:
+        loaded, cache_hit = loading.get_pipeline("video", profile)
+        # Wan stretches the image to height x width; the flow chose a size with the frame's aspect ratio.
+        frame = storage.load_image(job.frame).resize((job.width, job.height), Image.Resampling.LANCZOS)
+        started = time.perf_counter()
+        frames = wan_video.run_video(
+            loaded, frame, prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed, steps=job.steps,
+            guidance_scale=job.guidance_scale, num_frames=job.num_frames, width=job.width, height=job.height,
+            max_sequence_length=profile.max_sequence_length, should_stop=should_stop)
+        seconds = time.perf_counter() - started
+        # The last frame is written losslessly: it is the next scene's starting image.
+        storage.write_bytes(job.last_frame, storage.png_bytes(Image.fromarray(frames[-1])))
+        storage.write_bytes(job.output, storage.mp4_bytes(frames, job.fps))
+        result = ClipResult(clip_id=job.clip_id, output=job.output, last_frame=job.last_frame, seed=job.seed,
+                            num_frames=len(frames), fps=job.fps, width=frames.shape[2], height=frames.shape[1],
+                            seconds=round(seconds, 4), cache_hit=cache_hit, cold_start_s=round(loaded.cold_start_s, 3))
+        lifecycle.record_result(job, result)
+    return result
 
 
 animate_task = task(

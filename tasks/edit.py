@@ -9,7 +9,7 @@ import time
 
 from prefect import task
 
-from recast.tasks import storage
+from recast.tasks import lifecycle, storage
 from recast.tasks.errors import retry_only_transient
 from recast.tasks.models import loading, qwen_edit
 from recast.tasks.schemas.jobs import EditJob, EditResult
@@ -21,18 +21,22 @@ def edit_image(job: EditJob) -> EditResult:
     """Run one edit and write its PNG to job.output."""
     check_code_version(job)
     profile = get_settings().get_profile(job.profile)
-    loaded, cache_hit = loading.get_pipeline("edit", profile)
-    images = [storage.load_image(uri) for uri in job.inputs]
-    started = time.perf_counter()
-    image = qwen_edit.run_edit(
-        loaded, profile, images, prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed,
-        steps=job.steps, true_cfg_scale=job.true_cfg_scale, width=job.width, height=job.height, loras=job.loras)
-    seconds = time.perf_counter() - started
-    storage.write_bytes(job.output, storage.png_bytes(image))
-    return EditResult(edit_id=job.edit_id, output=job.output, seed=job.seed, width=image.width,
-                      height=image.height, seconds=round(seconds, 4), cache_hit=cache_hit,
-                      cold_start_s=round(loaded.cold_start_s, 3),
-                      identity=score_identity(images[0], image) if job.score_identity else None)
+    with lifecycle.running(job) as should_stop:
+        loaded, cache_hit = loading.get_pipeline("edit", profile)
+        images = [storage.load_image(uri) for uri in job.inputs]
+        started = time.perf_counter()
+        image = qwen_edit.run_edit(
+            loaded, profile, images, prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed,
+            steps=job.steps, true_cfg_scale=job.true_cfg_scale, width=job.width, height=job.height, loras=job.loras,
+            should_stop=should_stop)
+        seconds = time.perf_counter() - started
+        storage.write_bytes(job.output, storage.png_bytes(image))
+        result = EditResult(edit_id=job.edit_id, output=job.output, seed=job.seed, width=image.width,
+                            height=image.height, seconds=round(seconds, 4), cache_hit=cache_hit,
+                            cold_start_s=round(loaded.cold_start_s, 3),
+                            identity=score_identity(images[0], image) if job.score_identity else None)
+        lifecycle.record_result(job, result)
+    return result
 
 
 def score_identity(reference, image) -> dict:

@@ -140,7 +140,8 @@ def compare(reference: Face | None, image: Image.Image | bytes) -> IdentityScore
         return IdentityScore(None, "unscorable", "no face found in the identity reference", None, None, False)
     face = main_face(image)
     if face is None:
-        return IdentityScore(0.0, "Lost", "no face found in the image", reference.size_px, None, True)
+        # Lost for certain, but there is no face to be confident about: confident is False.
+        return IdentityScore(0.0, "Lost", "no face found in the image", reference.size_px, None, False)
     score = float(np.dot(reference.embedding, face.embedding))
     confident = min(reference.size_px, face.size_px) >= SMALL_FACE_PX
     notes = "" if confident else f"face under {SMALL_FACE_PX} px: low confidence"

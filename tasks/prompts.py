@@ -58,9 +58,10 @@ def fill(name: str, values: dict[str, str]) -> str:
     merged = {**(spec.get("defaults") or {}), **{k: v for k, v in values.items() if v.strip()}}
     missing = [f for f in fields if not str(merged.get(f, "")).strip()]
     if missing:
-        example = (spec.get("example") or {}).get(missing[0], "...")
-        raise BadInput("--set", missing[0], f"template '{name}' needs a value for '{missing[0]}'",
-                       f"add --set {missing[0]}=\"{example}\"")
+        examples = " ".join(f'--set {field}="{(spec.get("example") or {}).get(field, "...")}"' for field in missing)
+        needs = ", ".join(f"'{field}'" for field in missing)
+        raise BadInput("--set", missing[0] if len(missing) == 1 else missing,
+                       f"template '{name}' needs a value for {needs}", f"add {examples}")
     return spec["template"].format(**merged)
 
 

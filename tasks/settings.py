@@ -25,7 +25,18 @@ class ConfigError(ValueError):
 
 ENV_PREFIX = "RECAST_"
 # Variables that are not settings keys (read elsewhere) and must not be merged into the YAML tree.
-_NOT_SETTINGS = {"RECAST_CONFIG_DIR", "RECAST_CACHE_DIR", "RECAST_ROOT", "RECAST_INCOMING"}
+# The rule for RECAST_* variables: each names a setting (its first part is a key of configs/defaults.yaml, e.g.
+# RECAST_EDIT__STEPS), or is one of these, which recast documents and reads elsewhere. Any other RECAST_* name is
+# refused with the closest setting's name, so a typo never silently does nothing.
+NOT_SETTINGS = {
+    "RECAST_CONFIG_DIR": "a folder of YAML to use instead of the shipped configs",
+    "RECAST_CACHE_DIR": "where the tiny models are built (default ~/.cache/recast)",
+    "RECAST_ROOT": "the checkout deployments run from (deployments/prefect.yaml)",
+    "RECAST_INCOMING": "the folder the scheduled batch deployment scans",
+    "RECAST_SERVE_PORT": "the port `make serve` starts the Prefect server on",
+    "RECAST_SERVE_DATABASE": "`make serve` on PostgreSQL: postgres, or a connection URL",
+    "RECAST_SERVE_LOG_LEVEL": "the log level of `make serve`'s workers and runs (default INFO)",
+}
 
 
 def config_dir() -> Path:
@@ -59,13 +70,23 @@ def _set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
 
 
 def _env_overrides(environ: dict[str, str]) -> list[tuple[list[str], Any]]:
+    import difflib
+
     overrides = []
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name in _NOT_SETTINGS:
+        if not name.startswith(ENV_PREFIX) or name in NOT_SETTINGS:
             continue
         keys = [k.lower() for k in name[len(ENV_PREFIX):].split("__") if k]
-        if keys:
-            overrides.append((keys, yaml.safe_load(raw) if raw.strip() else raw))
+        if not keys:
+            continue
+        if keys[0] not in Settings.model_fields:
+            known = [f"{ENV_PREFIX}{field.upper()}" for field in Settings.model_fields] + list(NOT_SETTINGS)
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(f"environment variable {name} is not a recast setting; {hint}settings are the keys of "
+                              f"configs/defaults.yaml (RECAST_<KEY>, nested keys joined by __), other RECAST_* "
+                              f"variables recast reads: {', '.join(sorted(NOT_SETTINGS))}")
+        overrides.append((keys, yaml.safe_load(raw) if raw.strip() else raw))
     return overrides
 
 

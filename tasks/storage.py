@@ -54,10 +54,14 @@ def redact(uri: str) -> str:
 
 
 def check_scheme(field: str, uri: str) -> str:
+    """A URI recast may use: a supported scheme and no credentials in it; returned normalised."""
     scheme = scheme_of(uri)
     if scheme not in SUPPORTED_SCHEMES:
         raise BadInput(field, uri, f"unsupported URI scheme '{scheme}://'",
                        f"use a local path or one of {', '.join(s + '://' for s in SUPPORTED_SCHEMES)}")
+    if redact(uri) != uri:
+        raise BadInput(field, redact(uri), "the URI carries credentials (user:password@)",
+                       "drop them from the URI: workers read credentials from their environment or config files")
     return normalize_uri(uri)
 
 
@@ -123,6 +127,13 @@ def write_bytes(uri: str, data: bytes) -> str:
     return uri
 
 
+def remove_tree(uri: str) -> None:
+    """Delete a folder and everything under it (a finished run's job control files)."""
+    fs, path = _fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 def write_json(uri: str, obj: Any) -> str:
     return write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
@@ -141,17 +152,54 @@ def list_images(prefix: str) -> list[str]:
             and not posixpath.basename(name).startswith(".")]
 
 
+def _resolved(uri: str) -> tuple[str, str]:
+    """(scheme, path) with '..' folded and, for local files, every symbolic link resolved."""
+    scheme, _, path = normalize_uri(uri).partition("://")
+    path = os.path.realpath(path) if scheme == "file" else posixpath.normpath(path)
+    return scheme, path
+
+
 def is_under(uri: str, roots: list[str]) -> bool:
-    """Whether `uri` lies inside one of `roots` (same scheme, path prefix, no '..' escapes)."""
-    uri = normalize_uri(uri)
-    scheme, _, path = uri.partition("://")
-    path = posixpath.normpath(path)
+    """Whether `uri` lies inside one of `roots`: same scheme, path prefix after folding '..' and resolving
+    links (a link under a root that points elsewhere is elsewhere)."""
+    scheme, path = _resolved(uri)
     for root in roots:
-        root_scheme, _, root_path = normalize_uri(root).partition("://")
-        root_path = posixpath.normpath(root_path)
+        root_scheme, root_path = _resolved(root)
         if scheme == root_scheme and (path == root_path or path.startswith(root_path.rstrip("/") + "/")):
             return True
     return False
+
+
+def check_writable(field: str, root: str) -> str:
+    """Refuse a storage root that cannot be written before anything runs: for a local folder, create it now (the
+    run would) and say why when that fails; object stores are checked when the run writes."""
+    if scheme_of(root) != "file":
+        return root
+    path = local_path(root)
+    try:
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK):
+            raise PermissionError(f"no write permission on {path}")
+    except FileExistsError:
+        raise BadInput(field, root, "is a file, not a folder", "name a folder for the runs") from None
+    except NotADirectoryError:
+        raise BadInput(field, root, "a part of this path is a file, not a folder", "name a folder for the runs") from None
+    except OSError as exc:
+        raise BadInput(field, root, f"cannot be written ({exc.strerror or exc})",
+                       "name a folder you can write, e.g. ./artifacts") from None
+    return root
+
+
+def redact_all(value: Any) -> Any:
+    """`value` (dicts, lists, strings) with every URI's user:password@ part dropped: applied to whatever
+    reaches a manifest, an artifact or a log."""
+    if isinstance(value, str):
+        return redact(value) if "://" in value else value
+    if isinstance(value, dict):
+        return {key: redact_all(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_all(item) for item in value]
+    return value
 
 
 def list_files(uri: str) -> list[str]:
@@ -176,7 +224,10 @@ class InputImage:
     format: str
 
 
-def read_image(field: str, uri: str, max_pixels: int) -> InputImage:
+MAX_IMAGE_BYTES = 64 * 2**20  # far above any photo; read before decoding, so it caps the memory a request takes
+
+
+def read_image(field: str, uri: str, max_pixels: int, max_bytes: int = MAX_IMAGE_BYTES) -> InputImage:
     """Read and fully verify an input photo; every failure is a BadInput naming `field`."""
     uri = check_scheme(field, uri)
     fs, path = _fs(uri)
@@ -184,6 +235,9 @@ def read_image(field: str, uri: str, max_pixels: int) -> InputImage:
         raise BadInput(field, uri, "file does not exist", "check the path or URI")
     if fs.isdir(path):
         raise BadInput(field, uri, "is a folder, not an image file", "name an image file")
+    if (size_bytes := int(fs.size(path))) > max_bytes:
+        raise BadInput(field, uri, f"file is {size_bytes / 2**20:.0f} MiB, over the {max_bytes / 2**20:.0f} MiB a "
+                       "photo may have", "downscale or recompress it")
     data = fs.cat_file(path)
     if not data:
         raise BadInput(field, uri, "file is empty (0 bytes)", "pass a PNG or JPEG photo")
@@ -228,7 +282,8 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def mp4_bytes(frames, fps: int) -> bytes:
-    """Encode uint8 frames (T, H, W, 3) as H.264 mp4 at exactly `fps` frames per second."""
+    """Encode uint8 frames (an array (T, H, W, 3) or any iterable of (H, W, 3) frames, consumed one at a time) as
+    H.264 mp4 at exactly `fps` frames per second."""
     import tempfile
 
     import imageio.v2 as imageio
@@ -242,6 +297,21 @@ def mp4_bytes(frames, fps: int) -> bytes:
                 writer.append_data(frame)
         with open(path, "rb") as f:
             return f.read()
+
+
+def iter_video(uri: str):
+    """The frames of an mp4 from storage, one uint8 (H, W, 3) array at a time (a clip never sits whole in RAM)."""
+    import tempfile
+
+    import imageio.v2 as imageio
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "clip.mp4")
+        with open(path, "wb") as f:
+            for chunk in read_chunks(uri, max_bytes=2**40):
+                f.write(chunk)
+        with imageio.get_reader(path, format="FFMPEG") as reader:
+            yield from reader
 
 
 def read_video(uri: str):
@@ -283,6 +353,18 @@ class RunLayout:
     def edit_uri(self, edit_id: str) -> str:
         return join(self.folder, "edits", f"{edit_id}.png")
 
+    def control_uri(self, job_id: str) -> str:
+        """Prefix of a job's heartbeat, result and cancel files (recast.tasks.lifecycle)."""
+        return join(self.folder, ".jobs", job_id)
+
+    def record_uri(self, job_id: str) -> str:
+        """What the flow recorded of a job's attempt: a resumed run reads it back instead of redoing the job."""
+        return join(self.folder, ".jobs", f"{job_id}.record.json")
+
+    @property
+    def plan_uri(self) -> str:
+        return join(self.folder, "plan.json")
+
     def clip_uri(self, clip_id: str) -> str:
         return join(self.folder, "clips", f"{clip_id}.mp4")
 
@@ -296,6 +378,11 @@ class RunLayout:
     @property
     def manifest_uri(self) -> str:
         return join(self.folder, "manifest.json")
+
+    @property
+    def video_manifest_uri(self) -> str:
+        """The animate flow's manifest when its clip went into an edit run's folder (beside that run's own)."""
+        return join(self.folder, "video_manifest.json")
 
     @property
     def handoff_uri(self) -> str:

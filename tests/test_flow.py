@@ -55,8 +55,10 @@ def test_two_runs_load_the_pipeline_once_and_write_complete_manifests(astronaut,
         assert storage.exists(edit["output"]), f"missing edit PNG {edit['output']}"
         assert edit["inputs"][0].startswith(first["folder"] + "/inputs/"), "inputs must be copied into the run"
     files = storage.list_files(first["folder"])
-    assert files == sorted(["contact_sheet.png", "handoff.json", "inputs/0-astronaut.png", "manifest.json"]
-                           + [f"edits/{e['edit_id']}.png" for e in manifest["edits"]])
+    assert files == sorted(["contact_sheet.png", "handoff.json", "inputs/0-astronaut.png", "manifest.json", "plan.json",
+                            "clips/clip-01.mp4", "clips/clip-01_last.png", "video_manifest.json"]
+                           + [f"edits/{e['edit_id']}.png" for e in manifest["edits"]]), \
+        "the run folder holds its inputs, plan, edits, handoff, its clip (inline video stage) and manifests, no more"
 
 
 def test_handoff_is_the_contract_for_the_video_stage(second_photo, memory_root):
@@ -160,13 +162,42 @@ def test_remote_runs_read_only_under_the_configured_roots(astronaut, memory_root
     from recast.tasks.errors import BadInput
 
     monkeypatch.setattr(edit_module, "started_remotely", lambda: True)
+    monkeypatch.setenv("RECAST_STORAGE_ROOT", memory_root)
     inside = storage.join(memory_root, "uploads", "me.png")
     storage.write_bytes(inside, astronaut.read_bytes())
-    request = EditRequest(images=[inside], prompts=["x"], storage_root=memory_root)
-    assert edit_module.plan_run(request).images[0].uri == inside
+    assert edit_module.plan_run(EditRequest(images=[inside], prompts=["x"])).images[0].uri == inside
     for outside in (str(astronaut), "memory://elsewhere/me.png", f"{memory_root}/../escape.png"):
         with pytest.raises(BadInput, match="configured storage roots"):
-            edit_module.plan_run(EditRequest(images=[outside], prompts=["x"], storage_root=memory_root))
+            edit_module.plan_run(EditRequest(images=[outside], prompts=["x"]))
     with pytest.raises(BadInput, match="unsupported URI scheme"):
-        edit_module.plan_run(EditRequest(images=["http://169.254.169.254/x.png"], prompts=["x"],
-                                         storage_root=memory_root))
+        edit_module.plan_run(EditRequest(images=["http://169.254.169.254/x.png"], prompts=["x"]))
+
+
+def test_a_remote_request_cannot_add_its_own_root(astronaut, memory_root, tmp_path, monkeypatch):
+    """A UI user naming the photo's own folder as storage_root must neither read the photo nor write there."""
+    from recast.flows import edit as edit_module
+    from recast.tasks.errors import BadInput
+
+    monkeypatch.setattr(edit_module, "started_remotely", lambda: True)
+    monkeypatch.setenv("RECAST_STORAGE_ROOT", memory_root)
+    photo_folder = tmp_path / "private"
+    photo_folder.mkdir()
+    (photo_folder / "me.png").write_bytes(astronaut.read_bytes())
+    with pytest.raises(BadInput, match="storage_root.*configured storage root"):
+        edit_module.plan_run(EditRequest(images=[str(photo_folder / "me.png")], prompts=["x"],
+                                         storage_root=str(photo_folder)))
+    assert sorted(p.name for p in photo_folder.iterdir()) == ["me.png"], "nothing may be written there"
+
+
+def test_a_link_under_a_root_that_points_outside_is_outside(astronaut, tmp_path, monkeypatch):
+    from recast.flows import edit as edit_module
+    from recast.tasks.errors import BadInput
+
+    root, secret = tmp_path / "root", tmp_path / "secret"
+    root.mkdir(), secret.mkdir()
+    (secret / "me.png").write_bytes(astronaut.read_bytes())
+    (root / "uploads").symlink_to(secret)
+    monkeypatch.setattr(edit_module, "started_remotely", lambda: True)
+    monkeypatch.setenv("RECAST_STORAGE_ROOT", str(root))
+    with pytest.raises(BadInput, match="configured storage roots"):
+        edit_module.plan_run(EditRequest(images=[str(root / "uploads" / "me.png")], prompts=["x"]))

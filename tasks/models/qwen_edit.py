@@ -22,6 +22,7 @@ import logging
 import os
 import types
 
+from recast.tasks.lifecycle import JobCancelled, stop_between_steps
 from recast.tasks.models import kernels, lora, precision
 from recast.tasks.models.loading import LoadedPipeline, torch_dtype
 from recast.tasks.schemas.settings import ModelProfile
@@ -136,8 +137,10 @@ def _call_with_vae_area(pipeline_class: type, area: int):
 
 
 def run_edit(loaded: LoadedPipeline, profile: ModelProfile, images: list, *, prompt: str, negative_prompt: str,
-             seed: int, steps: int, true_cfg_scale: float, width: int, height: int, loras: list = ()):
-    """One edit on the loaded pipeline: a fresh generator seeded per edit, PIL image out."""
+             seed: int, steps: int, true_cfg_scale: float, width: int, height: int, loras: list = (),
+             should_stop=None):
+    """One edit on the loaded pipeline: a fresh generator seeded per edit, PIL image out. `should_stop` is asked
+    between denoising steps; when it says yes, the call ends early and JobCancelled is raised."""
     import torch
 
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -156,7 +159,10 @@ def run_edit(loaded: LoadedPipeline, profile: ModelProfile, images: list, *, pro
             width=width,
             height=height,
             generator=generator,
+            callback_on_step_end=stop_between_steps(should_stop),
         )
+    if should_stop is not None and loaded.pipe.interrupt:
+        raise JobCancelled("the flow gave up on this edit; it was stopped between denoising steps")
     return result.images[0]
 
 

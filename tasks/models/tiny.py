@@ -24,7 +24,7 @@ log = logging.getLogger("recast.models")
 
 # Bump a version when its builder changes, so stale cached folders are not reused.
 TINY_EDIT_VERSION = "qwen-edit-2511-tiny-v1"
-TINY_VIDEO_VERSION = "v2"
+TINY_VIDEO_VERSION = "v3"
 
 
 def build_edit_components() -> dict[str, Any]:
@@ -91,7 +91,8 @@ def build_video_components(layout: str) -> dict[str, Any]:
             # Widths in multiples of 16, so the FP8 recipe has layers to quantize on the tiny model too.
             patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=36, out_channels=16,
             text_dim=32, freq_dim=256, ffn_dim=64, num_layers=2, cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=image_dim)
+            # The real models' RoPE length: 480p and 720p frames give more than 32 patches per side.
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=1024, image_dim=image_dim)
 
     tokenizer = build_t5_tokenizer()
     torch.manual_seed(0)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 
+from recast.tasks.lifecycle import JobCancelled, stop_between_steps
 from recast.tasks.models import lora, precision
 from recast.tasks.models.loading import LoadedPipeline, torch_dtype
 from recast.tasks.schemas.settings import VideoProfile
@@ -118,8 +119,9 @@ def use_fixed_sigmas(scheduler, sigmas: list[float]) -> None:
 
 
 def run_video(loaded: LoadedPipeline, image, *, prompt: str, negative_prompt: str, seed: int, steps: int,
-              guidance_scale: float, num_frames: int, width: int, height: int, max_sequence_length: int):
-    """One clip: uint8 frames of shape (num_frames, height, width, 3)."""
+              guidance_scale: float, num_frames: int, width: int, height: int, max_sequence_length: int,
+              should_stop=None):
+    """One clip: uint8 frames of shape (num_frames, height, width, 3). `should_stop` as in qwen_edit.run_edit."""
     import numpy as np
     import torch
 
@@ -128,8 +130,10 @@ def run_video(loaded: LoadedPipeline, image, *, prompt: str, negative_prompt: st
         loaded.calls += 1
         frames = loaded.pipe(image=image, prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
                              num_frames=num_frames, num_inference_steps=steps, guidance_scale=guidance_scale,
-                             max_sequence_length=max_sequence_length, generator=generator,
-                             output_type="np").frames[0]
+                             max_sequence_length=max_sequence_length, generator=generator, output_type="np",
+                             callback_on_step_end=stop_between_steps(should_stop)).frames[0]
+    if should_stop is not None and loaded.pipe.interrupt:
+        raise JobCancelled("the flow gave up on this clip; it was stopped between denoising steps")
     return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 

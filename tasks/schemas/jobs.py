@@ -32,6 +32,12 @@ class EditJob(Strict):
     loras: list[ResolvedLora] = Field(default_factory=list)
     score_identity: bool = True
     code_version: str | None = Field(None, description="The submitting flow's code version (workers check it).")
+    control: str | None = Field(None, description="URI prefix of the job's heartbeat, result and cancel files "
+                                "(task workers only; see recast.tasks.lifecycle).")
+
+    @staticmethod
+    def result_type() -> type:
+        return EditResult
 
 
 class AnimateJob(Strict):
@@ -50,6 +56,11 @@ class AnimateJob(Strict):
     output: str = Field(description="URI of the mp4.")
     last_frame: str = Field(description="URI of the PNG of the clip's final frame.")
     code_version: str | None = Field(None, description="The submitting flow's code version (workers check it).")
+    control: str | None = Field(None, description="URI prefix of the job's heartbeat, result and cancel files.")
+
+    @staticmethod
+    def result_type() -> type:
+        return ClipResult
 
 
 class ClipResult(Strict):

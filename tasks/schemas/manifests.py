@@ -71,6 +71,24 @@ class EditRecord(BaseModel):
     attempt: int = 1
     loras: list[ResolvedLora] = Field(default_factory=list)
     prompt_warnings: list[str] = Field(default_factory=list)
+    cold_start_s: float | None = None
+    submissions: list[dict] = Field(default_factory=list, description="Every submission to a task worker: its "
+                                    "task run, how it ended (completed, failed, lost) and after how long.")
+    next_seed: int | None = Field(None, description="The seed of the next attempt, when this one missed the target.")
+
+
+class IdentityTarget(BaseModel):
+    """The request's min_identity and whether the run reached it (every edit's last attempt at or above it)."""
+
+    grade: str
+    met: bool
+    missed: list[str] = Field(default_factory=list, description="Edits whose last attempt stayed below the grade.")
+    best_grade: str | None = None
+
+    def met_by(self, record: EditRecord) -> bool:
+        from recast.tasks.identity import meets
+
+        return meets(record.identity.grade, self.grade)
 
 
 class ClipRecord(BaseModel):
@@ -91,6 +109,7 @@ class ClipRecord(BaseModel):
     last_frame: str | None
     cache_hit: bool | None = None
     error: str | None = None
+    submissions: list[dict] = Field(default_factory=list)
 
     @classmethod
     def of(cls, job: AnimateJob, result: ClipResult | None, message: str | None, redact) -> ClipRecord:
@@ -134,15 +153,18 @@ class RunManifest(BaseModel):
 
 
 class Manifest(RunManifest):
-    """An edit run."""
+    """An edit run. status: succeeded; partial (some edits failed); identity_not_met (min_identity was not
+    reached); failed (no edit succeeded)."""
 
-    status: Literal["succeeded", "partial", "failed"]
+    status: Literal["succeeded", "partial", "identity_not_met", "failed"]
     request: dict
     model: ModelInfo
     pipeline: PipelineInfo
     edits: list[EditRecord]
     handoff: str | None
     identity_notes: str
+    identity_target: IdentityTarget | None = None
+    resumed: bool = False
     contact_sheet: str | None = None
     animation: dict | None = None
 

@@ -118,12 +118,23 @@ class Settings(Strict):
     video_profile: str
     execution: Literal["local", "workers"] = Field(
         "local", description="local: GPU tasks run in the flow's process; workers: on `recast worker` processes.")
-    worker_task_timeout_s: float = Field(1800, gt=0, description="How long a flow waits for one task's result.")
-    worker_resubmits: int = Field(2, ge=0, le=10, description="Resubmissions of a task run with no result.")
+    edit_timeout_s: float = Field(900, gt=0, description="Longest an edit may *run* on a worker (queueing does "
+                                  "not count) before it is given up and submitted again.")
+    animate_timeout_s: float = Field(3600, gt=0, description="The same for one clip.")
+    worker_heartbeat_s: float = Field(5, gt=0, description="How often a job on a worker writes its heartbeat.")
+    worker_heartbeat_timeout_s: float = Field(30, gt=0, description="A running job whose worker has not beaten for "
+                                              "this long is taken for lost (the worker died) and submitted again.")
+    worker_resubmits: int = Field(2, ge=0, le=10, description="Resubmissions of a lost or timed-out job.")
+    worker_in_flight: int = Field(8, ge=1, le=256, description="Jobs of one run submitted to task workers at once.")
     allowed_input_roots: list[str] = Field(
         default_factory=list, description="Where runs triggered from the UI or a schedule may read inputs "
-        "(besides storage_root).")
+        "(besides the storage roots).")
     storage_root: str
+    extra_storage_roots: list[str] = Field(
+        default_factory=list, description="Other roots a run from the UI or a schedule may choose as its "
+        "storage_root (it may never name one that is not configured).")
+    max_clip_pixels: int = Field(1280 * 720, ge=16 * 16, description="Largest frame (width x height) a clip may have, "
+                                 "however its size is given.")
     edit: EditDefaults
     animate: AnimateDefaults
     handoff: HandoffDefaults
@@ -148,3 +159,13 @@ class Settings(Strict):
 
     def get_video_profile(self, name: str | None) -> VideoProfile:
         return _pick("video_profile", name or self.video_profile, self.video_profiles)
+
+    @property
+    def storage_roots(self) -> list[str]:
+        """Where runs may write: the configured storage root and the extra ones."""
+        return [self.storage_root, *self.extra_storage_roots]
+
+    @property
+    def input_roots(self) -> list[str]:
+        """Where runs from the UI, the API or a schedule may read."""
+        return [*self.storage_roots, *self.allowed_input_roots]

@@ -1,0 +1,139 @@
+"""A job's life on a task worker, as the flow that waits for it sees it: through small files beside its outputs.
+
+    <control>.submitted             written by the flow when it submits: which task run (a resumed flow adopts it)
+    <control>.heartbeat             rewritten every few seconds while the job runs: which task run, since when
+    <control>.result.json           the job's result, written atomically when it is done
+    <control>.cancelled.<task run>  written by a flow that gave up on that task run: a worker that finds it does
+                                    not start the job, or stops it at the next denoising step
+
+Files rather than Prefect events because they survive a restart of the Prefect server and tell a job that is
+running from one whose worker died: the flow reads them through the same storage both sides share. Jobs run in the
+flow's own process (execution: local) have no control files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from recast.tasks import storage
+from recast.tasks.errors import Permanent
+
+
+
+class JobCancelled(Permanent, RuntimeError):
+    """The flow gave up on this task run (and submitted the job again): its work is not wanted."""
+
+
+def submitted_uri(control: str) -> str:
+    return f"{control}.submitted"
+
+
+def record_submission(control: str, task_run_id: str) -> None:
+    storage.write_json(submitted_uri(control), {"task_run_id": task_run_id, "at": time.time()})
+
+
+def read_submission(control: str) -> str | None:
+    try:
+        return json.loads(storage.read_bytes(submitted_uri(control)))["task_run_id"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+
+
+def heartbeat_uri(control: str) -> str:
+    return f"{control}.heartbeat"
+
+
+def result_uri(control: str) -> str:
+    return f"{control}.result.json"
+
+
+def cancelled_uri(control: str, task_run_id: str) -> str:
+    return f"{control}.cancelled.{task_run_id}"
+
+
+def _task_run_id() -> str:
+    from prefect.runtime import task_run
+
+    return str(task_run.id) if task_run.id else "local"
+
+
+@contextlib.contextmanager
+def running(job) -> Iterator[Callable[[], bool]]:
+    """Around a job's work on a worker: refuse a cancelled task run, beat while working; yields `should_stop`,
+    which the pipeline checks between denoising steps."""
+    control = getattr(job, "control", None)
+    if control is None:
+        yield lambda: False
+        return
+    run_id = _task_run_id()
+    cancelled = cancelled_uri(control, run_id)
+    if storage.exists(cancelled):
+        raise JobCancelled(f"task run {run_id} was given up by its flow before it started")
+    started = time.time()
+    beat = {"task_run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "started": started}
+    stop = threading.Event()
+
+    def write() -> None:
+        storage.write_json(heartbeat_uri(control), dict(beat, at=time.time()))
+
+    from recast.tasks.settings import get_settings
+
+    every = get_settings().worker_heartbeat_s
+
+    def beat_loop() -> None:
+        while not stop.wait(every):
+            with contextlib.suppress(Exception):  # a missed beat is a late beat, not a failure
+                write()
+
+    write()
+    thread = threading.Thread(target=beat_loop, name="recast-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield lambda: storage.exists(cancelled)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def record_result(job, result) -> None:
+    """The result, where the waiting flow finds it even if Prefect never tells it (server restarted)."""
+    control = getattr(job, "control", None)
+    if control is not None:
+        storage.write_json(result_uri(control), result.model_dump())
+
+
+def read_heartbeat(control: str) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(heartbeat_uri(control)))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def read_result(control: str) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(result_uri(control)))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def cancel(control: str, task_run_id: str) -> None:
+    storage.write_json(cancelled_uri(control, task_run_id), {"at": time.time()})
+
+
+def stop_between_steps(should_stop):
+    """A diffusers step callback that interrupts the denoising loop once `should_stop()` says so."""
+    if should_stop is None:
+        return None
+
+    def callback(pipe, step, timestep, callback_kwargs):
+        if should_stop():
+            pipe._interrupt = True  # diffusers' own flag: the remaining steps are skipped
+        return callback_kwargs
+
+    return callback
