@@ -15,6 +15,7 @@ import io
 import json
 import os
 import posixpath
+import threading
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -125,6 +126,55 @@ def write_bytes(uri: str, data: bytes) -> str:
     else:
         fs.pipe_file(path, data)
     return uri
+
+
+_CLAIMS = threading.Lock()
+
+
+def claim(uri: str, record: dict, stale_after_s: float) -> bool:
+    """Create `uri` with `record` only if nobody holds it: True if this caller now holds it. A local file is created
+    with O_EXCL (atomic across processes); memory:// under a lock; object stores by a check before the write (the
+    deployment's concurrency limit keeps scheduled runs from racing there). A claim older than `stale_after_s`
+    (its holder died) may be taken over."""
+    import time
+
+    data = (json.dumps(dict(record, claimed_at=time.time())) + "\n").encode()
+    if scheme_of(uri) == "file":
+        path = local_path(uri)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if time.time() - os.path.getmtime(path) < stale_after_s:
+                return False
+            os.replace(_write_temp(path, data), path)  # a stale claim: taken over
+            return True
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    with _CLAIMS:
+        if exists(uri):
+            try:
+                held_at = json.loads(read_bytes(uri)).get("claimed_at", 0)
+            except ValueError:
+                held_at = 0
+            if time.time() - held_at < stale_after_s:
+                return False
+        write_bytes(uri, data)
+        return True
+
+
+def _write_temp(path: str, data: bytes) -> str:
+    tmp = f"{path}.{uuid.uuid4().hex}.part"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    return tmp
+
+
+def release(uri: str) -> None:
+    fs, path = _fs(uri)
+    if fs.exists(path):
+        fs.rm(path)
 
 
 def remove_tree(uri: str) -> None:

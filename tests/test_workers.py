@@ -108,6 +108,21 @@ def test_one_worker_serves_two_flow_runs_with_one_load(server, astronaut, tmp_pa
     assert log.count("ready on") == 1, "the worker must load its pipeline exactly once"
 
 
+def test_a_worker_refuses_a_profile_it_was_not_started_with(server, astronaut, tmp_path):
+    """A UI user cannot make a worker load a second model: the job fails with the reason, the worker stays."""
+    worker = start_worker(server, tmp_path / "worker.log")
+    try:
+        proc = subprocess.run([str(BIN / "recast"), "edit", str(astronaut), "--prompt", "x", "--profile", "bf16",
+                               "--steps", "2", "--seed", "1", "--storage", str(tmp_path / "s")], env=server,
+                              capture_output=True, text=True, timeout=300)
+        alive = worker.poll() is None
+    finally:
+        stop(worker)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "serves edit tiny, not edit profile 'bf16'" in proc.stderr, proc.stderr[-2000:]
+    assert alive and (tmp_path / "worker.log").read_text().count("ready on") == 1, "the worker loaded nothing else"
+
+
 def test_worker_refuses_the_ephemeral_api(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     proc = subprocess.run([str(BIN / "recast"), "worker", "edit"], env=env, capture_output=True, text=True,
@@ -198,7 +213,9 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 with get_client(sync_client=True) as client:
     schema = client.read_deployment_by_name("recast-edit/edit").parameter_openapi_schema
-results = {"schema": schema}
+    batch = client.read_deployment_by_name("recast-batch/batch")
+    limit = batch.global_concurrency_limit.limit if batch.global_concurrency_limit else batch.concurrency_limit
+results = {"schema": schema, "batch_limit": limit}
 for name, images in (("ok", [sys.argv[1]]), ("refused", [sys.argv[2]])):
     run = run_deployment("recast-edit/edit", timeout=240, parameters={"request": {
         "images": images, "prompts": ["James Bond 007, tuxedo, casino, cinematic lighting"], "seeds": [7],
@@ -215,6 +232,11 @@ print(json.dumps(results))
     fields = definitions["EditRequest"]["properties"]
     assert "identity reference" in fields["images"]["description"], "the UI form must show field descriptions"
     assert fields["steps"]["anyOf"][0]["maximum"] == 100, "the UI form must carry the bounds"
+    for name in ("profile", "video_profile", "template", "storage_root"):
+        options = [o for o in fields[name]["anyOf"] if o.get("type") == "string"]
+        assert options and options[0].get("enum"), f"the UI form must offer {name} as a list of configured choices"
+    assert "tiny" in next(o for o in fields["profile"]["anyOf"] if o.get("type") == "string")["enum"]
+    assert results["batch_limit"] == 1, "the scheduled batch deployment must run one at a time"
     assert results["ok"]["state"] == "COMPLETED", results["ok"]
     assert len(set(deployed["root"].glob("runs/*/manifest.json")) - before) == 1, "the run must write its manifest"
     assert results["refused"]["state"] == "FAILED", "a UI run must not read a local path outside the roots"
