@@ -18,11 +18,17 @@ from recast.tasks.settings import config_dir
 CLOTHING = r"wearing|dressed|suit|tuxedo|coat|jacket|shirt|dress|uniform|costume|hat|cap|fedora|armor|armour|" \
            r"robe|gown|hoodie|sweater|blazer|jeans|trousers|shorts|boots|outfit|vest|cloak|scarf|glasses|sunglasses"
 ENVIRONMENT = r"background|backdrop|setting|in an? |at an? |on an? |street|room|studio|office|stage|city|forest|" \
-              r"beach|desert|highway|casino|temple|house|bar|desk|sky|park|street|interior|exterior|landscape"
+              r"beach|desert|highway|casino|temple|house|bar|desk|sky|park|street|interior|exterior|landscape|" \
+              r"airfield|airport|runway|pub|tavern|restaurant|cafe|library|kitchen|garden|mountain|ocean|harbou?r|" \
+              r"ship|train|station|castle|palace|church|lab|laboratory|hospital|classroom|stadium|arena|alley|" \
+              r"warehouse|factory|cockpit|spaceship|jungle|village|market"
 LIGHTING = r"light|lighting|lit\b|sunlight|sunset|sunrise|golden hour|neon|glow|daylight|backlit|shadows|" \
            r"spotlight|studio lights|candle"
-DARK = r"\bdark\b|darkness|pitch[- ]black|\bnight\b|midnight|\bdim\b|dimly|shadowy|murky|gloomy|noir|moonlit|" \
-       r"candlelit|unlit|blackout"
+# "dark" about the scene, not about a colour: a dark blazer, dark hair or dark sunglasses are not a dark scene.
+DARK = r"\bdark\b(?!\s+(?:(?:long|short|navy|grey|gray|blue|brown|green|red|leather|wool|tailored)\s+)*" \
+       r"(?:blazer|suit|coat|jacket|shirt|dress|tuxedo|hat|cap|fedora|sweater|hoodie|trousers|jeans|boots|hair|eyes|" \
+       r"sunglasses|glasses|tie|uniform|robe|gown|cloak|scarf|vest|outfit)s?\b)|darkness|pitch[- ]black|\bnight\b|" \
+       r"midnight|\bdim\b|dimly|shadowy|murky|gloomy|noir|moonlit|candlelit|unlit|blackout"
 BRIGHT = r"bright|well[- ]lit|brightly|balanced lighting|soft light|studio lighting|spotlight"
 FACE_CHANGE = r"\bolder\b|\belderly\b|\baged\b|\byounger\b|\bas a child\b|\bbaby\b|\bfat\b|\bobese\b|\bchubby\b|" \
               r"\bskinny\b|\bgaunt\b|face swap|different face|change (?:his|her|their|the) face|plastic surgery|" \

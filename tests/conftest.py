@@ -69,3 +69,39 @@ def png_size(data: bytes) -> tuple[int, int]:
 
     with Image.open(io.BytesIO(data)) as img:
         return img.size
+
+
+@pytest.fixture(scope="session")
+def api_server(tmp_path_factory):
+    """One `prefect server start` for the session: CLI runs in subprocesses talk to it instead of each starting
+    a temporary server of its own (seconds per run instead of tens). Yields its API URL."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    home = tmp_path_factory.mktemp("api-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    prefect = os.path.join(os.path.dirname(sys.executable), "prefect")
+    proc = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                            stdout=open(home / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                break
+        except OSError:
+            if proc.poll() is not None:
+                raise AssertionError((home / "server.log").read_text()[-2000:])
+            time.sleep(0.5)
+    try:
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -49,6 +49,11 @@ def test_each_rule_warns_with_its_reason(prompt, rule):
     assert any(rule in w for w in warnings), f"{prompt!r}: expected a {rule!r} warning, got {warnings}"
 
 
+def test_a_dark_garment_is_not_a_dark_scene():
+    assert prompts.check("Tech CEO on stage, wearing a dark blazer, conference backdrop, blue lighting") == []
+    assert any("too dark" in w for w in prompts.check("a man wearing a suit in a dark alley, street lamp light"))
+
+
 def test_glasses_from_identity_notes_must_be_mentioned():
     assert any("glasses" in w for w in prompts.check(GOOD, identity_notes="wears round glasses"))
     assert not any("glasses" in w for w in prompts.check(GOOD + ", wearing his glasses", "wears glasses"))

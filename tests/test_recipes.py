@@ -202,12 +202,13 @@ def test_video_benchmark_runs_every_row_and_the_chain_on_tiny_models(tmp_path):
 
 
 def test_edit_benchmark_checks_per_request_loras_on_quantized_profiles(tmp_path):
+    # lightning covers the LoRA check on FP8 layers and the few-step reference; int4 is covered above on CPU.
     proc = subprocess.run([sys.executable, "gpu_edit.py", "--tiny", "--device", "cpu", "--check", "--runs", "1",
-                           "--profiles", "fp8,int4,lightning", "--out", str(tmp_path / "p.json")],
+                           "--profiles", "lightning", "--out", str(tmp_path / "p.json")],
                           cwd=REPO / "benchmarks", capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     rows = {r["profile"]: r for r in json.loads((tmp_path / "p.json").read_text())}
-    for name in ("fp8", "int4", "lightning"):
+    for name in ("lightning",):
         assert rows[name]["lora_changes_output"] and rows[name]["lora_restores_base"], rows[name]
         assert rows[name]["psnr_db"] is not None
     assert rows["diffusers-baseline"]["unrelated_psnr_db"] is not None

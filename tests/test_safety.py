@@ -101,7 +101,7 @@ def test_stitching_streams_frames_instead_of_holding_every_clip(tmp_path):
     assert peak < all_frames / 2, f"stitching held {peak / 2**20:.1f} MiB; all frames are {all_frames / 2**20:.1f} MiB"
 
 
-def test_overlapping_batch_runs_edit_each_photo_once(astronaut, second_photo, tmp_path):
+def test_overlapping_batch_runs_edit_each_photo_once(astronaut, second_photo, tmp_path, api_server):
     incoming = tmp_path / "incoming"
     incoming.mkdir()
     (incoming / "a.png").write_bytes(astronaut.read_bytes())
@@ -116,7 +116,7 @@ def test_overlapping_batch_runs_edit_each_photo_once(astronaut, second_photo, tm
     """)
     runs = []
     for index in range(2):  # two scheduled runs that overlap, as two processes
-        env = dict(os.environ, PREFECT_HOME=str(tmp_path / f"home{index}"), RECAST_HANDOFF__MODE="none")
+        env = dict(os.environ, PREFECT_API_URL=api_server, RECAST_HANDOFF__MODE="none")
         runs.append(subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True))
     results = []
