@@ -46,6 +46,7 @@ class HandoffIn(BaseModel):
     run_id: str | None = None
     edit_id: str | None = None
     manifest: str | None = None
+    reference: str | None = None
 
 
 @dataclass
@@ -95,6 +96,13 @@ def plan_animation(request: AnimateRequest, settings: Settings | None = None) ->
     if not storage.exists(frame_uri):
         raise BadInput("handoff.frame", handoff.frame, "frame does not exist", "re-run the edit flow")
     frame = storage.read_image("handoff.frame", frame_uri, settings.max_input_pixels)
+    reference = request.identity_reference or handoff.reference
+    if reference:
+        field = "identity_reference" if request.identity_reference else "handoff.reference"
+        reference = storage.check_scheme(field, reference)
+        if remote:
+            check_inputs_allowed([reference], settings.input_roots, field=field)
+        storage.read_image(field, reference, settings.max_input_pixels)  # a readable photo, or bad input now
 
     warnings: list[str] = []
     if request.width or request.height or request.resolution:
@@ -131,7 +139,8 @@ def plan_animation(request: AnimateRequest, settings: Settings | None = None) ->
         guidance_scale=first_set(request.guidance_scale, profile.guidance_scale, settings.animate.guidance_scale),
         num_frames=num_frames, fps=request.fps or handoff.fps, width=width, height=height,
         output=layout.clip_uri(clip_id), last_frame=layout.last_frame_uri(clip_id),
-        control=layout.control_uri(clip_id))
+        identity_reference=reference, identity_every=request.identity_every,
+        identity_strip=layout.identity_strip_uri(clip_id), control=layout.control_uri(clip_id))
     return AnimatePlan(run_id=layout.run_id, created_at=timestamp(moment), request=request,
                        settings=settings, profile=profile, layout=layout, handoff_uri=handoff_uri, handoff=handoff,
                        job=job, warnings=warnings)
@@ -170,8 +179,10 @@ def animate_flow(request: AnimateRequest):
     dump = dict(storage.redact_all(manifest.model_dump()), manifest=storage.redact(manifest_uri))
     storage.write_json(manifest_uri, dump)
     create_table_artifact(key="recast-animate-clips", table=[
-        {"clip": r.clip_id, "prompt": r.prompt, "seed": r.seed, "frames": r.num_frames, "fps": r.fps,
-         "size": f"{r.width}x{r.height}", "seconds": r.seconds, "output": r.output} for r in manifest.clips])
+        {"clip": r.clip_id, "prompt": r.prompt, "identity": (r.identity or {}).get("grade"),
+         "drift from frame": (r.identity or {}).get("drift_from"), "seed": r.seed, "frames": r.num_frames,
+         "fps": r.fps, "size": f"{r.width}x{r.height}", "seconds": r.seconds, "output": r.output}
+        for r in manifest.clips])
     create_markdown_artifact(key="recast-animate-summary", markdown=(
         f"# recast animate `{plan.run_id}`: {manifest.status}\n- from `{storage.redact(job.frame)}`\n"
         f"- clip `{record.output}` ({job.num_frames} frames, {job.fps} fps)\n"

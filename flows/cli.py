@@ -117,7 +117,8 @@ def _print_edit_summary(manifest: dict) -> None:
     print(f"  handoff: {manifest['handoff']}")
     animation = manifest.get("animation")
     if animation:
-        clips = ", ".join(c["output"] or f"FAILED: {c['error']}" for c in animation.get("clips", [])) \
+        clips = ", ".join((c["output"] + (f" (identity {c['identity']['grade']})" if c.get("identity") else ""))
+                          if c["output"] else f"FAILED: {c['error']}" for c in animation.get("clips", [])) \
             or animation.get("error", "")
         print(f"  video ({animation['mode']}): {animation['status']}: {clips}")
     print(storage.join(manifest["folder"], "manifest.json"))
@@ -140,6 +141,11 @@ def _animate(args: argparse.Namespace) -> int:
               f"{clip['width']}x{clip['height']} at {clip['fps']} fps, seed {clip['seed']}, profile "
               f"{manifest['model']['profile']})")
         print(f"  clip: {clip['output'] or 'FAILED: ' + str(clip['error'])}\n  last frame: {clip['last_frame']}")
+        if clip.get("identity"):
+            drift = clip["identity"].get("drift_from")
+            print(f"  identity: {clip['identity']['grade']} (worst sampled frame)"
+                  + (f", drifts from frame {drift}" if drift is not None else "")
+                  + f"; strip: {clip.get('identity_strip')}")
         print(manifest["manifest"])
     if failure:
         print(f"recast animate: failed: {failure}", file=sys.stderr)
@@ -193,23 +199,45 @@ class _FileError(ValueError):
     """A file that does not validate: the message names the file, where in it, and the fix."""
 
 
+VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi")
+
+
 def _identity(args: argparse.Namespace) -> int:
     from recast.tasks import identity, storage
     from recast.tasks.settings import get_settings
 
     limit = get_settings().max_input_pixels
     reference = storage.read_image("REFERENCE", args.reference, limit)
-    images = [storage.read_image(f"IMAGE[{i}]", uri, limit) for i, uri in enumerate(args.images)]
-    scores = identity.score_images(reference.data, [image.data for image in images])
-    rows = [{"image": image.uri, **score.as_dict()} for image, score in zip(images, scores)]
+    videos = [uri for uri in args.images if uri.lower().endswith(VIDEO_SUFFIXES)]
+    images = [storage.read_image(f"IMAGE[{i}]", uri, limit) for i, uri in enumerate(args.images) if uri not in videos]
+    rows = [{"image": image.uri, **score.as_dict()} for image, score in
+            zip(images, identity.score_images(reference.data, [image.data for image in images]))]
+    clips = []
+    for index, uri in enumerate(videos):
+        uri = storage.check_scheme(f"VIDEO[{index}]", uri)
+        if not storage.exists(uri):
+            raise BadInput(f"VIDEO[{index}]", uri, "file does not exist", "check the path or URI")
+        fps = storage.video_fps(uri)
+        scored, _ = identity.score_clip(reference.data, storage.iter_video(uri), fps, args.every)
+        clips.append({"video": uri, "fps": fps, "frames": [{k: f[k] for k in ("index", "score", "grade")}
+                                                           for f in scored.frames],
+                      "grade": scored.grade, "drift_from": scored.drift_from, "no_face_frames": scored.no_face_frames,
+                      "notes": scored.notes, "seconds": scored.seconds})
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows + clips, indent=2))
         return 0
-    print(f"{'grade':11} {'score':>6} {'face px':>8}  image")
+    if rows:
+        print(f"{'grade':11} {'score':>6} {'face px':>8}  image")
     for row in rows:
         score = "-" if row["score"] is None else f"{row['score']:.3f}"
         note = f"  ({row['notes']})" if row["notes"] else ""
         print(f"{row['grade']:11} {score:>6} {str(row['face_px'] or '-'):>8}  {row['image']}{note}")
+    for clip in clips:
+        drift = f", drifts from frame {clip['drift_from']}" if clip["drift_from"] is not None else ", no drift"
+        print(f"{clip['grade']:11} clip{drift}, {clip['no_face_frames']} of {len(clip['frames'])} sampled frames "
+              f"without a face: {clip['video']}")
+        print("  " + "  ".join(f"#{f['index']} {f['grade']}" + (f" {f['score']:.2f}" if f["score"] is not None else "")
+                               for f in clip["frames"]))
     return 0
 
 
@@ -272,12 +300,16 @@ def build_parser() -> argparse.ArgumentParser:
     animate.add_argument("--json", action="store_true", help="print the manifest as JSON")
     animate.set_defaults(handler=_animate, model=AnimateRequest)
 
-    ident = sub.add_parser("identity", help="score images against a reference photo's face",
-                           description="Grade how well each image keeps the identity of the reference photo's "
-                           "face (YuNet + SFace cosine: Excellent, Good, Drifted, Lost; unscorable when the "
-                           "reference has no face).")
+    ident = sub.add_parser("identity", help="score images or videos against a reference photo's face",
+                           description="Grade how well each image, or each sampled frame of a video, keeps the "
+                           "identity of the reference photo's face (YuNet + SFace cosine: Excellent, Good, Drifted, "
+                           "Lost; unscorable when the reference has no face). A video's grade is its worst frame; "
+                           "drift_from is the first frame graded below the first.")
     ident.add_argument("reference", metavar="REFERENCE", help="photo of the person")
-    ident.add_argument("images", metavar="IMAGE", nargs="+", help="images to score")
+    ident.add_argument("images", metavar="IMAGE_OR_VIDEO", nargs="+",
+                       help=f"images, or videos ({', '.join(VIDEO_SUFFIXES)}), to score")
+    ident.add_argument("--every", type=int, default=None, metavar="N",
+                       help="score every Nth frame of a video (default: one per second; first and last always)")
     ident.add_argument("--json", action="store_true", help="print the scores as JSON")
     ident.set_defaults(handler=_identity, model=None)
 

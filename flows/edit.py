@@ -207,7 +207,8 @@ def edit_flow(request: EditRequest, resume: str | None = None):
         handoff = Handoff(run_id=plan.run_id, frame=chosen.output, edit_id=chosen.edit_id,
                           motion_prompt=request.motion_prompt or plan.settings.handoff.motion_prompt,
                           width=width, height=height, num_frames=plan.settings.handoff.num_frames,
-                          fps=plan.settings.handoff.fps, seed=chosen.seed, manifest=layout.manifest_uri)
+                          fps=plan.settings.handoff.fps, seed=chosen.seed, manifest=layout.manifest_uri,
+                          reference=input_uris[0])
         handoff_uri = storage.write_json(layout.handoff_uri, handoff.model_dump())
     elif target is not None and any(r.status == "succeeded" for r in records):
         logger.warning("no edit reached identity %s: nothing is handed to video (handoff_below_target hands the "
@@ -306,7 +307,8 @@ def hand_over(handoff_uri: str, plan: RunPlan) -> dict | None:
             return {"mode": mode, "status": manifest["status"], "run_id": manifest["run_id"],
                     "manifest": manifest["manifest"],
                     "clips": [{k: c[k] for k in ("clip_id", "output", "last_frame", "num_frames", "fps", "width",
-                                                 "height", "seconds", "error")} for c in manifest["clips"]]}
+                                                 "height", "seconds", "error", "identity", "identity_strip")}
+                              for c in manifest["clips"]]}
         from prefect.deployments import run_deployment
 
         # The video model lives on its own GPU pool; this flow waits for it as a subflow.
@@ -367,6 +369,13 @@ def _publish(manifest: Manifest, manifest_uri: str) -> None:
     rows = [{"prompt theme": theme(e.prompt), "attempt": e.attempt, "identity": e.identity.grade,
              "score": e.identity.score, "seed": e.seed, "seconds": e.seconds, "status": e.status,
              "output": storage.redact(e.output or "")} for e in manifest.edits]
+    for clip in (manifest.animation or {}).get("clips", []):  # the clip's identity beside the edits'
+        identity = clip.get("identity") or {}
+        rows.append({"prompt theme": f"clip {clip['clip_id']}", "attempt": 1, "identity": identity.get("grade"),
+                     "score": min((f["score"] for f in identity.get("frames", []) if f.get("score") is not None),
+                                  default=None), "seed": None, "seconds": clip.get("seconds"),
+                     "status": "succeeded" if clip.get("output") else "failed",
+                     "output": storage.redact(clip.get("output") or "")})
     create_table_artifact(table=rows, key="recast-edit-results", description=f"recast run {manifest.run_id}")
     ok = sum(e.status == "succeeded" for e in manifest.edits)
     model = manifest.model

@@ -21,8 +21,8 @@ from prefect.artifacts import create_table_artifact
 from recast.flows.execution import run_task
 from recast.flows.runs import (check_inputs_allowed, check_storage_root, first_set, flow_run_info, new_run_id, now,
                                slug, started_remotely, take_plan, timestamp, versions)
+from recast.tasks import identity, storage
 from recast.tasks import prompts as prompt_checks
-from recast.tasks import storage
 from recast.tasks.animate import animate_task
 from recast.tasks.edit import edit_task
 from recast.tasks.frames import output_size
@@ -102,12 +102,13 @@ def storyboard_flow(storyboard: Storyboard):
     # 2. Scenes
     scenes: list[SceneRecord] = []
     clip_uris, previous_last_frame, gpu_seconds = [], None, 0.0
+    no_chain_reason = "the previous scene has no clip to continue from"
     for index, scene in enumerate(storyboard.scenes, start=1):
         entry = SceneRecord(scene=index, edit_prompt=scene.edit_prompt, motion_prompt=scene.motion_prompt,
                             source="edit" if scene.edit_prompt else "previous_last_frame")
         scenes.append(entry)
         if scene.edit_prompt is None and previous_last_frame is None:
-            entry.status, entry.reason = "skipped", "the previous scene has no clip to continue from"
+            entry.status, entry.reason = "skipped", no_chain_reason
             continue
         for attempt in range(1, storyboard.max_attempts + 1):
             seed = scene.seed if (scene.seed is not None and attempt == 1) else secrets.randbelow(MAX_SEED + 1)
@@ -141,6 +142,7 @@ def storyboard_flow(storyboard: Storyboard):
                 guidance_scale=first_set(video.guidance_scale, settings.animate.guidance_scale),
                 num_frames=storyboard.num_frames, fps=storyboard.fps, width=width, height=height,
                 output=layout.clip_uri(clip_id), last_frame=layout.last_frame_uri(clip_id),
+                identity_reference=reference_uri, identity_strip=layout.identity_strip_uri(clip_id),
                 control=layout.control_uri(clip_id))
             outcome = run_task(animate_task, job, stage="animate")
             result = outcome.result if isinstance(outcome.result, ClipResult) else None
@@ -148,17 +150,34 @@ def storyboard_flow(storyboard: Storyboard):
             record.clip.submissions = outcome.submissions
             record.source_frame, record.stage = storage.redact(source), "animate"
             record.status = "succeeded" if result else "failed"
-            if result:
-                gpu_seconds += result.seconds
-                clip_uris.append(result.output)
+            if result is None:
+                continue
+            gpu_seconds += result.seconds
+            grade = (result.identity or {}).get("grade")
+            record.identity_grade = grade
+            if storyboard.min_identity and not identity.meets(grade, storyboard.min_identity):
+                record.status, record.stage = "failed", "identity"
+                record.error = f"the clip graded {grade}, below min_identity {storyboard.min_identity}"
+                logger.info("scene %d attempt %d: %s", index, attempt, record.error)
+                continue
+            clip_uris.append(result.output)
+            entry.status, entry.source_frame = "succeeded", storage.redact(source)
+            entry.clip, entry.last_frame = storage.redact(result.output), storage.redact(result.last_frame)
+            last = identity.last_frame_grade(identity.ClipIdentity(**result.identity)) if result.identity else None
+            if last in ("Lost", "no face") and not storyboard.chain_from_lost:
+                # Continuing from a frame that lost the person would carry someone else into the next scene.
+                previous_last_frame = None
+                no_chain_reason = f"scene {index}'s last frame graded {last}: not chained from (chain_from_lost)"
+            else:
                 previous_last_frame = result.last_frame
-                entry.status, entry.source_frame = "succeeded", storage.redact(source)
-                entry.clip, entry.last_frame = storage.redact(result.output), storage.redact(result.last_frame)
-                logger.info("scene %d: %s from %s", index, entry.clip, entry.source)
-                break
+            logger.info("scene %d: %s from %s (identity %s)", index, entry.clip, entry.source, grade)
+            break
         else:
             entry.status = "failed"
+            if storyboard.min_identity and entry.attempts and entry.attempts[-1].stage == "identity":
+                entry.reason = f"no attempt reached min_identity {storyboard.min_identity}"
             previous_last_frame = None  # a continuing scene must not jump back to an older clip
+            no_chain_reason = f"scene {index} has no clip to continue from"
 
     # 3. Stitch
     stitched, total_frames = None, 0
@@ -179,8 +198,9 @@ def storyboard_flow(storyboard: Storyboard):
     dump = storage.redact_all(manifest.model_dump())
     storage.write_json(layout.manifest_uri, dump)
     create_table_artifact(key="recast-storyboard", table=[
-        {"scene": s.scene, "source": s.source, "status": s.status, "attempts": len(s.attempts), "clip": s.clip}
-        for s in scenes])
+        {"scene": s.scene, "source": s.source, "status": s.status, "attempts": len(s.attempts),
+         "identity": next((a.identity_grade for a in reversed(s.attempts) if a.identity_grade), None),
+         "clip": s.clip, "reason": s.reason} for s in scenes])
     if not ok:
         return Failed(message=f"no scene produced a clip; see {storage.redact(layout.manifest_uri)}", data=dump)
     return Completed(message=f"{ok}/{len(scenes)} scenes", data=dump)

@@ -39,8 +39,26 @@ def animate_clip(job: AnimateJob) -> ClipResult:
         result = ClipResult(clip_id=job.clip_id, output=job.output, last_frame=job.last_frame, seed=job.seed,
                             num_frames=len(frames), fps=job.fps, width=frames.shape[2], height=frames.shape[1],
                             seconds=round(seconds, 4), cache_hit=cache_hit, cold_start_s=round(loaded.cold_start_s, 3))
+        if job.identity_reference:
+            # On the CPU, after the clip is written: one frame per second by default, a fraction of the clip's time.
+            result.identity, result.identity_strip = score_clip_identity(job, frames)
         lifecycle.record_result(job, result)
     return result
+
+
+def score_clip_identity(job: AnimateJob, frames) -> tuple[dict, str | None]:
+    """The clip's frames scored against the reference photo, and its drift strip; a scorer problem is noted."""
+    from recast.tasks import identity
+
+    try:
+        scored, picked = identity.score_clip(storage.load_image(job.identity_reference), frames, job.fps,
+                                             job.identity_every)
+    except identity.IdentityUnavailable as exc:
+        return {"grade": "unscorable", "notes": f"identity scorer unavailable: {exc}", "frames": []}, None
+    strip = None
+    if job.identity_strip:
+        strip = storage.write_bytes(job.identity_strip, storage.png_bytes(identity.drift_strip(picked, scored)))
+    return scored.as_dict(), strip
 
 
 animate_task = task(

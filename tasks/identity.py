@@ -10,6 +10,10 @@ Grades (SFace cosine), checked on the photos shipped in tests/data/faces (README
     Drifted   >= 0.363  OpenCV's published same-person threshold for SFace
     Lost       < 0.363  different people: at most 0.259 here (0.350 over 75 pairs elsewhere); no face in output
     unscorable          no face in the reference
+
+A clip is scored the same way, frame by frame on a sample (score_clip): its grade is its worst scored frame, and
+`drift_from` is the first frame that graded below the clip's first frame. Frames without a face are counted,
+never scored as matches.
 """
 
 from __future__ import annotations
@@ -151,3 +155,101 @@ def compare(reference: Face | None, image: Image.Image | bytes) -> IdentityScore
 def score_images(reference: Image.Image | bytes, images: list[Image.Image | bytes]) -> list[IdentityScore]:
     ref = main_face(reference)
     return [compare(ref, image) for image in images]
+
+
+# --------------------------------------------------------------------------------------------------
+# Clips: is it still the same person from the first frame to the last?
+
+
+@dataclass
+class ClipIdentity:
+    """A clip scored against the identity reference: sampled frames, the clip's grade (its worst scored frame),
+    where it first fell below its first frame's grade, and the frames where no face was found."""
+
+    frames: list[dict]  # {index, score, grade, face_px}; score None for a frame without a face
+    grade: str
+    drift_from: int | None
+    no_face_frames: int
+    sampled: int
+    every: int
+    seconds: float
+    notes: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def sample_indices(count: int, every: int) -> list[int]:
+    """Every `every`-th frame, the first and the last always."""
+    return sorted({*range(0, count, max(1, every)), count - 1}) if count else []
+
+
+def sample_frames(frames, every: int) -> list[tuple[int, np.ndarray]]:
+    """(index, frame) of every `every`-th frame and the last, read one frame at a time from any iterable."""
+    picked, last = [], None
+    for index, frame in enumerate(frames):
+        if index % max(1, every) == 0:
+            picked.append((index, frame))
+        last = (index, frame)
+    if last is not None and (not picked or picked[-1][0] != last[0]):
+        picked.append(last)
+    return picked
+
+
+def score_clip(reference: Image.Image | bytes, frames, fps: float, every: int | None = None
+               ) -> tuple[ClipIdentity, list[tuple[int, np.ndarray]]]:
+    """Score a clip's frames against the reference: (its identity, the sampled (index, frame) pairs).
+
+    `frames` is any iterable of uint8 (H, W, 3) arrays, read once. By default one frame per second of video is
+    scored (and the first and last always), so the check costs little next to making the clip."""
+    import time
+
+    started = time.perf_counter()
+    step = every or max(1, int(round(fps)))
+    picked = sample_frames(frames, step)
+    ref = main_face(reference)
+    if ref is None:
+        return ClipIdentity([], "unscorable", None, 0, len(picked), step, round(time.perf_counter() - started, 3),
+                            "no face found in the identity reference"), picked
+    rows = []
+    for index, frame in picked:
+        face = main_face(Image.fromarray(np.asarray(frame)))
+        if face is None:
+            rows.append({"index": index, "score": None, "grade": "no face", "face_px": None})
+            continue
+        score = float(np.dot(ref.embedding, face.embedding))
+        rows.append({"index": index, "score": round(score, 4), "grade": grade_for(score), "face_px": face.size_px})
+    scored = [row for row in rows if row["score"] is not None]
+    no_face = len(rows) - len(scored)
+    seconds = round(time.perf_counter() - started, 3)
+    if not scored:
+        return ClipIdentity(rows, "Lost", None, no_face, len(rows), step, seconds,
+                            "no face in any sampled frame"), picked
+    worst = min(scored, key=lambda row: GRADE_ORDER.index(row["grade"]))["grade"]
+    first = GRADE_ORDER.index(scored[0]["grade"])
+    drift = next((row["index"] for row in scored if GRADE_ORDER.index(row["grade"]) < first), None)
+    notes = f"{no_face} of {len(rows)} sampled frames show no face" if no_face else ""
+    return ClipIdentity(rows, worst, drift, no_face, len(rows), step, seconds, notes), picked
+
+
+def last_frame_grade(identity: ClipIdentity) -> str:
+    """The grade of the clip's last frame (always sampled): what a scene continuing from it would start from."""
+    return identity.frames[-1]["grade"] if identity.frames else identity.grade
+
+
+def drift_strip(picked: list[tuple[int, np.ndarray]], identity: ClipIdentity, tile: int = 160):
+    """The sampled frames side by side, each with its index, score and grade under it."""
+    from PIL import ImageDraw
+
+    rows = {row["index"]: row for row in identity.frames}
+    strip = Image.new("RGB", (tile * max(1, len(picked)), tile + 34), "white")
+    draw = ImageDraw.Draw(strip)
+    for position, (index, frame) in enumerate(picked):
+        image = Image.fromarray(np.asarray(frame))
+        image.thumbnail((tile, tile))
+        strip.paste(image, (position * tile + (tile - image.width) // 2, (tile - image.height) // 2))
+        row = rows.get(index, {"score": None, "grade": identity.grade})
+        score = "-" if row["score"] is None else f"{row['score']:.2f}"
+        draw.text((position * tile + 4, tile + 3), f"#{index} {score}", fill="black")
+        draw.text((position * tile + 4, tile + 17), str(row["grade"]), fill="black")
+    return strip

@@ -364,6 +364,20 @@ def iter_video(uri: str):
             yield from reader
 
 
+def video_fps(uri: str) -> float:
+    """The frame rate an mp4 in storage plays at."""
+    import tempfile
+
+    import imageio.v2 as imageio
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "clip.mp4")
+        with open(path, "wb") as f:
+            f.write(read_bytes(uri))
+        with imageio.get_reader(path, format="FFMPEG") as reader:
+            return float(reader.get_meta_data()["fps"])
+
+
 def read_video(uri: str):
     """Decode an mp4 from storage: (uint8 frames (T, H, W, 3), fps)."""
     import tempfile
@@ -420,6 +434,9 @@ class RunLayout:
 
     def last_frame_uri(self, clip_id: str) -> str:
         return join(self.folder, "clips", f"{clip_id}_last.png")
+
+    def identity_strip_uri(self, clip_id: str) -> str:
+        return join(self.folder, "clips", f"{clip_id}_identity.png")
 
     @property
     def stitched_uri(self) -> str:

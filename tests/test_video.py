@@ -135,7 +135,8 @@ def test_inline_mode_edits_and_animates_in_one_call(astronaut, tmp_path, capsys,
 
 def test_storyboard_chains_last_frames_and_stitches(astronaut, tmp_path, capsys):
     board = tmp_path / "board.yaml"
-    board.write_text(yaml.safe_dump({"num_frames": 9, "fps": 8, "scenes": [
+    # The tiny model draws no face: chaining from its last frames must be asked for.
+    board.write_text(yaml.safe_dump({"num_frames": 9, "fps": 8, "chain_from_lost": True, "scenes": [
         {"edit_prompt": "James Bond 007, tuxedo, casino", "motion_prompt": "he raises a glass", "seed": 1},
         {"motion_prompt": "he walks to the camera", "seed": 2},
         {"edit_prompt": "Neo, black trench coat", "motion_prompt": "he dodges", "seed": 3}]}))

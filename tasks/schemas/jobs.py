@@ -55,6 +55,10 @@ class AnimateJob(Strict):
     height: int = Field(ge=16, multiple_of=16)
     output: str = Field(description="URI of the mp4.")
     last_frame: str = Field(description="URI of the PNG of the clip's final frame.")
+    identity_reference: str | None = Field(None, description="URI of the photo the clip's frames are scored "
+                                           "against (the person's reference); None: not scored.")
+    identity_every: int | None = Field(None, ge=1, description="Score every Nth frame (default: one per second).")
+    identity_strip: str | None = Field(None, description="URI of the drift strip PNG (sampled frames, scores).")
     code_version: str | None = Field(None, description="The submitting flow's code version (workers check it).")
     control: str | None = Field(None, description="URI prefix of the job's heartbeat, result and cancel files.")
 
@@ -75,6 +79,8 @@ class ClipResult(Strict):
     seconds: float
     cache_hit: bool
     cold_start_s: float
+    identity: dict | None = Field(None, description="The clip scored against the reference (identity.ClipIdentity).")
+    identity_strip: str | None = None
 
 
 class EditResult(Strict):

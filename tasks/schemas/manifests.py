@@ -110,10 +110,15 @@ class ClipRecord(BaseModel):
     cache_hit: bool | None = None
     error: str | None = None
     submissions: list[dict] = Field(default_factory=list)
+    identity: dict | None = Field(None, description="Sampled frames {index, score, grade}, the clip's grade (its "
+                                  "worst frame), drift_from, no_face_frames, the seconds scoring took.")
+    identity_strip: str | None = None
 
     @classmethod
     def of(cls, job: AnimateJob, result: ClipResult | None, message: str | None, redact) -> ClipRecord:
         return cls(
+            identity=result.identity if result else None,
+            identity_strip=redact(result.identity_strip) if result and result.identity_strip else None,
             clip_id=job.clip_id, status="succeeded" if result else "failed", source_frame=redact(job.frame),
             prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed, steps=job.steps,
             guidance_scale=job.guidance_scale, num_frames=result.num_frames if result else job.num_frames,
@@ -137,6 +142,8 @@ class Handoff(Strict):
     fps: int = Field(ge=1)
     seed: Seed
     manifest: str = Field(description="URI of the edit run's manifest.json.")
+    reference: str | None = Field(None, description="URI of the identity reference photo (the run's first input): "
+                                  "the clip is scored against it.")
 
 
 class RunManifest(BaseModel):
@@ -191,6 +198,7 @@ class SceneAttempt(BaseModel):
     edit_seconds: float | None = None
     source_frame: str | None = None
     clip: ClipRecord | None = None
+    identity_grade: str | None = Field(None, description="The clip's identity grade (its worst sampled frame).")
 
 
 class SceneRecord(BaseModel):

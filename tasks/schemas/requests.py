@@ -150,6 +150,10 @@ class AnimateRequest(Strict):
                                       json_schema_extra=ConfiguredChoices("video_profile"))
     storage_root: str | None = Field(None, description="Where the run is written (default ./artifacts).",
                                      json_schema_extra=ConfiguredChoices("storage_root", cli="--storage"))
+    identity_reference: ImageRef | None = Field(
+        None, description="Photo the clip's frames are scored against (default: the edit run's reference photo).")
+    identity_every: int | None = Field(None, ge=1, le=240, description="Score every Nth frame of the clip "
+                                       "(default: one frame per second of video, the first and last always).")
     into_edit_run: bool = Field(False, description="Write the clip into the edit run's own folder (clips/), as "
                                 "the edit flow's video stage does, instead of a run of its own.")
 
@@ -185,6 +189,10 @@ class Storyboard(Strict):
     num_frames: FrameCount = Field(81, description="Frames per clip, 4k+1.")
     fps: int = Field(16, ge=4, le=60, description="Frames per second of every clip and the stitched video.")
     max_attempts: int = Field(1, ge=1, le=5, description="Tries per scene (a new seed each) before it fails.")
+    min_identity: Literal["Drifted", "Good", "Excellent"] | None = Field(
+        None, description="Try a scene again (new seed) while its clip grades below this against the reference.")
+    chain_from_lost: bool = Field(False, description="Continue from a last frame whose face graded Lost (or shows "
+                                  "none); by default such a scene is not chained from.")
     profile: str | None = Field(None, description="Edit model profile.", json_schema_extra=ConfiguredChoices("profile"))
     video_profile: str | None = Field(None, description="Video model profile.",
                                       json_schema_extra=ConfiguredChoices("video_profile"))
