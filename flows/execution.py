@@ -35,7 +35,7 @@ from recast.tasks.settings import get_settings
 from recast.tasks.version import code_version
 
 log = logging.getLogger("recast.execution")
-POLL_S = 1.0
+POLL_S = 0.5
 
 Chain = Generator[Any, "Outcome", Any]
 

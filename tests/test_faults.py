@@ -16,8 +16,8 @@ import pytest
 from test_workers import BIN, free_port, healthy, start_worker, stop, wait_for
 
 
-def start_server(home: Path, port: int, log_name: str) -> subprocess.Popen:
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+def start_server(home: Path, port: int, log_name: str, **extra_env: str) -> subprocess.Popen:
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", **extra_env)
     log = open(home / log_name, "w")
     proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

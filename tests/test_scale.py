@@ -1,0 +1,126 @@
+"""Scale out with real processes: a run fans its edits over every task worker, and the multi-machine set-up the
+README describes (a Prefect server on PostgreSQL, workers with their own caches and folders sharing only the
+server, the result storage and the storage root)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from test_faults import start_server
+from test_workers import BIN, free_port, stop, wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _worker(env: dict, log: Path, cwd: Path | None = None) -> subprocess.Popen:
+    proc = subprocess.Popen([str(BIN / "recast"), "worker", "edit"], env=env, cwd=cwd, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for(lambda: "Subscribing to runs" in log.read_text() or proc.poll() is not None, 180, "a worker")
+    assert proc.poll() is None, log.read_text()[-2000:]
+    return proc
+
+
+def _served(log: Path) -> int:
+    return log.read_text().count("Submitting task run")
+
+
+def _edit(env: dict, astronaut, root: Path, seeds, cwd: Path | None = None, steps: int = 30) -> dict:
+    args = [str(BIN / "recast"), "edit", str(astronaut), "--prompt", "Neo, black leather trench coat", "--steps",
+            str(steps), "--width", "320", "--height", "320", "--storage", str(root), "--json",
+            *[a for s in seeds for a in ("--seed", str(s))]]
+    proc = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def _wall(manifest: dict) -> float:
+    from datetime import datetime
+
+    return (datetime.fromisoformat(manifest["finished_at"]) - datetime.fromisoformat(manifest["created_at"])
+            ).total_seconds()
+
+
+def test_a_run_fans_out_over_two_workers(tmp_path, astronaut):
+    home = tmp_path / "home"
+    home.mkdir()
+    port = free_port()
+    server = start_server(home, port, "server.log")
+    # One core per worker, as one GPU per worker: two workers have twice the hardware of one.
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+               RECAST_EXECUTION="workers", RECAST_HANDOFF__MODE="none", PREFECT_LOGGING_LEVEL="INFO",
+               OMP_NUM_THREADS="1")
+    first = _worker(env, tmp_path / "w1.log")
+    second = None
+    try:
+        one = _edit(env, astronaut, tmp_path / "one", range(1, 9), steps=40)
+        second = _worker(env, tmp_path / "w2.log")
+        served_before = _served(tmp_path / "w1.log")
+        two = _edit(env, astronaut, tmp_path / "two", range(1, 9), steps=40)
+        by_first, by_second = _served(tmp_path / "w1.log") - served_before, _served(tmp_path / "w2.log")
+    finally:
+        stop(first)
+        if second is not None:
+            stop(second)
+        os.killpg(server.pid, signal.SIGKILL)
+    assert [e["seed"] for e in two["edits"]] == list(range(1, 9)), "the manifest keeps request order"
+    assert all(e["status"] == "succeeded" for e in one["edits"] + two["edits"])
+    assert by_first >= 1 and by_second >= 1, f"both workers must serve the run ({by_first} and {by_second} edits)"
+    ratio = _wall(two) / _wall(one)
+    assert ratio < 0.7, f"two workers took {ratio:.2f}x the time of one on the same jobs (bar: 0.7)"
+
+
+@pytest.mark.skipif(not Path("/usr/lib/postgresql").exists(), reason="needs Debian's postgresql (.ci/run installs it)")
+def test_two_machines_share_one_server_on_postgresql(tmp_path, astronaut):
+    """As the README's scale-out section: PostgreSQL, one server, two workers with their own caches and folders
+    ("machines"), sharing only the server, the result storage and the storage root; one run over both."""
+    shared = tmp_path / "shared"  # stands for the bucket both machines reach
+    (shared / "results").mkdir(parents=True)
+    # The database runs as the postgres user, which cannot enter pytest's private temporary folders.
+    pg = Path(tempfile.mkdtemp(prefix="recast-pg-"))
+    pg.chmod(0o755)
+    lines = subprocess.run(["bash", str(REPO / "deployments" / "postgres.sh"), "start", str(pg / "cluster")],
+                           capture_output=True, text=True, check=True, timeout=120).stdout
+    database = next(l.split("=", 1)[1] for l in lines.splitlines() if "PREFECT_API_DATABASE_CONNECTION_URL" in l)
+    server_home = tmp_path / "server"
+    server_home.mkdir()
+    port = free_port()
+    server = start_server(server_home, port, "server.log", PREFECT_API_DATABASE_CONNECTION_URL=database)
+    common = dict(PREFECT_API_URL=f"http://127.0.0.1:{port}/api", PREFECT_LOCAL_STORAGE_PATH=str(shared / "results"),
+                  RECAST_EXECUTION="workers", RECAST_HANDOFF__MODE="none", PREFECT_LOGGING_LEVEL="INFO",
+                  RECAST_STORAGE_ROOT=str(shared / "artifacts"), OMP_NUM_THREADS="1")
+    workers, logs = [], []
+    try:
+        for name in ("gpu-box-1", "gpu-box-2"):
+            machine = tmp_path / name
+            machine.mkdir()
+            env = dict(os.environ, PREFECT_HOME=str(machine / "prefect"), RECAST_CACHE_DIR=str(machine / "cache"),
+                       **common)
+            logs.append(machine / "worker.log")
+            workers.append(_worker(env, logs[-1], cwd=machine))
+        laptop = tmp_path / "laptop"
+        laptop.mkdir()
+        env = dict(os.environ, PREFECT_HOME=str(laptop / "prefect"), **common)
+        manifest = _edit(env, astronaut, shared / "artifacts", range(11, 15), cwd=laptop, steps=20)
+        pg_port = database.rsplit(":", 1)[1].split("/")[0]
+        rows = subprocess.run(["psql", "-h", "127.0.0.1", "-p", pg_port, "-U", "postgres", "-d", "prefect", "-tAc",
+                               "select count(*) from task_run"], capture_output=True, text=True, timeout=60)
+    finally:
+        for proc in workers:
+            stop(proc)
+        os.killpg(server.pid, signal.SIGKILL)
+        subprocess.run(["bash", str(REPO / "deployments" / "postgres.sh"), "stop", str(pg / "cluster")], timeout=60)
+        shutil.rmtree(pg, ignore_errors=True)
+    assert manifest["status"] == "succeeded", [e["error"] for e in manifest["edits"]]
+    assert all(_served(log) >= 1 for log in logs), \
+        "one run must be fanned over both machines' workers"
+    for name in ("gpu-box-1", "gpu-box-2"):
+        assert list((tmp_path / name / "cache").iterdir()), f"{name} built its own model cache"
+    assert rows.returncode == 0 and int(rows.stdout.strip()) >= 4, f"the server kept its runs elsewhere: {rows}"
