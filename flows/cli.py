@@ -244,8 +244,9 @@ def _identity(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from recast.flows.workers import serve_worker
 
+    gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else None
     serve_worker(list(dict.fromkeys(args.kinds)), gpu=args.gpu, profile_name=args.profile,
-                 video_profile_name=args.video_profile)
+                 video_profile_name=args.video_profile, gpus=gpus)
     return 0
 
 
@@ -319,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("kinds", nargs="+", choices=["edit", "animate"], metavar="{edit,animate}",
                         help="which tasks this worker serves (both: one process for the whole chain)")
     worker.add_argument("--gpu", type=int, default=None, help="GPU index (sets CUDA_VISIBLE_DEVICES)")
+    worker.add_argument("--gpus", default=None, metavar="0,1",
+                        help="several GPUs for one job at a time: one process per GPU, CFG-parallel (and Ulysses "
+                        "sequence parallelism beyond two, or without CFG); rank 0 takes the Prefect jobs")
     worker.add_argument("--profile", default=None, help="edit profile to load (default from config)")
     worker.add_argument("--video-profile", dest="video_profile", default=None,
                         help="video profile to load (default from config)")

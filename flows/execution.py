@@ -133,6 +133,7 @@ class _Watch:
         self.run_id: str | None = None
         self.submitted = 0.0
         self.server_went_away = False
+        self.workers: list[str] = []  # the workers seen running the current submission (host:pid)
         self.outcome = _finished_before(self.job)
         if self.outcome is None:
             # A job a dead flow process had submitted is adopted, not submitted twice (a resumed run).
@@ -177,6 +178,9 @@ class _Watch:
         beat = lifecycle.read_heartbeat(self.job.control)
         now = time.time()
         if beat is not None and beat.get("task_run_id") == self.run_id:
+            worker = f"{beat.get('host')}:{beat.get('pid')}"
+            if worker not in self.workers:  # a run whose worker died may be taken up again by another
+                self.workers.append(worker)
             if now - beat["at"] > self.heartbeat_timeout_s:
                 return self._lost(f"its worker stopped beating {now - beat['at']:.0f}s ago (worker gone)")
             if now - beat["started"] > self.run_limit_s:
@@ -196,7 +200,9 @@ class _Watch:
 
     def _note(self, kind: str, detail: str | None) -> None:
         self.submissions.append({"submission": len(self.submissions) + 1, "task_run_id": self.run_id, "outcome": kind,
-                                 "detail": detail, "seconds": round(time.monotonic() - self.submitted, 2)})
+                                 "detail": detail, "seconds": round(time.monotonic() - self.submitted, 2),
+                                 "workers": list(self.workers)})
+        self.workers = []
 
     def _lost(self, reason: str) -> None:
         self._note("lost", reason)

@@ -18,12 +18,14 @@ log = logging.getLogger("recast.worker")
 
 
 def serve_worker(kinds: list[str], gpu: int | None = None, profile_name: str | None = None,
-                 video_profile_name: str | None = None) -> None:
+                 video_profile_name: str | None = None, gpus: list[int] | None = None) -> None:
     """Load (and warm) the pipelines of `kinds` ("edit", "animate"), then serve their task runs one at a time.
 
     The worker serves exactly the profiles it loaded: a job for another profile is refused (ProfileNotServed),
     so nobody can make it load a second model. With both kinds, the memory policy keeps both pipelines resident
     when they fit the card and otherwise swaps them as jobs arrive."""
+    if gpus and len(gpus) > 1:
+        return serve_team(kinds, gpus, profile_name, video_profile_name)
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before torch initialises CUDA
     if not os.environ.get("PREFECT_API_URL"):
@@ -59,33 +61,144 @@ def serve_worker(kinds: list[str], gpu: int | None = None, profile_name: str | N
 
 
 def _one_at_a_time_worker():
-    """Prefect's task worker, asking the server for its next task run only once it is free.
+    """Prefect's task worker, taking a task run only when free and acknowledging it only once it is done.
 
-    A stock worker acknowledges the next task run while still busy with one (it then waits for a free slot), so a
-    worker that dies takes that queued run with it: the server thinks it delivered, and it stays Scheduled forever.
-    This one receives a run only when it can start it; a run the server sent but nobody acknowledged goes back to
-    the queue when the worker's connection drops.
+    A stock worker acknowledges each run as it arrives, even while busy: a worker that dies takes the runs it
+    acknowledged with it (the server thinks them delivered; they stay Scheduled forever). This one receives a run
+    when it can start it and acknowledges it after running it, so a run whose worker dies before finishing goes
+    back to the server's queue when the connection drops, for the next worker (its flow also sees the heartbeat
+    stop, recast.tasks.lifecycle).
     """
-    import anyio
+    import asyncio
+
+    import orjson
+    import websockets.exceptions
     from prefect.client.schemas.objects import TaskRun
     from prefect.client.subscriptions import Subscription
     from prefect.settings import get_current_settings
     from prefect.task_worker import TaskWorker
 
+    class AckWhenDone(Subscription):
+        async def receive(self) -> TaskRun:
+            while True:
+                try:
+                    await self._ensure_connected()
+                    return self.model.model_validate_json(await self.websocket.recv())
+                except (ConnectionRefusedError, OSError, websockets.exceptions.ConnectionClosedError):
+                    self._websocket = None  # the server went away: connect again when it is back
+                    await asyncio.sleep(0.5)
+
+        async def ack(self) -> None:
+            try:
+                await self.websocket.send(orjson.dumps({"type": "ack"}).decode())
+            except (RuntimeError, websockets.exceptions.ConnectionClosed):
+                self._websocket = None  # the run is done either way; the server may send it again
+
     class OneAtATimeWorker(TaskWorker):
         async def _subscribe_to_task_scheduling(self):
             keys = " | ".join(key.split(".")[-1].split("-")[0] for key in sorted(self.task_keys))
-            log.info("Subscribing to runs of task(s): %s", keys)
             print(f"Subscribing to runs of task(s): {keys}", flush=True)
-            subscription = Subscription(model=TaskRun, path="/task_runs/subscriptions/scheduled",
-                                        keys=self.task_keys, client_id=self.client_id,
-                                        base_url=get_current_settings().api.url)
+            subscription = AckWhenDone(model=TaskRun, path="/task_runs/subscriptions/scheduled",
+                                       keys=self.task_keys, client_id=self.client_id,
+                                       base_url=get_current_settings().api.url)
             while True:
-                while self._limiter is not None and self._limiter.available_tokens < 1:
-                    await anyio.sleep(0.05)
-                task_run = await subscription.__anext__()
+                task_run = await subscription.receive()
                 log.info("Received task run: %s - %s", task_run.id, task_run.name)
                 if await self._acquire_token(task_run.id):
-                    self._runs_task_group.start_soon(self._safe_submit_scheduled_task_run, task_run)
+                    await self._safe_submit_scheduled_task_run(task_run)  # runs it; returns when it is done
+                await subscription.ack()
 
     return OneAtATimeWorker
+
+
+# --------------------------------------------------------------------------------------------------
+# A team of processes, one per GPU, for one job at a time (recast.tasks.models.parallel)
+
+
+def serve_team(kinds: list[str], gpus: list[int], profile_name: str | None, video_profile_name: str | None) -> None:
+    """`recast worker edit --gpus 0,1`: this process is rank 0 and serves Prefect; ranks 1.. follow it, each on its
+    own GPU, in child processes that die with it (killing the worker frees every GPU)."""
+    import socket
+    import subprocess
+    import sys
+
+    if len(kinds) != 1:
+        raise BadInput("kinds", kinds, "a multi-GPU worker serves one stage", "start one worker for edit and one "
+                       "for animate")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        master = f"127.0.0.1:{probe.getsockname()[1]}"
+    command = [sys.executable, "-m", "recast.flows.workers", kinds[0], ",".join(map(str, gpus)), master,
+               profile_name or "", video_profile_name or ""]
+    followers = [subprocess.Popen([*command, str(rank)], preexec_fn=_die_with_parent) for rank in range(1, len(gpus))]
+    try:
+        _team_member(0, kinds[0], gpus, master, profile_name, video_profile_name)
+    finally:
+        for follower in followers:
+            follower.kill()
+
+
+def _die_with_parent() -> None:
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _team_member(rank: int, kind: str, gpus: list[int], master: str, profile_name: str | None,
+                 video_profile_name: str | None) -> None:
+    """Join the team, load and warm the pipeline in step with the others, then lead (rank 0) or follow."""
+    from recast.tasks.models import parallel, qwen_edit, wan_video
+
+    settings = get_settings()
+    loader_kind = "edit" if kind == "edit" else "video"
+    profile = settings.get_profile(profile_name) if kind == "edit" else settings.get_video_profile(video_profile_name)
+    device = f"cuda:{gpus[rank]}" if profile.device.startswith("cuda") else profile.device
+    profile = profile.model_copy(update={"device": device})
+    cfg = (profile.true_cfg_scale or settings.edit.true_cfg_scale) > 1 if kind == "edit" else \
+        (profile.guidance_scale or settings.animate.guidance_scale) > 1
+    if rank == 0:
+        loading.check_available(profile)  # builds a tiny model before the team exists (only rank 0 saves after)
+    team = parallel.join(rank, len(gpus), device, cfg=cfg, master=master)
+    loading.serve_only({(loader_kind, profile.name)})
+    loaded, _ = loading.get_pipeline(loader_kind, profile)  # every rank loads and warms up in step
+    team.serving = True
+    print(f"recast worker rank {rank}/{len(gpus)}: {loader_kind} {profile.name} ready on {device} (CFG degree "
+          f"{team.cfg_degree}, Ulysses degree {team.ulysses_degree})", flush=True)
+    if rank > 0:
+        def edit(**call):
+            call.pop("profile")
+            qwen_edit.run_edit(loaded, profile, **call)
+
+        def video(**call):
+            call.pop("profile")
+            wan_video.run_video(loaded, **call)
+
+        parallel.follow({"edit": edit, "video": video})
+        return
+    import asyncio
+
+    from recast.tasks.animate import animate_task
+    from recast.tasks.edit import edit_task
+
+    # The tasks resolve their profile by name from the settings: this rank's device goes there too.
+    section = "PROFILES" if kind == "edit" else "VIDEO_PROFILES"
+    os.environ[f"RECAST_{section}__{profile.name.upper().replace('-', '_')}__DEVICE"] = device
+
+    async def serve() -> None:
+        worker = _one_at_a_time_worker()(edit_task if kind == "edit" else animate_task, limit=1)
+        await worker.astart()
+
+    try:
+        asyncio.run(serve())
+    except (KeyboardInterrupt, SystemExit, BaseExceptionGroup):
+        pass
+    finally:
+        parallel.dismiss()
+
+
+if __name__ == "__main__":  # a follower rank, started by serve_team
+    import sys
+
+    _kind, _gpus, _master, _profile, _video, _rank = sys.argv[1:7]
+    _team_member(int(_rank), _kind, [int(g) for g in _gpus.split(",")], _master, _profile or None, _video or None)

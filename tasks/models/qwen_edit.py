@@ -23,7 +23,7 @@ import os
 import types
 
 from recast.tasks.lifecycle import JobCancelled, stop_between_steps
-from recast.tasks.models import kernels, lora, precision
+from recast.tasks.models import kernels, lora, parallel, precision
 from recast.tasks.models.loading import LoadedPipeline, torch_dtype
 from recast.tasks.schemas.settings import ModelProfile
 
@@ -78,8 +78,9 @@ def prepare(pipe, profile: ModelProfile) -> dict:
         precision.stream_blocks([language_model, pipe.text_encoder.model.visual], device)
     else:
         pipe.text_encoder.to(device)
-    # 4. Per-request LoRA branches
+    # 4. Per-request LoRA branches; a multi-GPU team's split of the transformer work
     lora.install_branches(pipe.transformer)
+    parallel.apply(pipe, [pipe.transformer], "edit")
     # 5. Kernels (the RoPE processors first: the attention backend is set on the processors in place)
     if profile.compile:
         kernels.use_real_rotary(pipe.transformer)
@@ -143,6 +144,11 @@ def run_edit(loaded: LoadedPipeline, profile: ModelProfile, images: list, *, pro
     between denoising steps; when it says yes, the call ends early and JobCancelled is raised."""
     import torch
 
+    # A multi-GPU team: rank 0 hands the same call to the other ranks (parallel.follow), then all make it.
+    parallel.lead("edit", dict(profile=profile.name, images=images, prompt=prompt, negative_prompt=negative_prompt,
+                               seed=seed, steps=steps, true_cfg_scale=true_cfg_scale, width=width, height=height,
+                               loras=list(loras)))
+    parallel.starting_call(cfg=true_cfg_scale > 1)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     call = _call_with_vae_area(type(loaded.pipe), profile.vae_image_area)
     with loaded.call_lock, torch.inference_mode():

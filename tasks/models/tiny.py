@@ -152,6 +152,11 @@ def ensure(model_id: str) -> Path:
     staging = target.parent / f".{target.name}.{os.getpid()}.{threading.get_ident()}.part"
     shutil.rmtree(staging, ignore_errors=True)
     build().save_pretrained(staging)
+    # transformers writes weights only on rank 0 once torch.distributed is up: build before joining a team.
+    empty = [p.name for p in staging.iterdir() if p.is_dir() and not any(p.iterdir())]
+    if empty:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RuntimeError(f"building {name} left {', '.join(empty)} empty (saved from a rank other than 0?)")
     try:
         os.rename(staging, target)  # atomic: other processes see no folder or a complete one
     except OSError:

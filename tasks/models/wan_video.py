@@ -22,7 +22,7 @@ import functools
 import logging
 
 from recast.tasks.lifecycle import JobCancelled, stop_between_steps
-from recast.tasks.models import lora, precision
+from recast.tasks.models import lora, parallel, precision
 from recast.tasks.models.loading import LoadedPipeline, torch_dtype
 from recast.tasks.schemas.settings import VideoProfile
 
@@ -81,7 +81,8 @@ def prepare(pipe, profile: VideoProfile) -> dict:
                 getattr(pipe, name).to(device)
     else:
         pipe.to(device)
-    # 5. Kernels
+    # 5. A multi-GPU team's split of the transformer work; kernels
+    parallel.apply(pipe, experts(pipe), "video")
     if profile.compile:
         for expert in experts(pipe):
             expert.compile_repeated_blocks(fullgraph=True)
@@ -125,6 +126,10 @@ def run_video(loaded: LoadedPipeline, image, *, prompt: str, negative_prompt: st
     import numpy as np
     import torch
 
+    parallel.lead("video", dict(profile=loaded.key.profile, image=image, prompt=prompt, negative_prompt=negative_prompt,
+                                seed=seed, steps=steps, guidance_scale=guidance_scale, num_frames=num_frames,
+                                width=width, height=height, max_sequence_length=max_sequence_length))
+    parallel.starting_call(cfg=guidance_scale > 1)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     with loaded.call_lock, torch.inference_mode():
         loaded.calls += 1

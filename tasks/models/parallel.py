@@ -1,0 +1,229 @@
+"""More GPUs for one edit or one clip: a team of processes, one per GPU, under torch.distributed.
+
+Every rank holds the whole pipeline. Rank 0 takes the job (a Prefect task run) and hands the call to the others
+(`lead`), every rank makes the same pipeline call (`follow` on the others), and the transformer's work is split:
+
+- CFG-parallel. The pipelines call the transformer twice per step, in diffusers' `cache_context("cond")` and
+  then `cache_context("uncond")`. At the conditional call half of the team computes the conditional branch and
+  the other half the unconditional one (the negative prompt's encoding, recorded when the pipeline encoded it,
+  swapped in); one all-gather gives every rank both, and the unconditional call returns its half without
+  computing. Every rank then takes the same scheduler step, so the latents stay identical on every rank, and
+  equal to the one-GPU path's: same weights, same seed, same kernels (rank 0's attention choice is broadcast).
+- Ulysses sequence parallelism (diffusers' ContextParallelConfig) over the ranks within each half, when the team
+  is larger than 2, or when the recipe has no CFG (the Lightning profiles): heads are exchanged all-to-all, so
+  the degree must divide them (Qwen-Image 24, Wan 40).
+
+A team of one is no team: the single-GPU path is unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("recast.parallel")
+
+
+@dataclass
+class Team:
+    rank: int
+    world: int
+    cfg_degree: int  # 2: the two CFG branches on two halves of the team; 1: no CFG split
+    ulysses_degree: int  # ranks sharing one branch's sequence
+    device: str
+    pair: Any = None  # this rank's CFG process group (itself and its counterpart in the other half)
+    mesh: Any = None
+    wrappers: list = field(default_factory=list)
+    serving: bool = False  # set once every rank has loaded and warmed up in step: from then on rank 0 leads
+
+    @property
+    def leads(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def uncond_half(self) -> bool:
+        return self.cfg_degree == 2 and self.rank >= self.world // 2
+
+
+_TEAM: Team | None = None
+
+
+def team() -> Team | None:
+    return _TEAM
+
+
+def join(rank: int, world: int, device: str, cfg: bool, master: str = "127.0.0.1:29511") -> Team:
+    """Join the team (every rank, at start): the process group, the CFG pairs and the sequence mesh."""
+    global _TEAM
+    import torch
+    import torch.distributed as dist
+
+    address, port = master.rsplit(":", 1)
+    os.environ.setdefault("MASTER_ADDR", address)
+    os.environ.setdefault("MASTER_PORT", port)
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    cfg_degree = 2 if cfg and world % 2 == 0 else 1
+    ulysses = world // cfg_degree
+    pair = None
+    if cfg_degree == 2:
+        for first in range(world // 2):  # every rank creates every group, in the same order
+            group = dist.new_group([first, first + world // 2])
+            if rank in (first, first + world // 2):
+                pair = group
+    mesh = None
+    if ulysses > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cuda" if backend == "nccl" else "cpu", (cfg_degree, 1, ulysses),
+                                mesh_dim_names=("cfg", "ring", "ulysses"))
+    _TEAM = Team(rank=rank, world=world, cfg_degree=cfg_degree, ulysses_degree=ulysses, device=device, pair=pair,
+                 mesh=mesh)
+    log.info("rank %d of %d: CFG degree %d, Ulysses degree %d on %s", rank, world, cfg_degree, ulysses, device)
+    return _TEAM
+
+
+def leave() -> None:
+    global _TEAM
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _TEAM = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Splitting the work on a loaded pipeline
+
+
+def apply(pipe, transformers: list, kind: str) -> None:
+    """Make this team's ranks share the pipeline's transformer work (call after loading, before compiling)."""
+    current = team()
+    if current is None or current.world == 1:
+        return
+    if current.ulysses_degree > 1:
+        from diffusers import ContextParallelConfig
+
+        for transformer in transformers:
+            heads = transformer.config.num_attention_heads
+            if heads % current.ulysses_degree:
+                raise ValueError(f"{heads} attention heads do not split over a Ulysses degree of "
+                                 f"{current.ulysses_degree}: use a team size whose half divides {heads}")
+            transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=current.ulysses_degree,
+                                                                        mesh=current.mesh))
+    if current.cfg_degree == 2:
+        current.wrappers.append(CfgSplit(pipe, transformers, kind, current))
+
+
+class CfgSplit:
+    """The conditional and unconditional transformer calls of each step, computed at once on two halves."""
+
+    def __init__(self, pipe, transformers: list, kind: str, current: Team):
+        self.team, self.kind = current, kind
+        self.encodings: list = []
+        self.active = False
+        self.pending = None
+        self.branch: str | None = None
+        encode = pipe.encode_prompt
+
+        def recording_encode(*args, **kwargs):
+            out = encode(*args, **kwargs)
+            self.encodings.append(out)
+            return out
+
+        pipe.encode_prompt = recording_encode
+        for transformer in transformers:
+            self._wrap(transformer)
+
+    def start(self, cfg: bool) -> None:
+        """Before each pipeline call: whether this call runs CFG (it must be the same on every rank)."""
+        self.active, self.encodings, self.pending = cfg, [], None
+
+    def _negative(self, kwargs: dict) -> dict:
+        """The unconditional branch's arguments, from what the pipeline encoded."""
+        if self.kind == "edit":  # Qwen: encode_prompt ran for the prompt, then the negative prompt
+            embeds, mask = self.encodings[1]
+            return dict(kwargs, encoder_hidden_states=embeds, encoder_hidden_states_mask=mask)
+        _, negative = self.encodings[0]  # Wan: one call returns (prompt, negative) embeddings
+        dtype = kwargs["encoder_hidden_states"].dtype
+        return dict(kwargs, encoder_hidden_states=negative.to(dtype))
+
+    def _wrap(self, transformer) -> None:
+        import torch
+        import torch.distributed as dist
+
+        forward, cache_context = transformer.forward, transformer.cache_context
+        split = self
+
+        class _Branch:
+            def __init__(self, name):
+                self.name, self.inner = name, cache_context(name)
+
+            def __enter__(self):
+                split.branch = self.name
+                return self.inner.__enter__()
+
+            def __exit__(self, *exc):
+                split.branch = None
+                return self.inner.__exit__(*exc)
+
+        def split_forward(*args, **kwargs):
+            if not split.active or split.branch not in ("cond", "uncond"):
+                return forward(*args, **kwargs)
+            if split.branch == "uncond":
+                pending, split.pending = split.pending, None
+                return (pending,)
+            mine = forward(*args, **(split._negative(kwargs) if split.team.uncond_half else kwargs))[0]
+            mine = mine.contiguous()
+            rows = mine.shape[0]
+            both = torch.empty((2 * rows, *mine.shape[1:]), dtype=mine.dtype, device=mine.device)
+            dist.all_gather_into_tensor(both, mine, group=split.team.pair)  # [conditional; unconditional]
+            split.pending = both[rows:].clone()
+            return (both[:rows].clone(),)
+
+        transformer.forward = split_forward
+        transformer.cache_context = _Branch
+
+
+def starting_call(cfg: bool) -> None:
+    """Every rank, before a pipeline call."""
+    current = team()
+    if current is not None:
+        for wrapper in current.wrappers:
+            wrapper.start(cfg)
+
+
+# --------------------------------------------------------------------------------------------------
+# The lead rank hands each call to the others
+
+
+def lead(name: str, payload: dict) -> None:
+    """Rank 0, before a pipeline call: tell the followers to make the same call."""
+    current = team()
+    if current is None or current.world == 1 or not current.leads or not current.serving:
+        return
+    import torch.distributed as dist
+
+    dist.broadcast_object_list([(name, payload)], src=0)
+
+
+def follow(handlers: dict) -> None:
+    """The other ranks, forever: receive each call from rank 0 and make it; ("stop", {}) ends the loop."""
+    import torch.distributed as dist
+
+    while True:
+        message = [None]
+        dist.broadcast_object_list(message, src=0)
+        name, payload = message[0]
+        if name == "stop":
+            return
+        handlers[name](**payload)
+
+
+def dismiss() -> None:
+    """Rank 0, when it stops: release the followers."""
+    lead("stop", {})

@@ -1,0 +1,103 @@
+"""More GPUs for one edit: the team code on the CPU (gloo), two ranks sharing the machine as the issue allows for
+a functional test. CFG-parallel must give the one-process image, byte for byte; a multi-rank worker serves
+Prefect jobs from rank 0 and dies whole."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from test_workers import BIN, free_port, stop, wait_for
+
+SCRIPT = textwrap.dedent("""
+    import hashlib, sys
+    from PIL import Image
+    from recast.tasks.models import loading, parallel, qwen_edit
+    from recast.tasks.settings import get_settings
+
+    rank, world, port, cfg = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+    if rank == 0:
+        loading.check_available(get_settings().get_profile("tiny"))  # the tiny model, built before the team
+    if world > 1:
+        parallel.join(rank, world, "cpu", cfg=cfg > 1, master=f"127.0.0.1:{port}")
+    profile = get_settings().get_profile("tiny")
+    loaded, _ = loading.get_pipeline("edit", profile)
+    image = Image.open(sys.argv[5]).convert("RGB").resize((96, 96))
+    out = qwen_edit.run_edit(loaded, profile, [image], prompt="James Bond 007, tuxedo", negative_prompt=" ",
+                             seed=11, steps=3, true_cfg_scale=cfg, width=96, height=96)
+    if rank == 0:
+        print(hashlib.sha256(out.tobytes()).hexdigest())
+    parallel.leave()
+""")
+
+
+def _run_team(world: int, cfg: float, astronaut) -> str:
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(rank), str(world), str(port), str(cfg),
+                               str(astronaut)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(world)]
+    outs = [proc.communicate(timeout=300) for proc in procs]
+    for proc, (_, err) in zip(procs, outs):
+        assert proc.returncode == 0, err[-3000:]
+    return outs[0][0].strip().splitlines()[-1]
+
+
+def test_cfg_parallel_on_two_ranks_gives_the_one_process_image(astronaut):
+    one = _run_team(1, 4.0, astronaut)
+    two = _run_team(2, 4.0, astronaut)
+    assert one == two, "CFG-parallel must give the one-GPU image, byte for byte (same weights, seed, kernels)"
+
+
+def test_a_multi_rank_worker_serves_jobs_and_dies_whole(tmp_path, astronaut):
+    from test_faults import start_server
+
+    home = tmp_path / "home"
+    home.mkdir()
+    port = free_port()
+    server = start_server(home, port, "server.log")
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+               RECAST_EXECUTION="workers", RECAST_HANDOFF__MODE="none", PREFECT_LOGGING_LEVEL="INFO",
+               OMP_NUM_THREADS="1")
+    log = tmp_path / "team.log"
+    worker = subprocess.Popen([str(BIN / "recast"), "worker", "edit", "--gpus", "0,1"], env=env, stdout=open(log, "w"),
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: "Subscribing to runs" in log.read_text() or worker.poll() is not None, 240, "the team")
+        assert worker.poll() is None, log.read_text()[-3000:]
+        followers = _children(worker.pid)
+        assert followers, "rank 1 must run in a process of its own"
+        args = [str(BIN / "recast"), "edit", str(astronaut), "--prompt", "James Bond 007, tuxedo", "--seed", "5",
+                "--steps", "3", "--width", "96", "--height", "96", "--storage", str(tmp_path / "s"), "--json"]
+        team_run = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+        assert team_run.returncode == 0, team_run.stderr[-3000:]
+    finally:
+        os.kill(worker.pid, signal.SIGKILL)  # the lead rank dies: every rank must go with it
+        worker.wait(timeout=30)
+    wait_for(lambda: not [pid for pid in followers if _alive(pid)], 30, "the followers to exit with the lead")
+    local = subprocess.run(args[:-3] + ["--storage", str(tmp_path / "local"), "--json"],
+                           env=dict(env, RECAST_EXECUTION="local"), capture_output=True, text=True, timeout=300)
+    os.killpg(server.pid, signal.SIGKILL)
+    assert local.returncode == 0, local.stderr[-2000:]
+    from recast.tasks import storage
+
+    team_png = storage.read_bytes(json.loads(team_run.stdout)["edits"][0]["output"])
+    local_png = storage.read_bytes(json.loads(local.stdout)["edits"][0]["output"])
+    assert team_png == local_png, "the two-rank worker must give the one-process image"
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout.split()
+    return [int(out[i]) for i in range(0, len(out), 2) if int(out[i + 1]) == pid]
+
+
+def _alive(pid: int) -> bool:
+    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+    return bool(state) and not state.startswith("Z")
