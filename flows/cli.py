@@ -2,6 +2,7 @@
 
 Exit codes: 0 done; 1 the job ran and failed (the reason is printed); 2 bad input (one line on stderr naming the
 field, the value and the fix; nothing written); 3 the run finished but its identity target was not met.
+Six commands and their summaries; the pydantic-to-argparse bridge lives in cli_models.py.
 """
 
 from __future__ import annotations

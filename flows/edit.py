@@ -8,6 +8,8 @@
     5. Video stage: the animate flow inline (its clip in this run's folder), a deployment run, or none
     6. Manifest, last: its presence means the run is complete
     7. The Prefect UI: results table and summary
+
+The product's main story, kept in one file to read top to bottom (its helpers are the steps above).
 """
 
 from __future__ import annotations

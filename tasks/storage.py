@@ -7,6 +7,9 @@
 
 No file is ever visible under its final name half-written: local files are written beside their final
 name and renamed; object stores (s3, gs) and memory:// publish an object only when its upload completes.
+
+Longer than the other modules on purpose: it is the only one that touches fsspec (bytes, atomic writes, claims,
+roots and links, redaction, the run layout, and the bytes of images and videos), so no other module needs to.
 """
 
 from __future__ import annotations
