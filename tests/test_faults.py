@@ -164,3 +164,34 @@ def _alive(pid: int) -> bool:
         return False
     state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
     return bool(state) and not state.startswith("Z")
+
+
+def test_a_given_up_job_stops_at_its_next_step_and_a_cancelled_one_never_starts(astronaut, memory_root):
+    """What a worker does with a task run its flow gave up on (and submitted again): it does not start it, or it
+    stops it between denoising steps, so no GPU keeps working for nobody."""
+    import threading
+
+    from recast.tasks import lifecycle, storage
+    from recast.tasks.edit import edit_image
+    from recast.tasks.schemas.jobs import EditJob
+
+    image = storage.join(memory_root, "in.png")
+    storage.write_bytes(image, astronaut.read_bytes())
+
+    def job(name, steps):
+        return EditJob(edit_id=name, profile="tiny", inputs=[image], prompt="x", negative_prompt=" ", seed=1,
+                       steps=steps, true_cfg_scale=4.0, width=256, height=256, output=storage.join(memory_root, f"{name}.png"),
+                       control=storage.join(memory_root, ".jobs", name), score_identity=False)
+
+    given_up = job("given-up", 2)
+    lifecycle.cancel(given_up.control, "local")  # outside Prefect the task run is "local"
+    with pytest.raises(lifecycle.JobCancelled, match="before it started"):
+        edit_image(given_up)
+    running = job("running", 100)
+    timer = threading.Timer(1.0, lambda: lifecycle.cancel(running.control, "local"))
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(lifecycle.JobCancelled, match="stopped between denoising steps"):
+        edit_image(running)
+    assert time.monotonic() - started < 30, "the job must stop soon after it is given up, not run its 100 steps"
+    assert not storage.exists(running.output), "a stopped job writes no output"

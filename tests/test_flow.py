@@ -56,9 +56,10 @@ def test_two_runs_load_the_pipeline_once_and_write_complete_manifests(astronaut,
         assert edit["inputs"][0].startswith(first["folder"] + "/inputs/"), "inputs must be copied into the run"
     files = storage.list_files(first["folder"])
     assert files == sorted(["contact_sheet.png", "handoff.json", "inputs/0-astronaut.png", "manifest.json", "plan.json",
-                            "clips/clip-01.mp4", "clips/clip-01_last.png", "video_manifest.json"]
+                            "clips/clip-01.mp4", "clips/clip-01_last.png", "clips/clip-01_identity.png",
+                            "video_manifest.json"]
                            + [f"edits/{e['edit_id']}.png" for e in manifest["edits"]]), \
-        "the run folder holds its inputs, plan, edits, handoff, its clip (inline video stage) and manifests, no more"
+        "the run folder holds its inputs, plan, edits, handoff, its clip with its last frame and identity drift strip (inline video stage) and manifests, no more"
 
 
 def test_handoff_is_the_contract_for_the_video_stage(second_photo, memory_root):
