@@ -22,8 +22,10 @@ Guardrails for task workers (README, "Workers"):
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -248,7 +250,16 @@ def _cancel_in_prefect(task_run_id: str, reason: str) -> None:
         log.warning("could not cancel task run %s: %s", task_run_id, exc)
 
 
-def run_many(work: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[tuple[int, Any]]:
-    """work(item) for every item in turn (flows whose items are not GPU jobs, e.g. the batch's photos)."""
-    for index, item in enumerate(items):
-        yield index, work(item)
+def run_many(work: Callable[[Any], Any], items: Iterable[Any], in_flight: int = 1) -> Iterator[tuple[int, Any]]:
+    """work(item) for every item, up to `in_flight` at once (threads: each item waits on task workers, it does not
+    compute here); yields (index, result) as each finishes. For flows whose items are whole subflows, e.g. the
+    batch's photos. Each thread runs in a copy of the caller's context, so a subflow knows its parent run."""
+    items = list(items)
+    if in_flight <= 1 or len(items) <= 1:
+        for index, item in enumerate(items):
+            yield index, work(item)
+        return
+    with ThreadPoolExecutor(max_workers=min(in_flight, len(items)), thread_name_prefix="recast-item") as pool:
+        futures = {pool.submit(contextvars.copy_context().run, work, item): index for index, item in enumerate(items)}
+        for future in as_completed(futures):
+            yield futures[future], future.result()

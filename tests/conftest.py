@@ -87,7 +87,8 @@ def api_server(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/api"
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    # PREFECT_API_URL tells the server's UI where its API is (it would assume the default port otherwise).
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_API_URL=url)
     prefect = os.path.join(os.path.dirname(sys.executable), "prefect")
     proc = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
                             stdout=open(home / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -103,5 +104,30 @@ def api_server(tmp_path_factory):
     try:
         yield url
     finally:
+        end_process_group(proc)
+
+
+@pytest.fixture
+def workers_env(api_server, tmp_path):
+    """The environment for task workers and the flows that use them, on the session's server. The flow and its
+    workers share a Prefect home of the test's own (its result storage); the server's queue is shared with the
+    other tests, which is why every such test waits for its own runs to end."""
+    home = tmp_path / "client-home"
+    home.mkdir()
+    return dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=api_server, RECAST_EXECUTION="workers",
+                RECAST_HANDOFF__MODE="none", PREFECT_LOGGING_LEVEL="INFO")
+
+
+def end_process_group(proc, grace_s: float = 10) -> None:
+    """TERM a process group, and KILL it if it is still there after grace_s (a worker busy with a run)."""
+    import signal
+    import subprocess
+
+    try:
         os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+    except ProcessLookupError:
+        pass

@@ -75,8 +75,9 @@ def test_a_run_survives_a_restart_of_the_prefect_server(own_server, astronaut, t
     assert len(list(root.glob("runs/*/edits/*.png"))) == 5
 
 
-def test_a_run_whose_process_died_is_resumed_in_its_folder_redoing_nothing(own_server, astronaut, tmp_path):
-    env, root = own_server["env"], tmp_path / "store"
+def test_a_run_whose_process_died_is_resumed_in_its_folder_redoing_nothing(workers_env, astronaut, tmp_path):
+    env = dict(workers_env, RECAST_WORKER_HEARTBEAT_S="1", RECAST_WORKER_HEARTBEAT_TIMEOUT_S="10")
+    root = tmp_path / "store"
     worker = start_worker(env, tmp_path / "worker.log")
     try:
         run = subprocess.Popen(_edit_args(astronaut, root, [21, 22, 23, 24, 25]), env=env, stdout=subprocess.PIPE,

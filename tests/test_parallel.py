@@ -56,16 +56,8 @@ def test_cfg_parallel_on_two_ranks_gives_the_one_process_image(astronaut):
     assert one == two, "CFG-parallel must give the one-GPU image, byte for byte (same weights, seed, kernels)"
 
 
-def test_a_multi_rank_worker_serves_jobs_and_dies_whole(tmp_path, astronaut):
-    from test_faults import start_server
-
-    home = tmp_path / "home"
-    home.mkdir()
-    port = free_port()
-    server = start_server(home, port, "server.log")
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
-               RECAST_EXECUTION="workers", RECAST_HANDOFF__MODE="none", PREFECT_LOGGING_LEVEL="INFO",
-               OMP_NUM_THREADS="1")
+def test_a_multi_rank_worker_serves_jobs_and_dies_whole(workers_env, tmp_path, astronaut):
+    env = dict(workers_env, OMP_NUM_THREADS="1")
     log = tmp_path / "team.log"
     worker = subprocess.Popen([str(BIN / "recast"), "worker", "edit", "--gpus", "0,1"], env=env, stdout=open(log, "w"),
                               stderr=subprocess.STDOUT, start_new_session=True)
@@ -84,7 +76,6 @@ def test_a_multi_rank_worker_serves_jobs_and_dies_whole(tmp_path, astronaut):
     wait_for(lambda: not [pid for pid in followers if _alive(pid)], 30, "the followers to exit with the lead")
     local = subprocess.run(args[:-3] + ["--storage", str(tmp_path / "local"), "--json"],
                            env=dict(env, RECAST_EXECUTION="local"), capture_output=True, text=True, timeout=300)
-    os.killpg(server.pid, signal.SIGKILL)
     assert local.returncode == 0, local.stderr[-2000:]
     from recast.tasks import storage
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -48,33 +49,54 @@ def _wall(manifest: dict) -> float:
             ).total_seconds()
 
 
-def test_a_run_fans_out_over_two_workers(tmp_path, astronaut):
-    home = tmp_path / "home"
-    home.mkdir()
-    port = free_port()
-    server = start_server(home, port, "server.log")
+def _batch(env: dict, incoming: Path, root: Path) -> dict:
+    """The batch flow (as its schedule runs it) over every photo in `incoming`."""
+    code = ("import json, sys; from recast.flows.batch import batch_flow; "
+            "from recast.tasks.schemas.requests import BatchRequest; "
+            "print(json.dumps(batch_flow(BatchRequest.model_validate_json(sys.argv[1]))))")
+    request = json.dumps({"source_prefix": str(incoming), "prompts": ["Top Gun, flight suit, airfield"],
+                          "seeds": [7, 8, 9, 10, 11, 12], "steps": 100, "storage_root": str(root)})
+    proc = subprocess.run([sys.executable, "-c", code, request], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_run_fans_out_over_two_workers(workers_env, tmp_path, astronaut, second_photo):
     # One core per worker, as one GPU per worker: two workers have twice the hardware of one.
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
-               RECAST_EXECUTION="workers", RECAST_HANDOFF__MODE="none", PREFECT_LOGGING_LEVEL="INFO",
-               OMP_NUM_THREADS="1")
+    env = dict(workers_env, OMP_NUM_THREADS="1")
     first = _worker(env, tmp_path / "w1.log")
     second = None
     try:
-        one = _edit(env, astronaut, tmp_path / "one", range(1, 9), steps=40)
+        one = _edit(env, astronaut, tmp_path / "one", range(1, 9), steps=60)
         second = _worker(env, tmp_path / "w2.log")
         served_before = _served(tmp_path / "w1.log")
-        two = _edit(env, astronaut, tmp_path / "two", range(1, 9), steps=40)
+        two = _edit(env, astronaut, tmp_path / "two", range(1, 9), steps=60)
         by_first, by_second = _served(tmp_path / "w1.log") - served_before, _served(tmp_path / "w2.log")
+        # The batch flow fans its photos out the same way: both photos' runs at once (each long enough that the
+        # second starts well before the first ends: SQLite makes concurrent run creation retry for a second or two).
+        incoming = tmp_path / "incoming"
+        incoming.mkdir()
+        shutil.copy(astronaut, incoming / "a.png")
+        shutil.copy(second_photo, incoming / "b.jpg")
+        served = _served(tmp_path / "w1.log"), _served(tmp_path / "w2.log")
+        batch = _batch(env, incoming, tmp_path / "batch")
+        batch_served = _served(tmp_path / "w1.log") - served[0], _served(tmp_path / "w2.log") - served[1]
     finally:
         stop(first)
         if second is not None:
             stop(second)
-        os.killpg(server.pid, signal.SIGKILL)
     assert [e["seed"] for e in two["edits"]] == list(range(1, 9)), "the manifest keeps request order"
     assert all(e["status"] == "succeeded" for e in one["edits"] + two["edits"])
     assert by_first >= 1 and by_second >= 1, f"both workers must serve the run ({by_first} and {by_second} edits)"
     ratio = _wall(two) / _wall(one)
     assert ratio < 0.7, f"two workers took {ratio:.2f}x the time of one on the same jobs (bar: 0.7)"
+
+    assert [e["source"].rsplit("/", 1)[-1] for e in batch["edited"]] == ["a.png", "b.jpg"], batch
+    runs = [json.loads(Path(e["manifest"].removeprefix("file://")).read_text()) for e in batch["edited"]]
+    first_run, second_run = sorted(runs, key=lambda m: m["created_at"])
+    assert second_run["created_at"] < first_run["finished_at"], \
+        "the batch must edit its photos at once on task workers, not one photo after the other"
+    assert min(batch_served) >= 1, f"both workers must serve the batch (they ran {batch_served} edits)"
 
 
 @pytest.mark.skipif(not Path("/usr/lib/postgresql").exists(), reason="needs Debian's postgresql (.ci/run installs it)")

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import end_process_group
 
 BIN = Path(sys.executable).parent
 
@@ -42,27 +43,13 @@ def healthy(url: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME; yields the environment to talk to it."""
+def server(api_server, tmp_path_factory):
+    """The session's `prefect server start` (tests/conftest.py), and a Prefect home for this module's flows and
+    workers (their shared result storage); yields the environment to talk to it."""
     home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_API_URL=f"http://127.0.0.1:{port}/api", RECAST_EXECUTION="workers",
-               RECAST_HANDOFF__MODE="none", PREFECT_LOGGING_LEVEL="INFO")
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    def up():
-        if proc.poll() is not None:
-            raise AssertionError(f"prefect server exited: {(home / 'server.log').read_text()[-2000:]}")
-        return healthy(env["PREFECT_API_URL"])
-
-    try:
-        wait_for(up, 300, "the Prefect server")
-        yield env
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+    return dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                PREFECT_API_URL=api_server, RECAST_EXECUTION="workers", RECAST_HANDOFF__MODE="none",
+                PREFECT_LOGGING_LEVEL="INFO")
 
 
 def start_worker(env, log_path: Path) -> subprocess.Popen:

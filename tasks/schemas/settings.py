@@ -126,6 +126,8 @@ class Settings(Strict):
                                               "this long is taken for lost (the worker died) and submitted again.")
     worker_resubmits: int = Field(2, ge=0, le=10, description="Resubmissions of a lost or timed-out job.")
     worker_in_flight: int = Field(8, ge=1, le=256, description="Jobs of one run submitted to task workers at once.")
+    batch_in_flight: int = Field(4, ge=1, le=64, description="Photos a batch run edits at once on task workers (each "
+                                 "fans out its own edits); in local mode one at a time.")
     allowed_input_roots: list[str] = Field(
         default_factory=list, description="Where runs triggered from the UI or a schedule may read inputs "
         "(besides the storage roots).")
