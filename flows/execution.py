@@ -224,15 +224,20 @@ class _Watch:
 def _poll_all(watches: list[_Watch]) -> None:
     """One round of looks at every job still running, over one API connection."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
     from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
     pending = [w for w in watches if w.outcome is None]
     try:
         # No client-side retries: a server that went away must show here, or its lost queue goes unnoticed.
         with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}), get_client(sync_client=True) as client:
-            for watch in pending:
-                state = client.read_task_run(watch.run_id).state if watch.run_id else None
-                watch.observe(state, api_ok=True)
+            # One request for every job's state, however many are in flight: the server is shared by all runs.
+            ids = [w.run_id for w in pending if w.run_id]
+            runs = client.read_task_runs(task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=ids)),
+                                         limit=len(ids)) if ids else []
+            states = {str(run.id): run.state for run in runs}
+        for watch in pending:
+            watch.observe(states.get(watch.run_id) if watch.run_id else None, api_ok=True)
     except Exception:  # noqa: BLE001 - the server is away (restarting): look at storage alone
         for watch in pending:
             if watch.outcome is None:

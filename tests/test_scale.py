@@ -67,10 +67,10 @@ def test_a_run_fans_out_over_two_workers(workers_env, tmp_path, astronaut, secon
     first = _worker(env, tmp_path / "w1.log")
     second = None
     try:
-        one = _edit(env, astronaut, tmp_path / "one", range(1, 9), steps=60)
+        one = _edit(env, astronaut, tmp_path / "one", range(1, 9), steps=80)
         second = _worker(env, tmp_path / "w2.log")
         served_before = _served(tmp_path / "w1.log")
-        two = _edit(env, astronaut, tmp_path / "two", range(1, 9), steps=60)
+        two = _edit(env, astronaut, tmp_path / "two", range(1, 9), steps=80)
         by_first, by_second = _served(tmp_path / "w1.log") - served_before, _served(tmp_path / "w2.log")
         # The batch flow fans its photos out the same way: both photos' runs at once (each long enough that the
         # second starts well before the first ends: SQLite makes concurrent run creation retry for a second or two).
