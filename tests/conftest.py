@@ -55,12 +55,13 @@ def memory_root():
         fs.rm(path, recursive=True)
 
 
-@pytest.fixture(scope="session")
-def prefect_server():
-    """One temporary Prefect API for the session (prefect_test_harness)."""
-    from prefect.testing.utilities import prefect_test_harness
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server(api_server):
+    """Flows run in this process talk to the session's server too: one server for the whole suite, instead of a
+    test harness and a temporary server of their own (tens of seconds, and CPU taken from the tests)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with temporary_settings({PREFECT_API_URL: api_server}):
         yield
 
 

@@ -25,7 +25,7 @@ def _source_copy(target: Path) -> Path:
     return target
 
 
-def test_wheel_installs_into_a_fresh_venv_and_runs_the_embedded_default_from_any_folder(tmp_path, astronaut):
+def test_wheel_installs_into_a_fresh_venv_and_runs_the_embedded_default_from_any_folder(tmp_path, astronaut, api_server):
     source = _source_copy(tmp_path / "src")
     dist = tmp_path / "dist"
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
@@ -54,6 +54,7 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_the_embedded_default_from_any
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECAST_") or k == "RECAST_CACHE_DIR"}
+    env["PREFECT_API_URL"] = api_server  # the session's server: a temporary one costs seconds (README demo runs one)
     where = subprocess.run([str(python), "-c", "import recast.tasks, recast.configs; print(recast.tasks.__file__)"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert where.startswith(fresh_site), f"recast was imported from {where}, not from the installed wheel"

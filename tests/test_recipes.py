@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import subprocess
 import sys
 import weakref
@@ -183,10 +184,12 @@ def test_a_worker_refuses_profiles_it_was_not_started_with():
         loading.serve_only(None)
 
 
-def test_video_benchmark_runs_every_row_and_the_chain_on_tiny_models(tmp_path):
+def test_video_benchmark_runs_every_row_and_the_chain_on_tiny_models(tmp_path, api_server):
     out = tmp_path / "performance.json"
+    # The chain row runs the flows: on the session's server (a temporary one would cost seconds).
     proc = subprocess.run([sys.executable, "gpu_video.py", "--tiny", "--device", "cpu", "--out", str(out)],
-                          cwd=REPO / "benchmarks", capture_output=True, text=True, timeout=600)
+                          cwd=REPO / "benchmarks", capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PREFECT_API_URL=api_server))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = {r["profile"]: r for r in json.loads(out.read_text())}
     assert set(rows) == {"wan-diffusers-baseline", "wan22-fp8", "wan22-lightning", "wan22-offload",
