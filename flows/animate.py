@@ -120,7 +120,7 @@ def plan_animation(request: AnimateRequest, settings: Settings | None = None) ->
     else:
         num_frames = snap_frames("handoff.num_frames", handoff.num_frames, warnings)
     if settings.execution == "local":
-        loading.check_available(profile)
+        loading.check_available(profile, build=False)
 
     moment = now()
     # Into the edit run's own folder (the edit flow's video stage), or a run of its own.

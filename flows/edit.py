@@ -113,9 +113,9 @@ def plan_run(request: EditRequest, settings: Settings | None = None, resume: dic
     # Fails in seconds when a model cannot be had here (no GPU, not cached and no hub). With task workers the
     # models live on the workers' machines, not here.
     if settings.execution == "local":
-        loading.check_available(profile)
+        loading.check_available(profile, build=False)
         if mode == "inline":
-            loading.check_available(video)
+            loading.check_available(video, build=False)
     seeds = resume["seeds"] if resume else (list(dict.fromkeys(request.seeds)) if request.seeds
                                             else [secrets.randbelow(MAX_SEED + 1)])
     moment = now()

@@ -61,8 +61,8 @@ def check_storyboard(board: Storyboard) -> StoryboardPlan:
                 for index, scene in enumerate(board.scenes, start=1) if scene.edit_prompt
                 for warning in prompt_checks.check(scene.edit_prompt)]
     if settings.execution == "local":
-        loading.check_available(profile)
-        loading.check_available(video)
+        loading.check_available(profile, build=False)
+        loading.check_available(video, build=False)
     storage.check_writable("storage", root)
     return StoryboardPlan(settings=settings, profile=profile, video=video, reference=image, root=root,
                           prompt_warnings=warnings)

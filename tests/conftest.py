@@ -72,18 +72,18 @@ def png_size(data: bytes) -> tuple[int, int]:
         return img.size
 
 
-@pytest.fixture(scope="session")
-def api_server(tmp_path_factory):
-    """One `prefect server start` for the session: CLI runs in subprocesses talk to it instead of each starting
-    a temporary server of its own (seconds per run instead of tens). Yields its API URL."""
-    import signal
+_API_SERVER: dict = {}
+
+
+def pytest_configure(config):
+    """Start the session's `prefect server start` before collection: it migrates its fresh database while the
+    test modules are imported (torch, diffusers), instead of after."""
     import socket
     import subprocess
     import sys
-    import time
-    import urllib.request
 
-    home = tmp_path_factory.mktemp("api-server")
+    home = _SESSION_TMP / "api-server"
+    home.mkdir(exist_ok=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -93,19 +93,32 @@ def api_server(tmp_path_factory):
     prefect = os.path.join(os.path.dirname(sys.executable), "prefect")
     proc = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
                             stdout=open(home / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    _API_SERVER.update(proc=proc, url=url, log=home / "server.log")
+
+
+def pytest_unconfigure(config):
+    if "proc" in _API_SERVER:
+        end_process_group(_API_SERVER.pop("proc"))
+
+
+@pytest.fixture(scope="session")
+def api_server():
+    """One `prefect server start` for the session: flows in this process and CLI runs in subprocesses talk to it
+    instead of each starting a temporary server of their own (seconds per run instead of tens). Its API URL."""
+    import time
+    import urllib.request
+
+    proc, url = _API_SERVER["proc"], _API_SERVER["url"]
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2):
-                break
+                return url
         except OSError:
             if proc.poll() is not None:
-                raise AssertionError((home / "server.log").read_text()[-2000:])
-            time.sleep(0.5)
-    try:
-        yield url
-    finally:
-        end_process_group(proc)
+                raise AssertionError(_API_SERVER["log"].read_text()[-2000:])
+            time.sleep(0.25)
+    raise AssertionError(f"the session's Prefect server was not up after 300s: {_API_SERVER['log'].read_text()[-2000:]}")
 
 
 @pytest.fixture

@@ -58,7 +58,7 @@ def test_a_run_survives_a_restart_of_the_prefect_server(own_server, astronaut, t
         wait_for(lambda: list(root.glob("runs/*/edits/*.png")), 180, "the first edit")
         os.killpg(own_server["proc"].pid, signal.SIGKILL)  # the server dies with its in-memory task queue
         own_server["proc"].wait(timeout=30)
-        time.sleep(5)
+        time.sleep(2)  # the flow polls every 0.5 s: it sees the server gone
         own_server["proc"] = start_server(own_server["home"], own_server["port"], "server-2.log")
         back_at = time.monotonic()
         out, err = run.communicate(timeout=300)

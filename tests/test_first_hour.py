@@ -103,10 +103,13 @@ def test_an_unwritable_storage_is_bad_input_before_anything_starts(where, astron
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     target = str(blocker / "out") if where == "file" else "/proc/recast-out"
-    proc = _run(["edit", str(astronaut), "--prompt", "x", "--storage", target])
+    cache = tmp_path / "first-use-cache"  # a new user's machine: the tiny models are not built yet
+    proc = _run(["edit", str(astronaut), "--prompt", "x", "--storage", target], {"RECAST_CACHE_DIR": str(cache)})
     assert proc.returncode == 2, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and "storage=" in proc.stderr and "fix:" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "storage=" in proc.stderr and "fix:" in proc.stderr, \
+        f"bad input must be one line, before anything starts:\n{proc.stderr}"
     assert "Traceback" not in proc.stderr
+    assert not cache.exists(), "a refused request must not build the tiny models (nothing is written)"
 
 
 def test_a_direct_run_is_quiet_and_a_failure_ends_with_its_reason(astronaut, tmp_path):

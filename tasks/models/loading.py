@@ -136,12 +136,13 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
         return False
 
 
-def resolve_source(profile: ModelProfile | VideoProfile) -> str:
-    """A folder or hub id that from_pretrained can load; fails in seconds when it cannot."""
+def resolve_source(profile: ModelProfile | VideoProfile, build: bool = True) -> str:
+    """A folder or hub id that from_pretrained can load; fails in seconds when it cannot. A tiny model is built
+    into the cache unless `build` is False (it can always be built: its folder is returned as it will be)."""
     from recast.tasks.models import tiny
 
     if profile.model_id in tiny.BUILDERS:
-        return str(tiny.ensure(profile.model_id))
+        return str(tiny.ensure(profile.model_id) if build else tiny.folder(profile.model_id))
     if Path(profile.model_id).expanduser().is_dir():
         return str(Path(profile.model_id).expanduser())
     from huggingface_hub import constants, try_to_load_from_cache
@@ -161,14 +162,15 @@ def resolve_source(profile: ModelProfile | VideoProfile) -> str:
     return profile.model_id
 
 
-def check_available(profile: ModelProfile | VideoProfile) -> str:
-    """Fail fast (seconds, not minutes) if `profile` cannot load here; returns the source to load."""
+def check_available(profile: ModelProfile | VideoProfile, build: bool = True) -> str:
+    """Fail fast (seconds, not minutes) if `profile` cannot load here; returns the source to load. Planning passes
+    build=False: a request is checked before anything is written, the tiny models' cache included."""
     check_device(profile)
     loaded = next((p for p in cached_pipelines() if (p.key.profile, p.key.model_id, p.key.revision, p.key.device)
                    == (profile.name, profile.model_id, profile.revision, profile.device)), None)
     if loaded is not None:
         return loaded.source  # already in this process
-    return resolve_source(profile)
+    return resolve_source(profile, build=build)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -141,10 +141,15 @@ BUILDERS = {
 }
 
 
+def folder(model_id: str) -> Path:
+    """Where the tiny model's pipeline folder is (or will be, once built)."""
+    return cache_dir() / BUILDERS[model_id][0]
+
+
 def ensure(model_id: str) -> Path:
     """The tiny model's pipeline folder, built into the cache once; later calls (any process) return at once."""
     name, build = BUILDERS[model_id]
-    target = cache_dir() / name
+    target = folder(model_id)
     if (target / "model_index.json").exists():
         return target
     log.info("building %s into %s (once)", name, target)
