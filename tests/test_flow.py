@@ -156,6 +156,11 @@ def test_batch_edits_new_photos_once(astronaut, second_photo, memory_root, monke
     assert [s.rsplit("/", 1)[-1] for s in second["skipped"]] == ["a.png"], "a done photo must be skipped"
     changed = batch_flow(request.model_copy(update={"seeds": [4]}))
     assert len(changed["edited"]) == 2, "other settings are other work: both photos are edited again"
+    limited = request.model_copy(update={"seeds": [5], "max_photos": 1})
+    first_half, second_half = batch_flow(limited), batch_flow(limited)
+    assert [len(first_half["edited"]), len(second_half["edited"])] == [1, 1], "max_photos caps each run"
+    assert first_half["edited"][0]["source"] != second_half["edited"][0]["source"], \
+        "the next run takes the photo the capped run left"
 
 
 def test_remote_runs_read_only_under_the_configured_roots(astronaut, memory_root, monkeypatch):
