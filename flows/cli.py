@@ -128,30 +128,42 @@ def _print_edit_summary(manifest: dict) -> None:
 def _animate(args: argparse.Namespace) -> int:
     request = model_from_args(AnimateRequest, args)
     from recast.flows.animate import animate_flow, plan_animation
-    from recast.flows.runs import remember_plan
 
     plan = plan_animation(request)  # refuse bad input before Prefect starts
-    remember_plan("animate", request, plan)
-    _print_warnings(plan.warnings)
-    manifest, failure = _run(animate_flow, request)
-    if manifest is not None and args.json:
-        print(json.dumps(manifest, indent=2, default=str))
-    elif manifest is not None:
-        clip = manifest["clips"][0]
-        print(f"recast animate {manifest['run_id']}: {manifest['status']} ({clip['num_frames']} frames "
-              f"{clip['width']}x{clip['height']} at {clip['fps']} fps, seed {clip['seed']}, profile "
-              f"{manifest['model']['profile']})")
-        print(f"  clip: {clip['output'] or 'FAILED: ' + str(clip['error'])}\n  last frame: {clip['last_frame']}")
-        if clip.get("identity"):
-            drift = clip["identity"].get("drift_from")
-            print(f"  identity: {clip['identity']['grade']} (worst sampled frame)"
-                  + (f", drifts from frame {drift}" if drift is not None else "")
-                  + f"; strip: {clip.get('identity_strip')}")
-        print(manifest["manifest"])
+    return _run_planned("animate", animate_flow, request, plan, plan.warnings, args.json, _print_animate_summary)
+
+
+def _run_planned(command: str, flow_fn, request, plan, warnings, as_json: bool, print_summary) -> int:
+    """Run a flow whose request was planned (refused or accepted) before Prefect started: the flow reuses the plan;
+    prints the manifest (JSON, or print_summary's lines) and the failure's reason."""
+    from recast.flows.runs import remember_plan
+
+    remember_plan(command, request, plan)
+    _print_warnings(warnings)
+    manifest, failure = _run(flow_fn, request)
+    if manifest is not None:
+        if as_json:
+            print(json.dumps(manifest, indent=2, default=str))
+        else:
+            print_summary(manifest)
     if failure:
-        print(f"recast animate: failed: {failure}", file=sys.stderr)
+        print(f"recast {command}: failed: {failure}", file=sys.stderr)
         return EXIT_FAILED
     return 0
+
+
+def _print_animate_summary(manifest: dict) -> None:
+    clip = manifest["clips"][0]
+    print(f"recast animate {manifest['run_id']}: {manifest['status']} ({clip['num_frames']} frames "
+          f"{clip['width']}x{clip['height']} at {clip['fps']} fps, seed {clip['seed']}, profile "
+          f"{manifest['model']['profile']})")
+    print(f"  clip: {clip['output'] or 'FAILED: ' + str(clip['error'])}\n  last frame: {clip['last_frame']}")
+    if clip.get("identity"):
+        drift = clip["identity"].get("drift_from")
+        print(f"  identity: {clip['identity']['grade']} (worst sampled frame)"
+              + (f", drifts from frame {drift}" if drift is not None else "")
+              + f"; strip: {clip.get('identity_strip')}")
+    print(manifest["manifest"])
 
 
 def _storyboard(args: argparse.Namespace) -> int:
@@ -175,25 +187,21 @@ def _storyboard(args: argparse.Namespace) -> int:
         board = Storyboard.model_validate(data)
     except ValidationError as exc:
         raise _FileError(describe_file_error(args.file, Storyboard, exc)) from None
-    from recast.flows.runs import remember_plan
     from recast.flows.storyboard import check_storyboard, storyboard_flow
 
     plan = check_storyboard(board)
-    remember_plan("storyboard", board, plan)
-    _print_warnings(plan.prompt_warnings)
-    manifest, failure = _run(storyboard_flow, board)
-    if manifest is not None and args.json:
-        print(json.dumps(manifest, indent=2, default=str))
-    elif manifest is not None:
-        print(f"recast storyboard {manifest['run_id']}: {manifest['status']} ({len(manifest['scenes'])} scenes)")
-        for scene in manifest["scenes"]:
-            print(f"  scene {scene['scene']}: {scene.get('status')} from {scene['source']}: {scene.get('clip')}")
-        print(f"  stitched: {manifest['stitched']['output']} ({manifest['stitched']['num_frames']} frames)")
-        print(storage.join(manifest["folder"], "manifest.json"))
-    if failure:
-        print(f"recast storyboard: failed: {failure}", file=sys.stderr)
-        return EXIT_FAILED
-    return 0
+    return _run_planned("storyboard", storyboard_flow, board, plan, plan.prompt_warnings, args.json,
+                        _print_storyboard_summary)
+
+
+def _print_storyboard_summary(manifest: dict) -> None:
+    from recast.tasks import storage
+
+    print(f"recast storyboard {manifest['run_id']}: {manifest['status']} ({len(manifest['scenes'])} scenes)")
+    for scene in manifest["scenes"]:
+        print(f"  scene {scene['scene']}: {scene.get('status')} from {scene['source']}: {scene.get('clip')}")
+    print(f"  stitched: {manifest['stitched']['output']} ({manifest['stitched']['num_frames']} frames)")
+    print(storage.join(manifest["folder"], "manifest.json"))
 
 
 class _FileError(ValueError):
