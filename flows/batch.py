@@ -66,9 +66,11 @@ def batch_flow(request: BatchRequest) -> dict:
         photos.append(photo)
     in_flight = settings.batch_in_flight if settings.execution == "workers" else 1
     logger.info("batch: %d new photo(s), %d at once", len(photos), min(in_flight, max(len(photos), 1)))
-    outcomes = dict(run_many(lambda photo: _edit_photo(photo, request, root), photos, in_flight))
-    done = [outcomes[i] for i in range(len(photos)) if "manifest" in outcomes[i]]
-    failed = [outcomes[i] for i in range(len(photos)) if "error" in outcomes[i]]
+    # In the order the photos were found, whatever order they finished in.
+    outcomes = [outcome for _, outcome in sorted(run_many(lambda photo: _edit_photo(photo, request, root), photos,
+                                                          in_flight), key=lambda pair: pair[0])]
+    done = [outcome for outcome in outcomes if "manifest" in outcome]
+    failed = [outcome for outcome in outcomes if "error" in outcome]
     logger.info("batch: %d edited, %d already done, %d failed", len(done), len(skipped), len(failed))
     return {"edited": done, "skipped": skipped, "failed": failed}
 
