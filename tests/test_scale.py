@@ -16,17 +16,9 @@ from pathlib import Path
 import pytest
 
 from test_faults import start_server
-from test_workers import BIN, free_port, stop, wait_for
+from test_workers import BIN, free_port, start_worker, stop
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _worker(env: dict, log: Path, cwd: Path | None = None) -> subprocess.Popen:
-    proc = subprocess.Popen([str(BIN / "recast"), "worker", "edit"], env=env, cwd=cwd, stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    wait_for(lambda: "Subscribing to runs" in log.read_text() or proc.poll() is not None, 180, "a worker")
-    assert proc.poll() is None, log.read_text()[-2000:]
-    return proc
 
 
 def _served(log: Path) -> int:
@@ -98,7 +90,7 @@ def test_two_machines_on_postgresql_share_a_run_and_a_batch(tmp_path, astronaut,
         env = dict(os.environ, PREFECT_HOME=str(machine / "prefect"), RECAST_CACHE_DIR=str(machine / "cache"),
                    **common)
         logs.append(machine / "worker.log")
-        workers.append(_worker(env, logs[-1], cwd=machine))
+        workers.append(start_worker(env, logs[-1], cwd=machine))
 
     def served() -> list[int]:
         return [_served(log) for log in logs]

@@ -52,10 +52,10 @@ def server(api_server, tmp_path_factory):
                 PREFECT_LOGGING_LEVEL="INFO")
 
 
-def start_worker(env, log_path: Path) -> subprocess.Popen:
+def start_worker(env, log_path: Path, cwd: Path | None = None) -> subprocess.Popen:
     log = open(log_path, "w")
-    proc = subprocess.Popen([str(BIN / "recast"), "worker", "edit"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen([str(BIN / "recast"), "worker", "edit"], env=env, cwd=cwd, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     def serving():
         if proc.poll() is not None:
             raise AssertionError(f"the worker exited ({proc.returncode}): {log_path.read_text()[-2000:]}")
