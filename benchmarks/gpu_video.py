@@ -330,6 +330,7 @@ def main() -> int:
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
     rows, failures = [], []
     for name in names:
+        print(f"[{datetime.now(timezone.utc):%H:%M:%S}] {name}", flush=True)
         try:
             if name == "wan-diffusers-baseline":
                 row = bench.baseline()
@@ -356,6 +357,14 @@ def main() -> int:
         print(json.dumps(row), flush=True)
         if args.out:
             common.write_rows(Path(args.out), [row])
+    # Ratios within the video stage, against this run's baseline wherever it came in the order (the long
+    # 40-step rows may run last so the new rows come back first).
+    base = next((r["seconds"] for r in rows if r["profile"] == "wan-diffusers-baseline" and "seconds" in r), None)
+    for row in rows:
+        if base and row.get("stage") == "video" and "seconds" in row:
+            row["ratio_to_baseline"] = round(row["seconds"] / base, 3)
+    if args.out:
+        common.write_rows(Path(args.out), rows)
     # Another seed's clip against the Lightning reference: every bound must reject it.
     unrelated = next((r.get("unrelated_psnr_db") for r in rows if r.get("unrelated_psnr_db") is not None), None)
     for row in rows:
