@@ -249,13 +249,14 @@ class Bench:
         for _ in range(self.args.runs):
             manifest, seconds = common.timed(lambda: edit_flow(request), self.device)
             times.append(seconds)
+        split = _chain_split(lambda: edit_flow(request), self.args.profile_dir)
         clip = manifest["animation"]["clips"][0]
         frames, _ = storage.read_video(clip["output"])
         row = self.row("chain-lightning", "chain", frames, times, resident, None, steps=4, guidance=1.0,
                        peak=common.peak_gib(self.device))
         row.update(width=clip["width"], height=clip["height"], num_frames=clip["num_frames"],
                    edit_seconds=manifest["edits"][0]["seconds"], clip_seconds=clip["seconds"],
-                   status=manifest["status"], video_status=manifest["animation"]["status"],
+                   status=manifest["status"], video_status=manifest["animation"]["status"], split_s=split,
                    pipelines_loaded=[f"{p.key.kind}:{p.key.profile}" for p in loading.cached_pipelines()])
         del loaded, pipe
         common.free(self.device)
@@ -275,6 +276,40 @@ class Bench:
                     guidance_scale=guidance, warmup_s=None if warm_s is None else round(warm_s, 1),
                     finite=bool(np.isfinite(arr.astype(np.float32)).all()),
                     output_mean=round(float(arr.mean()), 2), output_std=round(float(arr.std()), 2), **extra)
+
+
+def _chain_split(call, profile_dir: str | None) -> dict:
+    """One more chain run (not timed) under cProfile: the seconds spent in each part a chain is made of, so the
+    time outside the two model calls can be told apart (flows, storage, encoding, identity, Prefect)."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.enable()
+    call()
+    profiler.disable()
+    total = time.perf_counter() - started
+    stats = pstats.Stats(profiler)
+    parts = {"run_edit": "qwen_edit.py:run_edit", "run_video": "wan_video.py:run_video",
+             "mp4_bytes": "storage.py:mp4_bytes", "png_bytes": "storage.py:png_bytes",
+             "write_bytes": "storage.py:write_bytes", "write_json": "storage.py:write_json",
+             "load_image": "storage.py:load_image", "score_clip": "identity.py:score_clip",
+             "identity_compare": "identity.py:compare", "contact_sheet": "sheets.py:contact_sheet",
+             "plan_run": "edit.py:plan_run", "plan_animation": "animate.py:plan_animation",
+             "get_pipeline": "loading.py:get_pipeline", "edit_task": "edit.py:edit_image",
+             "animate_task": "animate.py:animate_clip", "animate_flow": "animate.py:animate_flow",
+             "edit_flow": "edit.py:edit_flow"}
+    split = {"total": round(total, 3)}
+    for label, where in parts.items():
+        file, _, name = where.partition(":")
+        split[label] = round(sum(entry[3] for (path, _line, func), entry in stats.stats.items()
+                                 if func == name and path.endswith(file)), 3)
+    if profile_dir:
+        Path(profile_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(profile_dir) / "chain_profile.txt", "w") as out:
+            pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(80)
+    return split
 
 
 def _photo(width: int, height: int):
@@ -318,6 +353,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--check", action="store_true", help="GPU tests: every row runs, finite, PSNR within bounds")
     ap.add_argument("--out", default=None, help="merge the rows into this JSON file as each row ends")
+    ap.add_argument("--profile-dir", default=None, help="write the chain's cProfile listing here")
     args = ap.parse_args()
     if args.smoke or args.tiny:
         args.steps, args.runs = 2, 1
