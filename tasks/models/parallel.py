@@ -19,7 +19,6 @@ A team of one is no team: the single-GPU path is unchanged.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,13 +59,12 @@ def join(rank: int, world: int, device: str, cfg: bool, master: str = "127.0.0.1
     import torch
     import torch.distributed as dist
 
-    address, port = master.rsplit(":", 1)
-    os.environ.setdefault("MASTER_ADDR", address)
-    os.environ.setdefault("MASTER_PORT", port)
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
-    dist.init_process_group(backend, rank=rank, world_size=world)
+    # The address given, not MASTER_ADDR/MASTER_PORT from the environment: a process that leaves one team and
+    # joins another (the benchmark, one team per row) must meet the others at the new address.
+    dist.init_process_group(backend, init_method=f"tcp://{master}", rank=rank, world_size=world)
     cfg_degree = 2 if cfg and world % 2 == 0 else 1
     ulysses = world // cfg_degree
     pair = None
