@@ -111,8 +111,9 @@ def apply(pipe, transformers: list, kind: str) -> None:
             if heads % current.ulysses_degree:
                 raise ValueError(f"{heads} attention heads do not split over a Ulysses degree of "
                                  f"{current.ulysses_degree}: use a team size whose half divides {heads}")
+            # ulysses_anything: Qwen's text tokens (the prompt's length) rarely divide by the degree; diffusers pads.
             transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=current.ulysses_degree,
-                                                                        mesh=current.mesh))
+                                                                        mesh=current.mesh, ulysses_anything=True))
     if current.cfg_degree == 2:
         current.wrappers.append(CfgSplit(pipe, transformers, kind, current))
 
@@ -185,6 +186,14 @@ class CfgSplit:
 
         transformer.forward = split_forward
         transformer.cache_context = _Branch
+
+
+def fullgraph() -> bool:
+    """Whether regional compilation may demand whole graphs: not under Ulysses, whose attention hooks dynamo cannot
+    trace (on an H100 team: "Unsupported: Unexpected type in sourceless builder"); there the blocks compile with
+    a graph break around the exchange."""
+    current = team()
+    return current is None or current.ulysses_degree == 1
 
 
 def starting_call(cfg: bool) -> None:

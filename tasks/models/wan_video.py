@@ -85,7 +85,7 @@ def prepare(pipe, profile: VideoProfile) -> dict:
     parallel.apply(pipe, experts(pipe), "video")
     if profile.compile:
         for expert in experts(pipe):
-            expert.compile_repeated_blocks(fullgraph=True)
+            expert.compile_repeated_blocks(fullgraph=parallel.fullgraph())
     return decisions
 
 
