@@ -110,7 +110,9 @@ def versions() -> dict:
 
 
 def row_key(row: dict) -> tuple:
-    return row.get("stage", "edit"), row["profile"], row.get("gpus", 1), row.get("card")
+    """A row replaces only its own: same table (the scale-out rows of gpu_parallel.py are a table of their own,
+    whose 1-GPU rows ran beside other teams), stage, profile, GPU count and card."""
+    return row.get("table", "main"), row.get("stage", "edit"), row["profile"], row.get("gpus", 1), row.get("card")
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:

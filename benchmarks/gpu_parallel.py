@@ -76,7 +76,7 @@ def member(args) -> int:
     for index, name in enumerate(args.rows.split(",")):
         kind = "edit" if name in settings.profiles else "video"
         started = time.perf_counter()
-        row: dict = dict(stage=kind, profile=name, gpus=world)
+        row: dict = dict(stage=kind, profile=name, gpus=world, card=common.card_name(torch.device(device)))
         try:
             profile = (settings.get_profile(name) if kind == "edit" else settings.get_video_profile(name))
             profile = profile.model_copy(update=_overrides(args, kind, device))
@@ -234,9 +234,9 @@ def launch(args) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 print(f"a rank ran past --phase-timeout ({args.phase_timeout} s) and was killed", flush=True)
-    rows = _finish(results, meta, common)
-    if args.out:
-        common.write_rows(Path(args.out), rows)
+        rows = _finish(results, meta, common)  # after every phase: a later phase cut short loses only itself
+        if args.out:
+            common.write_rows(Path(args.out), rows)
     print(f"\n{'row':18} {'GPUs':>4} {'split':>10} {'seconds':>8} {'speed-up':>8} {'PSNR dB':>8} {'peak GiB':>8}")
     for r in rows:
         if "error" in r:
@@ -255,7 +255,9 @@ def _finish(results: Path, meta: dict, common) -> list[dict]:
     one = {r["profile"]: r for r in rows if r["gpus"] == 1 and "seconds" in r}
     for row in rows:
         row["run"] = meta
+        row["table"] = "scale"
         row["parallel"] = f"cfg {row.get('cfg_degree', 1)} x ulysses {row.get('ulysses_degree', 1)}"
+        row["label"] = _label(row)
         if row["gpus"] == 1 or "seconds" not in row:
             continue
         base = one.get(row["profile"])
@@ -266,6 +268,16 @@ def _finish(results: Path, meta: dict, common) -> list[dict]:
             if ref.exists() and out.exists():
                 row["psnr_db"] = common.psnr(np.load(out), np.load(ref))
     return rows
+
+
+def _label(row: dict) -> str:
+    """fp8 on 2 GPUs split by CFG reads `fp8-cfg-parallel`; Ulysses adds `-ulysses<N>`."""
+    label = row["profile"]
+    if row.get("cfg_degree", 1) > 1:
+        label += "-cfg-parallel"
+    if row.get("ulysses_degree", 1) > 1:
+        label += f"-ulysses{row['ulysses_degree']}"
+    return label
 
 
 def _free_port_block(count: int) -> int:

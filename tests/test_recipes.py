@@ -202,6 +202,40 @@ def test_video_benchmark_runs_every_row_and_the_chain_on_tiny_models(tmp_path, a
     assert sorted(chain["pipelines_loaded"]) == ["edit:lightning", "video:wan22-lightning"], \
         "in one process, the memory policy keeps both pipelines when they fit"
     assert rows["wan22-lightning"]["steps"] == 4 and rows["wan22-lightning"]["unrelated_psnr_db"] is not None
+    split = chain["split_s"]
+    assert split["run_video"] > 0 and split["run_edit"] > 0 and split["mp4_bytes"] > 0 and \
+        split["total"] >= split["run_video"] + split["run_edit"], f"the chain's time split misses a part: {split}"
+
+
+def test_multi_gpu_benchmark_runs_teams_and_compares_them_with_one_gpu(tmp_path):
+    # On the CPU (gloo): a 1-rank and a 2-rank team, each running two rows in one process (a new team per row).
+    out = tmp_path / "performance.json"
+    proc = subprocess.run([sys.executable, "gpu_parallel.py", "--tiny", "--device", "cpu", "--runs", "1",
+                           "--plan", "0:bf16,wan22|0,1:bf16,wan22", "--results", str(tmp_path / "ranks"),
+                           "--out", str(out)], cwd=REPO / "benchmarks", capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    rows = {(r["profile"], r["gpus"]): r for r in json.loads(out.read_text())}
+    assert set(rows) == {("bf16", 1), ("bf16", 2), ("wan22", 1), ("wan22", 2)}, sorted(rows)
+    edit, clip = rows[("bf16", 2)], rows[("wan22", 2)]
+    assert edit["label"] == "bf16-cfg-parallel" and edit["cfg_degree"] == 2 and edit["table"] == "scale", edit
+    assert edit["psnr_db"] == float("inf"), "CFG-parallel must give the one-GPU edit exactly"
+    assert clip["psnr_db"] is not None and clip["psnr_db"] > 60, f"CFG-parallel clip strays from one GPU: {clip}"
+    assert edit["speedup"] > 0 and clip["one_gpu_seconds"] == rows[("wan22", 1)]["seconds"]
+
+
+def test_clip_frames_are_the_values_diffusers_gives(tmp_path):
+    # run_video turns frames into uint8 on the device; they must equal diffusers' own "np" output, scaled.
+    profile = get_settings().get_video_profile("tiny")
+    loaded, _ = loading.get_pipeline("video", profile)
+    image = Image.new("RGB", (64, 48), (120, 60, 30))
+    ours = wan_video.run_video(loaded, image, prompt="a", negative_prompt="", seed=3, steps=2, guidance_scale=3.0,
+                               num_frames=9, width=64, height=48, max_sequence_length=profile.max_sequence_length)
+    theirs = loaded.pipe(image=image, prompt="a", negative_prompt="", height=48, width=64, num_frames=9,
+                         num_inference_steps=2, guidance_scale=3.0, max_sequence_length=profile.max_sequence_length,
+                         generator=torch.Generator().manual_seed(3), output_type="np").frames[0]
+    assert ours.dtype == np.uint8 and ours.shape == (9, 48, 64, 3), (ours.dtype, ours.shape)
+    assert np.array_equal(ours, (np.clip(theirs, 0, 1) * 255).round().astype(np.uint8)), \
+        "the clip's frames differ from diffusers' output"
 
 
 def test_edit_benchmark_checks_per_request_loras_on_quantized_profiles(tmp_path):
