@@ -68,7 +68,6 @@ class Bench:
         self.device = torch.device(args.device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.references: dict[str, np.ndarray] = {}
-        self.baseline_seconds: float | None = None
         self.lora_dir = Path(tempfile.mkdtemp(prefix="recast-bench-lora-"))
         self.loras: tuple[LoraSpec, LoraSpec] | None = None
         size = (64, 96) if args.tiny else (480, 832)
@@ -159,7 +158,6 @@ class Bench:
         resident = common.reset_peak(self.device)
         out, seconds = common.timed(call, self.device)
         self.references["baseline"] = out
-        self.baseline_seconds = seconds
         del pipe
         common.free(self.device)
         return self.row("wan-diffusers-baseline", "video", out, [seconds], resident, warm_s, steps=self.args.steps,
@@ -265,11 +263,8 @@ class Bench:
     def row(self, name, stage, out, times, resident, warm_s, *, steps, guidance, reference=None, peak=None, **extra):
         arr = np.asarray(out)
         seconds = round(statistics.median(times), 3)
-        base = self.baseline_seconds
         return dict(stage=stage, profile=name, card=common.card_name(self.device), gpus=1, seconds=seconds,
-                    runs=[round(t, 3) for t in times],
-                    ratio_to_baseline=(1.0 if name == "wan-diffusers-baseline" else round(seconds / base, 3))
-                    if base and stage == "video" else None,
+                    runs=[round(t, 3) for t in times], ratio_to_baseline=None,  # filled in once every row has run
                     peak_gib=peak if peak is not None else common.peak_gib(self.device), resident_gib=resident,
                     psnr_db=common.psnr(out, self.references.get(reference)) if reference else None,
                     width=int(arr.shape[-2]), height=int(arr.shape[-3]), num_frames=int(arr.shape[0]), steps=steps,
