@@ -93,7 +93,7 @@ def member(args) -> int:
                     torch.distributed.barrier()  # every rank starts the call together
                 out, seconds = common.timed(call, torch.device(device))
                 times.append(seconds)
-            row.update(card=common.card_name(torch.device(device)), seconds=round(statistics.median(times), 3),
+            row.update(seconds=round(statistics.median(times), 3),
                        runs=[round(t, 3) for t in times], peak_gib=common.peak_gib(torch.device(device)),
                        resident_gib=resident, ready_s=round(ready_s, 1),
                        cfg_degree=team.cfg_degree if team else 1, ulysses_degree=team.ulysses_degree if team else 1,
