@@ -184,8 +184,9 @@ def _prepare(kind: str, profile, args, device, rank: int):
     loaded = loading.install("video", profile, pipe, "random")
     if bench.frames == 81 and profile.warmup:
         wan_video.warm_up(loaded, profile)
-    steps = bench.steps(profile) if (profile.scheduler or {}).get("sigmas") else (profile.steps or 40)
-    if args.tiny:
+    fixed = bool((profile.scheduler or {}).get("sigmas"))  # a distilled schedule runs its own steps, no other
+    steps = bench.steps(profile) if fixed else (profile.steps or 40)
+    if args.tiny and not fixed:
         steps = min(steps, 2)
 
     def call():

@@ -68,6 +68,7 @@ class Bench:
         self.device = torch.device(args.device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.references: dict[str, np.ndarray] = {}
+        self.reference_dir = Path(args.references) if getattr(args, "references", None) else None
         self.lora_dir = Path(tempfile.mkdtemp(prefix="recast-bench-lora-"))
         self.loras: tuple[LoraSpec, LoraSpec] | None = None
         size = (64, 96) if args.tiny else (480, 832)
@@ -128,6 +129,22 @@ class Bench:
                 os.environ.update({prefix + "SOURCE": spec.source, prefix + "WEIGHT_NAME": "null",
                                    prefix + "REVISION": "null"})
 
+    def keep_reference(self, name: str, frames: np.ndarray) -> None:
+        """A clip later rows compare with; with --references also on disk, for rows run by a later process."""
+        self.references[name] = frames
+        if self.reference_dir is not None:
+            self.reference_dir.mkdir(parents=True, exist_ok=True)
+            np.save(self.reference_dir / f"{name}.npy", frames)
+
+    def reference(self, name: str | None) -> np.ndarray | None:
+        if name is None:
+            return None
+        if name not in self.references and self.reference_dir is not None:
+            path = self.reference_dir / f"{name}.npy"
+            if path.exists():
+                self.references[name] = np.load(path)
+        return self.references.get(name)
+
     # ----------------------------------------------------------------------------------------------
     # Rows
 
@@ -157,7 +174,7 @@ class Bench:
         warm, warm_s = common.timed(lambda: call(steps=1), self.device)
         resident = common.reset_peak(self.device)
         out, seconds = common.timed(call, self.device)
-        self.references["baseline"] = out
+        self.keep_reference("baseline", out)
         del pipe
         common.free(self.device)
         return self.row("wan-diffusers-baseline", "video", out, [seconds], resident, warm_s, steps=self.args.steps,
@@ -186,8 +203,8 @@ class Bench:
             times.append(seconds)
         peak = common.peak_gib(self.device)
         unrelated = None
-        if reference in self.references and name == "wan22-lightning":
-            unrelated = common.psnr(self.call(loaded, profile, seed=43), self.references[reference])
+        if name == "wan22-lightning" and self.reference(reference) is not None:
+            unrelated = common.psnr(self.call(loaded, profile, seed=43), self.reference(reference))
         row = self.row(name, "video", outs[-1], times, resident, warm_s, steps=self.steps(profile),
                        guidance=profile.guidance_scale, reference=reference, peak=peak,
                        ready_s=round(ready_s, 1), **decisions)
@@ -204,7 +221,7 @@ class Bench:
         pipe = self.build()
         wan_video.prepare(pipe, profile)
         loaded = loading.install("video", profile, pipe, "random")
-        self.references["lightning"] = self.call(loaded, profile)
+        self.keep_reference("lightning", self.call(loaded, profile))
         del loaded, pipe
         common.free(self.device)
 
@@ -266,7 +283,7 @@ class Bench:
         return dict(stage=stage, profile=name, card=common.card_name(self.device), gpus=1, seconds=seconds,
                     runs=[round(t, 3) for t in times], ratio_to_baseline=None,  # filled in once every row has run
                     peak_gib=peak if peak is not None else common.peak_gib(self.device), resident_gib=resident,
-                    psnr_db=common.psnr(out, self.references.get(reference)) if reference else None,
+                    psnr_db=common.psnr(out, self.reference(reference)) if reference else None,
                     width=int(arr.shape[-2]), height=int(arr.shape[-3]), num_frames=int(arr.shape[0]), steps=steps,
                     guidance_scale=guidance, warmup_s=None if warm_s is None else round(warm_s, 1),
                     finite=bool(np.isfinite(arr.astype(np.float32)).all()),
@@ -349,6 +366,9 @@ def main() -> int:
     ap.add_argument("--check", action="store_true", help="GPU tests: every row runs, finite, PSNR within bounds")
     ap.add_argument("--out", default=None, help="merge the rows into this JSON file as each row ends")
     ap.add_argument("--profile-dir", default=None, help="write the chain's cProfile listing here")
+    ap.add_argument("--references", default=None,
+                    help="keep the reference clips in this folder, so the rows can be split over several processes "
+                         "on one card (one command each): a later row compares with a clip an earlier process made")
     args = ap.parse_args()
     if args.smoke or args.tiny:
         args.steps, args.runs = 2, 1
@@ -389,8 +409,9 @@ def main() -> int:
         if args.out:
             common.write_rows(Path(args.out), [row])
     # Ratios within the video stage, against this run's baseline wherever it came in the order (the long
-    # 40-step rows may run last so the new rows come back first).
-    base = next((r["seconds"] for r in rows if r["profile"] == "wan-diffusers-baseline" and "seconds" in r), None)
+    # 40-step rows may run last so the new rows come back first); a run split with --references takes the
+    # baseline its earlier process wrote to --out on the same card.
+    base = _baseline_seconds(rows, Path(args.out) if args.out and args.references else None, bench.device)
     for row in rows:
         if base and row.get("stage") == "video" and "seconds" in row:
             row["ratio_to_baseline"] = round(row["seconds"] / base, 3)
@@ -413,6 +434,16 @@ def main() -> int:
         print("\nGPU checks:", "all passed" if not failures else "\n  " + "\n  ".join(failures))
         return 1 if failures else 0
     return 0
+
+
+def _baseline_seconds(rows: list[dict], earlier: Path | None, device) -> float | None:
+    """The baseline's seconds: this process's row, else (a split run) the row an earlier process of the run wrote
+    for this card."""
+    for row in rows + (json.loads(earlier.read_text()) if earlier is not None and earlier.exists() else []):
+        if row.get("profile") == "wan-diffusers-baseline" and "seconds" in row \
+                and row.get("card") == common.card_name(device):
+            return row["seconds"]
+    return None
 
 
 def _environment(args) -> dict[str, str]:

@@ -207,6 +207,21 @@ def test_video_benchmark_runs_every_row_and_the_chain_on_tiny_models(tmp_path, a
         split["total"] >= split["run_video"] + split["run_edit"], f"the chain's time split misses a part: {split}"
 
 
+def test_video_benchmark_rows_split_over_processes_still_compare_with_the_baseline(tmp_path):
+    # The 40-step rows take minutes each on a GPU: a run is split into one command per row, and the later row
+    # must still get its PSNR against the earlier process's clip and its ratio to that baseline.
+    out, refs = tmp_path / "performance.json", tmp_path / "references"
+    for row in ("wan-diffusers-baseline", "wan22-fp8"):
+        proc = subprocess.run([sys.executable, "gpu_video.py", "--tiny", "--device", "cpu", "--rows", row, "--out",
+                               str(out), "--references", str(refs)], cwd=REPO / "benchmarks", capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = {r["profile"]: r for r in json.loads(out.read_text())}
+    fp8, base = rows["wan22-fp8"], rows["wan-diffusers-baseline"]
+    assert fp8["psnr_db"] is not None and fp8["psnr_db"] > 30, f"no comparison with the earlier baseline: {fp8}"
+    assert fp8["ratio_to_baseline"] == round(fp8["seconds"] / base["seconds"], 3), (fp8, base["seconds"])
+
+
 def test_multi_gpu_benchmark_runs_teams_and_compares_them_with_one_gpu(tmp_path):
     # On the CPU (gloo): a 1-rank and a 2-rank team, each running two rows in one process (a new team per row).
     out = tmp_path / "performance.json"
