@@ -19,6 +19,8 @@ baseline, peak GPU memory during the timed calls, and PSNR against the reference
 fused weights). An output of another seed is scored against the same reference, so the bound is seen to fail.
 
     python benchmarks/gpu_video.py --check --out docs/performance.json      # the table (about 15 minutes)
+    # the same in one process per row, each under 10 minutes (a later row compares with the clips on disk):
+    python benchmarks/gpu_video.py --rows wan-diffusers-baseline --check --out R/performance.json --references R/ref
     python benchmarks/gpu_video.py --smoke                                  # 2 blocks per expert, 17 frames
     python benchmarks/gpu_video.py --tiny --device cpu                      # the code path, no GPU
 """
@@ -55,8 +57,12 @@ TINY_WAN = dict(WAN, num_attention_heads=2, attention_head_dim=16, ffn_dim=32, n
 TINY_UMT5 = dict(UMT5, vocab_size=600, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
 PROMPT = "The person turns slightly towards the camera and smiles, subtle natural motion, cinematic."
 NEGATIVE = "static, blurred details, worst quality, low quality, deformed"
-# Minimum PSNR (dB) against the reference on the same weights and seed that --check enforces.
-PSNR_BOUNDS = {"wan22-fp8": 16.0, "wan22-lightning": 18.0, "wan22-offload": 18.0}
+# Minimum PSNR (dB) against the reference on the same weights and seed that --check enforces: between what the
+# recipe gives on the full-size random weights (16.2 dB) and what another seed's clip gives (11.7 dB). wan22-fp8
+# has none: its 40-step clip (12.0 dB against the bf16 baseline) is as far as another seed's on random weights,
+# where 40 steps of CFG amplify FP8 rounding, so no bound could fail a wrong clip and pass a right one
+# (docs/PERFORMANCE.md, "Quality").
+PSNR_BOUNDS = {"wan22-lightning": 14.0, "wan22-offload": 14.0}
 DEFAULT_ROWS = "wan-diffusers-baseline,wan22-fp8,wan22-lightning,chain-lightning,wan22-offload"
 
 
