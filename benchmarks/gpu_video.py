@@ -296,34 +296,74 @@ class Bench:
                     output_mean=round(float(arr.mean()), 2), output_std=round(float(arr.std()), 2), **extra)
 
 
-def _chain_split(call, profile_dir: str | None) -> dict:
-    """One more chain run (not timed) under cProfile: the seconds spent in each part a chain is made of, so the
-    time outside the two model calls can be told apart (flows, storage, encoding, identity, Prefect)."""
-    import cProfile
-    import pstats
+# What a chain is made of, timed by wall clock around each call (module, attribute as the flows and tasks call it).
+# cProfile could not say this: under torch.compile it lost the compiled calls, and its cumulative times counted
+# waits in Prefect's event-loop thread.
+CHAIN_PARTS = {
+    "run_edit": ("recast.tasks.models.qwen_edit", "run_edit"),
+    "run_video": ("recast.tasks.models.wan_video", "run_video"),
+    "get_pipeline": ("recast.tasks.models.loading", "get_pipeline"),
+    "mp4_bytes": ("recast.tasks.storage", "mp4_bytes"),
+    "png_bytes": ("recast.tasks.storage", "png_bytes"),
+    "write_bytes": ("recast.tasks.storage", "write_bytes"),
+    "write_json": ("recast.tasks.storage", "write_json"),
+    "load_image": ("recast.tasks.storage", "load_image"),
+    "identity_compare": ("recast.tasks.identity", "compare"),
+    "score_clip": ("recast.tasks.identity", "score_clip"),
+    "plan_run": ("recast.flows.edit", "plan_run"),
+    "plan_animation": ("recast.flows.animate", "plan_animation"),
+    "contact_sheet": ("recast.flows.edit", "contact_sheet"),
+    "artifacts": [("recast.flows.edit", name) for name in ("create_table_artifact", "create_markdown_artifact",
+                                                           "create_progress_artifact", "update_progress_artifact")]
+                 + [("recast.flows.animate", name) for name in ("create_table_artifact", "create_markdown_artifact")],
+}
 
-    profiler = cProfile.Profile()
+
+def _chain_split(call, profile_dir: str | None) -> dict:
+    """One more chain run (not timed): the wall-clock seconds spent in each part a chain is made of (only the
+    outermost part counts where parts call each other), and `flows_and_prefect`, the rest: Prefect's flow and task
+    engines, planning glue, manifests. With --profile-dir, a further run under cProfile for the listing."""
+    import importlib
+    import threading
+
+    spent = {label: 0.0 for label in CHAIN_PARTS}
+    depth = threading.local()
+    patched = []
+
+    def timed_part(label, fn):
+        def wrapper(*args, **kwargs):
+            outer = getattr(depth, "n", 0) == 0
+            depth.n = getattr(depth, "n", 0) + 1
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                depth.n -= 1
+                if outer:
+                    spent[label] += time.perf_counter() - started
+        return wrapper
+
+    for label, where in CHAIN_PARTS.items():
+        for module_name, attr in (where if isinstance(where, list) else [where]):
+            module = importlib.import_module(module_name)
+            original = getattr(module, attr)
+            patched.append((module, attr, original))
+            setattr(module, attr, timed_part(label, original))
     started = time.perf_counter()
-    profiler.enable()
-    call()
-    profiler.disable()
-    total = time.perf_counter() - started
-    stats = pstats.Stats(profiler)
-    parts = {"run_edit": "qwen_edit.py:run_edit", "run_video": "wan_video.py:run_video",
-             "mp4_bytes": "storage.py:mp4_bytes", "png_bytes": "storage.py:png_bytes",
-             "write_bytes": "storage.py:write_bytes", "write_json": "storage.py:write_json",
-             "load_image": "storage.py:load_image", "score_clip": "identity.py:score_clip",
-             "identity_compare": "identity.py:compare", "contact_sheet": "sheets.py:contact_sheet",
-             "plan_run": "edit.py:plan_run", "plan_animation": "animate.py:plan_animation",
-             "get_pipeline": "loading.py:get_pipeline", "edit_task": "edit.py:edit_image",
-             "animate_task": "animate.py:animate_clip", "animate_flow": "animate.py:animate_flow",
-             "edit_flow": "edit.py:edit_flow"}
-    split = {"total": round(total, 3)}
-    for label, where in parts.items():
-        file, _, name = where.partition(":")
-        split[label] = round(sum(entry[3] for (path, _line, func), entry in stats.stats.items()
-                                 if func == name and path.endswith(file)), 3)
+    try:
+        call()
+    finally:
+        total = time.perf_counter() - started
+        for module, attr, original in reversed(patched):
+            setattr(module, attr, original)
+    split = {"total": round(total, 3), **{label: round(seconds, 3) for label, seconds in spent.items()}}
+    split["flows_and_prefect"] = round(total - sum(spent.values()), 3)
     if profile_dir:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.runcall(call)
         Path(profile_dir).mkdir(parents=True, exist_ok=True)
         with open(Path(profile_dir) / "chain_profile.txt", "w") as out:
             pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(80)
