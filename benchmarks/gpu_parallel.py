@@ -13,7 +13,8 @@ A plan says which teams run, on which GPUs, and which rows each runs in order:
     --plan "0:wan22-fp8;1:fp8,lightning,wan22-lightning;2,3:fp8,lightning,wan22-lightning,wan22-fp8|0,1,2,3:fp8,wan22-lightning,wan22-fp8"
 
 Teams separated by ";" run at the same time on their own GPUs; phases separated by "|" run one after another
-(a 4-GPU team needs the whole host). Rows are profile names of configs/profiles.yaml (edit) and
+(a 4-GPU team needs the whole host). A profile on 1 GPU twice in a run ("0:fp8;1:fp8") measures how far two
+processes differ with no parallelism (`repeat_psnr_db`), the floor for the multi-GPU rows' PSNR. Rows are profile names of configs/profiles.yaml (edit) and
 configs/video_profiles.yaml (video). Recipes as in gpu_edit.py (1024x1024, 8 steps, true CFG 4; `lightning` 4
 steps, no CFG) and gpu_video.py (480x832, 81 frames, 40 steps, guidance 3.5; `wan22-lightning` 4 steps).
 
@@ -100,7 +101,7 @@ def member(args) -> int:
                        **decisions)
             if rank == 0:
                 arr = np.asarray(out)
-                np.save(results / f"{name}-{world}.npy", arr)
+                row["output_file"] = _save_output(results, f"{name}-{world}", arr)
                 row.update(width=int(arr.shape[-2]), height=int(arr.shape[-3]),
                            num_frames=int(arr.shape[0]) if arr.ndim == 4 else None,
                            finite=bool(np.isfinite(arr.astype(np.float32)).all()))
@@ -249,10 +250,34 @@ def launch(args) -> int:
     return 1 if any("error" in r for r in rows) else 0
 
 
+def _save_output(results: Path, stem: str, arr) -> str:
+    """Rank 0's output as <stem>.npy; a second team of the same profile and size (a repeat, e.g. "0:fp8;1:fp8")
+    gets <stem>-repeat.npy, so the two processes' outputs can be compared."""
+    for name in (f"{stem}.npy", f"{stem}-repeat.npy"):
+        try:
+            with open(results / name, "xb") as f:  # exclusive: two teams finishing together do not overwrite
+                np.save(f, arr)
+            return name
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"{stem} ran more than twice in this run; a repeat is compared once")
+
+
 def _finish(results: Path, meta: dict, common) -> list[dict]:
-    """Speed-up over, and PSNR against, the 1-GPU row of the same profile from this run."""
+    """Speed-up over, and PSNR against, the 1-GPU row of the same profile from this run. A repeated 1-GPU row (the
+    same profile in another process) is folded into the first as `repeat_seconds` and `repeat_psnr_db`: how far
+    two processes on the same weights and seed differ with no parallelism at all, the floor for the multi-GPU
+    rows' PSNR."""
     rows = [json.loads(line) for line in (results / "rows.jsonl").read_text().splitlines()] \
         if (results / "rows.jsonl").exists() else []
+    repeats = [r for r in rows if str(r.get("output_file", "")).endswith("-repeat.npy")]
+    rows = [r for r in rows if r not in repeats]
+    for repeat in repeats:
+        first = next((r for r in rows if r["profile"] == repeat["profile"] and r["gpus"] == repeat["gpus"]), None)
+        if first is not None and "seconds" in repeat:
+            first["repeat_seconds"] = repeat["seconds"]
+            first["repeat_psnr_db"] = common.psnr(np.load(results / repeat["output_file"]),
+                                                  np.load(results / first["output_file"]))
     one = {r["profile"]: r for r in rows if r["gpus"] == 1 and "seconds" in r}
     for row in rows:
         row["run"] = meta
@@ -265,7 +290,7 @@ def _finish(results: Path, meta: dict, common) -> list[dict]:
         if base is not None:
             row["one_gpu_seconds"] = base["seconds"]
             row["speedup"] = round(base["seconds"] / row["seconds"], 3)
-            ref, out = results / f"{row['profile']}-1.npy", results / f"{row['profile']}-{row['gpus']}.npy"
+            ref, out = results / base["output_file"], results / row["output_file"]
             if ref.exists() and out.exists():
                 row["psnr_db"] = common.psnr(np.load(out), np.load(ref))
     return rows

@@ -225,10 +225,11 @@ def test_video_benchmark_rows_split_over_processes_still_compare_with_the_baseli
 
 
 def test_multi_gpu_benchmark_runs_teams_and_compares_them_with_one_gpu(tmp_path):
-    # On the CPU (gloo): a 1-rank and a 2-rank team, each running two rows in one process (a new team per row).
+    # On the CPU (gloo): a 1-rank and a 2-rank team, each running two rows in one process (a new team per row),
+    # and bf16 on 1 rank a second time beside the first (a repeat: how far two processes differ on their own).
     out = tmp_path / "performance.json"
     proc = subprocess.run([sys.executable, "gpu_parallel.py", "--tiny", "--device", "cpu", "--runs", "1",
-                           "--plan", "0:bf16,wan22|0,1:bf16,wan22", "--results", str(tmp_path / "ranks"),
+                           "--plan", "0:bf16,wan22;1:bf16|0,1:bf16,wan22", "--results", str(tmp_path / "ranks"),
                            "--out", str(out)], cwd=REPO / "benchmarks", capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     rows = {(r["profile"], r["gpus"]): r for r in json.loads(out.read_text())}
@@ -238,6 +239,9 @@ def test_multi_gpu_benchmark_runs_teams_and_compares_them_with_one_gpu(tmp_path)
     assert edit["psnr_db"] == float("inf"), "CFG-parallel must give the one-GPU edit exactly"
     assert clip["psnr_db"] is not None and clip["psnr_db"] > 60, f"CFG-parallel clip strays from one GPU: {clip}"
     assert edit["speedup"] > 0 and clip["one_gpu_seconds"] == rows[("wan22", 1)]["seconds"]
+    repeat = rows[("bf16", 1)]
+    assert repeat.get("repeat_psnr_db") == float("inf") and repeat["repeat_seconds"] > 0, \
+        f"the repeated 1-GPU row must be folded into the first, with the two processes' outputs compared: {repeat}"
 
 
 def test_clip_frames_are_the_values_diffusers_gives(tmp_path):
