@@ -30,15 +30,17 @@ SCRIPT = textwrap.dedent("""
     profile = get_settings().get_profile("tiny")
     loaded, _ = loading.get_pipeline("edit", profile)
     image = Image.open(sys.argv[5]).convert("RGB").resize((96, 96))
+    encoder, encodes = loaded.pipe.text_encoder, []
+    encoder.register_forward_hook(lambda *_: encodes.append(1))
     out = qwen_edit.run_edit(loaded, profile, [image], prompt="James Bond 007, tuxedo", negative_prompt=" ",
                              seed=11, steps=3, true_cfg_scale=cfg, width=96, height=96)
-    if rank == 0:
-        print(hashlib.sha256(out.tobytes()).hexdigest())
+    print(hashlib.sha256(out.tobytes()).hexdigest(), len(encodes))
     parallel.leave()
 """)
 
 
-def _run_team(world: int, cfg: float, astronaut) -> str:
+def _run_team(world: int, cfg: float, astronaut) -> list[tuple[str, int]]:
+    """Each rank's image digest and how many times it ran the text encoder."""
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(rank), str(world), str(port), str(cfg),
@@ -47,13 +49,18 @@ def _run_team(world: int, cfg: float, astronaut) -> str:
     outs = [proc.communicate(timeout=300) for proc in procs]
     for proc, (_, err) in zip(procs, outs):
         assert proc.returncode == 0, err[-3000:]
-    return outs[0][0].strip().splitlines()[-1]
+    lines = [out.strip().splitlines()[-1].split() for out, _ in outs]
+    return [(digest, int(encodes)) for digest, encodes in lines]
 
 
 def test_cfg_parallel_on_two_ranks_gives_the_one_process_image(astronaut):
-    one = _run_team(1, 4.0, astronaut)
+    (one, one_encodes), = _run_team(1, 4.0, astronaut)
     two = _run_team(2, 4.0, astronaut)
-    assert one == two, "CFG-parallel must give the one-GPU image, byte for byte (same weights, seed, kernels)"
+    assert [digest for digest, _ in two] == [one, one], \
+        "CFG-parallel must give the one-GPU image, byte for byte, on every rank (same weights, seed, kernels)"
+    # The text encoder reads the image as well as the prompt: one process encodes the prompt and the negative
+    # prompt; each rank of a CFG pair encodes only its own branch's.
+    assert one_encodes == 2 and [encodes for _, encodes in two] == [1, 1], (one_encodes, two)
 
 
 def test_a_multi_rank_worker_serves_jobs_and_dies_whole(workers_env, tmp_path, astronaut):

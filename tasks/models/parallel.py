@@ -6,7 +6,8 @@ Every rank holds the whole pipeline. Rank 0 takes the job (a Prefect task run) a
 - CFG-parallel. The pipelines call the transformer twice per step, in diffusers' `cache_context("cond")` and
   then `cache_context("uncond")`. At the conditional call half of the team computes the conditional branch and
   the other half the unconditional one (the negative prompt's encoding, recorded when the pipeline encoded it,
-  swapped in); one all-gather gives every rank both, and the unconditional call returns its half without
+  swapped in; for the edit, whose text encoder reads the image too, each half encodes only its own prompt); one
+  all-gather gives every rank both, and the unconditional call returns its half without
   computing. Every rank then takes the same scheduler step, so the latents stay identical on every rank, and
   equal to the one-GPU path's: same weights, same seed, same kernels (rank 0's attention choice is broadcast).
 - Ulysses sequence parallelism (diffusers' ContextParallelConfig) over the ranks within each half, when the team
@@ -127,10 +128,22 @@ class CfgSplit:
         self.active = False
         self.pending = None
         self.branch: str | None = None
+        self.negative_prompt: str | None = None
         encode = pipe.encode_prompt
 
         def recording_encode(*args, **kwargs):
-            out = encode(*args, **kwargs)
+            if self.active and kind == "edit" and self.negative_prompt is not None and "prompt" in kwargs:
+                # Qwen encodes the prompt, then the negative prompt, each with the image. A half computes one
+                # branch, so it encodes one: the conditional half the prompt, the unconditional half the negative
+                # prompt (at the first call). The other call returns the same tensors, which reach only the
+                # transformer call that split_forward skips or swaps.
+                if self.encodings:
+                    out = self.encodings[0]
+                else:
+                    mine = dict(kwargs, prompt=self.negative_prompt) if current.uncond_half else kwargs
+                    out = encode(*args, **mine)
+            else:
+                out = encode(*args, **kwargs)
             self.encodings.append(out)
             return out
 
@@ -138,9 +151,11 @@ class CfgSplit:
         for transformer in transformers:
             self._wrap(transformer)
 
-    def start(self, cfg: bool) -> None:
-        """Before each pipeline call: whether this call runs CFG (it must be the same on every rank)."""
+    def start(self, cfg: bool, negative_prompt: str | None = None) -> None:
+        """Before each pipeline call: whether this call runs CFG (it must be the same on every rank), and the
+        negative prompt the unconditional half encodes in place of the prompt."""
         self.active, self.encodings, self.pending = cfg, [], None
+        self.negative_prompt = negative_prompt
 
     def _negative(self, kwargs: dict) -> dict:
         """The unconditional branch's arguments, from what the pipeline encoded."""
@@ -196,12 +211,12 @@ def fullgraph() -> bool:
     return current is None or current.ulysses_degree == 1
 
 
-def starting_call(cfg: bool) -> None:
+def starting_call(cfg: bool, negative_prompt: str | None = None) -> None:
     """Every rank, before a pipeline call."""
     current = team()
     if current is not None:
         for wrapper in current.wrappers:
-            wrapper.start(cfg)
+            wrapper.start(cfg, negative_prompt)
 
 
 # --------------------------------------------------------------------------------------------------

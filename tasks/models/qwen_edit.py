@@ -148,7 +148,7 @@ def run_edit(loaded: LoadedPipeline, profile: ModelProfile, images: list, *, pro
     parallel.lead("edit", dict(profile=profile.name, images=images, prompt=prompt, negative_prompt=negative_prompt,
                                seed=seed, steps=steps, true_cfg_scale=true_cfg_scale, width=width, height=height,
                                loras=list(loras)))
-    parallel.starting_call(cfg=true_cfg_scale > 1)
+    parallel.starting_call(cfg=true_cfg_scale > 1, negative_prompt=negative_prompt)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     call = _call_with_vae_area(type(loaded.pipe), profile.vae_image_area)
     with loaded.call_lock, torch.inference_mode():
