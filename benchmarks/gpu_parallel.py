@@ -14,8 +14,8 @@ A plan says which teams run, on which GPUs, and which rows each runs in order:
 
 Teams separated by ";" run at the same time on their own GPUs; phases separated by "|" run one after another
 (a 4-GPU team needs the whole host). A profile on 1 GPU twice in a run ("0:fp8;1:fp8") measures how far two
-processes differ with no parallelism (`repeat_psnr_db`), the floor for the multi-GPU rows' PSNR. Rows are profile names of configs/profiles.yaml (edit) and
-configs/video_profiles.yaml (video). Recipes as in gpu_edit.py (1024x1024, 8 steps, true CFG 4; `lightning` 4
+processes differ with no parallelism (`repeat_psnr_db`), the floor for the multi-GPU rows' PSNR. Rows are
+profile names of configs/profiles.yaml (edit) and configs/video_profiles.yaml (video). Recipes as in gpu_edit.py (1024x1024, 8 steps, true CFG 4; `lightning` 4
 steps, no CFG) and gpu_video.py (480x832, 81 frames, 40 steps, guidance 3.5; `wan22-lightning` 4 steps).
 
     python benchmarks/gpu_parallel.py --plan "..." --out docs/performance.json
