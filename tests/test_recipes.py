@@ -215,13 +215,17 @@ def test_video_benchmark_rows_split_over_processes_still_compare_with_the_baseli
     out, refs = tmp_path / "performance.json", tmp_path / "references"
     for row in ("wan-diffusers-baseline", "wan22-fp8"):
         proc = subprocess.run([sys.executable, "gpu_video.py", "--tiny", "--device", "cpu", "--rows", row, "--out",
-                               str(out), "--references", str(refs)], cwd=REPO / "benchmarks", capture_output=True,
-                              text=True, timeout=300)
+                               str(out), "--references", str(refs), "--check"], cwd=REPO / "benchmarks",
+                              capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = {r["profile"]: r for r in json.loads(out.read_text())}
     fp8, base = rows["wan22-fp8"], rows["wan-diffusers-baseline"]
     assert fp8["psnr_db"] is not None and fp8["psnr_db"] > 30, f"no comparison with the earlier baseline: {fp8}"
     assert fp8["ratio_to_baseline"] == round(fp8["seconds"] / base["seconds"], 3), (fp8, base["seconds"])
+    # wan22-fp8's quality bound is on one transformer pass on the baseline's own inputs; other inputs must fail it.
+    bound = fp8["pass_bound"]
+    assert fp8["pass_rel_l2"] is not None and fp8["pass_rel_l2"] < bound, f"FP8 pass strays from bf16: {fp8}"
+    assert fp8["unrelated_pass_rel_l2"] > bound, f"the per-pass bound would not catch a wrong output: {fp8}"
 
 
 def test_multi_gpu_benchmark_runs_teams_and_compares_them_with_one_gpu(tmp_path):
