@@ -112,7 +112,8 @@ def apply(pipe, transformers: list, kind: str) -> None:
             if heads % current.ulysses_degree:
                 raise ValueError(f"{heads} attention heads do not split over a Ulysses degree of "
                                  f"{current.ulysses_degree}: use a team size whose half divides {heads}")
-            # ulysses_anything: Qwen's text tokens (the prompt's length) rarely divide by the degree; diffusers pads.
+            # ulysses_anything: Qwen's text tokens (the prompt's length) rarely divide by the degree; diffusers
+            # then exchanges uneven shares (each rank's size is sent first) instead of refusing.
             transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=current.ulysses_degree,
                                                                         mesh=current.mesh, ulysses_anything=True))
     if current.cfg_degree == 2:
