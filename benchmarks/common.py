@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import platform
+import shlex
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 GIB = 2**30
+REPO = Path(__file__).resolve().parent.parent
 
 
 @torch.no_grad()
@@ -107,6 +109,18 @@ def versions() -> dict:
 
     return dict(torch=torch.__version__, cuda=torch.version.cuda, diffusers=diffusers.__version__,
                 transformers=transformers.__version__, python=platform.python_version())
+
+
+def recorded_command(argv: list[str]) -> str:
+    """The command as run (from benchmarks/), for a row's record. Paths outside the repository become `$R/<name>`
+    (R: the results folder of that run), so the record says how a row was made, not where the machine kept it."""
+    def clean(arg: str) -> str:
+        path = Path(arg)
+        if path.is_absolute() and not path.resolve().is_relative_to(REPO):
+            return f"$R/{path.name}"
+        return shlex.quote(arg)
+
+    return "python " + " ".join([Path(argv[0]).name] + [clean(arg) for arg in argv[1:]])
 
 
 def row_key(row: dict) -> tuple:

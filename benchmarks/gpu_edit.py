@@ -322,7 +322,7 @@ def main() -> int:
         names.insert(0, "diffusers-baseline")  # every table has its baseline, from the same run
 
     meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), versions=common.versions(),
-                command="python " + " ".join(sys.argv), res=args.res, layers=args.layers or 60, weights=args.weights,
+                command=common.recorded_command(sys.argv), res=args.res, layers=args.layers or 60, weights=args.weights,
                 prompt=PROMPT, attention_ms=None)
     print(json.dumps(meta), flush=True)
     rng = np.random.default_rng(0)

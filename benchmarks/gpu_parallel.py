@@ -77,7 +77,8 @@ def member(args) -> int:
     for index, name in enumerate(args.rows.split(",")):
         kind = "edit" if name in settings.profiles else "video"
         started = time.perf_counter()
-        row: dict = dict(stage=kind, profile=name, gpus=world, card=common.card_name(torch.device(device)))
+        row: dict = dict(stage=kind, profile=name, gpus=world, card=common.card_name(torch.device(device)),
+                         run=json.loads(os.environ.get("BENCHMARK_RUN_RECORD", "null")))
         try:
             profile = (settings.get_profile(name) if kind == "edit" else settings.get_video_profile(name))
             profile = profile.model_copy(update=_overrides(args, kind, device))
@@ -206,17 +207,22 @@ def launch(args) -> int:
 
     results = Path(args.results or tempfile.mkdtemp(prefix="recast-parallel-"))
     results.mkdir(parents=True, exist_ok=True)
-    meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), command="python " + " ".join(sys.argv),
-                weights="random", plan=args.plan)
+    meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), versions=common.versions(),
+                command=common.recorded_command(sys.argv), weights="random", plan=args.plan)
     print(json.dumps(meta), flush=True)
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    # Each row records the call that measured it: a later call on the same --results folder re-reads the earlier
+    # rows (for its speed-ups) but must not claim them.
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", BENCHMARK_RUN_RECORD=json.dumps(meta))
     # NVLink multicast stays off on shared hosts (a program that uses it can take the host's GPUs out of service).
     for key, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
                        ("NVSHMEM_DISABLE_NVLS", "1")):
         env.setdefault(key, value)
     if args.device == "cpu":
         env["OMP_NUM_THREADS"] = "1"
-    for number, phase in enumerate(parse_plan(args.plan), start=1):
+    rows_file = results / "rows.jsonl"
+    rows_before = len(rows_file.read_text().splitlines()) if rows_file.exists() else 0
+    phases = parse_plan(args.plan)
+    for number, phase in enumerate(phases, start=1):
         print(f"[{datetime.now(timezone.utc):%H:%M:%S}] phase {number}: "
               + "; ".join(f"GPUs {gpus}: {', '.join(rows)}" for gpus, rows in phase), flush=True)
         procs = []
@@ -247,6 +253,12 @@ def launch(args) -> int:
         split = f"cfg{r.get('cfg_degree', 1)}xu{r.get('ulysses_degree', 1)}"
         print(f"{r['profile']:18} {r['gpus']:4} {split:>10} {r['seconds']:8.2f} {r.get('speedup') or 0:8.2f} "
               f"{r.get('psnr_db') if r.get('psnr_db') is not None else '-':>8} {r.get('peak_gib') or 0:8.2f}")
+    planned = sum(len(rows) for phase in phases for _, rows in phase)
+    written = (len(rows_file.read_text().splitlines()) if rows_file.exists() else 0) - rows_before
+    if written < planned:  # a rank that dies before its first row writes nothing: say so, do not pass
+        print(f"{planned - written} of the {planned} planned rows wrote nothing: a rank died or was killed "
+              f"(see its log in {results})", flush=True)
+        return 1
     return 1 if any("error" in r for r in rows) else 0
 
 
@@ -280,7 +292,7 @@ def _finish(results: Path, meta: dict, common) -> list[dict]:
                                                   np.load(results / first["output_file"]))
     one = {r["profile"]: r for r in rows if r["gpus"] == 1 and "seconds" in r}
     for row in rows:
-        row["run"] = meta
+        row["run"] = row.get("run") or meta
         row["table"] = "scale"
         row["parallel"] = f"cfg {row.get('cfg_degree', 1)} x ulysses {row.get('ulysses_degree', 1)}"
         row["label"] = _label(row)

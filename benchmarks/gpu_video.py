@@ -511,7 +511,7 @@ def main() -> int:
         os.environ[key] = value
     bench = Bench(args)
     meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), versions=common.versions(),
-                command="python " + " ".join(sys.argv), weights=args.weights, smoke=args.smoke or args.tiny)
+                command=common.recorded_command(sys.argv), weights=args.weights, smoke=args.smoke or args.tiny)
     print(json.dumps(meta), flush=True)
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
     rows, failures = [], []

@@ -231,12 +231,20 @@ def test_video_benchmark_rows_split_over_processes_still_compare_with_the_baseli
 def test_multi_gpu_benchmark_runs_teams_and_compares_them_with_one_gpu(tmp_path):
     # On the CPU (gloo): a 1-rank and a 2-rank team, each running two rows in one process (a new team per row),
     # and bf16 on 1 rank a second time beside the first (a repeat: how far two processes differ on their own).
+    # Two calls on one results folder, as a device's 10-minute commands split a run: the second call's teams are
+    # compared with the first call's 1-GPU rows, and each row keeps the call that measured it.
     out = tmp_path / "performance.json"
-    proc = subprocess.run([sys.executable, "gpu_parallel.py", "--tiny", "--device", "cpu", "--runs", "1",
-                           "--plan", "0:bf16,wan22;1:bf16|0,1:bf16,wan22", "--results", str(tmp_path / "ranks"),
-                           "--out", str(out)], cwd=REPO / "benchmarks", capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    plans = ["0:bf16,wan22;1:bf16", "0,1:bf16,wan22"]
+    for plan in plans:
+        proc = subprocess.run([sys.executable, "gpu_parallel.py", "--tiny", "--device", "cpu", "--runs", "1",
+                               "--plan", plan, "--results", str(tmp_path / "ranks"), "--out", str(out)],
+                              cwd=REPO / "benchmarks", capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert str(tmp_path) not in out.read_text(), "a row records a path of the machine it ran on"
     rows = {(r["profile"], r["gpus"]): r for r in json.loads(out.read_text())}
+    for key, row in rows.items():
+        plan = plans[0] if key[1] == 1 else plans[1]
+        assert row["run"]["plan"] == plan, f"{key} claims the call {row['run']['command']!r}, not its own ({plan})"
     assert set(rows) == {("bf16", 1), ("bf16", 2), ("wan22", 1), ("wan22", 2)}, sorted(rows)
     edit, clip = rows[("bf16", 2)], rows[("wan22", 2)]
     assert edit["label"] == "bf16-cfg-parallel" and edit["cfg_degree"] == 2 and edit["table"] == "scale", edit
@@ -246,6 +254,18 @@ def test_multi_gpu_benchmark_runs_teams_and_compares_them_with_one_gpu(tmp_path)
     repeat = rows[("bf16", 1)]
     assert repeat.get("repeat_psnr_db") == float("inf") and repeat["repeat_seconds"] > 0, \
         f"the repeated 1-GPU row must be folded into the first, with the two processes' outputs compared: {repeat}"
+
+
+def test_multi_gpu_benchmark_fails_when_a_rank_dies_before_its_row(tmp_path):
+    # A rank that dies before writing its row (here: recast refuses a misspelt setting at start-up) must not
+    # leave a run that reports success with rows missing.
+    env = dict(os.environ, RECAST_NOT_A_SETTING="1")
+    proc = subprocess.run([sys.executable, "gpu_parallel.py", "--tiny", "--device", "cpu", "--runs", "1",
+                           "--plan", "0:bf16", "--results", str(tmp_path / "ranks"), "--out",
+                           str(tmp_path / "p.json")], cwd=REPO / "benchmarks", capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 1, f"a run with a dead rank exited {proc.returncode}: {proc.stdout[-1500:]}"
+    assert "1 of the 1 planned rows wrote nothing" in proc.stdout, proc.stdout[-1500:]
 
 
 def test_clip_frames_are_the_values_diffusers_gives(tmp_path):
