@@ -99,3 +99,58 @@ def _children(pid: int) -> list[int]:
 def _alive(pid: int) -> bool:
     state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
     return bool(state) and not state.startswith("Z")
+
+
+VAE_SCRIPT = textwrap.dedent("""
+    import hashlib, json, sys
+    import numpy as np, torch
+    from recast.tasks.models import loading, parallel
+    from recast.tasks.settings import get_settings
+
+    from diffusers import AutoencoderKLWan
+
+    rank, world, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    profile = get_settings().get_video_profile("tiny")
+    if rank == 0:
+        loading.check_available(profile)
+    parallel.join(rank, world, "cpu", cfg=True, master=f"127.0.0.1:{port}")
+    vae = loading.get_pipeline("video", profile)[0].pipe.vae  # a team's pipeline: its VAE is split
+    alone = AutoencoderKLWan.from_pretrained(loading.resolve_source(profile), subfolder="vae")  # the same, whole
+    torch.manual_seed(0)
+    video = torch.rand(1, 3, 9, 64, 512) * 2 - 1  # 9 frames of 64 x 512: 8 x 64 latent columns
+    latents = torch.randn(1, vae.config.z_dim, 3, 8, 64)
+    other = torch.randn(1, vae.config.z_dim, 3, 8, 64)
+    widths = []
+    vae.decoder.register_forward_pre_hook(lambda m, a, *_: widths.append(a[0].shape[-1]))
+    with torch.inference_mode():
+        whole = (alone.encode(video).latent_dist.mode(), alone.decode(latents).sample, alone.decode(other).sample)
+        split = (vae.encode(video).latent_dist.mode(), vae.decode(latents).sample)
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # relative L2 error
+    print(json.dumps(dict(
+        digest=hashlib.sha256(split[1].numpy().tobytes()).hexdigest(), widths=sorted(set(widths)),
+        shapes=[list(t.shape) for t in split] == [list(t.shape) for t in whole[:2]],
+        encode_error=rel(split[0], whole[0]), decode_error=rel(split[1], whole[1]),
+        unrelated_error=rel(whole[2], whole[1]))))
+    parallel.leave()
+""")
+
+
+def test_vae_split_over_two_ranks_decodes_bands_that_join_into_the_whole_frame():
+    # Each rank runs the VAE on a band of the frame's width (32 of 64 latent columns, plus the halo its
+    # convolutions reach: 14 for the tiny decoder), and the joined clip and latents must be the one-process
+    # ones, up to the order of float sums; the bound must reject a clip of other latents.
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", VAE_SCRIPT, str(rank), "2", str(port)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    outs = [proc.communicate(timeout=300) for proc in procs]
+    for proc, (_, err) in zip(procs, outs):
+        assert proc.returncode == 0, err[-3000:]
+    ranks = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert ranks[0]["digest"] == ranks[1]["digest"], "the ranks hold different clips after the join"
+    assert all(r["shapes"] for r in ranks), "the split encode/decode changed the output's shape"
+    assert ranks[0]["widths"] == [46], f"each rank must decode its band plus halo (46 of 64 columns): {ranks[0]}"
+    bound = 1e-4  # relative L2 error against the whole-frame VAE
+    assert ranks[0]["decode_error"] < bound and ranks[0]["encode_error"] < bound, \
+        f"the joined bands stray from the whole-frame VAE: {ranks[0]}"
+    assert ranks[0]["unrelated_error"] > bound, f"the bound would not catch a wrong clip: {ranks[0]}"
