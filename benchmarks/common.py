@@ -125,8 +125,10 @@ def recorded_command(argv: list[str]) -> str:
 
 def row_key(row: dict) -> tuple:
     """A row replaces only its own: same table (the scale-out rows of gpu_parallel.py are a table of their own,
-    whose 1-GPU rows ran beside other teams), stage, profile, GPU count and card."""
-    return row.get("table", "main"), row.get("stage", "edit"), row["profile"], row.get("gpus", 1), row.get("card")
+    whose 1-GPU rows ran beside other teams), stage, profile, GPU count, card and variant (gpu_parallel's
+    `+whole-vae`)."""
+    return (row.get("table", "main"), row.get("stage", "edit"), row["profile"], row.get("gpus", 1), row.get("card"),
+            row.get("variant"))
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:

@@ -14,7 +14,8 @@ A plan says which teams run, on which GPUs, and which rows each runs in order:
 
 Teams separated by ";" run at the same time on their own GPUs; phases separated by "|" run one after another
 (a 4-GPU team needs the whole host). A profile on 1 GPU twice in a run ("0:fp8;1:fp8") measures how far two
-processes differ with no parallelism (`repeat_psnr_db`), the floor for the multi-GPU rows' PSNR. Rows are
+processes differ with no parallelism (`repeat_psnr_db`), the floor for the multi-GPU rows' PSNR. A video row
+`<profile>+whole-vae` runs the VAE whole on every rank (no `VaeSplit`), to measure what the split saves. Rows are
 profile names of configs/profiles.yaml (edit) and configs/video_profiles.yaml (video). Recipes as in gpu_edit.py (1024x1024, 8 steps, true CFG 4; `lightning` 4
 steps, no CFG) and gpu_video.py (480x832, 81 frames, 40 steps, guidance 3.5; `wan22-lightning` 4 steps).
 
@@ -74,11 +75,17 @@ def member(args) -> int:
         torch.cuda.set_device(torch.device(device))
     results = Path(args.results)
     settings = get_settings()
-    for index, name in enumerate(args.rows.split(",")):
+    for index, spec in enumerate(args.rows.split(",")):
+        name, _, variant = spec.partition("+")
         kind = "edit" if name in settings.profiles else "video"
         started = time.perf_counter()
         row: dict = dict(stage=kind, profile=name, gpus=world, card=common.card_name(torch.device(device)),
                          run=json.loads(os.environ.get("BENCHMARK_RUN_RECORD", "null")))
+        if variant:
+            if variant != "whole-vae":
+                raise SystemExit(f"--plan: row {spec!r}: the one variant is +whole-vae")
+            row["variant"] = variant
+        parallel.SPLIT_VAE = variant != "whole-vae"
         try:
             profile = (settings.get_profile(name) if kind == "edit" else settings.get_video_profile(name))
             profile = profile.model_copy(update=_overrides(args, kind, device))
@@ -102,7 +109,7 @@ def member(args) -> int:
                        **decisions)
             if rank == 0:
                 arr = np.asarray(out)
-                row["output_file"] = _save_output(results, f"{name}-{world}", arr)
+                row["output_file"] = _save_output(results, f"{spec.replace('+', '-')}-{world}", arr)
                 row.update(width=int(arr.shape[-2]), height=int(arr.shape[-3]),
                            num_frames=int(arr.shape[0]) if arr.ndim == 4 else None,
                            finite=bool(np.isfinite(arr.astype(np.float32)).all()))
@@ -285,12 +292,13 @@ def _finish(results: Path, meta: dict, common) -> list[dict]:
     repeats = [r for r in rows if str(r.get("output_file", "")).endswith("-repeat.npy")]
     rows = [r for r in rows if r not in repeats]
     for repeat in repeats:
-        first = next((r for r in rows if r["profile"] == repeat["profile"] and r["gpus"] == repeat["gpus"]), None)
+        first = next((r for r in rows if (r["profile"], r["gpus"], r.get("variant")) ==
+                      (repeat["profile"], repeat["gpus"], repeat.get("variant"))), None)
         if first is not None and "seconds" in repeat:
             first["repeat_seconds"] = repeat["seconds"]
             first["repeat_psnr_db"] = common.psnr(np.load(results / repeat["output_file"]),
                                                   np.load(results / first["output_file"]))
-    one = {r["profile"]: r for r in rows if r["gpus"] == 1 and "seconds" in r}
+    one = {r["profile"]: r for r in rows if r["gpus"] == 1 and "seconds" in r and not r.get("variant")}
     for row in rows:
         row["run"] = row.get("run") or meta
         row["table"] = "scale"
@@ -315,6 +323,8 @@ def _label(row: dict) -> str:
         label += "-cfg-parallel"
     if row.get("ulysses_degree", 1) > 1:
         label += f"-ulysses{row['ulysses_degree']}"
+    if row.get("variant"):
+        label += f"-{row['variant']}"
     return label
 
 

@@ -234,14 +234,18 @@ def test_multi_gpu_benchmark_runs_teams_and_compares_them_with_one_gpu(tmp_path)
     # Two calls on one results folder, as a device's 10-minute commands split a run: the second call's teams are
     # compared with the first call's 1-GPU rows, and each row keeps the call that measured it.
     out = tmp_path / "performance.json"
-    plans = ["0:bf16,wan22;1:bf16", "0,1:bf16,wan22"]
+    plans = ["0:bf16,wan22;1:bf16", "0,1:bf16,wan22,wan22+whole-vae"]
     for plan in plans:
         proc = subprocess.run([sys.executable, "gpu_parallel.py", "--tiny", "--device", "cpu", "--runs", "1",
                                "--plan", plan, "--results", str(tmp_path / "ranks"), "--out", str(out)],
                               cwd=REPO / "benchmarks", capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert str(tmp_path) not in out.read_text(), "a row records a path of the machine it ran on"
-    rows = {(r["profile"], r["gpus"]): r for r in json.loads(out.read_text())}
+    rows = {(r["profile"], r["gpus"]): r for r in json.loads(out.read_text()) if not r.get("variant")}
+    variants = [r for r in json.loads(out.read_text()) if r.get("variant")]
+    assert [(r["label"], r["one_gpu_seconds"]) for r in variants] == \
+        [("wan22-cfg-parallel-whole-vae", rows[("wan22", 1)]["seconds"])], \
+        f"the +whole-vae row must be a row of its own, compared with the same 1-GPU row: {variants}"
     for key, row in rows.items():
         plan = plans[0] if key[1] == 1 else plans[1]
         assert row["run"]["plan"] == plan, f"{key} claims the call {row['run']['command']!r}, not its own ({plan})"

@@ -53,6 +53,7 @@ class Team:
 
 
 _TEAM: Team | None = None
+SPLIT_VAE = True  # False: every rank runs the whole VAE (the benchmark's "+whole-vae" rows, for comparison)
 
 
 def team() -> Team | None:
@@ -123,7 +124,7 @@ def apply(pipe, transformers: list, kind: str) -> None:
                                                                         mesh=current.mesh, ulysses_anything=True))
     if current.cfg_degree == 2:
         current.wrappers.append(CfgSplit(pipe, transformers, kind, current))
-    if kind == "video" and getattr(pipe, "vae", None) is not None and reach(pipe.vae.config) is not None:
+    if kind == "video" and SPLIT_VAE and getattr(pipe, "vae", None) is not None and reach(pipe.vae.config) is not None:
         VaeSplit(pipe.vae, current)
 
 
