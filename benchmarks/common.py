@@ -126,9 +126,11 @@ def recorded_command(argv: list[str]) -> str:
 def row_key(row: dict) -> tuple:
     """A row replaces only its own: same table (the scale-out rows of gpu_parallel.py are a table of their own,
     whose 1-GPU rows ran beside other teams), stage, profile, GPU count, card and variant (gpu_parallel's
-    `+whole-vae`)."""
-    return (row.get("table", "main"), row.get("stage", "edit"), row["profile"], row.get("gpus", 1), row.get("card"),
-            row.get("variant"))
+    `+whole-vae`); a scale row also only its own run's."""
+    key = (row.get("table", "main"), row.get("stage", "edit"), row["profile"], row.get("gpus", 1), row.get("card"),
+           row.get("variant"))
+    # A multi-GPU row means something only beside the 1-GPU row of its own run, so each run's scale rows stay.
+    return key + ((row.get("run") or {}).get("date"),) if row.get("table") == "scale" else key
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
