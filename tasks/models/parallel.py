@@ -14,8 +14,9 @@ Every rank holds the whole pipeline. Rank 0 takes the job (a Prefect task run) a
   is larger than 2, or when the recipe has no CFG (the Lightning profiles): heads are exchanged all-to-all, so
   the degree must divide them (Qwen-Image 24, Wan 40).
 - The clip's VAE encode and decode over the whole team (`VaeSplit`): each rank takes a band of the frame's width
-  with a halo its convolutions need, and one all-gather joins the bands. diffusers' Wan VAE has no parallel path,
-  and at 480x832 its encode and decode are 3.35 s of a 13.2 s 4-step clip on one H100, run whole on every rank.
+  with the halo its convolutions reach, its mid-block attention sees every band's keys, and one all-gather joins
+  the bands: the whole-frame result, split. diffusers' Wan VAE has no parallel path, and at 480x832 its encode and
+  decode are 3.35 s of a 13.2 s 4-step clip on one H100 (1.23 s saved on 4 H100s, docs/PERFORMANCE.md).
 
 A team of one is no team: the single-GPU path is unchanged.
 """
