@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from test_workers import BIN, free_port, stop, wait_for
@@ -154,3 +155,56 @@ def test_vae_split_over_two_ranks_decodes_bands_that_join_into_the_whole_frame()
     assert ranks[0]["decode_error"] < bound and ranks[0]["encode_error"] < bound, \
         f"the joined bands stray from the whole-frame VAE: {ranks[0]}"
     assert ranks[0]["unrelated_error"] > bound, f"the bound would not catch a wrong clip: {ranks[0]}"
+
+
+CLIP_SCRIPT = textwrap.dedent("""
+    import hashlib, json, sys
+    import numpy as np
+    from PIL import Image
+    from recast.tasks.models import loading, parallel, wan_video
+    from recast.tasks.settings import get_settings
+
+    rank, world, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    profile = get_settings().get_video_profile("tiny")
+    if rank == 0:
+        loading.check_available(profile)
+    if world > 1:
+        parallel.join(rank, world, "cpu", cfg=True, master=f"127.0.0.1:{port}")
+    loaded, _ = loading.get_pipeline("video", profile)
+    widths = []
+    loaded.pipe.vae.decoder.register_forward_pre_hook(lambda m, a, *_: widths.append(a[0].shape[-1]))
+    image = Image.open(sys.argv[4]).convert("RGB").resize((256, 64))
+    frames = wan_video.run_video(loaded, image, prompt="James Bond 007, tuxedo", negative_prompt="", seed=5, steps=2,
+                                 guidance_scale=3.0, num_frames=9, width=256, height=64,
+                                 max_sequence_length=profile.max_sequence_length)
+    np.save(sys.argv[5], frames)
+    print(json.dumps(dict(widths=sorted(set(widths)))))
+    if world > 1:
+        parallel.leave()
+""")
+
+
+def test_a_two_rank_clip_splits_its_vae_and_matches_the_one_process_clip(astronaut, tmp_path):
+    # The whole pipeline on a team (CFG-parallel, the VAE split by bands): the i2v pipeline's own encode of the
+    # conditioning video and decode of the clip go through the split, and the clip is the one-process clip.
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def team(world: int) -> list[dict]:
+        procs = [subprocess.Popen([sys.executable, "-c", CLIP_SCRIPT, str(rank), str(world), str(port),
+                                   str(astronaut), str(tmp_path / f"clip-{world}-{rank}.npy")], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(world)]
+        outs = [proc.communicate(timeout=300) for proc in procs]
+        for proc, (_, err) in zip(procs, outs):
+            assert proc.returncode == 0, err[-3000:]
+        return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+
+    one, two = team(1), team(2)
+    assert one[0]["widths"] == [32] and two[0]["widths"] == [30], \
+        f"the team's ranks must decode bands of the clip's 32 latent columns (16 + a halo of 14): {one} {two}"
+    alone = np.load(tmp_path / "clip-1-0.npy").astype(np.float64)
+    ranks = [np.load(tmp_path / f"clip-2-{rank}.npy") for rank in range(2)]
+    assert np.array_equal(ranks[0], ranks[1]), "the two ranks hold different clips"
+    error = np.abs(ranks[0].astype(np.float64) - alone)
+    assert ranks[0].shape == alone.shape and error.max() <= 1, \
+        f"the team's clip differs from the one-process clip by up to {error.max()} levels of 255"
