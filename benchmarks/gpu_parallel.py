@@ -50,6 +50,10 @@ def parse_plan(plan: str) -> list[list[tuple[list[int], list[str]]]]:
         for team in phase.split(";"):
             gpus, _, rows = team.partition(":")
             teams.append(([int(g) for g in gpus.split(",")], [r.strip() for r in rows.split(",") if r.strip()]))
+        for _, rows in teams:
+            for row in rows:
+                if row.partition("+")[2] not in ("", "whole-vae"):
+                    raise SystemExit(f"--plan: row {row!r}: the one variant a row takes is '+whole-vae'")
         used = [g for gpus, _ in teams for g in gpus]
         if len(used) != len(set(used)):
             raise SystemExit(f"--plan: teams of one phase share a GPU: {phase}")
@@ -82,8 +86,6 @@ def member(args) -> int:
         row: dict = dict(stage=kind, profile=name, gpus=world, card=common.card_name(torch.device(device)),
                          run=json.loads(os.environ.get("BENCHMARK_RUN_RECORD", "null")))
         if variant:
-            if variant != "whole-vae":
-                raise SystemExit(f"--plan: row {spec!r}: the one variant is +whole-vae")
             row["variant"] = variant
         parallel.SPLIT_VAE = variant != "whole-vae"
         try:
@@ -212,6 +214,7 @@ def _prepare(kind: str, profile, args, device, rank: int):
 def launch(args) -> int:
     import common
 
+    phases = parse_plan(args.plan)  # a bad plan stops here, before anything is written
     results = Path(args.results or tempfile.mkdtemp(prefix="recast-parallel-"))
     results.mkdir(parents=True, exist_ok=True)
     meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), versions=common.versions(),
@@ -228,7 +231,6 @@ def launch(args) -> int:
         env["OMP_NUM_THREADS"] = "1"
     rows_file = results / "rows.jsonl"
     rows_before = len(rows_file.read_text().splitlines()) if rows_file.exists() else 0
-    phases = parse_plan(args.plan)
     for number, phase in enumerate(phases, start=1):
         print(f"[{datetime.now(timezone.utc):%H:%M:%S}] phase {number}: "
               + "; ".join(f"GPUs {gpus}: {', '.join(rows)}" for gpus, rows in phase), flush=True)

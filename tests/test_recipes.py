@@ -272,6 +272,14 @@ def test_multi_gpu_benchmark_fails_when_a_rank_dies_before_its_row(tmp_path):
     assert "1 of the 1 planned rows wrote nothing" in proc.stdout, proc.stdout[-1500:]
 
 
+def test_multi_gpu_benchmark_refuses_an_unknown_row_variant_before_it_writes(tmp_path):
+    proc = subprocess.run([sys.executable, "gpu_parallel.py", "--tiny", "--device", "cpu", "--plan", "0:wan22+whole",
+                           "--results", str(tmp_path / "ranks")], cwd=REPO / "benchmarks", capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1 and "'+whole-vae'" in proc.stderr, proc.stdout[-1000:] + proc.stderr[-1000:]
+    assert not (tmp_path / "ranks").exists(), "a refused plan wrote its results folder"
+
+
 def test_clip_frames_are_the_values_diffusers_gives(tmp_path):
     # run_video turns frames into uint8 on the device; they must equal diffusers' own "np" output, scaled.
     profile = get_settings().get_video_profile("tiny")
