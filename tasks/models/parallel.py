@@ -302,8 +302,10 @@ class VaeSplit:
 def reach(config) -> tuple[int, int] | None:
     """Latent columns the Wan VAE's convolutions reach across, in all, for the encoder and the decoder: the halo a
     band needs to be exact. Every 3-wide convolution reaches one column at its own scale (a stride-2 downsample,
-    padded on one side, two); rounded up. None for the VAE with residual blocks between scales and patches (Wan
-    2.2's 5B), which is not counted here and runs whole on every rank."""
+    padded on one side, two); rounded up. On the full-size Wan 2.1 VAE (Wan 2.2 A14B's) with its attention made
+    local, a change to one column reaches 17.25 columns through the decoder and 14 through the encoder: 18 and 15
+    here. None for the VAE with residual blocks between scales and patches (Wan 2.2's 5B), which is not counted
+    here and runs whole on every rank."""
     if getattr(config, "is_residual", False) or getattr(config, "patch_size", None):
         return None
     stages, blocks = len(config.dim_mult), config.num_res_blocks
