@@ -40,17 +40,22 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run_team(world: int, cfg: float, astronaut) -> list[tuple[str, int]]:
-    """Each rank's image digest and how many times it ran the text encoder."""
+def _ranks(script: str, world: int, *args) -> list[str]:
+    """Run `script` as a team of `world` CPU processes (argv: rank, world, port, *args); each rank's last line."""
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(rank), str(world), str(port), str(cfg),
-                               str(astronaut)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(rank), str(world), str(port), *map(str, args)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in range(world)]
     outs = [proc.communicate(timeout=300) for proc in procs]
     for proc, (_, err) in zip(procs, outs):
         assert proc.returncode == 0, err[-3000:]
-    lines = [out.strip().splitlines()[-1].split() for out, _ in outs]
+    return [out.strip().splitlines()[-1] for out, _ in outs]
+
+
+def _run_team(world: int, cfg: float, astronaut) -> list[tuple[str, int]]:
+    """Each rank's image digest and how many times it ran the text encoder."""
+    lines = [line.split() for line in _ranks(SCRIPT, world, cfg, astronaut)]
     return [(digest, int(encodes)) for digest, encodes in lines]
 
 
@@ -140,14 +145,7 @@ def test_vae_split_over_two_ranks_decodes_bands_that_join_into_the_whole_frame()
     # Each rank runs the VAE on a band of the frame's width (32 of 64 latent columns, plus the halo its
     # convolutions reach: 14 for the tiny decoder), and the joined clip and latents must be the one-process
     # ones, up to the order of float sums; the bound must reject a clip of other latents.
-    port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-c", VAE_SCRIPT, str(rank), "2", str(port)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
-    outs = [proc.communicate(timeout=300) for proc in procs]
-    for proc, (_, err) in zip(procs, outs):
-        assert proc.returncode == 0, err[-3000:]
-    ranks = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    ranks = [json.loads(line) for line in _ranks(VAE_SCRIPT, 2)]
     assert ranks[0]["digest"] == ranks[1]["digest"], "the ranks hold different clips after the join"
     assert all(r["shapes"] for r in ranks), "the split encode/decode changed the output's shape"
     assert ranks[0]["widths"] == [46], f"each rank must decode its band plus halo (46 of 64 columns): {ranks[0]}"
@@ -177,7 +175,7 @@ CLIP_SCRIPT = textwrap.dedent("""
     frames = wan_video.run_video(loaded, image, prompt="James Bond 007, tuxedo", negative_prompt="", seed=5, steps=2,
                                  guidance_scale=3.0, num_frames=9, width=256, height=64,
                                  max_sequence_length=profile.max_sequence_length)
-    np.save(sys.argv[5], frames)
+    np.save(f"{sys.argv[5]}/clip-{world}-{rank}.npy", frames)
     print(json.dumps(dict(widths=sorted(set(widths)))))
     if world > 1:
         parallel.leave()
@@ -187,19 +185,7 @@ CLIP_SCRIPT = textwrap.dedent("""
 def test_a_two_rank_clip_splits_its_vae_and_matches_the_one_process_clip(astronaut, tmp_path):
     # The whole pipeline on a team (CFG-parallel, the VAE split by bands): the i2v pipeline's own encode of the
     # conditioning video and decode of the clip go through the split, and the clip is the one-process clip.
-    port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-
-    def team(world: int) -> list[dict]:
-        procs = [subprocess.Popen([sys.executable, "-c", CLIP_SCRIPT, str(rank), str(world), str(port),
-                                   str(astronaut), str(tmp_path / f"clip-{world}-{rank}.npy")], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(world)]
-        outs = [proc.communicate(timeout=300) for proc in procs]
-        for proc, (_, err) in zip(procs, outs):
-            assert proc.returncode == 0, err[-3000:]
-        return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
-
-    one, two = team(1), team(2)
+    one, two = ([json.loads(line) for line in _ranks(CLIP_SCRIPT, world, astronaut, tmp_path)] for world in (1, 2))
     assert one[0]["widths"] == [32] and two[0]["widths"] == [30], \
         f"the team's ranks must decode bands of the clip's 32 latent columns (16 + a halo of 14): {one} {two}"
     alone = np.load(tmp_path / "clip-1-0.npy").astype(np.float64)
