@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 from prefect import flow, get_run_logger
@@ -23,7 +22,7 @@ from recast.tasks.animate import animate_task
 from recast.tasks.errors import BadInput, first_error
 from recast.tasks.frames import output_size, snap16, snap_frames
 from recast.tasks.models import loading
-from recast.tasks.schemas.fields import MAX_SEED
+from recast.tasks.schemas.fields import MAX_SEED, RUN_ID_PATTERN
 from recast.tasks.schemas.jobs import AnimateJob, ClipResult
 from recast.tasks.schemas.manifests import AnimateManifest, ClipRecord, Cost, ModelInfo, PipelineInfo
 from recast.tasks.schemas.requests import AnimateRequest
@@ -43,7 +42,7 @@ class HandoffIn(BaseModel):
     num_frames: int
     fps: int = Field(ge=1, le=120)
     seed: int = Field(ge=0, le=MAX_SEED)
-    run_id: str | None = None
+    run_id: str | None = Field(None, pattern=RUN_ID_PATTERN)  # becomes a folder name with into_edit_run
     edit_id: str | None = None
     manifest: str | None = None
     reference: str | None = None
@@ -63,14 +62,12 @@ class AnimatePlan:
     warnings: list[str] = field(default_factory=list)
 
 
-def read_handoff(uri: str) -> HandoffIn:
+def read_handoff(uri: str, roots: list[str] | None = None) -> HandoffIn:
+    """A handoff.json, read as untrusted (capped; under `roots` as opened, when given) and checked field by field."""
     uri = storage.check_scheme("handoff", uri)
     if not storage.exists(uri):
         raise BadInput("handoff", uri, "file does not exist", "pass the handoff.json of an edit run")
-    try:
-        data = json.loads(storage.read_bytes(uri))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInput("handoff", uri, f"not JSON ({exc})", "pass the handoff.json an edit run wrote") from None
+    data = storage.read_json_capped("handoff", uri, roots)
     if not isinstance(data, dict):
         raise BadInput("handoff", uri, "not a JSON object", "pass the handoff.json an edit run wrote")
     try:
@@ -87,22 +84,25 @@ def plan_animation(request: AnimateRequest, settings: Settings | None = None) ->
     handoff_uri = storage.check_scheme("handoff", request.handoff)
     remote = started_remotely()
     root = check_storage_root(request.storage_root, settings, remote)
+    # Remote runs read only under the roots: by name first (a clear error), then each file as it is opened.
+    read_roots = settings.input_roots if remote else None
     if remote:
         check_inputs_allowed([handoff_uri], settings.input_roots, field="handoff")
-    handoff = read_handoff(handoff_uri)
+    handoff = read_handoff(handoff_uri, read_roots)
     frame_uri = storage.check_scheme("handoff.frame", handoff.frame)
     if remote:
         check_inputs_allowed([frame_uri], settings.input_roots, field="handoff.frame")
     if not storage.exists(frame_uri):
         raise BadInput("handoff.frame", handoff.frame, "frame does not exist", "re-run the edit flow")
-    frame = storage.read_image("handoff.frame", frame_uri, settings.max_input_pixels)
+    frame = storage.read_image("handoff.frame", frame_uri, settings.max_input_pixels, roots=read_roots)
     reference = request.identity_reference or handoff.reference
     if reference:
         field = "identity_reference" if request.identity_reference else "handoff.reference"
         reference = storage.check_scheme(field, reference)
         if remote:
             check_inputs_allowed([reference], settings.input_roots, field=field)
-        storage.read_image(field, reference, settings.max_input_pixels)  # a readable photo, or bad input now
+        # a readable photo, or bad input now
+        storage.read_image(field, reference, settings.max_input_pixels, roots=read_roots)
 
     warnings: list[str] = []
     if request.width or request.height or request.resolution:
@@ -123,9 +123,19 @@ def plan_animation(request: AnimateRequest, settings: Settings | None = None) ->
         loading.check_available(profile, build=False)
 
     moment = now()
-    # Into the edit run's own folder (the edit flow's video stage), or a run of its own.
-    run_id = handoff.run_id if request.into_edit_run and handoff.run_id else new_run_id(moment)
-    layout = storage.RunLayout(root, run_id)
+    # Into the edit run's own folder (the edit flow's video stage), or a run of its own. Into a run's folder only
+    # from that run's own handoff.json: a handoff elsewhere cannot name a folder to write into.
+    if request.into_edit_run:
+        if not handoff.run_id:
+            raise BadInput("handoff.run_id", None, "into_edit_run needs the edit run's handoff (it names the run)",
+                           "pass the handoff.json of an edit run, or leave into_edit_run off")
+        layout = storage.RunLayout(root, handoff.run_id)
+        if not storage.same_location(handoff_uri, layout.handoff_uri):
+            raise BadInput("handoff", handoff_uri, f"into_edit_run writes into run {handoff.run_id}, but this is not "
+                           "that run's handoff.json under the storage root", "pass the run's own handoff.json "
+                           f"({storage.redact(layout.handoff_uri)}), or leave into_edit_run off")
+    else:
+        layout = storage.RunLayout(root, new_run_id(moment))
     clip_id = "clip-01"
     # The handoff's seed by default: the same edit run always gives the same clip.
     seed = first_set(request.seed, handoff.seed)

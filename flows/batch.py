@@ -23,6 +23,7 @@ from recast.flows.edit import edit_flow  # the batch flow is built on it (one su
 from recast.flows.execution import run_many
 from recast.flows.runs import check_inputs_allowed, check_storage_root, started_remotely
 from recast.tasks import storage
+from recast.tasks.errors import BadInput
 from recast.tasks.schemas.requests import BatchRequest, EditRequest
 from recast.tasks.settings import get_settings
 
@@ -52,11 +53,20 @@ def batch_flow(request: BatchRequest) -> dict:
     root = check_storage_root(request.storage_root, settings, remote)
     if remote:
         check_inputs_allowed([request.source_prefix], settings.input_roots, field="source_prefix")
-    photos, skipped = [], []
+    photos, skipped, refused = [], [], []
+    # A remote run reads a photo only if it lies under the roots as opened (a link to elsewhere is refused before
+    # a byte of it is read), and never more than a photo may have.
+    read_roots = settings.input_roots if remote else None
     for uri in storage.list_images(request.source_prefix):
         if len(photos) >= request.max_photos:
             break
-        key = batch_key(storage.read_bytes(uri), request)
+        try:
+            data = storage.read_capped("source_prefix", uri, storage.MAX_IMAGE_BYTES, read_roots, what="a photo")
+        except BadInput as exc:
+            logger.warning("batch: not editing %s: %s", storage.redact(uri), exc.problem)
+            refused.append({"source": storage.redact(uri), "error": exc.problem})
+            continue
+        key = batch_key(data, request)
         photo = ClaimedPhoto(uri, key, storage.join(root, "batch", f"{key}.json"),
                              storage.join(root, "batch", f"{key}.claim"))
         if storage.exists(photo.marker) or not storage.claim(photo.claim, {"source": storage.redact(uri)},
@@ -71,8 +81,9 @@ def batch_flow(request: BatchRequest) -> dict:
                                                           in_flight), key=lambda pair: pair[0])]
     done = [outcome for outcome in outcomes if "manifest" in outcome]
     failed = [outcome for outcome in outcomes if "error" in outcome]
-    logger.info("batch: %d edited, %d already done, %d failed", len(done), len(skipped), len(failed))
-    return {"edited": done, "skipped": skipped, "failed": failed}
+    logger.info("batch: %d edited, %d already done, %d failed, %d refused", len(done), len(skipped), len(failed),
+                len(refused))
+    return {"edited": done, "skipped": skipped, "failed": failed, "refused": refused}
 
 
 def _edit_photo(photo: ClaimedPhoto, request: BatchRequest, root: str) -> dict:

@@ -14,7 +14,7 @@ The product's main story, kept in one file to read top to bottom (its helpers ar
 
 from __future__ import annotations
 
-import json
+import posixpath
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +23,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
 from prefect.states import Completed, Failed
+from pydantic import ValidationError
 
 from recast.flows.execution import Outcome, run_chains
 from recast.flows.runs import (check_inputs_allowed, check_storage_root, first_set, flow_run_info, new_run_id, now,
@@ -30,14 +31,14 @@ from recast.flows.runs import (check_inputs_allowed, check_storage_root, first_s
 from recast.tasks import identity, storage
 from recast.tasks import prompts as prompt_checks
 from recast.tasks.edit import edit_task
-from recast.tasks.errors import BadInput
+from recast.tasks.errors import BadInput, first_error
 from recast.tasks.frames import output_size
 from recast.tasks.models import loading
 from recast.tasks.models.lora import check_lora_file
 from recast.tasks.schemas.fields import MAX_SEED
 from recast.tasks.schemas.jobs import EditJob, EditResult, ResolvedLora
 from recast.tasks.schemas.manifests import (Cost, EditRecord, Handoff, IdentityRecord, IdentityTarget, Manifest,
-                                            ModelInfo, PipelineInfo)
+                                            ModelInfo, PipelineInfo, SavedPlan)
 from recast.tasks.schemas.requests import AnimateRequest, EditRequest
 from recast.tasks.schemas.settings import ModelProfile, Settings, VideoProfile
 from recast.tasks.settings import get_settings
@@ -82,9 +83,9 @@ class RunPlan:
         return jobs
 
 
-def plan_run(request: EditRequest, settings: Settings | None = None, resume: dict | None = None) -> RunPlan:
+def plan_run(request: EditRequest, settings: Settings | None = None, resume: SavedPlan | None = None) -> RunPlan:
     """Everything that can be refused is refused here, before anything is written. `resume`: a crashed run's
-    plan.json, whose run id, seeds and inputs are kept."""
+    plan.json (load_resume), whose run id, seeds and inputs are kept."""
     settings = settings or get_settings()
     profile = settings.get_profile(request.profile)
     mode = settings.handoff.mode
@@ -103,43 +104,73 @@ def plan_run(request: EditRequest, settings: Settings | None = None, resume: dic
         for prompt, found in warnings.items():
             if found:
                 raise BadInput("--prompt", prompt, f"prompt check: {found[0]}", "reword it, or run without --strict")
-    images_in = resume["inputs"] if resume else request.images
+    images_in = resume.inputs if resume else request.images
+    # Runs from the UI, the API or a schedule read only under the roots: checked by name first (a clear error
+    # before any I/O), then on each file as it is opened (a link swapped in meanwhile leads nowhere).
+    read_roots = settings.input_roots if remote else None
     if remote:
         check_inputs_allowed(images_in, settings.input_roots)
         for index, lora in enumerate(request.loras):
             check_inputs_allowed([lora.source], settings.input_roots, field=f"loras[{index}].source")
-    images = [storage.read_image(f"images[{i}]", uri, settings.max_input_pixels) for i, uri in enumerate(images_in)]
-    loras = [check_lora_file(f"loras[{i}].source", lora) for i, lora in enumerate(request.loras)]
+    images = [storage.read_image(f"images[{i}]", uri, settings.max_input_pixels, roots=read_roots)
+              for i, uri in enumerate(images_in)]
+    loras = [check_lora_file(f"loras[{i}].source", lora, roots=read_roots) for i, lora in enumerate(request.loras)]
     # Fails in seconds when a model cannot be had here (no GPU, not cached and no hub). With task workers the
     # models live on the workers' machines, not here.
     if settings.execution == "local":
         loading.check_available(profile, build=False)
         if mode == "inline":
             loading.check_available(video, build=False)
-    seeds = resume["seeds"] if resume else (list(dict.fromkeys(request.seeds)) if request.seeds
+    seeds = resume.seeds if resume else (list(dict.fromkeys(request.seeds)) if request.seeds
                                             else [secrets.randbelow(MAX_SEED + 1)])
     moment = now()
-    run_id = resume["run_id"] if resume else new_run_id(moment)
+    run_id = resume.run_id if resume else new_run_id(moment)
     storage.check_writable("storage", root)  # last: it creates the root folder, as the run would
-    return RunPlan(run_id=run_id, created_at=resume["created_at"] if resume else timestamp(moment), request=request,
+    return RunPlan(run_id=run_id, created_at=resume.created_at if resume else timestamp(moment), request=request,
                    settings=settings, profile=profile, video_profile=video, layout=storage.RunLayout(root, run_id),
                    images=images, seeds=seeds, prompts=prompts,
                    prompt_warnings={p: w for p, w in warnings.items() if w}, loras=loras)
 
 
-def load_resume(run: str, storage_root: str | None = None) -> tuple[EditRequest, dict]:
-    """The request and plan of a run to resume: `run` is a run id (under the storage root) or a run folder URI."""
+def load_resume(run: str, storage_root: str | None = None) -> tuple[EditRequest, SavedPlan]:
+    """The request and plan of a run to resume; the request's storage root is the run's.
+
+    `run` is a run id under the storage root; the CLI may also name a run folder (<root>/runs/<run id>). Runs from
+    the UI, the API or a schedule take a run id only, under a configured storage root. What is read is untrusted
+    (anyone who can write under a root can craft a plan.json): the run id must be one, the plan's own run id must
+    be its folder's, the file is read capped and, for remote runs, only as opened under the root."""
     settings = get_settings()
-    folder = run if "/" in run else storage.join(storage.normalize_uri(storage_root or settings.storage_root),
-                                                 "runs", run)
-    uri = storage.join(storage.check_scheme("RUN", folder), "plan.json")
-    if not storage.exists(uri):
-        raise BadInput("RUN", run, "no plan.json there: not an edit run, or it crashed before its inputs were written",
+    remote = started_remotely()
+    field = "resume" if remote else "RUN"
+    if "/" in run:
+        if remote:
+            raise BadInput(field, run, "a run started from the UI, the API or a schedule resumes a run by its id",
+                           "pass the run id (the run folder's name under runs/)")
+        parent, run_id = posixpath.split(storage.check_scheme(field, run).rstrip("/"))
+        root, runs = posixpath.split(parent)
+        if runs != "runs":
+            raise BadInput(field, run, "not a run folder (<storage root>/runs/<run id>)",
+                           "pass the run folder, or its run id with --storage")
+    else:
+        run_id, root = run, check_storage_root(storage_root, settings, remote)
+    layout = storage.RunLayout(root, storage.check_run_id(field, run_id))
+    if not storage.exists(layout.plan_uri):
+        raise BadInput(field, run, "no plan.json there: not an edit run, or it crashed before its inputs were written",
                        "pass a run id under the storage root (see runs/), or the run folder")
-    if storage.exists(storage.join(folder, "manifest.json")):
-        raise BadInput("RUN", run, "the run is complete (it has a manifest.json)", "start a new run instead")
-    saved = json.loads(storage.read_bytes(uri))
-    return EditRequest.model_validate(saved["request"]), saved
+    if storage.exists(layout.manifest_uri):
+        raise BadInput(field, run, "the run is complete (it has a manifest.json)", "start a new run instead")
+    data = storage.read_json_capped("plan.json", layout.plan_uri, roots=[root] if remote else None)
+    try:
+        saved = SavedPlan.model_validate(data)
+        request = EditRequest.model_validate(saved.request)
+    except ValidationError as exc:
+        where, value, message, _ = first_error(exc)
+        raise BadInput(f"plan.json {where}", value, message, "this plan.json was not written by recast; start a "
+                       "new run") from None
+    if saved.run_id != run_id:
+        raise BadInput("plan.json run_id", saved.run_id, f"is not its folder's run id ({run_id})",
+                       "this plan.json was not written by recast; start a new run")
+    return request.model_copy(update={"storage_root": root}), saved
 
 
 def handoff_size(width: int, height: int, area: int) -> tuple[int, int]:
@@ -181,12 +212,13 @@ def edit_flow(request: EditRequest, resume: str | None = None):
                 len(plan.seeds), profile.name, storage.redact(layout.folder), " (resumed)" if saved else "")
 
     # 2. Inputs and the plan
-    input_uris = saved["inputs"] if saved else [
+    input_uris = saved.inputs if saved else [
         storage.write_bytes(layout.input_uri(index, image.uri, image.format), image.data)
         for index, image in enumerate(plan.images)]
     if not saved:
-        storage.write_json(layout.plan_uri, {"run_id": plan.run_id, "created_at": plan.created_at,
-                                             "request": request.model_dump(), "seeds": plan.seeds, "inputs": input_uris})
+        storage.write_json(layout.plan_uri, SavedPlan(run_id=plan.run_id, created_at=plan.created_at,
+                                                      request=request.model_dump(), seeds=plan.seeds,
+                                                      inputs=input_uris).model_dump())
 
     # 3. Edits, fanned out; each chain of attempts kept with its job, in request order
     jobs = plan.jobs(input_uris)
@@ -273,8 +305,16 @@ def _edit_chain(job: EditJob, plan: RunPlan):
 
 
 def _recorded(layout: storage.RunLayout, edit_id: str) -> EditRecord | None:
+    """The attempt a crashed run recorded for this edit, if it is this edit's (a record naming another output, or
+    one that does not parse, was not written by this run: the edit is done again)."""
     uri = layout.record_uri(edit_id)
-    return EditRecord.model_validate_json(storage.read_bytes(uri)) if storage.exists(uri) else None
+    if not storage.exists(uri):
+        return None
+    try:
+        record = EditRecord.model_validate(storage.read_json_capped("record", uri))
+    except (BadInput, ValidationError):
+        return None
+    return record if record.edit_id == edit_id and record.output in (None, layout.edit_uri(edit_id)) else None
 
 
 def _identity_target(plan: RunPlan, chains: list[list[EditRecord]]) -> IdentityTarget | None:

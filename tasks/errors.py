@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import re
+
+_CREDENTIALS = re.compile(r"(://)[^/@\s]*@")
+
+
+def without_credentials(value: object) -> object:
+    """A value as it may be shown: any URI's user:password@ part dropped (messages echo what they were given)."""
+    return _CREDENTIALS.sub(r"\1", value) if isinstance(value, str) else value
+
 
 class BadInput(ValueError):
     """Input that cannot run: names the field, the value received and how to fix it."""
 
     def __init__(self, field: str, value: object, problem: str, fix: str):
+        value = without_credentials(value)
         self.field, self.value, self.problem, self.fix = field, value, problem, fix
         shown = repr(value) if not isinstance(value, str) or len(value) < 200 else repr(value[:200] + "...")
         super().__init__(f"{field}={shown}: {problem}; fix: {fix}")
@@ -22,7 +32,7 @@ def first_error(exc) -> tuple[str, object, str, str]:
     A missing field has no value: it is reported as '(missing)'."""
     err = exc.errors()[0]
     where = ".".join(str(part) for part in err["loc"])
-    value = "(missing)" if err["type"] == "missing" else err.get("input")
+    value = "(missing)" if err["type"] == "missing" else without_credentials(err.get("input"))
     return where, value, err["msg"], err["type"]
 
 

@@ -14,10 +14,13 @@ roots and links, redaction, the run layout, and the bytes of images and videos),
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import posixpath
+import re
+import stat
 import threading
 import uuid
 import warnings
@@ -29,6 +32,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from recast.tasks.errors import BadInput
+from recast.tasks.schemas.fields import RUN_ID_PATTERN
 
 # Schemes a request may name. Anything else (http, ftp, ssh, ...) is refused before any I/O.
 SUPPORTED_SCHEMES = ("file", "memory", "s3", "gs", "gcs")
@@ -103,16 +107,102 @@ def local_path(uri: str) -> str:
     return normalize_uri(uri)[len("file://"):]
 
 
-def read_chunks(uri: str, max_bytes: int, chunk: int = 8 * 2**20):
-    """The file's bytes in chunks, refusing (OSError) to go past max_bytes."""
-    fs, path = _fs(uri)
+def read_chunks(uri: str, max_bytes: int, chunk: int = 8 * 2**20, roots: list[str] | None = None,
+                field: str = "file"):
+    """The file's bytes in chunks, refusing (OSError) to go past max_bytes; with `roots`, only a file that lies
+    under them once opened (open_checked)."""
     read = 0
-    with fs.open(path, "rb") as f:
+    with open_checked(field, uri, roots) as f:
         while block := f.read(chunk):
             read += len(block)
             if read > max_bytes:
                 raise OSError(f"{redact(uri)} is larger than {max_bytes} bytes")
             yield block
+
+
+def _opened_path(fd: int, path: str) -> str:
+    """The real path of the file open as `fd`: what was opened, not what the name points to now."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:  # no /proc: the name's resolution, if it still names the same file
+        real = os.path.realpath(path)
+        opened, named = os.fstat(fd), os.stat(real)
+        if (opened.st_dev, opened.st_ino) != (named.st_dev, named.st_ino):
+            raise BadInput("file", path, "changed while it was being opened", "try again") from None
+        return real
+
+
+@contextlib.contextmanager
+def open_checked(field: str, uri: str, roots: list[str] | None = None, max_bytes: int | None = None,
+                 what: str = "a file"):
+    """A file opened for reading, after its checks, before any byte is read. With `roots`, a local file must lie
+    under one of them *as opened*: links are resolved on the open file itself, so a link swapped in between an
+    earlier check and this read leads nowhere outside. It must be a regular file (no folder, FIFO or device) of
+    at most `max_bytes`. Every refusal is a BadInput naming `field`."""
+    uri = normalize_uri(check_scheme(field, uri))
+    outside = BadInput(field, redact(uri), "lies outside the configured storage roots (links resolved)",
+                       f"put it under {redact(roots[0]) if roots else 'a storage root'}")
+    if scheme_of(uri) != "file":
+        if roots is not None and not is_under(uri, roots):
+            raise outside
+        fs, path = _fs(uri)
+        if not fs.exists(path):
+            raise BadInput(field, uri, "file does not exist", "check the path or URI")
+        if fs.isdir(path):
+            raise BadInput(field, uri, f"is a folder, not {what}", f"name {what}")
+        if max_bytes is not None and (size_bytes := int(fs.size(path))) > max_bytes:
+            raise _too_large(field, uri, size_bytes, max_bytes, what)
+        with fs.open(path, "rb") as f:
+            yield f
+        return
+    path = local_path(uri)
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; regular files read the same.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise BadInput(field, uri, "file does not exist", "check the path or URI") from None
+    except PermissionError:
+        raise BadInput(field, uri, "cannot be read (permission denied)", "check the file's permissions") from None
+    with os.fdopen(fd, "rb") as f:
+        if roots is not None and not is_under("file://" + _opened_path(fd, path), roots):
+            raise outside
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise BadInput(field, uri, f"is a folder, not {what}", f"name {what}")
+        if not stat.S_ISREG(info.st_mode):
+            raise BadInput(field, uri, "is not a regular file", f"name {what}")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise _too_large(field, uri, info.st_size, max_bytes, what)
+        yield f
+
+
+def _too_large(field: str, uri: str, size_bytes: int, max_bytes: int, what: str) -> BadInput:
+    fix = {"a photo": "downscale or recompress it"}.get(what, f"pass {what} of at most {max_bytes / 2**20:.0f} MiB")
+    return BadInput(field, uri, f"file is {size_bytes / 2**20:.0f} MiB, over the {max_bytes / 2**20:.0f} MiB "
+                    f"{what} may have", fix)
+
+
+def read_capped(field: str, uri: str, max_bytes: int, roots: list[str] | None = None, what: str = "a file") -> bytes:
+    """All of a file's bytes, at most `max_bytes` of them (checked before reading and while reading: a file that
+    grows is refused too), under `roots` when given (open_checked)."""
+    with open_checked(field, uri, roots, max_bytes, what) as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise _too_large(field, uri, len(data), max_bytes, what)
+    return data
+
+
+MAX_JSON_BYTES = 16 * 2**20  # plan.json, handoff.json, manifests: far above any recast writes
+
+
+def read_json_capped(field: str, uri: str, roots: list[str] | None = None) -> Any:
+    """A small JSON file recast wrote (a plan, a handoff), read as untrusted: capped, under `roots` when given;
+    a file that is not JSON is a BadInput naming `field`."""
+    data = read_capped(field, uri, MAX_JSON_BYTES, roots, what="a JSON file")
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInput(field, redact(uri), f"not JSON ({exc})", "pass the file recast wrote") from None
 
 
 def write_bytes(uri: str, data: bytes) -> str:
@@ -223,6 +313,11 @@ def is_under(uri: str, roots: list[str]) -> bool:
     return False
 
 
+def same_location(a: str, b: str) -> bool:
+    """Whether two URIs name the same place (after folding '..' and resolving links)."""
+    return _resolved(a) == _resolved(b)
+
+
 def check_writable(field: str, root: str) -> str:
     """Refuse a storage root that cannot be written before anything runs: for a local folder, create it now (the
     run would) and say why when that fails; object stores are checked when the run writes."""
@@ -280,18 +375,12 @@ class InputImage:
 MAX_IMAGE_BYTES = 64 * 2**20  # far above any photo; read before decoding, so it caps the memory a request takes
 
 
-def read_image(field: str, uri: str, max_pixels: int, max_bytes: int = MAX_IMAGE_BYTES) -> InputImage:
-    """Read and fully verify an input photo; every failure is a BadInput naming `field`."""
+def read_image(field: str, uri: str, max_pixels: int, max_bytes: int = MAX_IMAGE_BYTES,
+               roots: list[str] | None = None) -> InputImage:
+    """Read and fully verify an input photo; every failure is a BadInput naming `field`. With `roots` (runs from
+    the UI, the API or a schedule) only a file that lies under them as opened is read (open_checked)."""
     uri = check_scheme(field, uri)
-    fs, path = _fs(uri)
-    if not fs.exists(path):
-        raise BadInput(field, uri, "file does not exist", "check the path or URI")
-    if fs.isdir(path):
-        raise BadInput(field, uri, "is a folder, not an image file", "name an image file")
-    if (size_bytes := int(fs.size(path))) > max_bytes:
-        raise BadInput(field, uri, f"file is {size_bytes / 2**20:.0f} MiB, over the {max_bytes / 2**20:.0f} MiB a "
-                       "photo may have", "downscale or recompress it")
-    data = fs.cat_file(path)
+    data = read_capped(field, uri, max_bytes, roots, what="a photo")
     if not data:
         raise BadInput(field, uri, "file is empty (0 bytes)", "pass a PNG or JPEG photo")
     try:
@@ -404,10 +493,23 @@ def read_video(uri: str):
 # Run folder layout
 
 
+RUN_ID = re.compile(RUN_ID_PATTERN.strip("^$"))
+
+
+def check_run_id(field: str, value: Any) -> str:
+    if not isinstance(value, str) or not RUN_ID.fullmatch(value):
+        raise BadInput(field, value, "not a recast run id (YYYYMMDD-HHMMSS-xxxxxx)",
+                       "pass the name of a run's folder under runs/")
+    return value
+
+
 @dataclass(frozen=True)
 class RunLayout:
     root: str
     run_id: str
+
+    def __post_init__(self) -> None:
+        check_run_id("run_id", self.run_id)
 
     @property
     def folder(self) -> str:

@@ -156,3 +156,56 @@ def test_make_serve_documented_port_no_longer_breaks_runs(astronaut, tmp_path, c
     monkeypatch.setenv("RECAST_HANDOFF__MODE", "none")
     assert main(["edit", str(astronaut), "--prompt", "x", "--steps", "2", "--storage", str(tmp_path)]) == 0, \
         capsys.readouterr().err
+
+
+def test_a_file_is_checked_as_opened_so_a_link_swapped_after_the_check_is_not_followed(tmp_path, monkeypatch):
+    """Runs from the UI read only under the roots. The name is checked first (a clear error), but a link can be
+    swapped between that check and the read: the check that counts is made on the file as opened."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "photo.png").write_bytes(b"inside")
+    (outside / "secret.png").write_bytes(b"outside")
+    link = root / "link.png"
+    link.symlink_to(root / "photo.png")
+    roots = [str(root)]
+    assert storage.is_under(str(link), roots), "checked by name, the link points inside"
+    assert storage.read_capped("images[0]", str(link), 100, roots) == b"inside"
+    real_open = os.open
+
+    def swap_then_open(path, *args, **kwargs):  # the attacker's move, after the name was checked
+        if str(path) == str(link):
+            link.unlink()
+            link.symlink_to(outside / "secret.png")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", swap_then_open)
+    with pytest.raises(BadInput, match="outside the configured storage roots"):
+        storage.read_capped("images[0]", str(link), 100, roots)
+
+
+def test_a_scheduled_batch_refuses_links_out_and_fifos_without_reading_them(astronaut, tmp_path, monkeypatch):
+    """A batch from a schedule hashes each photo it finds: a link to a file outside the roots, or a FIFO (whose
+    read would never end), is refused before a byte is read, and the batch goes on with the rest."""
+    from recast.flows import batch as batch_module
+    from recast.tasks.schemas.requests import BatchRequest
+
+    root = tmp_path / "root"
+    incoming = root / "incoming"
+    incoming.mkdir(parents=True)
+    (tmp_path / "big.png").write_bytes(b"\0" * 2**20)  # outside every root
+    (incoming / "link.png").symlink_to(tmp_path / "big.png")
+    os.mkfifo(incoming / "pipe.png")
+    monkeypatch.setenv("RECAST_STORAGE_ROOT", str(root))
+    monkeypatch.setenv("RECAST_HANDOFF__MODE", "none")
+    monkeypatch.setattr(batch_module, "started_remotely", lambda: True)
+    read = []
+    real_read_bytes = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda uri: read.append(uri) or real_read_bytes(uri))
+    result = batch_module.batch_flow(BatchRequest(source_prefix=str(incoming), prompts=["x"], steps=1))
+    refused = {entry["source"].rsplit("/", 1)[-1]: entry["error"] for entry in result["refused"]}
+    assert set(refused) == {"link.png", "pipe.png"}, result
+    assert "outside the configured storage roots" in refused["link.png"], refused
+    assert "not a regular file" in refused["pipe.png"], refused
+    assert not result["edited"] and not result["failed"], result
+    assert not [uri for uri in read if "link.png" in uri or "pipe.png" in uri], f"read before refusing: {read}"

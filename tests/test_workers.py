@@ -231,6 +231,73 @@ print(json.dumps(results))
     assert results["refused"]["state"] == "FAILED", "a UI run must not read a local path outside the roots"
 
 
+def test_crafted_plan_and_handoff_files_sent_through_the_api_write_nothing_outside_the_roots(deployed, tmp_path):
+    """A UI or API user who can put files under a storage root crafts a plan.json to resume and a handoff.json to
+    animate into, whose run ids lead out of the roots (and names a plan.json outside them): each run is refused,
+    and nothing is written outside the roots. A request with credentials in a URI is refused when the run is
+    created, so the server never stores the secret."""
+    root, upload = deployed["root"], deployed["upload"]
+    outside = tmp_path / "outside"
+    (outside / "evil").mkdir(parents=True)
+    escape = os.path.relpath(outside / "escaped", root / "runs")  # ../../.. from <root>/runs to outside/escaped
+    request = {"images": [upload], "prompts": ["James Bond 007, tuxedo"], "seeds": [1], "steps": 1}
+    plan = {"created_at": "2026-01-01T00:00:00.000+00:00", "request": request, "seeds": [1], "inputs": [upload]}
+    crafted_id = "20260101-000000-c0ffee"
+    (root / "runs" / crafted_id).mkdir(parents=True)
+    (root / "runs" / crafted_id / "plan.json").write_text(json.dumps(dict(plan, run_id=escape)))
+    (outside / "evil" / "plan.json").write_text(json.dumps(dict(plan, run_id=escape)))
+    handoff = {"frame": upload, "motion_prompt": "he smiles", "width": 96, "height": 64, "num_frames": 5, "fps": 8,
+               "seed": 1, "run_id": escape}
+    (root / "uploads" / "handoff.json").write_text(json.dumps(handoff))
+    before = sorted(p.relative_to(tmp_path) for p in outside.rglob("*"))
+    script = """
+import json, sys, time
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+request, root, outside = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+runs = {
+    "resume id, plan.json leading out": ("recast-edit/edit", {"request": request, "resume": sys.argv[4]}),
+    "resume folder outside the roots": ("recast-edit/edit", {"request": request, "resume": outside + "/evil"}),
+    "handoff leading out": ("recast-animate/animate", {"request": {"handoff": root + "/uploads/handoff.json",
+                                                                   "into_edit_run": True}}),
+}
+ids = {name: run_deployment(deployment, parameters=parameters, timeout=0).id
+       for name, (deployment, parameters) in runs.items()}
+results = {}
+try:
+    run_deployment("recast-edit/edit", timeout=0, parameters={"request": dict(
+        request, images=["s3://AKIAEXAMPLE:topsecret@bucket/me.png"])})
+    results["credentials"] = "created"
+except Exception as exc:
+    results["credentials"] = f"refused: {type(exc).__name__}"
+deadline = time.monotonic() + 300
+with get_client(sync_client=True) as client:
+    while time.monotonic() < deadline:
+        states = {name: client.read_flow_run(run_id).state for name, run_id in ids.items()}
+        if all(state.is_final() for state in states.values()):
+            break
+        time.sleep(1)
+    results.update({name: [state.type.value, state.message] for name, state in states.items()})
+    stored = [run.parameters for run in client.read_flow_runs()]
+results["secret stored"] = "topsecret" in json.dumps(stored)
+print(json.dumps(results))
+"""
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(request), str(root), str(outside), crafted_id],
+                          env=deployed["env"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    written = sorted(p.relative_to(tmp_path) for p in outside.rglob("*"))
+    assert written == before, f"runs from the API wrote outside the storage roots: {set(written) - set(before)}"
+    assert results["resume id, plan.json leading out"][0] == "FAILED", results
+    assert "plan.json" in results["resume id, plan.json leading out"][1], results
+    assert results["resume folder outside the roots"][0] == "FAILED", results
+    assert "by its id" in results["resume folder outside the roots"][1], results
+    assert results["handoff leading out"][0] == "FAILED" and "handoff.run_id" in results["handoff leading out"][1], \
+        results
+    assert results["credentials"].startswith("refused"), "a request with credentials in a URI must not be created"
+    assert not results["secret stored"], "the Prefect server stored a request's credentials"
+
+
 # Every wait in the browser test is for a condition, with room for a machine busy with other work (the test once
 # failed under load with shorter waits): a slow machine waits longer, a fast one does not wait at all.
 UI_WAIT_S = 180

@@ -37,8 +37,11 @@ class BadLora(Permanent, ValueError):
 # Before the run: check the file
 
 
-def check_lora_file(field: str, lora: LoraRef, max_bytes: int = MAX_LORA_BYTES) -> ResolvedLora:
-    """Check a request's LoRA file (exists, size, safetensors header, LoRA tensors) and pin it by SHA-256."""
+def check_lora_file(field: str, lora: LoraRef, max_bytes: int = MAX_LORA_BYTES,
+                    roots: list[str] | None = None) -> ResolvedLora:
+    """Check a request's LoRA file (exists, size, safetensors header, LoRA tensors) and pin it by SHA-256. With
+    `roots` (a run from the UI, the API or a schedule) the file is read only if it lies under them as opened, and
+    what is checked is a copy of those bytes, never the name again."""
     uri = storage.check_scheme(field, lora.source)
     if not storage.exists(uri):
         raise BadInput(field, lora.source, "file does not exist", "pass a diffusers-format LoRA .safetensors file")
@@ -46,7 +49,7 @@ def check_lora_file(field: str, lora: LoraRef, max_bytes: int = MAX_LORA_BYTES) 
     if size > max_bytes:
         raise BadInput(field, lora.source, f"file is {size / 2**20:.0f} MiB, over the {max_bytes / 2**20:.0f} MiB "
                        "a LoRA may have", "pass a LoRA file, not a full model checkpoint")
-    local, sha = _local_copy(uri, max_bytes)
+    local, sha = _local_copy(uri, max_bytes, roots=roots, field=field)
     try:
         from safetensors import safe_open
 
@@ -61,15 +64,16 @@ def check_lora_file(field: str, lora: LoraRef, max_bytes: int = MAX_LORA_BYTES) 
     return ResolvedLora(name=f"lora-{sha[:12]}", source=uri, weight=lora.weight, sha256=sha)
 
 
-def _local_copy(uri: str, max_bytes: int) -> tuple[Path, str]:
-    """A local file with the LoRA's bytes (the file itself when local) and its SHA-256, read in chunks."""
+def _local_copy(uri: str, max_bytes: int, roots: list[str] | None = None, field: str = "lora") -> tuple[Path, str]:
+    """A local file with the LoRA's bytes (the file itself when local and unrestricted; else a copy in the cache)
+    and its SHA-256, read in chunks."""
     digest = hashlib.sha256()
-    if storage.scheme_of(uri) == "file":
+    if storage.scheme_of(uri) == "file" and roots is None:
         local = Path(storage.local_path(uri))
         for chunk in storage.read_chunks(uri, max_bytes):
             digest.update(chunk)
         return local, digest.hexdigest()
-    data = b"".join(storage.read_chunks(uri, max_bytes))
+    data = b"".join(storage.read_chunks(uri, max_bytes, roots=roots, field=field))
     sha = hashlib.sha256(data).hexdigest()
     target = cache_dir() / "loras" / f"{sha}.safetensors"
     if not target.exists():

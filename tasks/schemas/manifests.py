@@ -9,8 +9,20 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from recast.tasks.schemas.fields import FrameCount, Seed, Strict
+from recast.tasks.schemas.fields import RUN_ID_PATTERN, FrameCount, Seed, Strict
 from recast.tasks.schemas.jobs import AnimateJob, ClipResult, ResolvedLora
+
+
+class SavedPlan(Strict):
+    """plan.json, written before a run's first edit: what a run whose process died is resumed from. Read back as
+    untrusted input (anyone who can write under a storage root can craft one): its run id is checked against the
+    one pattern run ids have, and its inputs are checked like a request's."""
+
+    run_id: str = Field(pattern=RUN_ID_PATTERN)
+    created_at: str
+    request: dict
+    seeds: list[Seed] = Field(min_length=1, max_length=32)
+    inputs: list[str] = Field(min_length=1, max_length=3)
 
 
 class ModelInfo(BaseModel):
