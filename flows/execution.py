@@ -38,6 +38,7 @@ from recast.tasks.version import code_version
 
 log = logging.getLogger("recast.execution")
 POLL_S = 0.5
+MISSING_POLLS = 4  # polls in a row (2 s) at which the server does not know a task run before it counts as gone
 
 Chain = Generator[Any, "Outcome", Any]
 
@@ -104,11 +105,14 @@ def _drive_locally(task: Task, chain: Chain) -> Any:
     except StopIteration as done:
         return done.value
     while True:
-        outcome = _finished_before(job)
-        if outcome is None:
+        outcome = _finished_before(job) or _adopted(task, job)
+        if outcome is None or outcome.result is None and outcome.message is None:
+            earlier = outcome.submissions if outcome else []
             state = task(job, return_state=True)
             outcome = (Outcome(result=state.result(raise_on_failure=False)) if state.is_completed()
                        else Outcome(message=state.message or state.type.value))
+            outcome.submissions = earlier + ([{"submission": len(earlier) + 1, "outcome": "ran in this process"}]
+                                             if earlier else [])
         try:
             job = chain.send(outcome)
         except StopIteration as done:
@@ -116,18 +120,48 @@ def _drive_locally(task: Task, chain: Chain) -> Any:
 
 
 def _finished_before(job: Any) -> Outcome | None:
-    """A job whose result is already in storage (it finished after its flow's process died): not run again."""
-    record = lifecycle.read_result(job.control) if getattr(job, "control", None) else None
-    return None if record is None else Outcome(result=type(job).result_type().model_validate(record),
-                                               submissions=[{"submission": 0, "outcome": "found finished"}])
+    """A job whose result is already in storage (it finished after its flow's process died): not run again. The
+    result must be this job's (its output where the job writes it); the submission records who made it."""
+    found = lifecycle.read_result(job.control) if getattr(job, "control", None) else None
+    if found is None:
+        return None
+    record, made_by = found
+    try:
+        result = type(job).result_type().model_validate(record)
+    except ValueError:
+        return None  # not a result recast wrote: the job runs again
+    if getattr(result, "output", None) != job.output:
+        return None
+    return Outcome(result=result, submissions=[{"submission": 1, "outcome": "found finished",
+                                                "task_run_id": made_by.get("task_run_id"),
+                                                "workers": [made_by["worker"]] if made_by.get("worker") else []}])
+
+
+def _adopted(task: Task, job: Any) -> Outcome | None:
+    """A job the run's earlier process had submitted to a task worker (a run resumed in local mode): wait for that
+    task run instead of computing the job a second time here. Its Outcome, or one without result or message when
+    it is lost (its worker died, its task run is gone): then it runs here, and its submissions say so."""
+    if not getattr(job, "control", None) or lifecycle.read_submission(job.control) is None:
+        return None
+    settings = get_settings()
+    limit = settings.edit_timeout_s if getattr(job, "edit_id", None) else settings.animate_timeout_s
+    watch = _Watch(task, 0, None, job, limit, settings, may_submit=False)
+    while watch.outcome is None:
+        _poll_all([watch])
+        if watch.outcome is None:
+            time.sleep(POLL_S)
+    return watch.outcome
 
 
 class _Watch:
     """One job on the task workers: its submissions and what the flow has seen of the current one."""
 
-    def __init__(self, task: Task, index: int, chain: Chain, job: Any, run_limit_s: float, settings):
+    def __init__(self, task: Task, index: int, chain: Chain | None, job: Any, run_limit_s: float, settings,
+                 may_submit: bool = True):
         self.task, self.index, self.chain, self.run_limit_s = task, index, chain, run_limit_s
         self.heartbeat_timeout_s, self.resubmits = settings.worker_heartbeat_timeout_s, settings.worker_resubmits
+        # may_submit=False: only watch an adopted task run (a resumed run in local mode runs a lost job itself).
+        self.may_submit = may_submit
         self.job = job.model_copy(update={"code_version": code_version()})
         self.result_type = type(job).result_type()
         self.outcome: Outcome | None = None
@@ -135,14 +169,18 @@ class _Watch:
         self.run_id: str | None = None
         self.submitted = 0.0
         self.server_went_away = False
+        self.adopted = False
+        self.missing_polls = 0  # polls in a row at which the server did not know the task run
         self.workers: list[str] = []  # the workers seen running the current submission (host:pid)
         self.outcome = _finished_before(self.job)
         if self.outcome is None:
             # A job a dead flow process had submitted is adopted, not submitted twice (a resumed run).
             self.run_id = lifecycle.read_submission(self.job.control)
             if self.run_id is not None:
-                self.submitted = time.monotonic()
-            else:
+                self.submitted, self.adopted = time.monotonic(), True
+                log.warning("%s: waiting for task run %s, submitted before this run's process died",
+                            self._name(), self.run_id)
+            elif may_submit:
                 self._submit()
 
     def needs_api(self) -> bool:
@@ -165,18 +203,23 @@ class _Watch:
         if self.run_id is None:
             self._submit()
             return
-        record = lifecycle.read_result(self.job.control)
-        if record is not None:
-            return self._finish("completed", self.result_type.model_validate(record))
+        found = lifecycle.read_result(self.job.control)
+        if found is not None:
+            return self._finish("completed", self.result_type.model_validate(found[0]), found[1])
         if not api_ok:
             self.server_went_away = True
             return
         if state is not None and state.is_final():
             if state.is_completed():
-                record = lifecycle.read_result(self.job.control)
-                return self._finish("completed", state.result(raise_on_failure=False) if record is None
-                                    else self.result_type.model_validate(record))
+                found = lifecycle.read_result(self.job.control)
+                return self._finish("completed", state.result(raise_on_failure=False) if found is None
+                                    else self.result_type.model_validate(found[0]), found and found[1])
             return self._finish("failed", state.message or state.type.value)
+        # The server answered but does not know the task run (a worker that could not read its parameters deletes
+        # it): nothing will ever finish it. A few polls in a row, so a run the server is still creating is not lost.
+        self.missing_polls = self.missing_polls + 1 if state is None else 0
+        if self.missing_polls >= MISSING_POLLS:
+            return self._lost("its task run no longer exists on the Prefect server")
         beat = lifecycle.read_heartbeat(self.job.control)
         now = time.time()
         if beat is not None and beat.get("task_run_id") == self.run_id:
@@ -195,24 +238,34 @@ class _Watch:
         elif self.server_went_away and (state is None or state.is_scheduled()):
             return self._lost("the Prefect server restarted before a worker took it (its queue lives in memory)")
 
-    def _finish(self, kind: str, detail: Any) -> None:
+    def _finish(self, kind: str, detail: Any, made_by: dict | None = None) -> None:
+        worker = (made_by or {}).get("worker")
+        if worker and worker not in self.workers:  # a job that finished between two looks still names its worker
+            self.workers.append(worker)
         self._note(kind, None if kind == "completed" else detail)
         self.outcome = Outcome(result=detail if kind == "completed" else None,
                                message=None if kind == "completed" else detail, submissions=self.submissions)
 
     def _note(self, kind: str, detail: str | None) -> None:
-        self.submissions.append({"submission": len(self.submissions) + 1, "task_run_id": self.run_id, "outcome": kind,
-                                 "detail": detail, "seconds": round(time.monotonic() - self.submitted, 2),
-                                 "workers": list(self.workers)})
+        entry = {"submission": len(self.submissions) + 1, "task_run_id": self.run_id, "outcome": kind,
+                 "detail": detail, "seconds": round(time.monotonic() - self.submitted, 2),
+                 "workers": list(self.workers)}
+        if self.adopted:  # submitted by the run's earlier process, which died; this one waited for it
+            entry["adopted"], self.adopted = True, False
+        self.submissions.append(entry)
         self.workers = []
 
     def _lost(self, reason: str) -> None:
         self._note("lost", reason)
         lifecycle.cancel(self.job.control, self.run_id)
         _cancel_in_prefect(self.run_id, reason)
-        again = len(self.submissions) <= self.resubmits
+        again = self.may_submit and len(self.submissions) <= self.resubmits
         log.warning("task run %s (%s): %s; %s", self.run_id, self._name(), reason,
-                    "submitting it again" if again else "giving up")
+                    "submitting it again" if again else "giving up" if self.may_submit else "running it here")
+        if not self.may_submit:
+            lifecycle.forget_submission(self.job.control)
+            self.outcome = Outcome(submissions=self.submissions)  # no result, no message: the caller runs it
+            return
         if again:
             self._submit()
         else:

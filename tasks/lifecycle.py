@@ -102,10 +102,12 @@ def running(job) -> Iterator[Callable[[], bool]]:
 
 
 def record_result(job, result) -> None:
-    """The result, where the waiting flow finds it even if Prefect never tells it (server restarted)."""
+    """The result, where the waiting flow finds it even if Prefect never tells it (server restarted, or the flow's
+    process died and a resumed run finds it), with the task run and worker that made it."""
     control = getattr(job, "control", None)
     if control is not None:
-        storage.write_json(result_uri(control), result.model_dump())
+        made_by = {"task_run_id": _task_run_id(), "worker": f"{socket.gethostname()}:{os.getpid()}"}
+        storage.write_json(result_uri(control), dict(result.model_dump(), made_by=made_by))
 
 
 def read_heartbeat(control: str) -> dict | None:
@@ -115,11 +117,21 @@ def read_heartbeat(control: str) -> dict | None:
         return None
 
 
-def read_result(control: str) -> dict | None:
+def read_result(control: str) -> tuple[dict, dict] | None:
+    """(the result's fields, who made it: {task_run_id, worker}), or None while there is no result."""
     try:
-        return json.loads(storage.read_bytes(result_uri(control)))
+        record = json.loads(storage.read_bytes(result_uri(control)))
     except (FileNotFoundError, ValueError):
         return None
+    if not isinstance(record, dict):
+        return None
+    made_by = record.pop("made_by", None)
+    return record, made_by if isinstance(made_by, dict) else {}
+
+
+def forget_submission(control: str) -> None:
+    """A submission that is lost for good (its task run is gone): a later resume must not adopt it again."""
+    storage.release(submitted_uri(control))
 
 
 def cancel(control: str, task_run_id: str) -> None:
