@@ -29,7 +29,7 @@ test: install
 
 # A local Prefect server + deployments + one edit and one animate worker (tiny profile); open the UI.
 serve: install
-	./deployments/serve.sh
+	$(BIN)/recast serve
 
 clean:
 	rm -rf $(VENV) .prefect .prefect-server .cache artifacts logs

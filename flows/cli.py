@@ -61,9 +61,9 @@ def _edit(args: argparse.Namespace) -> int:
 def _resume(args: argparse.Namespace) -> int:
     from recast.flows.edit import load_resume
 
-    request, _ = load_resume(args.run, args.storage)  # refuses a run that is not there, or complete
-    if args.storage:
-        request = request.model_copy(update={"storage_root": args.storage})
+    # Refuses a run that is not there, is complete, or whose plan.json is not recast's; the request it returns
+    # writes under the run's own storage root.
+    request, _ = load_resume(args.run, args.storage)
     return _run_edit(request, args.json, resume=args.run)
 
 
@@ -259,6 +259,12 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from recast.flows.serve import serve
+
+    return serve(args.port)
+
+
 class _Progress:
     """Edits done: one live bar on a terminal, a plain line per edit in a log (no bar codes in files)."""
 
@@ -336,6 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--video-profile", dest="video_profile", default=None,
                         help="video profile to load (default from config)")
     worker.set_defaults(handler=_worker, model=None)
+
+    serve = sub.add_parser(
+        "serve", help="a local Prefect server, the deployments, a flow worker and task workers (`make serve`)",
+        description="Start a Prefect server on 127.0.0.1, deploy deployments/prefect.yaml, and start a process worker "
+        "for flow runs and an edit and an animate task worker (the configured default profiles). Prints the "
+        "addresses once every worker is ready. Ctrl-C or TERM stops everything it started, flow runs included. "
+        "Environment: RECAST_SERVE_PORT (default 4200), RECAST_SERVE_DATABASE (postgres, or a "
+        "postgresql+asyncpg:// URL; default SQLite under PREFECT_HOME), RECAST_SERVE_LOG_LEVEL (default INFO).")
+    serve.add_argument("--port", type=int, default=None, help="the server's port (default RECAST_SERVE_PORT or 4200)")
+    serve.set_defaults(handler=_serve, model=None)
 
     board = sub.add_parser("storyboard", help="edit and animate a storyboard of scenes, stitched into one video",
                            description=Storyboard.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -110,25 +111,129 @@ def test_a_run_whose_process_died_is_resumed_in_its_folder_redoing_nothing(worke
     assert again.returncode == 2 and "complete" in again.stderr, "a finished run is not resumed twice"
 
 
-def test_make_serve_stops_every_process_on_term(tmp_path):
-    """Ctrl-C or TERM on `make serve` stops the server, the flow worker and both task workers, and returns."""
+def test_a_resume_waits_for_edits_still_on_a_worker_instead_of_doing_them_again(workers_env, astronaut, tmp_path):
+    """The flow's process dies while a worker still has its edits; the user resumes from a plain shell (local
+    execution): the resume waits for the worker's task runs, computes none of them itself, and records for every
+    edit the task run and the worker that made it."""
+    env = dict(workers_env, RECAST_WORKER_HEARTBEAT_S="1", RECAST_WORKER_HEARTBEAT_TIMEOUT_S="10")
+    root = tmp_path / "store"
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        run = subprocess.Popen(_edit_args(astronaut, root, [31, 32, 33, 34, 35, 36], steps=60), env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            wait_for(lambda: len(list(root.glob("runs/*/.jobs/*.submitted"))) == 6
+                     and list(root.glob("runs/*/.jobs/*.record.json")), 300, "six submitted edits, one recorded")
+        finally:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait(timeout=30)
+        (folder,) = root.glob("runs/*")
+        local = {key: value for key, value in env.items() if key != "RECAST_EXECUTION"}
+        resumed = subprocess.run([str(BIN / "recast"), "resume", folder.name, "--storage", str(root), "--json"],
+                                 env=local, capture_output=True, text=True, timeout=600)
+    finally:
+        stop(worker)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    manifest = json.loads(resumed.stdout)
+    assert [e["seed"] for e in manifest["edits"]] == [31, 32, 33, 34, 35, 36]
+    the_worker = f"{socket.gethostname()}:{worker.pid}"
+    for edit in manifest["edits"]:
+        made = edit["submissions"][-1] if edit["submissions"] else {}
+        assert edit["status"] == "succeeded" and made.get("outcome") in ("completed", "found finished"), \
+            f"{edit['edit_id']} was not taken from the worker: {edit['submissions']}"
+        assert made.get("task_run_id") and made.get("workers") == [the_worker], \
+            f"{edit['edit_id']} does not record the task run and worker that made it: {edit['submissions']}"
+
+
+def test_a_resume_whose_submitted_task_runs_are_gone_submits_them_again(workers_env, astronaut, tmp_path):
+    """The crashed run's task runs no longer exist (a worker that cannot read a run's parameters, here one with
+    another Prefect home, deletes the run): the resume notices, submits those edits again and finishes, instead of
+    waiting forever on runs nobody will finish."""
+    env = dict(workers_env, RECAST_WORKER_HEARTBEAT_S="1", RECAST_WORKER_HEARTBEAT_TIMEOUT_S="10")
+    root = tmp_path / "store"
+    run = subprocess.Popen(_edit_args(astronaut, root, [41, 42], steps=2), env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:  # no worker yet: the two edits wait in the server's queue
+        wait_for(lambda: len(list(root.glob("runs/*/.jobs/*.submitted"))) == 2, 300, "two submitted edits")
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait(timeout=30)
+    gone = [json.loads(path.read_text())["task_run_id"] for path in root.glob("runs/*/.jobs/*.submitted")]
+    (tmp_path / "other-home").mkdir()
+    other = dict(env, PREFECT_HOME=str(tmp_path / "other-home"))  # its result storage lacks the parameters
+    worker = start_worker(other, tmp_path / "worker.log")
+    try:
+        check = ("import sys; from prefect.client.orchestration import get_client\n"
+                 "from prefect.exceptions import ObjectNotFound\n"
+                 "with get_client(sync_client=True) as client:\n"
+                 "    for run_id in sys.argv[1:]:\n"
+                 "        try: client.read_task_run(run_id); print('exists')\n"
+                 "        except ObjectNotFound: pass")
+        wait_for(lambda: not subprocess.run([sys.executable, "-c", check, *gone], env=env, capture_output=True,
+                                            text=True, timeout=120).stdout.strip(), 300,
+                 "the worker to delete the task runs whose parameters it cannot read")
+        (folder,) = root.glob("runs/*")
+        resumed = subprocess.run([str(BIN / "recast"), "resume", folder.name, "--storage", str(root), "--json"],
+                                 env=other, capture_output=True, text=True, timeout=300)
+    finally:
+        stop(worker)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for edit in json.loads(resumed.stdout)["edits"]:
+        outcomes = [(s["task_run_id"], s["outcome"]) for s in edit["submissions"]]
+        assert edit["status"] == "succeeded" and outcomes[0][0] in gone and outcomes[0][1] == "lost", outcomes
+        assert "no longer exists" in edit["submissions"][0]["detail"] and outcomes[-1][1] == "completed", outcomes
+    assert not list(folder.glob(".jobs")), "the run is complete"
+
+
+@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT, signal.SIGINT]], ids=["TERM", "INT-twice"])
+def test_make_serve_stops_every_process_it_started_with_a_run_in_progress(signals, astronaut, tmp_path):
+    """TERM or Ctrl-C (once or twice) on `make serve`'s process group, while a run from the API is on the workers:
+    the server, every worker and the flow-run process all stop, and nothing is left listening."""
     repo = Path(__file__).resolve().parent.parent
     port = free_port()
+    root = tmp_path / "artifacts"
+    (root / "uploads").mkdir(parents=True)
+    (root / "uploads" / "me.png").write_bytes(astronaut.read_bytes())
     env = dict(os.environ, RECAST_SERVE_PORT=str(port), PREFECT_HOME=str(tmp_path / "home"),
-               RECAST_STORAGE_ROOT=str(tmp_path / "artifacts"))
+               RECAST_STORAGE_ROOT=str(root))
     env.pop("PREFECT_API_URL", None)
-    serve = subprocess.Popen(["bash", "deployments/serve.sh"], cwd=repo, env=env, stdout=subprocess.PIPE,
+    serve = subprocess.Popen(["make", "--no-print-directory", "serve"], cwd=repo, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        wait_for(lambda: "recast is serving" in _read(serve), 400, "make serve to be up")
-        children = _descendants(serve.pid)
-        assert len(children) >= 4, f"expected the server and three workers, found {children}"
-        serve.send_signal(signal.SIGTERM)
+        wait_for(lambda: "recast is serving" in _read(serve), 600, "make serve to be up")
+        api = dict(env, PREFECT_API_URL=f"http://127.0.0.1:{port}/api")
+        started = subprocess.run([sys.executable, "-c", (
+            "from prefect.deployments import run_deployment; import sys; "
+            "run_deployment('recast-edit/edit', timeout=0, parameters={'request': {'images': [sys.argv[1]], "
+            "'prompts': ['Neo, black leather trench coat'], 'steps': 100, 'seeds': [1, 2, 3, 4, 5, 6]}})"),
+            str(root / "uploads" / "me.png")], env=api, capture_output=True, text=True, timeout=300)
+        assert started.returncode == 0, started.stderr[-2000:]
+        # The flow-run process (started by the process worker, in a session of its own) is working on the run.
+        wait_for(lambda: list(root.glob("runs/*/.jobs/*.submitted")), 300, "the run to submit its edits")
+        processes = _descendants(serve.pid)
+        flow_runs = [pid for pid in processes if "prefect.engine" in _cmdline(pid)]
+        assert flow_runs, f"no flow-run process among make serve's: {[_cmdline(p) for p in processes]}"
+        stopped_at = time.monotonic()
+        for sig in signals:
+            os.killpg(serve.pid, sig)  # as a terminal does: make and everything in its foreground group
+            time.sleep(0.5)
+        wait_for(lambda: not [pid for pid in processes if _alive(pid)], 60, "every process of make serve to stop")
+        took = time.monotonic() - stopped_at
         serve.wait(timeout=60)
-        wait_for(lambda: not [pid for pid in children if _alive(pid)], 60, "every process of make serve to stop")
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0, "the Prefect server's port is still listening"
+        print(f"every process of make serve gone {took:.1f}s after the signal")
     finally:
         if serve.poll() is None:
             os.killpg(serve.pid, signal.SIGKILL)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 _OUTPUT: dict[int, str] = {}
