@@ -182,8 +182,7 @@ def animate_flow(request: AnimateRequest):
         finished_at=timestamp(), status="succeeded" if result else "failed", request=request_dump,
         handoff=plan.handoff_uri, warnings=plan.warnings, model=ModelInfo.of(plan.profile),
         versions=versions(), device=loading.describe_device(plan.profile),
-        pipeline=PipelineInfo(cold_start_s=result.cold_start_s if result else None,
-                              cache_hit=result.cache_hit if result else None),
+        pipeline=PipelineInfo.of(result),
         clips=[record], cost=Cost.of(seconds, plan.profile, plan.settings), prefect=flow_run_info())
     manifest_uri = plan.layout.video_manifest_uri if request.into_edit_run else plan.layout.manifest_uri
     dump = dict(storage.redact_all(manifest.model_dump()), manifest=storage.redact(manifest_uri))

@@ -259,6 +259,23 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from recast.tasks.models import loading
+    from recast.tasks.settings import get_settings
+
+    settings = get_settings()
+    targets = [("edit", settings.get_profile(args.profile))] if args.profile or not args.video_profile else []
+    if args.video_profile:
+        targets.append(("video", settings.get_video_profile(args.video_profile)))
+    for kind, profile in targets:
+        folder, made, seconds = loading.prepare_weights(kind, profile)
+        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        shown = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+        print(f"recast prepare: {kind} {profile.name}: {'made' if made else 'verified'} {shown} in {seconds:.1f}s: "
+              f"{folder}")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from recast.flows.serve import serve
 
@@ -342,6 +359,19 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--video-profile", dest="video_profile", default=None,
                         help="video profile to load (default from config)")
     worker.set_defaults(handler=_worker, model=None)
+
+    prepare = sub.add_parser(
+        "prepare", help="make a profile's ready-to-serve weights (LoRA fused, FP8) in the model cache",
+        description="Write the prepared weights of an edit profile and/or a video profile into the model cache "
+        "(RECAST_CACHE_DIR): the distillation LoRA fused, the quantized tensors with their scales, the text encoder "
+        "as the profile runs it, with a manifest of SHA-256 per file. A worker then starts from them (and from "
+        "torch.compile's cache kept beside them) instead of the checkpoint. Verifies prepared weights that are "
+        "there already; makes them again when they do not verify. Run it where the image is built, on a GPU for "
+        "the GPU profiles.")
+    prepare.add_argument("--profile", default=None, help="edit profile (default: the configured one, unless only "
+                         "--video-profile is given)")
+    prepare.add_argument("--video-profile", dest="video_profile", default=None, help="video profile")
+    prepare.set_defaults(handler=_prepare, model=None)
 
     serve = sub.add_parser(
         "serve", help="a local Prefect server, the deployments, a flow worker and task workers (`make serve`)",

@@ -375,7 +375,8 @@ def _record(job: EditJob, result: EditResult | None, message: str | None, plan: 
         inputs=[storage.redact(u) for u in job.inputs], output=result.output if result else None,
         width=result.width if result else job.width, height=result.height if result else job.height,
         seconds=result.seconds if result else None, cache_hit=result.cache_hit if result else None,
-        cold_start_s=result.cold_start_s if result else None, error=None if result else (message or "failed"),
+        cold_start_s=result.cold_start_s if result else None, prepared=result.prepared if result else None,
+        compile_cache=result.compile_cache if result else None, error=None if result else (message or "failed"),
         identity=IdentityRecord(notes=plan.request.identity_notes, scorer_notes=scorer_notes, **scored))
 
 
@@ -400,8 +401,7 @@ def _manifest(plan: RunPlan, records: list[EditRecord], handoff: str | None, tar
         run_id=plan.run_id, folder=plan.layout.folder, created_at=plan.created_at, finished_at=timestamp(),
         status=status, request=request, model=ModelInfo.of(profile), versions=versions(),
         device=loading.describe_device(profile),
-        pipeline=PipelineInfo(cold_start_s=first.cold_start_s if first else None,
-                              cache_hit=first.cache_hit if first else None),
+        pipeline=PipelineInfo.of(first),
         edits=records, cost=Cost.of(gpu_seconds, profile, settings), identity_target=target, resumed=resumed,
         handoff=handoff, identity_notes=plan.request.identity_notes, prefect=flow_run_info(),
     )
@@ -427,7 +427,7 @@ def _publish(manifest: Manifest, manifest_uri: str) -> None:
         f"# recast run `{manifest.run_id}`: {manifest.status}",
         f"- model: `{model.id}` {revision} ({model.profile}, {model.dtype}) on {manifest.device}",
         f"- edits: {ok}/{len(manifest.edits)} succeeded; cold start {manifest.pipeline.cold_start_s} s, "
-        f"cache hit {manifest.pipeline.cache_hit}",
+        f"cache hit {manifest.pipeline.cache_hit}, prepared weights {manifest.pipeline.prepared}",
         f"- cost: {manifest.cost.gpu_seconds} GPU-s = ${manifest.cost.usd}",
         f"- manifest: `{storage.redact(manifest_uri)}`",
         f"- handoff: `{storage.redact(manifest.handoff or 'none')}`",

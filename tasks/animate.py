@@ -38,7 +38,8 @@ def animate_clip(job: AnimateJob) -> ClipResult:
         storage.write_bytes(job.output, storage.mp4_bytes(frames, job.fps))
         result = ClipResult(clip_id=job.clip_id, output=job.output, last_frame=job.last_frame, seed=job.seed,
                             num_frames=len(frames), fps=job.fps, width=frames.shape[2], height=frames.shape[1],
-                            seconds=round(seconds, 4), cache_hit=cache_hit, cold_start_s=round(loaded.cold_start_s, 3))
+                            seconds=round(seconds, 4), cache_hit=cache_hit, cold_start_s=round(loaded.cold_start_s, 3),
+                            prepared=loaded.prepared, compile_cache=loaded.compile_cache)
         if job.identity_reference:
             # On the CPU, after the clip is written: one frame per second by default, a fraction of the clip's time.
             result.identity, result.identity_strip = score_clip_identity(job, frames)

@@ -33,7 +33,8 @@ def edit_image(job: EditJob) -> EditResult:
         storage.write_bytes(job.output, storage.png_bytes(image))
         result = EditResult(edit_id=job.edit_id, output=job.output, seed=job.seed, width=image.width,
                             height=image.height, seconds=round(seconds, 4), cache_hit=cache_hit,
-                            cold_start_s=round(loaded.cold_start_s, 3),
+                            cold_start_s=round(loaded.cold_start_s, 3), prepared=loaded.prepared,
+                            compile_cache=loaded.compile_cache,
                             identity=score_identity(images[0], image) if job.score_identity else None)
         lifecycle.record_result(job, result)
     return result

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+from pathlib import Path
 
 import pytest
 
@@ -34,7 +36,10 @@ def test_tiny_model_is_loaded_from_a_saved_folder_with_2511_settings():
     loaded, _ = loading.get_pipeline("edit", profile)
     folder = tiny.ensure("tiny")
     assert (folder / "model_index.json").exists(), "tiny model was not saved as a diffusers folder"
-    assert loaded.source == str(folder), "tiny pipeline was not loaded from its saved folder"
+    made_from = loaded.source if not loaded.prepared else \
+        json.loads((Path(loaded.source) / "manifest.json").read_text())["source"]
+    assert made_from in (str(folder), f"folder {folder.name}"), \
+        "tiny pipeline was not loaded from its saved folder (or the weights prepared from it)"
     assert type(loaded.pipe).__name__ == "QwenImageEditPlusPipeline"
     assert loaded.pipe.transformer.config.zero_cond_t is True, "2511's zero_cond_t flag was lost on load"
     assert type(loaded.pipe.processor).__name__ == "Qwen2VLProcessor", "tests must use the production processor"

@@ -66,6 +66,8 @@ class LoadedPipeline:
     adapters: dict = field(default_factory=dict)  # request LoRAs loaded into this pipeline (lora.use_loras)
     resident_gib: float = 0.0  # device memory the loaded pipeline holds (measured after loading)
     compiled: bool = False
+    prepared: bool | None = None  # loaded from prepared weights (None: not through the loader, e.g. a benchmark)
+    compile_cache: str | None = None  # "hit" (nothing compiled at start), "miss", None: the profile compiles nothing
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -170,7 +172,15 @@ def check_available(profile: ModelProfile | VideoProfile, build: bool = True) ->
                    == (profile.name, profile.model_id, profile.revision, profile.device)), None)
     if loaded is not None:
         return loaded.source  # already in this process
-    return resolve_source(profile, build=build)
+    try:
+        return resolve_source(profile, build=build)
+    except ModelUnavailable:
+        from recast.tasks.models import prepared
+
+        kind = "edit" if isinstance(profile, ModelProfile) else "video"
+        if prepared.available(kind, profile):  # the source is not needed: its prepared weights are here
+            return str(prepared.folder_of(kind, profile))
+        raise
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,19 +279,45 @@ def get_pipeline(kind: Kind, profile: ModelProfile | VideoProfile) -> tuple[Load
         if loaded is not None:
             loaded.last_used = time.monotonic()
             return loaded, True
+        from recast.tasks.models import prepared
+
         recipe = _recipe(kind)
         make_room(kind, profile)
         started = time.perf_counter()
-        source = check_available(profile)
+        check_device(profile)
         before = _allocated_gib(profile.device)
-        pipe = recipe.load(profile, source)
-        loaded = install(kind, profile, pipe, source, before_gib=before)
-        # Cold start = everything a worker does before it can serve: load, place, compile, warm up.
+        # Prepared weights when they are there; else the source, resolved only then (and prepared for next time).
+        obtained = recipe.load(profile, lambda: check_available(profile))
+        loaded = install(kind, profile, obtained.pipe, str(obtained.folder) if obtained.prepared else obtained.source,
+                         before_gib=before)
+        loaded.prepared = obtained.prepared
+        # Cold start = everything a worker does before it can serve: load, place, compile, warm up. A compile cache
+        # kept beside the prepared weights spares the warm-up its compiling.
+        cache_loaded = profile.compile and prepared.load_compile_cache(kind, profile)
+        compiles = prepared.inductor_cache_counts()
         recipe.warm_up(loaded, profile)
+        if profile.compile:
+            hits, misses = (after - before for after, before in zip(prepared.inductor_cache_counts(), compiles))
+            loaded.compile_cache = "hit" if cache_loaded and not misses else "miss"
+            if misses and obtained.folder is not None:
+                prepared.save_compile_cache(kind, profile)
         loaded.cold_start_s = time.perf_counter() - started
-        log.info("loaded %s pipeline %s@%s (%s) in %.2fs, %.2f GiB on %s", kind, profile.model_id, profile.revision,
-                 profile.name, loaded.cold_start_s, loaded.resident_gib, profile.device)
+        log.info("loaded %s pipeline %s@%s (%s) in %.2fs (%s, compile cache %s), %.2f GiB on %s", kind,
+                 profile.model_id, profile.revision, profile.name, loaded.cold_start_s,
+                 "prepared weights" if loaded.prepared else "from the source", loaded.compile_cache,
+                 loaded.resident_gib, profile.device)
         return loaded, False
+
+
+def prepare_weights(kind: Kind, profile: ModelProfile | VideoProfile) -> tuple[Path, bool, float]:
+    """`recast prepare`: the profile's prepared weights in the model cache, verified or made now from the source;
+    (folder, made now, seconds)."""
+    from recast.tasks.models import prepared
+
+    check_device(profile)
+    started = time.perf_counter()
+    folder, made = prepared.ensure(kind, profile, lambda: check_available(profile), _recipe(kind))
+    return folder, made, time.perf_counter() - started
 
 
 def install(kind: Kind, profile: ModelProfile | VideoProfile, pipe, source: str,

@@ -18,6 +18,7 @@ used. A file that does not fit the model is refused as a whole: nothing of it is
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 from recast.tasks import storage
@@ -25,6 +26,8 @@ from recast.tasks.errors import BadInput, Permanent
 from recast.tasks.schemas.jobs import ResolvedLora
 from recast.tasks.schemas.requests import LoraRef
 from recast.tasks.settings import cache_dir
+
+log = logging.getLogger("recast.models")
 
 MAX_LORA_BYTES = 2 * 2**30  # larger than any LoRA of a 20 B model; keeps a typo'd checkpoint out of memory
 
@@ -195,10 +198,63 @@ def use_loras(loaded, loras: list[ResolvedLora]) -> None:
 # At load: distillation LoRAs fused into the weights (before any quantization)
 
 
-def fuse_lora(pipe, spec, adapter_name: str, component: str = "transformer") -> None:
-    """Load a diffusers-format LoRA into `component`, fuse it at spec.weight into the weights, drop the adapter."""
+def fuse_lora(pipe, spec, adapter_name: str, component: str = "transformer") -> float:
+    """Load a LoRA into `component`, fuse it into the weights, drop the adapter; returns the scale its low-rank
+    delta was fused at (spec.weight x alpha / rank).
+
+    A LoRA's strength is alpha / rank. The real Lightning files carry it (`.alpha` keys: rank 64, alpha 8, so
+    0.125), and diffusers applies it. A file without alpha (a conversion that dropped the keys) would be fused at
+    scale 1, eight times the official strength: the profile's `alpha` gives it then, and without one a warning
+    says so."""
+    path = _spec_file(spec)
+    file_alpha, rank = _alpha_and_rank(path)
+    if file_alpha is not None or rank is None:
+        lora_scale, fused_at = spec.weight, spec.weight * (file_alpha / rank if file_alpha and rank else 1.0)
+    elif spec.alpha is not None:
+        lora_scale = fused_at = spec.weight * spec.alpha / rank
+    else:
+        lora_scale = fused_at = spec.weight
+        log.warning("LoRA %s carries no alpha: fused at scale %s (its weight, x 1). If it was trained with an alpha "
+                    "(the Lightning files: rank 64, alpha 8, so 0.125), set the profile's alpha, or the delta is "
+                    "applied %sx too strong", storage.redact(spec.source), spec.weight, rank)
     extra = {"load_into_transformer_2": True} if component == "transformer_2" else {}
-    pipe.load_lora_weights(spec.source, weight_name=spec.weight_name, revision=spec.revision,
-                           adapter_name=adapter_name, **extra)
-    pipe.fuse_lora(lora_scale=spec.weight, adapter_names=[adapter_name], components=[component])
+    pipe.load_lora_weights(str(path), adapter_name=adapter_name, **extra)
+    pipe.fuse_lora(lora_scale=lora_scale, adapter_names=[adapter_name], components=[component])
     pipe.unload_lora_weights()  # keeps the fused weights, frees the adapter matrices
+    return round(fused_at, 6)
+
+
+def _spec_file(spec) -> Path:
+    """The local file of a distillation LoRA: a local .safetensors, a file in a local folder, or the hub's cached
+    copy at its pinned revision."""
+    local = Path(spec.source).expanduser()
+    if local.is_file():
+        return local
+    if local.is_dir():
+        return local / (spec.weight_name or "pytorch_lora_weights.safetensors")
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(spec.source, spec.weight_name or "pytorch_lora_weights.safetensors",
+                                revision=spec.revision))
+
+
+def _alpha_and_rank(path: Path) -> tuple[float | None, int | None]:
+    """(the alpha the file carries, or None; its rank) from a LoRA file: `.alpha` keys (kohya / lightx2v layout)
+    or diffusers' adapter metadata (lora_alpha)."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        down = next((k for k in keys if k.endswith(("lora_down.weight", "lora_A.weight"))), None)
+        rank = f.get_slice(down).get_shape()[0] if down else None
+        alphas = [k for k in keys if k.endswith(".alpha")]
+        if alphas:
+            return float(f.get_tensor(alphas[0]).float().item()), rank
+        metadata = (f.metadata() or {}).get("lora_adapter_metadata")
+    try:
+        alpha = json.loads(metadata).get("lora_alpha") if metadata else None
+    except ValueError:
+        alpha = None
+    return (float(alpha) if alpha is not None else None), rank

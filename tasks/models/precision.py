@@ -95,13 +95,16 @@ def quantizable(layer: nn.Linear) -> bool:
     return layer.in_features % 16 == 0 and layer.out_features % 16 == 0
 
 
-def quantize_blocks(blocks: list[nn.Module], scheme: str, device: torch.device,
+def quantize_blocks(blocks: list[nn.Module], scheme: str, device: torch.device | None,
                     skip: tuple[str, ...] = ()) -> int:
     """Move each block to `device` and quantize its eligible linears there (except names ending in `skip`), one
-    block at a time, so the high-precision copy of a model never sits whole on the GPU. Returns the count."""
+    block at a time, so the high-precision copy of a model never sits whole on the GPU. Returns the count.
+    With device None the blocks stay where they are: on empty (meta) blocks this gives prepared weights their
+    structure without computing anything."""
     count = 0
     for block in blocks:
-        block.to(device)
+        if device is not None:
+            block.to(device)
         count += quantize_linears(block, scheme, lambda name, linear: quantizable(linear) and not name.endswith(skip))
     return count
 

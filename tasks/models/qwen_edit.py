@@ -1,12 +1,11 @@
 """The edit recipe: Qwen-Image-Edit-2511 through diffusers' QwenImageEditPlusPipeline.
 
-    load      from_pretrained (the tiny folder or the real model), then `prepare`
-    prepare   the profile's recipe on a loaded pipeline, in order:
-              1. correctness: forward mm_token_type_ids to Qwen2.5-VL; drop the unused LM head
-              2. few-step distillation: fuse the Lightning LoRA into the bf16 weights
-              3. precision and placement, block by block (FP8 / INT4 linears; text encoder resident or streamed)
-              4. LoRA branches for per-request adapters (before compiling, so compiled blocks hold them)
-              5. kernels: attention backend, real-valued RoPE, regional torch.compile
+    load      prepared weights (recast.tasks.models.prepared), or from_source and kept prepared; then `place`
+    from_source  from_pretrained (the tiny folder or the real model), then `transform_weights`:
+              the unused LM head dropped, the Lightning LoRA fused into the bf16 weights, FP8 / INT4 linears
+    place     the rest of the recipe: mm_token_type_ids forwarded to Qwen2.5-VL, the scheduler, placement (text
+              encoder resident or streamed), LoRA branches for per-request adapters, attention backend,
+              real-valued RoPE, regional torch.compile
     warm_up   small edits at two aspect ratios, so compilation happens before the first request
     run_edit  one edit: a fresh seeded generator, the profile's VAE input area, the request's adapters
 
@@ -20,6 +19,7 @@ import functools
 import inspect
 import logging
 import os
+import sys
 import types
 
 from recast.tasks.lifecycle import JobCancelled, stop_between_steps
@@ -30,7 +30,22 @@ from recast.tasks.schemas.settings import ModelProfile
 log = logging.getLogger("recast.models")
 
 
-def load(profile: ModelProfile, source: str):
+# Bump when what transform_weights writes changes (prepared weights made by older code are then made again).
+PREPARED_VERSION = 1
+
+
+def load(profile: ModelProfile, source_of):
+    """The profile's pipeline, placed and ready: from prepared weights when they are there (made from the source
+    and kept for the next start when not); `source_of()` resolves the source only when it is needed."""
+    from recast.tasks.models import prepared
+
+    obtained = prepared.obtain("edit", profile, source_of, sys.modules[__name__], prepare=profile.prepare)
+    place(obtained.pipe, profile)
+    return obtained
+
+
+def from_source(profile: ModelProfile, source: str):
+    """The pipeline from the source checkpoint (the tiny folder or the real model), its weights transformed."""
     import diffusers
     import transformers
     from diffusers import QwenImageEditPlusPipeline
@@ -39,15 +54,61 @@ def load(profile: ModelProfile, source: str):
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     # The same call for the tiny folder and the real hub model (revision is ignored for a folder). Weights land
-    # in CPU RAM; `prepare` places them (quantizing block by block on the GPU, so a card smaller than the bf16
-    # model still loads it).
+    # in CPU RAM; the transforms quantize block by block on the GPU, so a card smaller than the bf16 model loads it.
     pipe = QwenImageEditPlusPipeline.from_pretrained(source, revision=profile.revision, dtype=torch_dtype(profile.dtype))
-    prepare(pipe, profile)
+    transform_weights(pipe, profile)
     return pipe
 
 
 def prepare(pipe, profile: ModelProfile) -> dict:
-    """Apply a profile's recipe to a loaded pipeline; returns the decisions it took (for the benchmark)."""
+    """Apply a profile's whole recipe to a loaded pipeline (the benchmarks' random weights); returns the decisions."""
+    return {**transform_weights(pipe, profile), **place(pipe, profile)}
+
+
+def transform_weights(pipe, profile: ModelProfile) -> dict:
+    """What the recipe does to the weights (what prepared weights keep):
+    1. the unused LM head dropped, 2. the Lightning LoRA fused into the bf16 weights, 3. FP8 / INT4 linears."""
+    import torch
+
+    decisions: dict = {}
+    # The pipeline reads hidden states only; the 152k-word LM head (1.1 GB in bf16) is never used.
+    pipe.text_encoder.lm_head = torch.nn.Identity()
+    if profile.lightning is not None:
+        decisions["lightning_scale"] = lora.fuse_lora(pipe, profile.lightning, adapter_name="lightning")
+    if profile.quantize != "none":
+        decisions["quantized_linears"] = precision.quantize_blocks(_quantized_blocks(pipe, profile), profile.quantize,
+                                                                   torch.device(profile.device))
+    return decisions
+
+
+def give_structure(pipe, profile: ModelProfile) -> None:
+    """transform_weights' module structure on an empty pipeline, for prepared weights to fill."""
+    import torch
+
+    pipe.text_encoder.lm_head = torch.nn.Identity()
+    if profile.quantize != "none":
+        precision.quantize_blocks(_quantized_blocks(pipe, profile), profile.quantize, device=None)
+
+
+def _quantized_blocks(pipe, profile: ModelProfile) -> list:
+    blocks = list(pipe.transformer.transformer_blocks)
+    if profile.quantize_text_encoder:
+        blocks += list(pipe.text_encoder.model.language_model.layers)
+    return blocks
+
+
+def load_device(profile: ModelProfile, component: str) -> str:
+    """Where a component's prepared tensors are read to: its place when serving (place() puts the rest)."""
+    if component == "text_encoder" and profile.offload_text_encoder:
+        return "cpu"  # streamed from (pinned) RAM
+    return profile.device
+
+
+def place(pipe, profile: ModelProfile) -> dict:
+    """Everything of the recipe that is not weights, on a pipeline whose weights are transformed:
+    1. correctness: mm_token_type_ids forwarded to Qwen2.5-VL; 2. the profile's scheduler; 3. placement (text
+    encoder resident or streamed); 4. LoRA branches for per-request adapters (before compiling, so compiled blocks
+    hold them) and a team's split; 5. kernels: attention backend, real-valued RoPE, regional torch.compile."""
     import torch
 
     pipe.set_progress_bar_config(disable=True)
@@ -55,19 +116,10 @@ def prepare(pipe, profile: ModelProfile) -> dict:
     decisions: dict = {}
     # 1. Correctness
     forward_mm_token_type_ids(pipe.text_encoder)
-    # The pipeline reads hidden states only; the 152k-word LM head (1.1 GB in bf16) is never used.
-    pipe.text_encoder.lm_head = torch.nn.Identity()
-    # 2. Few-step distillation: fused into the bf16 weights before any quantization.
-    if profile.lightning is not None:
-        lora.fuse_lora(pipe, profile.lightning, adapter_name="lightning")
+    # 2. Scheduler (few-step distillation's)
     if profile.scheduler:
         pipe.scheduler = type(pipe.scheduler).from_config({**pipe.scheduler.config, **profile.scheduler})
-    # 3. Precision and placement
-    if profile.quantize != "none":
-        blocks = list(pipe.transformer.transformer_blocks)
-        if profile.quantize_text_encoder:
-            blocks += list(pipe.text_encoder.model.language_model.layers)
-        decisions["quantized_linears"] = precision.quantize_blocks(blocks, profile.quantize, device)
+    # 3. Placement
     for name in ("transformer", "vae"):
         getattr(pipe, name).to(device)
     if profile.offload_text_encoder and device.type == "cuda":

@@ -1,14 +1,10 @@
 """The video recipe: Wan image-to-video through diffusers' WanImageToVideoPipeline (Wan 2.2 A14B: two experts).
 
-    load      from_pretrained (the tiny folder or the real model), then `prepare`
-    prepare   the profile's recipe on a loaded pipeline, in order:
-              1. few-step distillation: fuse the Lightning LoRA pair (one per expert) into the bf16 weights
-              2. scheduler: the profile's (Lightning: Euler, shift 5, its exact four timesteps)
-              3. precision: FP8 linears in both experts' blocks and the UMT5 encoder, block by block on the GPU;
-                 UMT5's 2 GB token table stays in host RAM
-              4. placement: everything resident, or (`offload: stream`) every block kept in pinned RAM and
-                 streamed to the card a block at a time on a side stream, overlapped with compute
-              5. kernels: each expert's 40 identical blocks compiled once (regional torch.compile)
+    load      prepared weights (recast.tasks.models.prepared), or from_source and kept prepared; then `place`
+    from_source  from_pretrained (the tiny folder or the real model), then `transform_weights`: the Lightning
+              LoRA pair fused into the bf16 experts, FP8 linears in both experts' blocks and the UMT5 encoder
+    place     the scheduler (Lightning: Euler, shift 5, its exact four timesteps), UMT5's 2 GB token table in
+              host RAM, placement (resident, or every block streamed from pinned RAM), regional torch.compile
     warm_up   one clip at the profile's size, so compilation happens before the first request
     run_video one clip: uint8 frames (num_frames, height, width, 3)
 
@@ -20,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 
 from recast.tasks.lifecycle import JobCancelled, stop_between_steps
 from recast.tasks.models import lora, parallel, precision
@@ -31,13 +28,29 @@ log = logging.getLogger("recast.models")
 EXPERTS = ("transformer", "transformer_2")
 
 
-def load(profile: VideoProfile, source: str):
+# Bump when what transform_weights writes changes (prepared weights made by older code are then made again).
+PREPARED_VERSION = 1
+
+
+def load(profile: VideoProfile, source_of):
+    """The profile's pipeline, placed and ready: from prepared weights when they are there (made from the source
+    and kept for the next start when not)."""
+    from recast.tasks.models import prepared
+
+    obtained = prepared.obtain("video", profile, source_of, sys.modules[__name__], prepare=profile.prepare)
+    place(obtained.pipe, profile)
+    return obtained
+
+
+def from_source(profile: VideoProfile, source: str):
     import diffusers
+    import transformers
     from diffusers import WanImageToVideoPipeline
 
     diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     pipe = WanImageToVideoPipeline.from_pretrained(source, revision=profile.revision, dtype=torch_dtype(profile.dtype))
-    prepare(pipe, profile)
+    transform_weights(pipe, profile)
     return pipe
 
 
@@ -46,34 +59,70 @@ def experts(pipe) -> list:
 
 
 def prepare(pipe, profile: VideoProfile) -> dict:
-    """Apply a profile's recipe to a loaded pipeline; returns the decisions it took (for the benchmark)."""
+    """Apply a profile's whole recipe to a loaded pipeline (the benchmarks' random weights); returns the decisions."""
+    return {**transform_weights(pipe, profile), **place(pipe, profile)}
+
+
+def transform_weights(pipe, profile: VideoProfile) -> dict:
+    """What the recipe does to the weights (what prepared weights keep): 1. the Lightning LoRA pair fused into the
+    bf16 experts (before any quantization: FP8 on top of an unfused LoRA shows artifacts); 2. FP8 linears in both
+    experts' blocks and the UMT5 encoder, block by block on the GPU."""
+    import torch
+
+    decisions: dict = {}
+    for spec, component in ((profile.lightning, "transformer"), (profile.lightning_2, "transformer_2")):
+        if spec is not None:
+            decisions[f"lightning_scale_{component}"] = lora.fuse_lora(
+                pipe, spec, adapter_name=f"lightning-{component}", component=component)
+    if profile.quantize != "none":
+        device = torch.device(profile.device)
+        decisions["quantized_linears"] = sum(precision.quantize_blocks(blocks, profile.quantize, device, skip=skip)
+                                             for blocks, skip in _quantized_blocks(pipe, profile))
+    return decisions
+
+
+def give_structure(pipe, profile: VideoProfile) -> None:
+    """transform_weights' module structure on an empty pipeline, for prepared weights to fill."""
+    if profile.quantize != "none":
+        for blocks, skip in _quantized_blocks(pipe, profile):
+            precision.quantize_blocks(blocks, profile.quantize, device=None, skip=skip)
+
+
+def _quantized_blocks(pipe, profile: VideoProfile) -> list[tuple[list, tuple[str, ...]]]:
+    groups = [([block for expert in experts(pipe) for block in expert.blocks], ())]
+    if profile.quantize_text_encoder:
+        # T5's feed-forward output (`wo`) casts its input to the layer's weight dtype and is kept in full
+        # precision by transformers for stability: it stays as it is.
+        groups.append((list(pipe.text_encoder.encoder.block), ("wo",)))
+    return groups
+
+
+def load_device(profile: VideoProfile, component: str) -> str:
+    """Where a component's prepared tensors are read to: its place when serving (place() puts the rest)."""
+    if profile.offload == "stream" and component not in ("vae", "image_encoder"):
+        return "cpu"  # kept in pinned RAM, streamed block by block
+    return profile.device
+
+
+def place(pipe, profile: VideoProfile) -> dict:
+    """Everything of the recipe that is not weights: 1. the scheduler (Lightning: Euler, shift 5, its exact four
+    timesteps); 2. UMT5's 2 GB token table kept in host RAM; 3. placement: everything resident, or (`offload:
+    stream`) every block kept in pinned RAM and streamed to the card a block at a time on a side stream; 4. a
+    team's split; 5. each expert's 40 identical blocks compiled once (regional torch.compile)."""
     import torch
 
     pipe.set_progress_bar_config(disable=True)
     device = torch.device(profile.device)
-    decisions: dict = {}
-    # 1. Few-step distillation, fused before any quantization (FP8 on top of an unfused LoRA shows artifacts).
-    for spec, component in ((profile.lightning, "transformer"), (profile.lightning_2, "transformer_2")):
-        if spec is not None:
-            lora.fuse_lora(pipe, spec, adapter_name=f"lightning-{component}", component=component)
-    # 2. Scheduler
+    # 1. Scheduler
     if profile.scheduler is not None:
         pipe.scheduler = make_scheduler(profile.scheduler, pipe.scheduler)
-    # 3. Precision
+    # 2. Host-RAM token table
     text_encoder = pipe.text_encoder
-    if profile.quantize != "none":
-        blocks = [block for expert in experts(pipe) for block in expert.blocks]
-        decisions["quantized_linears"] = precision.quantize_blocks(blocks, profile.quantize, device)
-        if profile.quantize_text_encoder:
-            # T5's feed-forward output (`wo`) casts its input to the layer's weight dtype and is kept in full
-            # precision by transformers for stability: it stays as it is.
-            decisions["quantized_linears"] += precision.quantize_blocks(list(text_encoder.encoder.block),
-                                                                        profile.quantize, device, skip=("wo",))
     if device.type == "cuda":
         # UMT5's 256k x 4096 token table (2 GiB in bf16) serves one lookup of <= 512 rows per clip.
         table = precision.HostEmbedding(text_encoder.encoder.embed_tokens)
         text_encoder.shared = text_encoder.encoder.embed_tokens = table
-    # 4. Placement
+    # 3. Placement
     if profile.offload == "stream" and device.type == "cuda":
         precision.stream_blocks([*experts(pipe), text_encoder], device)
         for name in ("vae", "image_encoder"):
@@ -81,12 +130,12 @@ def prepare(pipe, profile: VideoProfile) -> dict:
                 getattr(pipe, name).to(device)
     else:
         pipe.to(device)
-    # 5. A multi-GPU team's split of the transformer work; kernels
+    # 4. A multi-GPU team's split of the transformer work; 5. kernels
     parallel.apply(pipe, experts(pipe), "video")
     if profile.compile:
         for expert in experts(pipe):
             expert.compile_repeated_blocks(fullgraph=parallel.fullgraph())
-    return decisions
+    return {}
 
 
 def make_scheduler(spec: dict, current):

@@ -79,6 +79,8 @@ class ClipResult(Strict):
     seconds: float
     cache_hit: bool
     cold_start_s: float
+    prepared: bool | None = Field(None, description="The worker's pipeline came from prepared weights.")
+    compile_cache: str | None = Field(None, description="hit: its start compiled nothing; miss; null: no compile.")
     identity: dict | None = Field(None, description="The clip scored against the reference (identity.ClipIdentity).")
     identity_strip: str | None = None
 
@@ -92,4 +94,6 @@ class EditResult(Strict):
     seconds: float
     cache_hit: bool
     cold_start_s: float
+    prepared: bool | None = None
+    compile_cache: str | None = None
     identity: dict | None = None

@@ -50,8 +50,21 @@ class Cost(BaseModel):
 
 
 class PipelineInfo(BaseModel):
+    """How the run's pipeline came to be: its cold start, whether it was already loaded, whether it was loaded from
+    prepared weights, and whether torch.compile's cache spared its warm-up any compiling."""
+
     cold_start_s: float | None = None
     cache_hit: bool | None = None
+    prepared: bool | None = Field(None, description="Loaded from prepared weights (recast prepare).")
+    compile_cache: str | None = Field(None, description="hit: nothing compiled at start; miss; null: not compiled.")
+
+    @classmethod
+    def of(cls, made) -> PipelineInfo:
+        """From the result (or the record) of the run's first job; empty when there is none."""
+        if made is None:
+            return cls()
+        return cls(cold_start_s=made.cold_start_s, cache_hit=made.cache_hit, prepared=made.prepared,
+                   compile_cache=made.compile_cache)
 
 
 class IdentityRecord(BaseModel):
@@ -84,6 +97,8 @@ class EditRecord(BaseModel):
     loras: list[ResolvedLora] = Field(default_factory=list)
     prompt_warnings: list[str] = Field(default_factory=list)
     cold_start_s: float | None = None
+    prepared: bool | None = None
+    compile_cache: str | None = None
     submissions: list[dict] = Field(default_factory=list, description="Every submission to a task worker: its "
                                     "task run, how it ended (completed, failed, lost) and after how long.")
     next_seed: int | None = Field(None, description="The seed of the next attempt, when this one missed the target.")

@@ -16,6 +16,8 @@ class LoraSpec(Strict):
     weight_name: str | None = Field(None, description="File inside a hub repo.")
     revision: str | None = Field(None, description="Pinned hub revision of the repo.")
     weight: float = Field(1.0, ge=-4.0, le=4.0, description="Adapter strength.")
+    alpha: float | None = Field(None, gt=0, description="The LoRA's alpha when its file does not carry one (the "
+                                "delta is scaled by alpha / rank); a file's own `.alpha` keys win.")
 
 
 class ModelProfile(Strict):
@@ -45,6 +47,8 @@ class ModelProfile(Strict):
     lightning: LoraSpec | None = Field(None, description="Few-step distillation LoRA fused at load.")
     scheduler: dict | None = Field(None, description="Scheduler config overrides (the Lightning LoRA needs its own).")
     warmup: bool = Field(False, description="Run (and compile) a few edits at load, before taking work.")
+    prepare: bool = Field(True, description="Keep the recipe's weights prepared (LoRA fused, quantized) in the model "
+                          "cache at the first start, and load them at every later one (`recast prepare`).")
 
 
 class VideoProfile(Strict):
@@ -69,6 +73,8 @@ class VideoProfile(Strict):
         "none", description="stream: keep every block in pinned CPU RAM and stream it to the card as it runs.")
     compile: bool = Field(False, description="torch.compile each expert's repeated blocks.")
     warmup: bool = Field(False, description="Run (and compile) one clip at load, before taking work.")
+    prepare: bool = Field(True, description="Keep the recipe's weights prepared (LoRA fused, FP8) in the model "
+                          "cache at the first start, and load them at every later one (`recast prepare`).")
     lightning: LoraSpec | None = Field(None, description="Distillation LoRA fused into the (high-noise) expert.")
     lightning_2: LoraSpec | None = Field(None, description="Distillation LoRA fused into the low-noise expert.")
     scheduler: dict | None = Field(None, description="{type: euler|unipc, shift, sigmas}: explicit sigmas fix "

@@ -1,0 +1,495 @@
+"""Prepared weights: a profile's ready-to-serve tensors, made once and loaded in seconds by every later start.
+
+A worker born cold used to redo the same work at every start: read the whole bf16 checkpoint, fuse the Lightning
+LoRA, quantize ~1,000 linears to FP8. `obtain` does that once per (kind, model, revision, recipe, code) and writes
+the result; later starts build the pipeline's modules empty (no weights) from the saved configs, give them the
+recipe's structure (FP8 layers where the recipe puts them) and fill them straight from the prepared files.
+
+    <cache>/prepared/<kind>-<profile>-<key>/
+        manifest.json        the key, the recipe, the versions; every file with its size and SHA-256
+        config/              the source's small files: model_index.json, configs, tokenizer, processor, scheduler
+        weights/*.safetensors  shards of ~1 GiB: each component's tensors as the recipe left them (FP8 and scales)
+        compile/<card>.bin   torch.compile's cache for this card and torch (written after the first warm-up)
+
+The folder is used only when its key matches and every file is there at its size; each shard is checked against
+its SHA-256 as it is read (in threads, beside the copies to the card). A partial, corrupt or mismatched folder
+is refused with a one-line reason, removed and made again, never used. It is written into a staging folder and
+renamed into place under a lock: two processes preparing the same key end with one complete folder, and the
+second uses the first's. Loading goes shard by shard: host RAM never holds a whole model.
+
+Each recipe (qwen_edit, wan_video) provides: `from_source(profile, source)` (from_pretrained and the weight
+transforms), `give_structure(pipe, profile)` (the same transforms' module structure, on empty modules), and its
+`PREPARED_VERSION`, bumped whenever what its transforms write changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from recast.tasks.settings import cache_dir
+
+log = logging.getLogger("recast.models")
+
+FORMAT = 1  # the folder layout below; bump when it changes
+SHARD_BYTES = 2**30  # small shards: a start holds a few in RAM at once, never a whole model
+READ_THREADS = 4
+# What of a profile decides the tensors (placement, kernels, sizes and defaults do not).
+RECIPE_FIELDS = ("model_id", "revision", "dtype", "quantize", "quantize_text_encoder", "lightning", "lightning_2")
+_CODE = ("precision.py", "lora.py", "prepared.py")  # the code that makes or reads the tensors
+
+
+class NotPrepared(Exception):
+    """The prepared folder cannot be used: missing, partial, corrupt or made for another recipe (the reason)."""
+
+
+@dataclass
+class Obtained:
+    pipe: Any
+    prepared: bool  # loaded from prepared weights (False: made from the source now)
+    folder: Path | None
+    seconds: float
+    source: str | None = None  # the source it was made from (None: loaded from prepared weights)
+
+
+# --------------------------------------------------------------------------------------------------
+# Where, and for what
+
+
+def _code_hash() -> str:
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in _CODE:
+        digest.update(name.encode() + b"\0" + (here / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def recipe_of(kind: str, profile) -> dict:
+    import diffusers
+    import torch
+    import transformers
+
+    from recast.tasks.models import qwen_edit, wan_video, tiny
+
+    recipe_module = qwen_edit if kind == "edit" else wan_video
+    fields = {name: getattr(profile, name) for name in RECIPE_FIELDS if hasattr(profile, name)}
+    fields = {name: value.model_dump() if hasattr(value, "model_dump") else value for name, value in fields.items()}
+    if profile.model_id in tiny.BUILDERS:  # a tiny model's bytes are its builder's version
+        fields["tiny_build"] = tiny.BUILDERS[profile.model_id][0]
+    return {"format": FORMAT, "kind": kind, **fields, "recipe_version": recipe_module.PREPARED_VERSION,
+            "code": _code_hash(),
+            # Module layouts can change between releases of the libraries that define them.
+            "libraries": {"torch": ".".join(torch.__version__.split(".")[:2]),
+                          "diffusers": diffusers.__version__, "transformers": transformers.__version__}}
+
+
+def key_of(kind: str, profile) -> str:
+    return hashlib.sha256(json.dumps(recipe_of(kind, profile), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def folder_of(kind: str, profile) -> Path:
+    return cache_dir() / "prepared" / f"{kind}-{profile.name}-{key_of(kind, profile)}"
+
+
+def available(kind: str, profile) -> bool:
+    """A prepared folder for this recipe is there and complete by its manifest (the cheap check; shards are
+    verified as they are read)."""
+    try:
+        _check_manifest(folder_of(kind, profile), key_of(kind, profile))
+        return True
+    except NotPrepared:
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Obtaining a pipeline: prepared weights, or made from the source (and prepared for next time)
+
+
+def obtain(kind: str, profile, source_of, recipe, prepare: bool = True) -> Obtained:
+    """The pipeline with the recipe's weights, not yet placed: from prepared weights when they are there and
+    verify, else made from the source (source_of() gives it) and written for the next start; with `prepare`
+    False, from the source and nothing else."""
+    started = time.perf_counter()
+    if not prepare:  # the profile says: the source every time
+        source = source_of()
+        return Obtained(recipe.from_source(profile, source), False, None, time.perf_counter() - started, source)
+    folder = folder_of(kind, profile)
+    key = key_of(kind, profile)
+    try:
+        return Obtained(load(folder, key, profile, recipe), True, folder, time.perf_counter() - started)
+    except NotPrepared as why:
+        if folder.exists():
+            log.warning("prepared weights %s refused: %s; making them again", folder.name, why)
+    with _lock(folder):
+        try:  # another process may have finished them while this one waited
+            return Obtained(load(folder, key, profile, recipe), True, folder, time.perf_counter() - started)
+        except NotPrepared:
+            shutil.rmtree(folder, ignore_errors=True)
+        source = source_of()
+        pipe = recipe.from_source(profile, source)
+        write(folder, kind, profile, pipe, source)
+    return Obtained(pipe, False, folder, time.perf_counter() - started, source)
+
+
+def ensure(kind: str, profile, source_of, recipe) -> tuple[Path, bool]:
+    """`recast prepare`: the prepared folder for this recipe, verified file by file (SHA-256), or made from the
+    source when it is missing or does not verify; (folder, whether it was made now). Nothing is placed on a card
+    beyond what the recipe's transforms need."""
+    folder, key = folder_of(kind, profile), key_of(kind, profile)
+    with _lock(folder):
+        try:
+            manifest = _check_manifest(folder, key)
+            with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="recast-prepared") as pool:
+                names = list(manifest["files"])
+                for name, digest in zip(names, pool.map(lambda n: _sha256_file(folder / n), names)):
+                    if digest != manifest["files"][name]["sha256"]:
+                        raise NotPrepared(f"{name} does not match its SHA-256 (corrupt)")
+            return folder, False
+        except NotPrepared as why:
+            if folder.exists():
+                log.warning("prepared weights %s refused: %s; making them again", folder.name, why)
+            shutil.rmtree(folder, ignore_errors=True)
+        source = source_of()
+        write(folder, kind, profile, recipe.from_source(profile, source), source)
+    return folder, True
+
+
+@contextlib.contextmanager
+def _lock(folder: Path):
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _tensors_of(module) -> list[tuple[str, Any]]:
+    """Every parameter and buffer of a module, persistent or not, tied names included (the recipe's exact
+    tensors: a non-persistent buffer such as a rotary table is kept in the dtype the source load left it)."""
+    return [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+
+
+def write(folder: Path, kind: str, profile, pipe, source: str) -> None:
+    """Write the prepared folder for `pipe` (its recipe applied) atomically: staged, then renamed into place."""
+    from safetensors.torch import save_file
+
+    staging = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.part"
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "weights").mkdir(parents=True)
+    _save_configs(staging / "config", pipe)
+    files, aliases = {}, {}
+    import torch
+
+    for component, module in pipe.components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        shard, shard_bytes, index = {}, 0, 0
+        seen: dict[int, str] = {}
+
+        def flush():
+            nonlocal shard, shard_bytes, index
+            if shard:
+                name = f"weights/{component}-{index:05d}.safetensors"
+                save_file(shard, str(staging / name), metadata={"component": component})
+                files[name] = None
+                shard, shard_bytes, index = {}, 0, index + 1
+
+        for name, tensor in _tensors_of(module):
+            if tensor.device.type == "meta":
+                raise RuntimeError(f"{component}.{name} has no data (meta): the recipe left it unloaded")
+            if id(tensor) in seen:  # tied weights (one tensor, two names): stored once
+                aliases[f"{component}.{name}"] = f"{component}.{seen[id(tensor)]}"
+                continue
+            seen[id(tensor)] = name
+            shard[name] = tensor.detach().contiguous()
+            shard_bytes += tensor.numel() * tensor.element_size()
+            if shard_bytes >= SHARD_BYTES:
+                flush()
+        flush()
+    paths = sorted(p for p in staging.rglob("*") if p.is_file())
+    with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="recast-prepared") as pool:
+        digests = list(pool.map(_sha256_file, paths))  # also on disk (fsync) before the folder is renamed in
+    entries = {path.relative_to(staging).as_posix(): {"bytes": path.stat().st_size, "sha256": digest}
+               for path, digest in zip(paths, digests)}
+    manifest = {"key": key_of(kind, profile), "recipe": recipe_of(kind, profile), "profile": profile.name,
+                "source": source if not Path(source).is_dir() else f"folder {Path(source).name}",
+                "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": entries,
+                "aliases": aliases, "weights_bytes": sum(e["bytes"] for n, e in entries.items()
+                                                         if n.startswith("weights/"))}
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    try:
+        os.rename(staging, folder)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # another process put a folder there first
+        if not (folder / "manifest.json").exists():
+            raise
+    log.info("prepared %s %s: %.2f GiB in %s", kind, profile.name, manifest["weights_bytes"] / 2**30, folder)
+
+
+def _save_configs(target: Path, pipe) -> None:
+    """The source's small files (everything but weights), so a prepared folder loads without its source: written
+    by the pipeline itself (save_pretrained of the non-module parts and every module's config)."""
+    import torch
+
+    target.mkdir(parents=True)
+    pipe.save_config(target)  # model_index.json
+    for name, component in pipe.components.items():
+        if component is None:
+            continue
+        sub = target / name
+        if isinstance(component, torch.nn.Module):
+            sub.mkdir()
+            config = getattr(component, "config", None)
+            if hasattr(component, "save_config"):  # diffusers model
+                component.save_config(sub)
+            elif config is not None and hasattr(config, "save_pretrained"):  # transformers model
+                config.save_pretrained(sub)
+            if getattr(component, "generation_config", None) is not None:
+                component.generation_config.save_pretrained(sub)
+        elif hasattr(component, "save_pretrained"):  # tokenizer, processor, scheduler
+            component.save_pretrained(sub)
+
+
+def _sha256_file(path: Path) -> str:
+    """The file's SHA-256, once it is on disk (fsync): the folder is renamed into place only after that."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 * 2**20):
+            digest.update(block)
+        os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _check_manifest(folder: Path, key: str) -> dict:
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise NotPrepared("no prepared folder" if not folder.exists() else "no manifest.json (partial folder)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError:
+        raise NotPrepared("manifest.json is not JSON") from None
+    if manifest.get("key") != key:
+        raise NotPrepared(f"made for another recipe (key {manifest.get('key')}, this one {key})")
+    for name, entry in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise NotPrepared(f"{name} is missing")
+        if path.stat().st_size != entry["bytes"]:
+            raise NotPrepared(f"{name} is {path.stat().st_size} bytes, the manifest says {entry['bytes']} "
+                              "(truncated or changed)")
+    return manifest
+
+
+_DTYPES = {"F8_E4M3": "float8_e4m3fn", "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
+           "U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool"}
+
+
+def _read_shard(path: Path, expected_sha256: str):
+    """(header, bytes) of a safetensors file, its SHA-256 checked on the bytes read (hashlib frees the GIL)."""
+    data = bytearray(path.stat().st_size)
+    with open(path, "rb", buffering=0) as f:
+        view, read = memoryview(data), 0
+        while read < len(data):
+            got = f.readinto(view[read:])
+            if not got:
+                raise NotPrepared(f"{path.name} ended early")
+            read += got
+    if hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise NotPrepared(f"{path.parent.name}/{path.name} does not match its SHA-256 (corrupt)")
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    header.pop("__metadata__", None)
+    return header, data, 8 + size
+
+
+def _tensors_from(header: dict, data: bytearray, offset: int, device):
+    import torch
+
+    for name, spec in header.items():
+        begin, end = spec["data_offsets"]
+        dtype = getattr(torch, _DTYPES[spec["dtype"]])
+        count = (end - begin) // torch.empty((), dtype=dtype).element_size()
+        tensor = torch.frombuffer(data, dtype=dtype, count=count, offset=offset + begin) if count else \
+            torch.empty(0, dtype=dtype)
+        tensor = tensor.reshape(spec["shape"])
+        # A copy either way: to the card, or on the CPU into memory of its own (aligned as a loaded tensor would
+        # be: kernels may take other paths for a tensor at an odd offset of the shard, and give other bits).
+        yield name, tensor.clone() if device.type == "cpu" else tensor.to(device)
+
+
+def skeleton(config: Path, dtype):
+    """The pipeline of the prepared folder's configs: tokenizer, processor and scheduler loaded, every torch
+    module built empty (meta parameters; real buffers, as their constructors compute them)."""
+    from accelerate import init_empty_weights
+
+    import diffusers
+
+    diffusers.utils.logging.disable_progress_bar()  # per-component bars are noise in a worker's log
+    index = json.loads((config / "model_index.json").read_text())
+    pipeline_class = getattr(importlib.import_module("diffusers"), index["_class_name"])
+    modules = {}
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        library, class_name = spec
+        cls = getattr(importlib.import_module(library), class_name)
+        import torch
+
+        if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+            continue
+        with init_empty_weights(include_buffers=False):
+            if library == "diffusers":
+                module = cls.from_config(cls.load_config(config / name))
+            else:
+                from transformers import AutoConfig
+
+                module = cls._from_config(AutoConfig.from_pretrained(config / name), dtype=dtype)
+        # No cast: the parameters are meta until the prepared tensors (in the recipe's dtypes) replace them, and the
+        # buffers are replaced by the saved ones too.
+        modules[name] = module.eval().requires_grad_(False)
+    return pipeline_class.from_pretrained(config, dtype=dtype, **modules)
+
+
+def load(folder: Path, key: str, profile, recipe):
+    """The pipeline from a prepared folder: its structure from the configs and the recipe, its tensors from the
+    shards (checked by SHA-256 as they are read, a few in flight at once); raises NotPrepared when it cannot."""
+    import torch
+
+    from recast.tasks.models.loading import torch_dtype
+
+    manifest = _check_manifest(folder, key)
+    pipe = skeleton(folder / "config", torch_dtype(profile.dtype))
+    recipe.give_structure(pipe, profile)
+    components = {name: module for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
+    shards = sorted(name for name in manifest["files"] if name.startswith("weights/"))
+    with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="recast-prepared") as pool:
+        reads = [pool.submit(_read_shard, folder / name, manifest["files"][name]["sha256"]) for name in shards]
+        for name, read in zip(shards, reads):
+            header, data, offset = read.result()  # raises NotPrepared for a corrupt shard
+            component = name.removeprefix("weights/").rsplit("-", 1)[0]
+            module = components.get(component)
+            if module is None:
+                raise NotPrepared(f"{name} belongs to no component of this pipeline")
+            target = torch.device(recipe.load_device(profile, component))
+            for tensor_name, tensor in _tensors_from(header, data, offset, target):
+                try:
+                    _set_tensor(module, tensor_name, tensor)
+                except AttributeError:
+                    raise NotPrepared(f"{name} holds {tensor_name}, which this recipe's {component} does not "
+                                      "have") from None
+            del data
+    for alias, original in manifest.get("aliases", {}).items():
+        alias_component, _, alias_name = alias.partition(".")
+        _, _, original_name = original.partition(".")
+        module = components[alias_component]
+        _set_tensor(module, alias_name, _get_tensor(module, original_name))
+    for component, module in components.items():
+        empty = [name for name, tensor in [*module.named_parameters(), *module.named_buffers()]
+                 if tensor.device.type == "meta"]
+        if empty:
+            raise NotPrepared(f"{component} has no prepared tensor for {empty[0]} (and {len(empty) - 1} more)")
+    log.info("loaded prepared %s (%.2f GiB)", folder.name, manifest["weights_bytes"] / 2**30)
+    return pipe
+
+
+def _get_tensor(module, name: str):
+    owner, _, attr = name.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, attr)
+
+
+def _set_tensor(module, name: str, tensor) -> None:
+    """Put `tensor` where `name` is in `module`: a parameter stays a parameter, a buffer a buffer (AttributeError
+    when the module has no such tensor)."""
+    import torch
+
+    owner, _, attr = name.rpartition(".")
+    target = module.get_submodule(owner) if owner else module
+    if attr not in target._parameters and attr not in target._buffers:
+        raise AttributeError(name)
+    if attr in target._parameters:
+        target._parameters[attr] = tensor if isinstance(tensor, torch.nn.Parameter) else \
+            torch.nn.Parameter(tensor, requires_grad=False)
+    else:
+        target._buffers[attr] = tensor
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.compile's cache, beside the weights
+
+
+def compile_cache_path(kind: str, profile) -> Path:
+    import torch
+
+    card = torch.cuda.get_device_name(torch.device(profile.device)) if profile.device.startswith("cuda") \
+        and torch.cuda.is_available() else "cpu"
+    safe = "".join(c if c.isalnum() else "-" for c in card)
+    return folder_of(kind, profile) / "compile" / f"{safe}-torch{torch.__version__.split('+')[0]}.bin"
+
+
+def load_compile_cache(kind: str, profile) -> bool:
+    """Load torch.compile's saved artifacts for this recipe and card (before anything compiles); True if found."""
+    import torch
+
+    path = compile_cache_path(kind, profile)
+    if not path.is_file():
+        return False
+    try:
+        torch.compiler.load_cache_artifacts(path.read_bytes())
+        return True
+    except Exception as exc:  # noqa: BLE001 - a stale cache costs a compile, never a failure
+        log.warning("compile cache %s not loaded (%s): compiling", path.name, exc)
+        return False
+
+
+def save_compile_cache(kind: str, profile) -> Path | None:
+    """After a warm-up that compiled: keep torch.compile's artifacts beside the prepared weights (atomically)."""
+    import torch
+
+    folder = folder_of(kind, profile)
+    if not (folder / "manifest.json").is_file():
+        return None
+    saved = torch.compiler.save_cache_artifacts()
+    if not saved:
+        return None
+    path = compile_cache_path(kind, profile)
+    path.parent.mkdir(exist_ok=True)
+    staging = path.with_suffix(f".{uuid.uuid4().hex[:8]}.part")
+    staging.write_bytes(saved[0])
+    os.replace(staging, path)
+    return path
+
+
+def inductor_cache_counts() -> tuple[int, int]:
+    """(FX-graph cache hits, misses) of inductor in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["fxgraph_cache_hit"]), int(counters["inductor"]["fxgraph_cache_miss"])
+
+
+def compiled_graphs() -> int:
+    """How many graphs dynamo has compiled in this process so far (a request after ready should add none)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])

@@ -1,0 +1,174 @@
+"""Prepared weights (#22): `recast prepare`, a worker start from them, what is refused and rebuilt, the key, two
+preparers at once, and the distillation LoRA's scale. On the tiny models, through the real loader and pipelines."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from recast.tasks.models import loading, lora, prepared, qwen_edit
+from recast.tasks.schemas.settings import LoraSpec
+from recast.tasks.settings import get_settings
+
+BIN = Path(sys.executable).parent
+
+
+def _env(cache: Path, **extra: str) -> dict:
+    return dict(os.environ, RECAST_CACHE_DIR=str(cache), RECAST_HANDOFF__MODE="none", **extra)
+
+
+def _edit(env: dict, astronaut, root: Path) -> dict:
+    proc = subprocess.run([str(BIN / "recast"), "edit", str(astronaut), "--prompt", "Neo, black trench coat", "--seed",
+                           "5", "--steps", "2", "--storage", str(root), "--json"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+def _png_sha(manifest: dict) -> str:
+    return hashlib.sha256(Path(manifest["edits"][0]["output"].removeprefix("file://")).read_bytes()).hexdigest()
+
+
+def test_prepare_then_an_edit_starts_from_the_prepared_weights_and_gives_the_same_image(astronaut, tmp_path):
+    env = _env(tmp_path / "cache")
+    made = subprocess.run([str(BIN / "recast"), "prepare", "--profile", "tiny"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert made.returncode == 0 and "edit tiny: made" in made.stdout, made.stdout + made.stderr[-2000:]
+    (folder,) = (tmp_path / "cache" / "prepared").glob("edit-tiny-*")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["files"] and all(len(f["sha256"]) == 64 for f in manifest["files"].values())
+    assert manifest["recipe"]["model_id"] == "tiny" and manifest["recipe"]["libraries"]["diffusers"]
+    from_prepared = _edit(env, astronaut, tmp_path / "a")
+    assert from_prepared["pipeline"]["prepared"] is True, from_prepared["pipeline"]
+    from_source = _edit(_env(tmp_path / "cache", RECAST_PROFILES__TINY__PREPARE="false"), astronaut, tmp_path / "b")
+    assert from_source["pipeline"]["prepared"] is False, from_source["pipeline"]
+    assert _png_sha(from_prepared) == _png_sha(from_source), "prepared weights must give the source's image"
+    again = subprocess.run([str(BIN / "recast"), "prepare", "--profile", "tiny"], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert "edit tiny: verified" in again.stdout, again.stdout + again.stderr[-2000:]
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated", "partial"])
+def test_a_damaged_prepared_folder_is_refused_with_its_reason_and_made_again(damage, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("RECAST_CACHE_DIR", str(tmp_path / "cache"))
+    profile = get_settings().get_profile("tiny")
+    folder, made, _ = loading.prepare_weights("edit", profile)
+    assert made
+    shard = sorted((folder / "weights").glob("transformer-*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    if damage == "corrupt":
+        data[-100] ^= 0xFF  # same size, other bytes
+        shard.write_bytes(bytes(data))
+        reason = "does not match its SHA-256"
+    elif damage == "truncated":
+        shard.write_bytes(bytes(data[:-100]))
+        reason = "truncated"
+    else:
+        (folder / "manifest.json").unlink()  # a preparer that died before finishing
+        reason = "partial folder"
+    source = loading.check_available(profile)
+    with caplog.at_level("WARNING", logger="recast.models"):
+        obtained = prepared.obtain("edit", profile, lambda: source, qwen_edit)
+    assert not obtained.prepared, "a damaged folder must never be used"
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 1 and reason in refusals[0], refusals
+    assert prepared.obtain("edit", profile, lambda: source, qwen_edit).prepared, "the folder is made again, whole"
+
+
+def test_a_recipe_change_gives_another_key_and_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECAST_CACHE_DIR", str(tmp_path / "cache"))
+    profile = get_settings().get_profile("tiny")
+    keys = {prepared.key_of("edit", p) for p in (
+        profile, profile.model_copy(update={"quantize": "fp8"}), profile.model_copy(update={"revision": "abc"}),
+        profile.model_copy(update={"lightning": LoraSpec(source="x.safetensors", weight=0.5)}))}
+    assert len(keys) == 4, "model, revision, precision and LoRA each change what is prepared"
+    same = profile.model_copy(update={"steps": 3, "warmup": True, "device": "cpu", "compile": True})
+    assert prepared.key_of("edit", same) == prepared.key_of("edit", profile), "settings that are not weights share"
+    loading.prepare_weights("edit", profile)
+    fp8 = profile.model_copy(update={"quantize": "fp8"})
+    assert not prepared.available("edit", fp8), "another recipe must not find this one's weights"
+
+
+def test_two_preparers_at_once_leave_one_complete_folder(tmp_path):
+    env = _env(tmp_path / "cache")
+    loading_env = dict(env)
+    procs = [subprocess.Popen([str(BIN / "recast"), "prepare", "--video-profile", "tiny"], env=loading_env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [proc.communicate(timeout=600) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), [err[-1500:] for _, err in outs]
+    said = sorted(out.split(": ")[2].split()[0] for out, _ in outs)
+    assert said == ["made", "verified"], f"one makes them, the other waits and verifies: {outs}"
+    entries = list((tmp_path / "cache" / "prepared").iterdir())
+    folders = [p for p in entries if p.is_dir()]
+    assert len(folders) == 1 and not [p for p in entries if p.name.endswith(".part")], entries
+    assert (folders[0] / "manifest.json").exists()
+
+
+def test_fp8_weights_load_prepared_bit_for_bit(tmp_path, monkeypatch, astronaut):
+    """A quantized recipe's structure is rebuilt on empty modules and filled with its FP8 tensors and scales."""
+    from PIL import Image
+
+    monkeypatch.setenv("RECAST_CACHE_DIR", str(tmp_path / "cache"))
+    profile = get_settings().get_profile("tiny").model_copy(update={"name": "tiny-fp8", "quantize": "fp8",
+                                                                    "quantize_text_encoder": True})
+    source = loading.check_available(profile)
+    images = []
+    for expected in (False, True):
+        obtained = prepared.obtain("edit", profile, lambda: source, qwen_edit)
+        assert obtained.prepared is expected
+        qwen_edit.place(obtained.pipe, profile)
+        loaded = loading.LoadedPipeline(key=loading.PipelineKey.of("edit", profile), pipe=obtained.pipe,
+                                        source="test", cold_start_s=0.0)
+        with Image.open(astronaut) as photo:
+            images.append(qwen_edit.run_edit(loaded, profile, [photo.convert("RGB")], prompt="Neo", negative_prompt=" ",
+                                             seed=2, steps=2, true_cfg_scale=4.0, width=64, height=64).tobytes())
+    assert images[0] == images[1], "the prepared FP8 pipeline must give the image the transformed source gives"
+
+
+def _qwen_lora_file(pipe, path: Path, with_alpha: float | None) -> Path:
+    """A LoRA in the lightx2v layout (lora_down / lora_up, optional .alpha) for the tiny transformer's to_q."""
+    from safetensors.torch import save_file
+
+    layer = pipe.transformer.transformer_blocks[0].attn.to_q
+    rank = 4
+    tensors = {"diffusion_model.transformer_blocks.0.attn.to_q.lora_down.weight": torch.randn(rank, layer.in_features),
+               "diffusion_model.transformer_blocks.0.attn.to_q.lora_up.weight": torch.randn(layer.out_features, rank)}
+    if with_alpha is not None:
+        tensors["diffusion_model.transformer_blocks.0.attn.to_q.alpha"] = torch.tensor(with_alpha)
+    save_file(tensors, str(path))
+    return path
+
+
+def test_a_distillation_lora_is_fused_at_alpha_over_rank(tmp_path, caplog):
+    """The real Lightning files carry .alpha (scale alpha/rank); a file without it is fused at the profile's alpha,
+    and with neither a warning says the scale is 1."""
+    from diffusers import QwenImageEditPlusPipeline
+
+    source = loading.check_available(get_settings().get_profile("tiny"))
+
+    def fused_delta(spec):
+        pipe = QwenImageEditPlusPipeline.from_pretrained(source, dtype=torch.float32)
+        before = pipe.transformer.transformer_blocks[0].attn.to_q.weight.detach().clone()
+        scale = lora.fuse_lora(pipe, spec, adapter_name="lightning")
+        return scale, pipe.transformer.transformer_blocks[0].attn.to_q.weight.detach() - before
+
+    pipe = QwenImageEditPlusPipeline.from_pretrained(source, dtype=torch.float32)
+    torch.manual_seed(0)
+    with_alpha = _qwen_lora_file(pipe, tmp_path / "with-alpha.safetensors", with_alpha=2.0)
+    torch.manual_seed(0)
+    without = _qwen_lora_file(pipe, tmp_path / "without.safetensors", with_alpha=None)
+    scale_file, delta_file = fused_delta(LoraSpec(source=str(with_alpha)))
+    scale_spec, delta_spec = fused_delta(LoraSpec(source=str(without), alpha=2.0))
+    assert scale_file == scale_spec == 0.5, (scale_file, scale_spec)
+    assert torch.allclose(delta_file, delta_spec, atol=1e-6), "alpha from the profile must equal alpha from the file"
+    with caplog.at_level("WARNING", logger="recast.models"):
+        scale_none, delta_none = fused_delta(LoraSpec(source=str(without)))
+    assert scale_none == 1.0 and torch.allclose(delta_none, 2 * delta_spec, atol=1e-5)
+    assert any("carries no alpha" in r.getMessage() for r in caplog.records), "a file without alpha must be said"
