@@ -278,6 +278,7 @@ class Bench:
         import gpu_edit
 
         from recast.flows.edit import edit_flow
+        from recast.flows.runs import run_flow
         from recast.tasks import storage
         from recast.tasks.models import qwen_edit
         from recast.tasks.schemas.requests import EditRequest
@@ -304,13 +305,13 @@ class Bench:
         request = EditRequest(images=[photo_uri], prompts=[
             "James Bond 007, wearing a tuxedo with bow tie, casino background, cinematic lighting"], seeds=[42],
             profile=edit_profile.name, video_profile=video_profile.name, storage_root=f"file://{photo}/out")
-        edit_flow(request)  # Prefect's temporary server, the photo's aspect ratio: paid once
+        run_flow(edit_flow, request)  # Prefect's temporary server, the photo's aspect ratio: paid once
         resident = common.reset_peak(self.device)
         times, manifest = [], None
         for _ in range(self.args.runs):
-            manifest, seconds = common.timed(lambda: edit_flow(request), self.device)
+            manifest, seconds = common.timed(lambda: run_flow(edit_flow, request), self.device)
             times.append(seconds)
-        split = _chain_split(lambda: edit_flow(request), self.args.profile_dir)
+        split = _chain_split(lambda: run_flow(edit_flow, request), self.args.profile_dir)
         clip = manifest["animation"]["clips"][0]
         frames, _ = storage.read_video(clip["output"])
         row = self.row("chain-lightning", "chain", frames, times, resident, None, steps=4, guidance=1.0,

@@ -15,8 +15,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field, ValidationError
 
 from recast.flows.execution import run_task
-from recast.flows.runs import (check_inputs_allowed, check_storage_root, first_set, flow_run_info, new_run_id, now,
-                               started_remotely, take_plan, timestamp, versions)
+from recast.flows.runs import (blocking, check_inputs_allowed, check_storage_root, first_set, flow_run_info,
+                               new_run_id, now, started_remotely, take_plan, timestamp, versions)
 from recast.tasks import storage
 from recast.tasks.animate import animate_task
 from recast.tasks.errors import BadInput, first_error
@@ -157,8 +157,13 @@ def plan_animation(request: AnimateRequest, settings: Settings | None = None) ->
 
 
 @flow(name="recast-animate", log_prints=True)
-def animate_flow(request: AnimateRequest):
+async def animate_flow(request: AnimateRequest):
     """Animate the chosen frame of an edit run (its handoff.json); returns the manifest."""
+    # Async, so the run ends when its work does (recast.flows.runs.blocking says why); the body blocks, in a thread.
+    return await blocking(_animate_run, request)
+
+
+def _animate_run(request: AnimateRequest):
     logger = get_run_logger()
     # 1. Plan (the CLI may have planned it already)
     plan = take_plan("animate", request) or plan_animation(request)
@@ -191,11 +196,11 @@ def animate_flow(request: AnimateRequest):
         {"clip": r.clip_id, "prompt": r.prompt, "identity": (r.identity or {}).get("grade"),
          "drift from frame": (r.identity or {}).get("drift_from"), "seed": r.seed, "frames": r.num_frames,
          "fps": r.fps, "size": f"{r.width}x{r.height}", "seconds": r.seconds, "output": r.output}
-        for r in manifest.clips])
+        for r in manifest.clips], _sync=True)  # the flow is async, its body is not (recast.flows.runs.blocking)
     create_markdown_artifact(key="recast-animate-summary", markdown=(
         f"# recast animate `{plan.run_id}`: {manifest.status}\n- from `{storage.redact(job.frame)}`\n"
         f"- clip `{record.output}` ({job.num_frames} frames, {job.fps} fps)\n"
-        + "".join(f"- warning: {w}\n" for w in plan.warnings)))
+        + "".join(f"- warning: {w}\n" for w in plan.warnings)), _sync=True)
     if not result:
         return Failed(message=f"the clip failed: {message}; see {storage.redact(manifest_uri)}", data=dump)
     return Completed(message="the clip is written", data=dump)

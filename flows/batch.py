@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger
 
 from recast.flows.edit import edit_flow  # the batch flow is built on it (one subflow per photo)
 from recast.flows.execution import run_many
-from recast.flows.runs import check_inputs_allowed, check_storage_root, started_remotely
+from recast.flows.runs import check_inputs_allowed, check_storage_root, run_flow, started_remotely
 from recast.tasks import storage
 from recast.tasks.errors import BadInput
 from recast.tasks.schemas.requests import BatchRequest, EditRequest
@@ -91,10 +91,10 @@ def _edit_photo(photo: ClaimedPhoto, request: BatchRequest, root: str) -> dict:
     not stop the batch."""
     source = storage.redact(photo.uri)
     try:
-        state = edit_flow(EditRequest(images=[photo.uri], prompts=request.prompts, seeds=request.seeds,
-                                      steps=request.steps, true_cfg_scale=request.true_cfg_scale,
-                                      profile=request.profile, storage_root=root), return_state=True)
-        manifest = state.result(raise_on_failure=False)
+        state = run_flow(edit_flow, EditRequest(images=[photo.uri], prompts=request.prompts, seeds=request.seeds,
+                                                steps=request.steps, true_cfg_scale=request.true_cfg_scale,
+                                                profile=request.profile, storage_root=root), return_state=True)
+        manifest = state.result(raise_on_failure=False, _sync=True)
         if not state.is_completed():
             raise RuntimeError(state.message)
     except Exception as exc:  # noqa: BLE001 - reported in the batch's result, and the photo is tried next time

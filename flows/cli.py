@@ -36,8 +36,10 @@ def _theme(prompt: str) -> str:
 
 def _run(flow, *args, **kwargs) -> tuple[dict | None, str | None]:
     """Run a flow in this process; (manifest, None) or (manifest or None, the reason it failed)."""
-    state = flow(*args, return_state=True, **kwargs)
-    data = state.result(raise_on_failure=False)
+    from recast.flows.runs import run_flow
+
+    state = run_flow(flow, *args, return_state=True, **kwargs)
+    data = state.result(raise_on_failure=False, _sync=True)
     manifest = data if isinstance(data, dict) else None
     return manifest, None if state.is_completed() else (state.message or str(data))
 

@@ -26,8 +26,9 @@ from prefect.states import Completed, Failed
 from pydantic import ValidationError
 
 from recast.flows.execution import Outcome, run_chains
-from recast.flows.runs import (check_inputs_allowed, check_storage_root, first_set, flow_run_info, new_run_id, now,
-                               slug, started_remotely, take_plan, theme, timestamp, versions)
+from recast.flows.runs import (blocking, check_inputs_allowed, check_storage_root, first_set, flow_run_info,
+                               new_run_id, now, run_flow, slug, started_remotely, take_plan, theme, timestamp,
+                               versions)
 from recast.tasks import identity, storage
 from recast.tasks import prompts as prompt_checks
 from recast.tasks.edit import edit_task
@@ -183,7 +184,7 @@ def _report_progress(progress_id, done: int, total: int) -> None:
         listener(done, total)
     if progress_id is not None:
         try:
-            update_progress_artifact(progress_id, progress=100.0 * done / total)
+            update_progress_artifact(progress_id, progress=100.0 * done / total, _sync=True)
         except Exception as exc:  # noqa: BLE001 - the UI's progress bar must never stop the run (server restarting)
             get_run_logger().warning("could not update the progress artifact: %s", exc)
 
@@ -198,10 +199,15 @@ def _flow_run_name() -> str:
 
 
 @flow(name="recast-edit", flow_run_name=_flow_run_name, log_prints=True)
-def edit_flow(request: EditRequest, resume: str | None = None):
+async def edit_flow(request: EditRequest, resume: str | None = None):
     """Edit a person's photo with every prompt and seed of the request; returns the manifest.
 
     `resume`: the run id of a run whose process died; it goes on in the same folder and redoes nothing done."""
+    # Async, so the run ends when its work does (recast.flows.runs.blocking says why); the body blocks, in a thread.
+    return await blocking(_edit_run, request, resume)
+
+
+def _edit_run(request: EditRequest, resume: str | None):
     logger = get_run_logger()
 
     # 1. Plan (validates everything; nothing is written if it raises). The CLI may have planned it already.
@@ -222,7 +228,9 @@ def edit_flow(request: EditRequest, resume: str | None = None):
 
     # 3. Edits, fanned out; each chain of attempts kept with its job, in request order
     jobs = plan.jobs(input_uris)
-    progress_id = create_progress_artifact(progress=0.0, description=f"recast run {plan.run_id}: edits done")
+    # _sync: the flow is async (recast.flows.runs.blocking), its body is not; Prefect would hand back coroutines.
+    progress_id = create_progress_artifact(progress=0.0, description=f"recast run {plan.run_id}: edits done",
+                                           _sync=True)
     chains: list[list[EditRecord]] = [[] for _ in jobs]
     attempts = [_edit_chain(job, plan) for job in jobs]
     for done, (index, chain) in enumerate(run_chains(edit_task, attempts, stage="edit"), start=1):
@@ -342,8 +350,8 @@ def hand_over(handoff_uri: str, plan: RunPlan) -> dict | None:
         if mode == "inline":
             from recast.flows.animate import animate_flow  # the edit flow is built on it (a subflow)
 
-            state = animate_flow(request, return_state=True)
-            manifest = state.result(raise_on_failure=False)
+            state = run_flow(animate_flow, request, return_state=True)
+            manifest = state.result(raise_on_failure=False, _sync=True)
             if not isinstance(manifest, dict):
                 return {"mode": mode, "status": "failed", "error": state.message}
             return {"mode": mode, "status": manifest["status"], "run_id": manifest["run_id"],
@@ -355,7 +363,7 @@ def hand_over(handoff_uri: str, plan: RunPlan) -> dict | None:
 
         # The video model lives on its own GPU pool; this flow waits for it as a subflow.
         run = run_deployment(plan.settings.handoff.deployment, parameters={"request": request.model_dump()},
-                             as_subflow=True, timeout=plan.settings.handoff.timeout_s)
+                             as_subflow=True, timeout=plan.settings.handoff.timeout_s, _sync=True)
         return {"mode": mode, "deployment": plan.settings.handoff.deployment, "flow_run_id": str(run.id),
                 "status": run.state.type.value.lower() if run.state else "unknown"}
     except Exception as exc:  # noqa: BLE001 - the edits are done; a video failure is recorded, not fatal
@@ -418,7 +426,8 @@ def _publish(manifest: Manifest, manifest_uri: str) -> None:
                                   default=None), "seed": None, "seconds": clip.get("seconds"),
                      "status": "succeeded" if clip.get("output") else "failed",
                      "output": storage.redact(clip.get("output") or "")})
-    create_table_artifact(table=rows, key="recast-edit-results", description=f"recast run {manifest.run_id}")
+    create_table_artifact(table=rows, key="recast-edit-results", description=f"recast run {manifest.run_id}",
+                          _sync=True)
     ok = sum(e.status == "succeeded" for e in manifest.edits)
     model = manifest.model
     revision = f"@ `{model.revision}`" if model.revision else "(built locally, no revision)" \
@@ -436,4 +445,4 @@ def _publish(manifest: Manifest, manifest_uri: str) -> None:
         target = manifest.identity_target
         lines.append(f"- identity target {target.grade}: {'met' if target.met else 'NOT met'} "
                      f"(best {target.best_grade})")
-    create_markdown_artifact(key="recast-edit-summary", markdown="\n".join(lines))
+    create_markdown_artifact(key="recast-edit-summary", markdown="\n".join(lines), _sync=True)

@@ -109,7 +109,8 @@ def _drive_locally(task: Task, chain: Chain) -> Any:
         if outcome is None or outcome.result is None and outcome.message is None:
             earlier = outcome.submissions if outcome else []
             state = task(job, return_state=True)
-            outcome = (Outcome(result=state.result(raise_on_failure=False)) if state.is_completed()
+            # _sync: inside an async flow (recast.flows.runs.blocking) Prefect would hand back a coroutine.
+            outcome = (Outcome(result=state.result(raise_on_failure=False, _sync=True)) if state.is_completed()
                        else Outcome(message=state.message or state.type.value))
             outcome.submissions = earlier + ([{"submission": len(earlier) + 1, "outcome": "ran in this process"}]
                                              if earlier else [])
@@ -212,7 +213,7 @@ class _Watch:
         if state is not None and state.is_final():
             if state.is_completed():
                 found = lifecycle.read_result(self.job.control)
-                return self._finish("completed", state.result(raise_on_failure=False) if found is None
+                return self._finish("completed", state.result(raise_on_failure=False, _sync=True) if found is None
                                     else self.result_type.model_validate(found[0]), found and found[1])
             return self._finish("failed", state.message or state.type.value)
         # The server answered but does not know the task run (a worker that could not read its parameters deletes

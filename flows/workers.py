@@ -47,27 +47,49 @@ def serve_worker(kinds: list[str], gpu: int | None = None, profile_name: str | N
         loaded, _ = loading.get_pipeline(kind, profile)
         print(f"recast worker: {kind} {profile.name} ({profile.model_id}) ready on {loading.describe_device(profile)} "
               f"after a {loaded.cold_start_s:.1f}s cold start", flush=True)
-    print(f"recast worker {' '.join(kinds)}: serving one task at a time", flush=True)
-    import asyncio
+    print(f"recast worker {' '.join(kinds)}: serving one task at a time on the GPU", flush=True)
 
     async def serve() -> None:
-        worker = _one_at_a_time_worker()(*[task for _, _, task in served], limit=1)  # inside the event loop
+        # One job on the GPU, up to MAX_FINISHING finishing beside it (created inside the event loop).
+        worker = _overlapping_worker()(*[task for _, _, task in served], limit=1 + MAX_FINISHING)
         await worker.astart()
 
+    _serve_until_stopped(serve)
+
+
+def _serve_until_stopped(serve) -> None:
+    """Run the worker's loop until TERM or Ctrl-C stops it; anything else that ends it is raised (a worker that
+    stops serving must not exit 0 as if it had been asked to)."""
+    import asyncio
+
+    from prefect.exceptions import TerminationSignal
+
+    stops = (KeyboardInterrupt, SystemExit, TerminationSignal, asyncio.CancelledError)
     try:
         asyncio.run(serve())
-    except (KeyboardInterrupt, SystemExit, BaseExceptionGroup):  # stopped (TERM, Ctrl-C)
+    except stops:
         pass
+    except BaseExceptionGroup as group:
+        unexpected = group.subgroup(lambda exc: not isinstance(exc, stops))
+        if unexpected is not None:
+            raise unexpected
 
 
-def _one_at_a_time_worker():
-    """Prefect's task worker, taking a task run only when free and acknowledging it only once it is done.
+# Jobs whose CPU work (encoding, writing, identity scoring) may still run while the next job is on the GPU. Their
+# frames stay in memory until written: a bound, so a burst of clips cannot pile up in RAM.
+MAX_FINISHING = 2
+
+
+def _overlapping_worker():
+    """Prefect's task worker, taking a task run only when it can start it, and the next one as soon as the current
+    one has left the GPU: the card works on job N+1 while job N's CPU work finishes (recast.tasks.lifecycle.on_gpu).
 
     A stock worker acknowledges each run as it arrives, even while busy: a worker that dies takes the runs it
     acknowledged with it (the server thinks them delivered; they stay Scheduled forever). This one receives a run
-    when it can start it and acknowledges it after running it, so a run whose worker dies before finishing goes
-    back to the server's queue when the connection drops, for the next worker (its flow also sees the heartbeat
-    stop, recast.tasks.lifecycle).
+    when it can start it and acknowledges it once the run has left the GPU (or ended), so a run whose worker dies
+    before that goes back to the server's queue when the connection drops, for the next worker. A worker that dies
+    later, while finishing a job, stops beating: its flow submits the job again (nothing is half-recorded, results
+    are written last and whole).
     """
     import asyncio
 
@@ -78,7 +100,9 @@ def _one_at_a_time_worker():
     from prefect.settings import get_current_settings
     from prefect.task_worker import TaskWorker
 
-    class AckWhenDone(Subscription):
+    from recast.tasks import lifecycle
+
+    class AckWhenStarted(Subscription):
         async def receive(self) -> TaskRun:
             while True:
                 try:
@@ -92,23 +116,38 @@ def _one_at_a_time_worker():
             try:
                 await self.websocket.send(orjson.dumps({"type": "ack"}).decode())
             except (RuntimeError, websockets.exceptions.ConnectionClosed):
-                self._websocket = None  # the run is done either way; the server may send it again
+                self._websocket = None  # the run is on its way either way; the server may send it again
 
-    class OneAtATimeWorker(TaskWorker):
+    class OverlappingWorker(TaskWorker):
         async def _subscribe_to_task_scheduling(self):
             keys = " | ".join(key.split(".")[-1].split("-")[0] for key in sorted(self.task_keys))
             print(f"Subscribing to runs of task(s): {keys}", flush=True)
-            subscription = AckWhenDone(model=TaskRun, path="/task_runs/subscriptions/scheduled",
-                                       keys=self.task_keys, client_id=self.client_id,
-                                       base_url=get_current_settings().api.url)
+            subscription = AckWhenStarted(model=TaskRun, path="/task_runs/subscriptions/scheduled",
+                                          keys=self.task_keys, client_id=self.client_id,
+                                          base_url=get_current_settings().api.url)
             while True:
+                while self.available_tasks is not None and self.available_tasks < 1:
+                    await asyncio.sleep(0.01)  # MAX_FINISHING jobs still finishing: wait for one to end
                 task_run = await subscription.receive()
                 log.info("Received task run: %s - %s", task_run.id, task_run.name)
                 if await self._acquire_token(task_run.id):
-                    await self._safe_submit_scheduled_task_run(task_run)  # runs it; returns when it is done
+                    run_id = str(task_run.id)
+                    left_gpu = lifecycle.watch_gpu(run_id)
+                    ended = asyncio.Event()
+
+                    async def run(task_run=task_run, run_id=run_id, ended=ended):
+                        try:
+                            await self._safe_submit_scheduled_task_run(task_run)  # returns when the job is done
+                        finally:
+                            ended.set()
+                            lifecycle.forget_gpu(run_id)
+
+                    self._runs_task_group.start_soon(run)
+                    while not (ended.is_set() or left_gpu.is_set()):
+                        await asyncio.sleep(0.005)
                 await subscription.ack()
 
-    return OneAtATimeWorker
+    return OverlappingWorker
 
 
 # --------------------------------------------------------------------------------------------------
@@ -176,8 +215,6 @@ def _team_member(rank: int, kind: str, gpus: list[int], master: str, profile_nam
 
         parallel.follow({"edit": edit, "video": video})
         return
-    import asyncio
-
     from recast.tasks.animate import animate_task
     from recast.tasks.edit import edit_task
 
@@ -186,13 +223,11 @@ def _team_member(rank: int, kind: str, gpus: list[int], master: str, profile_nam
     os.environ[f"RECAST_{section}__{profile.name.upper().replace('-', '_')}__DEVICE"] = device
 
     async def serve() -> None:
-        worker = _one_at_a_time_worker()(edit_task if kind == "edit" else animate_task, limit=1)
+        worker = _overlapping_worker()(edit_task if kind == "edit" else animate_task, limit=1 + MAX_FINISHING)
         await worker.astart()
 
     try:
-        asyncio.run(serve())
-    except (KeyboardInterrupt, SystemExit, BaseExceptionGroup):
-        pass
+        _serve_until_stopped(serve)
     finally:
         parallel.dismiss()
 

@@ -6,6 +6,7 @@ Reads its inputs by URI, writes one PNG by URI, returns a small EditResult (neve
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from prefect import task
 
@@ -24,18 +25,23 @@ def edit_image(job: EditJob) -> EditResult:
     with lifecycle.running(job) as should_stop:
         loaded, cache_hit = loading.get_pipeline("edit", profile)
         images = [storage.load_image(uri) for uri in job.inputs]
-        started = time.perf_counter()
-        image = qwen_edit.run_edit(
-            loaded, profile, images, prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed,
-            steps=job.steps, true_cfg_scale=job.true_cfg_scale, width=job.width, height=job.height, loras=job.loras,
-            should_stop=should_stop)
-        seconds = time.perf_counter() - started
-        storage.write_bytes(job.output, storage.png_bytes(image))
+        with lifecycle.on_gpu():
+            started = time.perf_counter()
+            image = qwen_edit.run_edit(
+                loaded, profile, images, prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed,
+                steps=job.steps, true_cfg_scale=job.true_cfg_scale, width=job.width, height=job.height,
+                loras=job.loras, should_stop=should_stop)
+            seconds = time.perf_counter() - started
+        # The CPU work side by side, while a worker's next job may already be on the GPU: the PNG (zlib frees the
+        # GIL) and the identity score (OpenCV).
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="recast-edit") as pool:
+            written = pool.submit(lambda: storage.write_bytes(job.output, storage.png_bytes(image)))
+            identity = score_identity(images[0], image) if job.score_identity else None
+            written.result()
         result = EditResult(edit_id=job.edit_id, output=job.output, seed=job.seed, width=image.width,
                             height=image.height, seconds=round(seconds, 4), cache_hit=cache_hit,
                             cold_start_s=round(loaded.cold_start_s, 3), prepared=loaded.prepared,
-                            compile_cache=loaded.compile_cache,
-                            identity=score_identity(images[0], image) if job.score_identity else None)
+                            compile_cache=loaded.compile_cache, identity=identity)
         lifecycle.record_result(job, result)
     return result
 

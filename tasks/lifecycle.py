@@ -14,6 +14,7 @@ flow's own process (execution: local) have no control files.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import socket
@@ -63,6 +64,10 @@ def _task_run_id() -> str:
     return str(task_run.id) if task_run.id else "local"
 
 
+# The running job's heartbeat writer (set by `running`), for on_gpu to say the job's phase.
+_BEAT: contextvars.ContextVar[Callable[..., None] | None] = contextvars.ContextVar("recast_beat", default=None)
+
+
 @contextlib.contextmanager
 def running(job) -> Iterator[Callable[[], bool]]:
     """Around a job's work on a worker: refuse a cancelled task run, beat while working; yields `should_stop`,
@@ -76,11 +81,15 @@ def running(job) -> Iterator[Callable[[], bool]]:
     if storage.exists(cancelled):
         raise JobCancelled(f"task run {run_id} was given up by its flow before it started")
     started = time.time()
-    beat = {"task_run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "started": started}
+    beat = {"task_run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "started": started,
+            "phase": "starting"}
     stop = threading.Event()
 
-    def write() -> None:
-        storage.write_json(heartbeat_uri(control), dict(beat, at=time.time()))
+    def write(phase: str | None = None, write: bool = True) -> None:
+        if phase:
+            beat["phase"] = phase
+        if write:
+            storage.write_json(heartbeat_uri(control), dict(beat, at=time.time()))
 
     from recast.tasks.settings import get_settings
 
@@ -94,11 +103,51 @@ def running(job) -> Iterator[Callable[[], bool]]:
     write()
     thread = threading.Thread(target=beat_loop, name="recast-heartbeat", daemon=True)
     thread.start()
+    token = _BEAT.set(write)
     try:
         yield lambda: storage.exists(cancelled)
     finally:
+        _BEAT.reset(token)
         stop.set()
         thread.join(timeout=5)
+
+
+# One model call at a time per process (the edit and the video stage of a worker share the card), and the signal a
+# task worker waits for before it takes its next job: the job has left the GPU, so its CPU work (PNG and mp4
+# encoding, identity scoring, writes) goes on beside the next job's model call.
+_GPU = threading.Lock()
+_LEFT_GPU: dict[str, threading.Event] = {}
+
+
+def watch_gpu(task_run_id: str) -> threading.Event:
+    """An event set once the job of this task run has left the GPU (a worker, before it starts the run)."""
+    return _LEFT_GPU.setdefault(task_run_id, threading.Event())
+
+
+def forget_gpu(task_run_id: str) -> None:
+    _LEFT_GPU.pop(task_run_id, None)
+
+
+@contextlib.contextmanager
+def on_gpu():
+    """Around a job's model call: one at a time in this process; on leaving, the worker may take its next job. The
+    job's heartbeat says which phase it is in (the next beat carries waiting / on the GPU; finishing is written at
+    once, after the worker has been told)."""
+    beat = _BEAT.get()
+    try:
+        if beat:
+            beat("waiting for the GPU", write=False)
+        with _GPU:
+            if beat:
+                beat("on the GPU", write=False)
+            yield
+    finally:
+        left = _LEFT_GPU.get(_task_run_id())
+        if left is not None:
+            left.set()
+        if beat:
+            with contextlib.suppress(Exception):  # a missed beat is a late beat
+                beat("finishing")
 
 
 def record_result(job, result) -> None:

@@ -150,9 +150,10 @@ def test_the_run_summary_names_the_model_without_none(astronaut, memory_root):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from recast.flows.edit import edit_flow
+    from recast.flows.runs import run_flow
     from recast.tasks.schemas.requests import EditRequest
 
-    manifest = edit_flow(EditRequest(images=[str(astronaut)], prompts=["x"], seeds=[1], steps=2,
+    manifest = run_flow(edit_flow, EditRequest(images=[str(astronaut)], prompts=["x"], seeds=[1], steps=2,
                                      storage_root=memory_root))
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["recast-edit-summary"])))

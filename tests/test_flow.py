@@ -8,6 +8,7 @@ import pytest
 
 from recast.flows.cli import main
 from recast.flows.edit import edit_flow
+from recast.flows.runs import run_flow
 from recast.tasks import storage
 from recast.tasks.models import loading, qwen_edit
 from recast.tasks.schemas.requests import EditRequest
@@ -26,9 +27,9 @@ def _request(images, root, **kw) -> EditRequest:
 
 def test_two_runs_load_the_pipeline_once_and_write_complete_manifests(astronaut, memory_root):
     loading.clear_cache()
-    first = edit_flow(_request([astronaut], memory_root, prompts=["James Bond 007, tuxedo", "Neo, leather coat"],
+    first = run_flow(edit_flow, _request([astronaut], memory_root, prompts=["James Bond 007, tuxedo", "Neo, leather coat"],
                                seeds=[1, 2], identity_notes="short dark hair"))
-    second = edit_flow(_request([astronaut], memory_root, prompts=["Top Gun flight suit"], seeds=[5]))
+    second = run_flow(edit_flow, _request([astronaut], memory_root, prompts=["Top Gun flight suit"], seeds=[5]))
 
     assert first["pipeline"]["cache_hit"] is False, "the first run in a fresh process must load the pipeline"
     assert second["pipeline"]["cache_hit"] is True, "the second run must reuse the loaded pipeline"
@@ -63,7 +64,7 @@ def test_two_runs_load_the_pipeline_once_and_write_complete_manifests(astronaut,
 
 
 def test_handoff_is_the_contract_for_the_video_stage(second_photo, memory_root):
-    manifest = edit_flow(_request([second_photo], memory_root, prompts=["Indiana Jones, fedora"], seeds=[11],
+    manifest = run_flow(edit_flow, _request([second_photo], memory_root, prompts=["Indiana Jones, fedora"], seeds=[11],
                                   motion_prompt="he tips his hat"))
     handoff = storage.read_json(manifest["handoff"])
     edit = manifest["edits"][0]
@@ -79,7 +80,7 @@ def test_handoff_is_the_contract_for_the_video_stage(second_photo, memory_root):
 
 
 def test_unset_seed_is_drawn_and_recorded(astronaut, memory_root):
-    manifest = edit_flow(_request([astronaut], memory_root, prompts=["Peaky Blinders flat cap"]))
+    manifest = run_flow(edit_flow, _request([astronaut], memory_root, prompts=["Peaky Blinders flat cap"]))
     seed = manifest["edits"][0]["seed"]
     assert 0 <= seed <= 2**32 - 1 and manifest["request"]["seeds"] == [seed]
 
@@ -93,7 +94,7 @@ def test_a_failing_edit_is_recorded_and_the_others_land(astronaut, memory_root, 
         return real_run_edit(loaded, profile, images, **kw)
 
     monkeypatch.setattr(qwen_edit, "run_edit", fail_on_seed_13)
-    manifest = edit_flow(_request([astronaut], memory_root, prompts=["John Wick, neon"], seeds=[12, 13, 14]))
+    manifest = run_flow(edit_flow, _request([astronaut], memory_root, prompts=["John Wick, neon"], seeds=[12, 13, 14]))
     statuses = {e["seed"]: e["status"] for e in manifest["edits"]}
     assert statuses == {12: "succeeded", 13: "failed", 14: "succeeded"}
     assert manifest["status"] == "partial"
@@ -106,7 +107,7 @@ def test_results_table_artifact_is_published(astronaut, memory_root):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    manifest = edit_flow(_request([astronaut], memory_root, prompts=["Forrest Gump running"], seeds=[21]))
+    manifest = run_flow(edit_flow, _request([astronaut], memory_root, prompts=["Forrest Gump running"], seeds=[21]))
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["recast-edit-results"])))
     tables = [a for a in artifacts if a.type == "table" and str(a.flow_run_id) == manifest["prefect"]["flow_run_id"]]

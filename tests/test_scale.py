@@ -58,7 +58,7 @@ def _batch(env: dict, incoming: Path, root: Path, cwd: Path) -> dict:
 def test_two_machines_on_postgresql_share_a_run_and_a_batch(tmp_path, astronaut, second_photo):
     """As the README's scale-out section: PostgreSQL, one server, workers with their own caches and folders
     ("machines"), sharing only the server, the result storage and the storage root. One machine's worker first,
-    then both: the same run on two takes under 0.7x the wall time of one, and a batch fans its photos out too."""
+    then both: the same run on two has its edits done at once, and a batch fans its photos out too."""
     shared = tmp_path / "shared"  # stands for the bucket every machine reaches
     (shared / "results").mkdir(parents=True)
     # The database runs as the postgres user, which cannot enter pytest's private temporary folders.
@@ -118,8 +118,13 @@ def test_two_machines_on_postgresql_share_a_run_and_a_batch(tmp_path, astronaut,
     assert all(e["status"] == "succeeded" for e in one["edits"] + two["edits"]), \
         [e["error"] for e in one["edits"] + two["edits"]]
     assert min(by_two) >= 1, f"one run must be fanned over both machines' workers (they ran {by_two} edits)"
-    ratio = _wall(two) / _wall(one)
-    assert ratio < 0.7, f"two workers took {ratio:.2f}x the time of one on the same jobs (bar: 0.7)"
+    # Two machines work at once: the edits' own seconds add up to more than the run's wall time, which one worker
+    # (one edit at a time) can never do, however busy the machine is. The speed-up itself is measured by
+    # benchmarks/worker_overhead.py, not bounded here.
+    busy = sum(e["seconds"] for e in two["edits"])
+    assert busy > 1.2 * _wall(two), (f"the run's edits took {busy:.1f}s of work in {_wall(two):.1f}s: they did not "
+                                     f"run at once on both machines (one machine alone: {_wall(one):.1f}s)")
+    assert sum(e["seconds"] for e in one["edits"]) < _wall(one), "one worker runs one edit at a time"
 
     assert [e["source"].rsplit("/", 1)[-1] for e in batch["edited"]] == ["a.png", "b.jpg"], batch
     runs = [json.loads(Path(e["manifest"].removeprefix("file://")).read_text()) for e in batch["edited"]]

@@ -95,6 +95,78 @@ def test_one_worker_serves_two_flow_runs_with_one_load(server, astronaut, tmp_pa
     assert log.count("ready on") == 1, "the worker must load its pipeline exactly once"
 
 
+def test_a_stream_of_runs_on_one_worker_completes_with_each_manifest_right(server, astronaut, tmp_path):
+    """Several runs at once on one worker, which overlaps one job's CPU work with the next one's model call: every
+    run completes, each with its own edits, once each, in its own folder."""
+    worker = start_worker(server, tmp_path / "worker.log")
+    runs = []
+    try:
+        for index in range(3):
+            args = [str(BIN / "recast"), "edit", str(astronaut), "--prompt", f"Neo {index}, black trench coat",
+                    "--steps", "4", "--storage", str(tmp_path / "s"), "--json", "--seed", str(10 * index + 1),
+                    "--seed", str(10 * index + 2)]
+            runs.append(subprocess.Popen(args, env=server, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outs = [run.communicate(timeout=600) for run in runs]
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+        stop(worker)
+    for index, (run, (out, err)) in enumerate(zip(runs, outs)):
+        assert run.returncode == 0, err[-2000:]
+        manifest = json.loads(out)
+        assert [e["seed"] for e in manifest["edits"]] == [10 * index + 1, 10 * index + 2], manifest["edits"]
+        for edit in manifest["edits"]:
+            assert edit["status"] == "succeeded" and f"Neo {index}" in edit["prompt"], edit
+            assert edit["output"].startswith(manifest["folder"]) and Path(edit["output"][7:]).exists(), edit
+    assert len(list((tmp_path / "s").glob("runs/*/edits/*.png"))) == 6, "each edit once"
+
+
+def test_a_worker_takes_its_next_job_while_the_last_one_finishes(api_server):
+    """The worker's overlap itself: job 1 leaves the GPU, then waits (its 'CPU work') until job 2 has reached the
+    GPU. A worker that took one job at a time would never start job 2 while job 1 runs."""
+    import asyncio
+    import contextvars
+    import threading
+
+    from prefect import task
+
+    from recast.flows.workers import MAX_FINISHING, _overlapping_worker
+    from recast.tasks import lifecycle
+
+    first_started, second_on_gpu = threading.Event(), threading.Event()
+
+    @task(name="recast-overlap-probe", persist_result=True)
+    def probe(n: int) -> int:
+        with lifecycle.on_gpu():
+            (first_started if n == 1 else second_on_gpu).set()
+        if n == 1 and not second_on_gpu.wait(120):
+            raise AssertionError("job 2 never reached the GPU while job 1 was finishing")
+        return n
+
+    serving: dict = {}
+
+    async def serve():
+        serving["loop"] = asyncio.get_running_loop()
+        serving["worker"] = _overlapping_worker()(probe, limit=1 + MAX_FINISHING)
+        try:
+            await serving["worker"].astart()
+        except BaseException:  # noqa: BLE001 - stopped at the end of the test
+            pass
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(asyncio.run, serve()), daemon=True)
+    thread.start()
+    try:
+        first = probe.delay(1)
+        assert first_started.wait(120), "the worker did not take job 1"
+        second = probe.delay(2)
+        assert first.result(timeout=180) == 1 and second.result(timeout=180) == 2
+    finally:
+        if "worker" in serving:
+            asyncio.run_coroutine_threadsafe(serving["worker"].astop(), serving["loop"])
+        thread.join(timeout=30)
+
+
 def test_a_worker_refuses_a_profile_it_was_not_started_with(server, astronaut, tmp_path):
     """A UI user cannot make a worker load a second model: the job fails with the reason, the worker stays."""
     worker = start_worker(server, tmp_path / "worker.log")
@@ -126,8 +198,10 @@ def test_killed_worker_is_replaced_and_the_run_completes_with_each_edit_once(ser
             "--seed", "11", "--seed", "12", "--seed", "13", "--seed", "14"]
     run = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: list(root.glob("runs/*/edits/*.png")), 180, "the first edit")
-        stop(worker)  # mid-run: the next task run is queued or already claimed by the dead worker
+        # Killed while it works on an edit: a job beating whose result is not written yet.
+        wait_for(lambda: list(root.glob("runs/*/edits/*.png")) and _busy_on(root), 180,
+                 "the worker to be on its second edit")
+        stop(worker)
         replacement = start_worker(env, tmp_path / "w2.log")
         replaced_at = time.monotonic()
         try:
@@ -151,6 +225,12 @@ def test_killed_worker_is_replaced_and_the_run_completes_with_each_edit_once(ser
                or len(e["submissions"][0]["workers"]) > 1]
     assert retried, "the manifest must record the edit the dead worker held: " + json.dumps(
         [e["submissions"] for e in manifest["edits"]])
+
+
+def _busy_on(root: Path) -> list[Path]:
+    """Jobs a worker is working on right now: beating, without a result yet."""
+    return [beat for beat in root.glob("runs/*/.jobs/*.heartbeat")
+            if not beat.with_name(beat.name.removesuffix(".heartbeat") + ".result.json").exists()]
 
 
 def test_a_worker_refuses_jobs_from_other_code(memory_root, astronaut):
