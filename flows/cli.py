@@ -281,7 +281,7 @@ def _prepare(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from recast.flows.serve import serve
 
-    return serve(args.port)
+    return serve(args.port, args.profile, args.video_profile, args.one_worker)
 
 
 class _Progress:
@@ -383,6 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Environment: RECAST_SERVE_PORT (default 4200), RECAST_SERVE_DATABASE (postgres, or a "
         "postgresql+asyncpg:// URL; default SQLite under PREFECT_HOME), RECAST_SERVE_LOG_LEVEL (default INFO).")
     serve.add_argument("--port", type=int, default=None, help="the server's port (default RECAST_SERVE_PORT or 4200)")
+    serve.add_argument("--profile", default=None, help="edit profile the edit worker loads (default from config)")
+    serve.add_argument("--video-profile", dest="video_profile", default=None,
+                       help="video profile the animate worker loads (default from config)")
+    serve.add_argument("--one-worker", action="store_true",
+                       help="one task worker for both stages (one card: the memory policy keeps both when they fit)")
     serve.set_defaults(handler=_serve, model=None)
 
     board = sub.add_parser("storyboard", help="edit and animate a storyboard of scenes, stitched into one video",

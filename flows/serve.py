@@ -182,11 +182,12 @@ def _repo() -> Path:
                    "in a recast checkout")
 
 
-def serve(port: int | None = None) -> int:
-    """Start, announce, wait for a stop, stop everything; the exit code (0 when stopped by a signal)."""
+def serve(port: int | None = None, profile: str | None = None, video_profile: str | None = None,
+          one_worker: bool = False) -> int:
+    """Start, announce, wait for a stop, stop everything; the exit code (0 when stopped by a signal). `profile`
+    and `video_profile` choose what the task workers load; `one_worker`: one process serves both stages (one card)."""
     repo = _repo()
     port = port or int(os.environ.get("RECAST_SERVE_PORT", "4200"))
-    bin_dir = Path(sys.executable).parent
     home = Path(os.environ.get("PREFECT_HOME") or repo / ".prefect-server")
     logs = repo / "logs"
     for folder in (home, logs, repo / "artifacts" / "incoming"):
@@ -219,23 +220,26 @@ def serve(port: int | None = None) -> int:
             env["PREFECT_API_DATABASE_CONNECTION_URL"] = url
         elif database:
             env["PREFECT_API_DATABASE_CONNECTION_URL"] = database
-        prefect = str(bin_dir / "prefect")
-        supervisor.start(Service("server", [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]))
+        # `python -m`: the same interpreter and packages as this process, console scripts or not.
+        prefect = [sys.executable, "-m", "prefect"]
+        supervisor.start(Service("server", [*prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]))
         if supervisor.wait_until("the Prefect server", lambda: _healthy(api)):
-            supervisor.run_once("work-pool", [prefect, "work-pool", "create", "recast-flows", "--type", "process"])
-            deployed = supervisor.run_once("deploy", [prefect, "--no-prompt", "deploy", "--all", "--prefect-file",
+            supervisor.run_once("work-pool", [*prefect, "work-pool", "create", "recast-flows", "--type", "process"])
+            deployed = supervisor.run_once("deploy", [*prefect, "--no-prompt", "deploy", "--all", "--prefect-file",
                                                       "deployments/prefect.yaml"])
             if deployed.returncode != 0 and not supervisor.stopping.is_set():
                 supervisor.stop_reason = f"deploying failed: see {logs / 'deploy.log'}"
                 supervisor.stopping.set()
         if not supervisor.stopping.is_set() and not supervisor.exited():
-            recast = str(bin_dir / "recast")
-            workers = [supervisor.start(Service("flow-worker", [prefect, "worker", "start", "--pool", "recast-flows"],
-                                                ready_text="started")),
-                       supervisor.start(Service("edit-worker", [recast, "worker", "edit"],
-                                                ready_text="Subscribing to runs")),
-                       supervisor.start(Service("animate-worker", [recast, "worker", "animate"],
-                                                ready_text="Subscribing to runs"))]
+            recast = [sys.executable, "-m", "recast.flows.cli"]
+            chosen = [*(["--profile", profile] if profile else []),
+                      *(["--video-profile", video_profile] if video_profile else [])]
+            task_workers = [("worker", ["edit", "animate"])] if one_worker else [("edit-worker", ["edit"]),
+                                                                                 ("animate-worker", ["animate"])]
+            workers = [supervisor.start(Service("flow-worker", [*prefect, "worker", "start", "--pool", "recast-flows"],
+                                                ready_text="started"))]
+            workers += [supervisor.start(Service(name, [*recast, "worker", *kinds, *chosen],
+                                                 ready_text="Subscribing to runs")) for name, kinds in task_workers]
             if supervisor.wait_until("the workers", lambda: all(supervisor.ready(w) for w in workers)):
                 print(f"recast is serving:\n"
                       f"  Prefect UI   http://127.0.0.1:{port}   (Deployments -> recast-edit/edit -> Run -> "

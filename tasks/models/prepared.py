@@ -470,7 +470,11 @@ def save_compile_cache(kind: str, profile) -> Path | None:
     folder = folder_of(kind, profile)
     if not (folder / "manifest.json").is_file():
         return None
-    saved = torch.compiler.save_cache_artifacts()
+    try:
+        saved = torch.compiler.save_cache_artifacts()
+    except Exception as exc:  # noqa: BLE001 - a cache not kept costs the next start a compile, nothing more
+        log.warning("torch.compile's cache not kept: %s", exc)
+        return None
     if not saved:
         return None
     path = compile_cache_path(kind, profile)

@@ -1,0 +1,197 @@
+"""A stream of requests on one card (#23): how many clips (and edits) an hour one GPU gives, and how busy it is.
+
+`recast serve` starts a real Prefect server, the deployments, a process worker for flow runs and ONE task worker
+that serves both stages on the card (`--one-worker`: lightning + wan22-lightning, from prepared weights). Then,
+through the deployment/API path as UI users would:
+
+    clips   --clips photo-to-clip runs submitted at once (edit, then the clip, inline handoff)
+    edits   --edits edit-only runs submitted at once (one lightning edit each, no video)
+
+Each row: requests per hour (completed / wall, from the first submission to the last end), `busy_fraction`
+(the model calls' seconds, from the manifests, over that wall time), p50/p95 end-to-end latency (each flow run's
+creation to its end, from the API), the card's peak memory (nvidia-smi, sampled every second) and the worker's
+cold start. Rows go into docs/performance.json with stage "stream".
+
+    python gpu_stream.py --work /dev/shm/stream --clips 8 --edits 32 --out ../docs/performance.json
+    python gpu_stream.py --tiny --work /tmp/stream --clips 2 --edits 3      # the code path on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PROMPTS = ["James Bond 007, wearing a tuxedo with bow tie, casino background, cinematic lighting",
+           "Neo from The Matrix, wearing a long black leather trench coat, green digital rain backdrop, neon lighting",
+           "Top Gun pilot, wearing a flight suit and aviator sunglasses, airfield, golden hour lighting",
+           "Tech CEO on stage, wearing a dark blazer, conference backdrop, blue lighting"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class GpuMemory(threading.Thread):
+    """The card's used memory, sampled every second (nvidia-smi): the whole card, every process on it."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak_mib, self.stopped = 0, threading.Event()
+
+    def run(self):
+        while not self.stopped.wait(1.0):
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=10).stdout
+                self.peak_mib = max(self.peak_mib, max(int(v) for v in out.split()))
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                return
+
+
+def submit_and_wait(requests: list[dict], job_env: dict | None, timeout: float) -> list:
+    """Create every run at once through the edit deployment, then wait for all; their final flow runs."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    variables = {"env": job_env} if job_env else None
+    ids = [run_deployment("recast-edit/edit", parameters={"request": request}, timeout=0, job_variables=variables).id
+           for request in requests]
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = [client.read_flow_run(run_id) for run_id in ids]
+            if all(run.state and run.state.is_final() for run in runs) or time.monotonic() > deadline:
+                return runs
+            time.sleep(1.0)
+
+
+def manifests(store: Path, runs) -> list[dict]:
+    """The manifest of each run (by the flow run id the manifest records)."""
+    by_id = {}
+    for path in store.glob("runs/*/manifest.json"):
+        manifest = json.loads(path.read_text())
+        by_id[(manifest.get("prefect") or {}).get("flow_run_id")] = manifest
+    return [by_id.get(str(run.id)) for run in runs]
+
+
+def stream_row(name: str, runs, found: list[dict], peak_mib: int, card: str, extra: dict) -> dict:
+    completed = [run for run in runs if run.state and run.state.is_completed()]
+    starts = [run.created.timestamp() for run in runs]
+    ends = [run.end_time.timestamp() for run in runs if run.end_time]
+    wall = max(ends) - min(starts) if ends else None
+    latencies = sorted(run.end_time.timestamp() - run.created.timestamp() for run in completed if run.end_time)
+    model_s = 0.0
+    for manifest in (m for m in found if m):
+        model_s += sum(e["seconds"] or 0.0 for e in manifest["edits"] if e["status"] == "succeeded")
+        model_s += sum(c.get("seconds") or 0.0 for c in (manifest.get("animation") or {}).get("clips", []))
+    per_hour = round(len(completed) / wall * 3600, 1) if wall else None
+    return dict(stage="stream", profile=name, card=card, gpus=1, requests=len(runs), completed=len(completed),
+                wall_s=round(wall, 2) if wall else None, per_hour=per_hour, model_seconds=round(model_s, 2),
+                busy_fraction=round(model_s / wall, 3) if wall else None,
+                latency_p50_s=round(statistics.median(latencies), 2) if latencies else None,
+                latency_p95_s=round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 2)
+                if latencies else None,
+                gpu_peak_gib=round(peak_mib / 1024, 2) if peak_mib else None, seconds=wall, **extra)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", required=True, help="model cache, storage root, Prefect home, logs")
+    ap.add_argument("--clips", type=int, default=8)
+    ap.add_argument("--edits", type=int, default=32)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--results", default=None, help="also write each row here as it ends (JSON lines)")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds a stream may take")
+    args = ap.parse_args()
+    sys.path.insert(0, str(HERE))
+    import common
+    import cold_start
+    import gpu_video
+    import torch
+
+    work = Path(args.work)
+    store = work / "store"
+    (store / "uploads").mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    edit_profile, video_profile = ("tiny", "tiny") if args.tiny else ("lightning", "wan22-lightning")
+    env = dict(os.environ, RECAST_CACHE_DIR=str(work / "cache"), RECAST_STORAGE_ROOT=str(store),
+               PREFECT_HOME=str(work / "prefect"), RECAST_SERVE_PORT=str(port), PYTHONUNBUFFERED="1",
+               PREFECT_API_URL=f"http://127.0.0.1:{port}/api", **cold_start.lora_env(work, args.tiny))
+    log = work / "stream.log"
+    prepared = []
+    if not args.tiny:  # the worker starts from prepared weights (made from random full-size weights, once)
+        for kind, profile in (("edit", edit_profile), ("video", video_profile)):
+            started = time.perf_counter()
+            cold_start._make_prepared_process(env, kind, profile, work, args.tiny, log)
+            prepared.append({"kind": kind, "profile": profile, "seconds": round(time.perf_counter() - started, 1)})
+    photo = store / "uploads" / "photo.png"
+    gpu_video._photo(1248, 720).save(photo)
+    card = common.card_name(torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
+    run = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "command": common.recorded_command(sys.argv), "versions": common.versions()}
+    memory = GpuMemory()
+    if not args.tiny:
+        memory.start()
+    serve_started = time.monotonic()
+    serve = subprocess.Popen([sys.executable, "-m", "recast.flows.cli", "serve", "--profile", edit_profile,
+                              "--video-profile", video_profile, "--one-worker"], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    rows = []
+    try:
+        banner = ""
+        while "recast is serving" not in banner:
+            line = serve.stdout.readline()
+            if not line:
+                raise RuntimeError(f"recast serve ended before serving: {banner[-2000:]}")
+            banner += line
+        ready_s = round(time.monotonic() - serve_started, 1)
+        worker_log = (REPO / "logs" / "worker.log").read_text()
+        cold = {kind: float(seconds) for kind, seconds in
+                re.findall(r"recast worker: (edit|video) \S+ .*? after a ([\d.]+)s cold start", worker_log)}
+        os.environ.update({k: v for k, v in env.items() if k.startswith(("PREFECT_", "RECAST_"))})
+        common_extra = dict(run=run, serve_ready_s=ready_s, worker_cold_start_s=cold, prepared=prepared,
+                            edit_profile=edit_profile, video_profile=video_profile)
+        streams = [("stream-clips", args.clips, None), ("stream-edits", args.edits, {"RECAST_HANDOFF__MODE": "none"})]
+        for name, count, job_env in streams:
+            if not count:
+                continue
+            requests = [{"images": [str(photo)], "prompts": [PROMPTS[i % len(PROMPTS)]], "seeds": [100 + i],
+                         "profile": edit_profile, "video_profile": video_profile} for i in range(count)]
+            memory.peak_mib = 0
+            runs = submit_and_wait(requests, job_env, args.timeout)
+            row = stream_row(name, runs, manifests(store, runs), memory.peak_mib, card, dict(common_extra))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if args.results:
+                with open(args.results, "a") as out:
+                    out.write(json.dumps(row) + "\n")
+            if args.out:
+                common.write_rows(Path(args.out), [row])
+    finally:
+        memory.stopped.set()
+        os.killpg(serve.pid, signal.SIGINT)
+        try:
+            serve.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+    return 0 if all(row["completed"] == row["requests"] for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
