@@ -170,8 +170,8 @@ def check_available(profile: ModelProfile | VideoProfile, build: bool = True) ->
     check_device(profile)
     loaded = next((p for p in cached_pipelines() if (p.key.profile, p.key.model_id, p.key.revision, p.key.device)
                    == (profile.name, profile.model_id, profile.revision, profile.device)), None)
-    if loaded is not None:
-        return loaded.source  # already in this process
+    if loaded is not None and not loaded.prepared:
+        return loaded.source  # already in this process (from its source: a prepared folder is no source)
     try:
         return resolve_source(profile, build=build)
     except ModelUnavailable:
