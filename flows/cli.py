@@ -201,7 +201,8 @@ def _print_storyboard_summary(manifest: dict) -> None:
 
     print(f"recast storyboard {manifest['run_id']}: {manifest['status']} ({len(manifest['scenes'])} scenes)")
     for scene in manifest["scenes"]:
-        print(f"  scene {scene['scene']}: {scene.get('status')} from {scene['source']}: {scene.get('clip')}")
+        where = scene.get("clip") if scene.get("status") != "skipped" else f"({scene.get('reason')})"
+        print(f"  scene {scene['scene']}: {scene.get('status')} from {scene['source']}: {where}")
     print(f"  stitched: {manifest['stitched']['output']} ({manifest['stitched']['num_frames']} frames)")
     print(storage.join(manifest["folder"], "manifest.json"))
 
@@ -294,7 +295,10 @@ class _Progress:
         if self._quiet:
             return
         if not self._tty:
-            print(f"recast: {done}/{total} edits done", file=sys.stderr, flush=True)
+            # Written, not print()ed: inside a flow run with log_prints, print() becomes a Prefect log record,
+            # which the CLI's WARNING level hides.
+            sys.stderr.write(f"recast: {done}/{total} edits done\n")
+            sys.stderr.flush()
             return
         if self._bar is None:
             from tqdm import tqdm
@@ -410,13 +414,33 @@ def _version() -> str:
         return "unknown"
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, and for an unknown option name the closest one the command has ('--promt': did you mean --prompt?)."""
+    import difflib
+
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = parser._subparsers._group_actions[0].choices[args.command]  # noqa: SLF001 - argparse's own table
+        known = [flag for action in command._actions for flag in action.option_strings]  # noqa: SLF001
+        flag = next((u.split("=")[0] for u in unknown if u.startswith("--")), None)
+        close = difflib.get_close_matches(flag, known, n=1) if flag else []
+        hint = f"; did you mean {close[0]}?" if close else f"; see `recast {args.command} --help`"
+        command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     # Offline by design (no telemetry from the embedded server), and Prefect's own INFO lines stay out of the
     # terminal: recast prints its progress and the reasons itself. A deployment's workers set their own level.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")  # no telemetry notice from Prefect's client either
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()
+        args = _parse(parser, argv)
+    except ConfigError as exc:  # a misspelt RECAST_* variable: one line, whatever the command
+        print(f"recast: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         return args.handler(args)
     except ValidationError as exc:

@@ -51,12 +51,17 @@ def _help(model: type[BaseModel], name: str, field) -> str:
     bounds = _bounds(model, name)
     if "minimum" in bounds and "maximum" in bounds:
         text += f" [{bounds['minimum']}..{bounds['maximum']}]"
-    choices = getattr(field.json_schema_extra, "values", None)
-    if callable(choices):
+    hook = field.json_schema_extra
+    if hasattr(hook, "kind") and callable(getattr(hook, "values", None)):  # a ConfiguredChoices hook, not a dict
         try:
-            text += f" [choices: {', '.join(choices())}]"
+            values = ", ".join(hook.values())
         except Exception:  # noqa: BLE001 - help must print even when the configuration does not load
-            pass
+            values = None
+        if values and hook.kind == "storage_root":
+            # The CLI writes where its user says; only runs from the UI or a schedule are held to these.
+            text += f" [configured roots: {values}; the CLI may name any folder or URI]"
+        elif values:
+            text += f" [choices: {values}]"
     return text.replace("%", "%%")
 
 

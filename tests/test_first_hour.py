@@ -230,3 +230,44 @@ def test_the_contact_sheet_shows_the_prompt_theme(astronaut, memory_root):
     unlabelled = contact_sheet(astronaut.read_bytes(), [record.model_copy(update=dict(prompt="x"))])
     assert isinstance(labelled, Image.Image) and labelled.tobytes() != unlabelled.tobytes(), \
         "the sheet must label each edit with its prompt's theme"
+
+
+def test_help_lists_only_real_choices_and_a_misspelt_flag_gets_a_suggestion(astronaut, capsys):
+    with pytest.raises(SystemExit):
+        main(["edit", "--help"])
+    edit_help = " ".join(capsys.readouterr().out.split())
+    assert "choices: --prompt" not in edit_help and "choices: positional" not in edit_help, \
+        "--help must not show a field's CLI hints as its choices"
+    assert "the CLI may name any folder" in edit_help, "--storage must not read as if only one root were allowed"
+    with pytest.raises(SystemExit) as exit_:
+        main(["edit", str(astronaut), "--promt", "Neo"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "did you mean --prompt?" in err, err
+
+
+@pytest.mark.parametrize("command", [["--version"], ["identity", "a.png", "b.png"], ["edit", "a.png", "--prompt", "x"]])
+def test_a_misspelt_recast_variable_is_one_line_for_every_command(command):
+    proc = _run(command, {"RECAST_STORAGE_ROT": "x"})
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "did you mean RECAST_STORAGE_ROOT" in proc.stderr
+
+
+def test_progress_is_a_plain_line_per_edit_when_stderr_is_a_file(astronaut, tmp_path):
+    proc = _run(["edit", str(astronaut), "--prompt", "Neo, black trench coat, green rain, neon light", "--seed", "1",
+                 "--seed", "2", "--steps", "2", "--storage", str(tmp_path)], {"RECAST_HANDOFF__MODE": "none"})
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "edits done" in line]
+    assert lines == ["recast: 1/2 edits done", "recast: 2/2 edits done"], proc.stderr
+
+
+def test_a_skipped_scene_says_why_in_the_summary(astronaut, tmp_path, capsys):
+    """The tiny model draws no face, so the README's second scene is not chained from a faceless last frame: the
+    summary line says so, not 'None'."""
+    path = tmp_path / "board.yaml"
+    path.write_text(yaml.safe_dump({"num_frames": 5, "fps": 8, "scenes": [
+        {"edit_prompt": "James Bond 007, tuxedo, casino background, cinematic lighting", "motion_prompt": "he smiles",
+         "seed": 1}, {"motion_prompt": "he turns"}]}))
+    assert main(["storyboard", str(path), "--image", str(astronaut), "--storage", str(tmp_path / "s")]) == 0
+    scene_2 = next(line for line in capsys.readouterr().out.splitlines() if "scene 2:" in line)
+    assert "skipped" in scene_2 and "None" not in scene_2 and "chained from" in scene_2, scene_2
