@@ -18,7 +18,7 @@ from recast.flows.execution import run_task
 from recast.flows.runs import (blocking, check_inputs_allowed, check_storage_root, first_set, flow_run_info,
                                new_run_id, now, started_remotely, take_plan, timestamp, versions)
 from recast.tasks import storage
-from recast.tasks.animate import animate_task
+from recast.tasks.animate import animate_task_for
 from recast.tasks.errors import BadInput, first_error
 from recast.tasks.frames import output_size, snap16, snap_frames
 from recast.tasks.models import loading
@@ -121,6 +121,11 @@ def plan_animation(request: AnimateRequest, settings: Settings | None = None) ->
         num_frames = snap_frames("handoff.num_frames", handoff.num_frames, warnings)
     if settings.execution == "local":
         loading.check_available(profile, build=False)
+    else:  # refused now if the workers could never read this run's job; said now if none serves it yet
+        from recast.flows import fleet
+
+        if note := fleet.check_served("video", profile.name):
+            warnings.append(note)
 
     moment = now()
     # Into the edit run's own folder (the edit flow's video stage), or a run of its own. Into a run's folder only
@@ -173,7 +178,7 @@ def _animate_run(request: AnimateRequest):
     logger.info("run %s: %d frames %dx%d at %d fps on %s", plan.run_id, job.num_frames, job.width, job.height,
                 job.fps, plan.profile.name)
     # 2. Clip
-    outcome = run_task(animate_task, job, stage="animate")
+    outcome = run_task(animate_task_for(plan.profile.name), job, stage="animate")
     result = outcome.result if isinstance(outcome.result, ClipResult) else None
     message = None if result else (outcome.message or "failed")
     record = ClipRecord.of(job, result, message, storage.redact)

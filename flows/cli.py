@@ -57,6 +57,7 @@ def _edit(args: argparse.Namespace) -> int:
     remember_plan("edit", request, plan)  # the flow runs this plan instead of reading everything again
     for prompt, warnings in plan.prompt_warnings.items():
         _print_warnings([f"prompt '{_theme(prompt)}': {w}" for w in warnings])
+    _print_warnings(plan.notices)
     return _run_edit(request, args.json)
 
 

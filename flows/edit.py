@@ -17,7 +17,7 @@ from __future__ import annotations
 import posixpath
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
@@ -31,7 +31,7 @@ from recast.flows.runs import (blocking, check_inputs_allowed, check_storage_roo
                                versions)
 from recast.tasks import identity, storage
 from recast.tasks import prompts as prompt_checks
-from recast.tasks.edit import edit_task
+from recast.tasks.edit import edit_task_for
 from recast.tasks.errors import BadInput, first_error
 from recast.tasks.frames import output_size
 from recast.tasks.models import loading
@@ -64,6 +64,7 @@ class RunPlan:
     prompts: list[str]
     prompt_warnings: dict[str, list[str]]
     loras: list[ResolvedLora]
+    notices: list[str] = field(default_factory=list)  # what the user should know before it runs (no worker yet)
 
     def jobs(self, input_uris: list[str]) -> list[EditJob]:
         req, defaults = self.request, self.settings.edit
@@ -122,6 +123,12 @@ def plan_run(request: EditRequest, settings: Settings | None = None, resume: Sav
         loading.check_available(profile, build=False)
         if mode == "inline":
             loading.check_available(video, build=False)
+    notices = []
+    if settings.execution == "workers":  # refused now if the workers could never read this run's jobs
+        from recast.flows import fleet
+
+        notices = [note for note in (fleet.check_served("edit", profile.name),
+                                     fleet.check_served("video", video.name) if mode == "inline" else None) if note]
     seeds = resume.seeds if resume else (list(dict.fromkeys(request.seeds)) if request.seeds
                                             else [secrets.randbelow(MAX_SEED + 1)])
     moment = now()
@@ -130,7 +137,7 @@ def plan_run(request: EditRequest, settings: Settings | None = None, resume: Sav
     return RunPlan(run_id=run_id, created_at=resume.created_at if resume else timestamp(moment), request=request,
                    settings=settings, profile=profile, video_profile=video, layout=storage.RunLayout(root, run_id),
                    images=images, seeds=seeds, prompts=prompts,
-                   prompt_warnings={p: w for p, w in warnings.items() if w}, loras=loras)
+                   prompt_warnings={p: w for p, w in warnings.items() if w}, loras=loras, notices=notices)
 
 
 def load_resume(run: str, storage_root: str | None = None) -> tuple[EditRequest, SavedPlan]:
@@ -216,6 +223,8 @@ def _edit_run(request: EditRequest, resume: str | None):
     profile, layout = plan.profile, plan.layout
     logger.info("run %s: %d prompt(s) x %d seed(s) on profile %s -> %s%s", plan.run_id, len(plan.prompts),
                 len(plan.seeds), profile.name, storage.redact(layout.folder), " (resumed)" if saved else "")
+    for notice in plan.notices:
+        logger.warning(notice)  # in the run's log in the UI
 
     # 2. Inputs and the plan
     input_uris = saved.inputs if saved else [
@@ -233,7 +242,7 @@ def _edit_run(request: EditRequest, resume: str | None):
                                            _sync=True)
     chains: list[list[EditRecord]] = [[] for _ in jobs]
     attempts = [_edit_chain(job, plan) for job in jobs]
-    for done, (index, chain) in enumerate(run_chains(edit_task, attempts, stage="edit"), start=1):
+    for done, (index, chain) in enumerate(run_chains(edit_task_for(profile.name), attempts, stage="edit"), start=1):
         chains[index] = chain
         _report_progress(progress_id, done, len(jobs))
     records = [record for chain in chains for record in chain]

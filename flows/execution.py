@@ -161,6 +161,7 @@ class _Watch:
                  may_submit: bool = True):
         self.task, self.index, self.chain, self.run_limit_s = task, index, chain, run_limit_s
         self.heartbeat_timeout_s, self.resubmits = settings.worker_heartbeat_timeout_s, settings.worker_resubmits
+        self.wait_limit_s = settings.worker_wait_timeout_s
         # may_submit=False: only watch an adopted task run (a resumed run in local mode runs a lost job itself).
         self.may_submit = may_submit
         self.job = job.model_copy(update={"code_version": code_version()})
@@ -195,6 +196,10 @@ class _Watch:
         except Exception as exc:  # noqa: BLE001 - the server is away: submit again at the next poll
             log.warning("could not submit %s yet: %s", self._name(), exc)
             self.run_id = None
+
+    def _served_as(self) -> str:
+        profile = getattr(self.job, "profile", None)
+        return f"edit profile '{profile}'" if profile else f"video profile '{getattr(self.job, 'video_profile', '?')}'"
 
     def _name(self) -> str:
         return getattr(self.job, "edit_id", None) or getattr(self.job, "clip_id", "job")
@@ -238,6 +243,9 @@ class _Watch:
                 return self._lost(f"a worker took it {now - taken:.0f}s ago and never started it (worker gone)")
         elif self.server_went_away and (state is None or state.is_scheduled()):
             return self._lost("the Prefect server restarted before a worker took it (its queue lives in memory)")
+        elif state is not None and state.is_scheduled() and time.monotonic() - self.submitted > self.wait_limit_s:
+            return self._finish("failed", f"no worker took it in {self.wait_limit_s:.0f}s: no running worker serves "
+                                f"{self._served_as()} (start one with that profile against this server)")
 
     def _finish(self, kind: str, detail: Any, made_by: dict | None = None) -> None:
         worker = (made_by or {}).get("worker")

@@ -23,8 +23,8 @@ from recast.flows.runs import (check_inputs_allowed, check_storage_root, first_s
                                slug, started_remotely, take_plan, timestamp, versions)
 from recast.tasks import identity, storage
 from recast.tasks import prompts as prompt_checks
-from recast.tasks.animate import animate_task
-from recast.tasks.edit import edit_task
+from recast.tasks.animate import animate_task_for
+from recast.tasks.edit import edit_task_for
 from recast.tasks.frames import output_size
 from recast.tasks.models import loading
 from recast.tasks.schemas.fields import MAX_SEED
@@ -63,6 +63,11 @@ def check_storyboard(board: Storyboard) -> StoryboardPlan:
     if settings.execution == "local":
         loading.check_available(profile, build=False)
         loading.check_available(video, build=False)
+    else:  # refused now if the workers could never read this run's jobs; said now if none serves them yet
+        from recast.flows import fleet
+
+        warnings += [note for note in (fleet.check_served("edit", profile.name),
+                                       fleet.check_served("video", video.name)) if note]
     storage.check_writable("storage", root)
     return StoryboardPlan(settings=settings, profile=profile, video=video, reference=image, root=root,
                           prompt_warnings=warnings)
@@ -118,7 +123,7 @@ def storyboard_flow(storyboard: Storyboard):
             if scene.edit_prompt:
                 width, height = output_size(None, None, reference.width / reference.height, profile.output_area)
                 edit_id = f"s{index:02d}-{slug(scene.edit_prompt, 24)}-s{seed}"
-                outcome = run_task(edit_task, EditJob(
+                outcome = run_task(edit_task_for(profile.name), EditJob(
                     edit_id=edit_id, profile=profile.name, inputs=[reference_uri], prompt=scene.edit_prompt,
                     negative_prompt=settings.edit.negative_prompt, seed=seed,
                     steps=first_set(profile.steps, settings.edit.steps),
@@ -144,7 +149,7 @@ def storyboard_flow(storyboard: Storyboard):
                 output=layout.clip_uri(clip_id), last_frame=layout.last_frame_uri(clip_id),
                 identity_reference=reference_uri, identity_strip=layout.identity_strip_uri(clip_id),
                 control=layout.control_uri(clip_id))
-            outcome = run_task(animate_task, job, stage="animate")
+            outcome = run_task(animate_task_for(video.name), job, stage="animate")
             result = outcome.result if isinstance(outcome.result, ClipResult) else None
             record.clip = ClipRecord.of(job, result, outcome.message, storage.redact)
             record.clip.submissions = outcome.submissions

@@ -32,15 +32,18 @@ def serve_worker(kinds: list[str], gpu: int | None = None, profile_name: str | N
         raise BadInput("PREFECT_API_URL", None, "task workers need a Prefect server, not the ephemeral API",
                        "start one (`make serve` or `prefect server start`) and export "
                        "PREFECT_API_URL=http://127.0.0.1:4200/api")
-    from recast.tasks.animate import animate_task
-    from recast.tasks.edit import edit_task
+    from recast.flows import fleet
+    from recast.tasks.animate import animate_task_for
+    from recast.tasks.edit import edit_task_for
 
     settings = get_settings()
-    served = []  # (loader kind, profile, task)
+    served = []  # (loader kind, profile, task): jobs are routed by profile (their task keys)
     if "edit" in kinds:
-        served.append(("edit", settings.get_profile(profile_name), edit_task))
+        profile = settings.get_profile(profile_name)
+        served.append(("edit", profile, edit_task_for(profile.name)))
     if "animate" in kinds:
-        served.append(("video", settings.get_video_profile(video_profile_name), animate_task))
+        profile = settings.get_video_profile(video_profile_name)
+        served.append(("video", profile, animate_task_for(profile.name)))
     loading.serve_only({(kind, profile.name) for kind, profile, _ in served})
     # Load (and for compiled profiles, compile) before the first task can arrive.
     for kind, profile, _ in served:
@@ -48,13 +51,17 @@ def serve_worker(kinds: list[str], gpu: int | None = None, profile_name: str | N
         print(f"recast worker: {kind} {profile.name} ({profile.model_id}) ready on {loading.describe_device(profile)} "
               f"after a {loaded.cold_start_s:.1f}s cold start", flush=True)
     print(f"recast worker {' '.join(kinds)}: serving one task at a time on the GPU", flush=True)
+    advertising = fleet.advertise({kind: profile.name for kind, profile, _ in served})
 
     async def serve() -> None:
         # One job on the GPU, up to MAX_FINISHING finishing beside it (created inside the event loop).
         worker = _overlapping_worker()(*[task for _, _, task in served], limit=1 + MAX_FINISHING)
         await worker.astart()
 
-    _serve_until_stopped(serve)
+    try:
+        _serve_until_stopped(serve)
+    finally:
+        advertising.set()
 
 
 def _serve_until_stopped(serve) -> None:
@@ -119,8 +126,13 @@ def _overlapping_worker():
                 self._websocket = None  # the run is on its way either way; the server may send it again
 
     class OverlappingWorker(TaskWorker):
+        def __init__(self, *tasks, limit: int):
+            super().__init__(*tasks, limit=limit)
+            for copy, original in zip(self.tasks, tasks):  # TaskWorker serves copies: keep the profiles' task keys
+                copy.task_key = original.task_key
+
         async def _subscribe_to_task_scheduling(self):
-            keys = " | ".join(key.split(".")[-1].split("-")[0] for key in sorted(self.task_keys))
+            keys = " | ".join(f"{task.name}" for task in self.tasks)
             print(f"Subscribing to runs of task(s): {keys}", flush=True)
             subscription = AckWhenStarted(model=TaskRun, path="/task_runs/subscriptions/scheduled",
                                           keys=self.task_keys, client_id=self.client_id,
@@ -215,15 +227,16 @@ def _team_member(rank: int, kind: str, gpus: list[int], master: str, profile_nam
 
         parallel.follow({"edit": edit, "video": video})
         return
-    from recast.tasks.animate import animate_task
-    from recast.tasks.edit import edit_task
+    from recast.tasks.animate import animate_task_for
+    from recast.tasks.edit import edit_task_for
 
     # The tasks resolve their profile by name from the settings: this rank's device goes there too.
     section = "PROFILES" if kind == "edit" else "VIDEO_PROFILES"
     os.environ[f"RECAST_{section}__{profile.name.upper().replace('-', '_')}__DEVICE"] = device
 
     async def serve() -> None:
-        worker = _overlapping_worker()(edit_task if kind == "edit" else animate_task, limit=1 + MAX_FINISHING)
+        routed = edit_task_for(profile.name) if kind == "edit" else animate_task_for(profile.name)
+        worker = _overlapping_worker()(routed, limit=1 + MAX_FINISHING)
         await worker.astart()
 
     try:

@@ -6,6 +6,7 @@ ClipResult (never video bytes).
 
 from __future__ import annotations
 
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -78,3 +79,11 @@ animate_task = task(
     retry_delay_seconds=2,
     retry_condition_fn=retry_only_transient,
 )
+
+
+@functools.cache
+def animate_task_for(video_profile: str):
+    """The animate task as submitted for one video profile: its own task key (see recast.tasks.edit.edit_task_for)."""
+    routed = animate_task.with_options(name=f"animate [{video_profile}]")
+    routed.task_key = f"{animate_task.task_key}-{video_profile}"
+    return routed

@@ -5,6 +5,7 @@ Reads its inputs by URI, writes one PNG by URI, returns a small EditResult (neve
 
 from __future__ import annotations
 
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -64,3 +65,12 @@ edit_task = task(
     retry_delay_seconds=2,
     retry_condition_fn=retry_only_transient,
 )
+
+
+@functools.cache
+def edit_task_for(profile: str):
+    """The edit task as submitted for one profile: a task key of its own, so a job reaches only the task workers
+    started with that profile (a worker subscribes to its profiles' keys), never one that would have to refuse it."""
+    routed = edit_task.with_options(name=f"edit [{profile}]")
+    routed.task_key = f"{edit_task.task_key}-{profile}"
+    return routed

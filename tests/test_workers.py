@@ -167,19 +167,51 @@ def test_a_worker_takes_its_next_job_while_the_last_one_finishes(api_server):
         thread.join(timeout=30)
 
 
-def test_a_worker_refuses_a_profile_it_was_not_started_with(server, astronaut, tmp_path):
-    """A UI user cannot make a worker load a second model: the job fails with the reason, the worker stays."""
+def test_a_job_reaches_only_workers_of_its_profile_and_says_so_when_none_runs(server, astronaut, tmp_path):
+    """A UI user cannot make a worker load a second model, and a job for a profile no running worker serves is not
+    failed by the first worker it meets: it is routed by profile, the run says at once that none serves it, and
+    the job fails with that reason once worker_wait_timeout_s has passed."""
     worker = start_worker(server, tmp_path / "worker.log")
+    env = dict(server, RECAST_WORKER_WAIT_TIMEOUT_S="10")
     try:
+        wait_for(lambda: _advertised(server), 60, "the worker to advertise itself")
         proc = subprocess.run([str(BIN / "recast"), "edit", str(astronaut), "--prompt", "x", "--profile", "bf16",
-                               "--steps", "2", "--seed", "1", "--storage", str(tmp_path / "s")], env=server,
+                               "--steps", "2", "--seed", "1", "--storage", str(tmp_path / "s")], env=env,
                               capture_output=True, text=True, timeout=300)
         alive = worker.poll() is None
     finally:
         stop(worker)
     assert proc.returncode == 1, proc.stderr[-2000:]
-    assert "serves edit tiny, not edit profile 'bf16'" in proc.stderr, proc.stderr[-2000:]
-    assert alive and (tmp_path / "worker.log").read_text().count("ready on") == 1, "the worker loaded nothing else"
+    assert "no running worker serves edit profile 'bf16' (running: edit tiny" in proc.stderr, proc.stderr[-2000:]
+    assert "no worker took it in 10s" in proc.stderr, proc.stderr[-2000:]
+    log = (tmp_path / "worker.log").read_text()
+    assert alive and log.count("ready on") == 1 and "Received task run" not in log, \
+        "the tiny worker must never be handed the bf16 job (nor load anything else)"
+
+
+def test_a_flow_whose_workers_cannot_read_its_jobs_is_refused_before_anything_is_written(server, astronaut,
+                                                                                        tmp_path):
+    """Workers read task parameters from their PREFECT_HOME's storage: a flow with another home would submit jobs
+    nobody can read (they hung silently). Refused at once, one line with the fix, no run folder."""
+    worker = start_worker(server, tmp_path / "worker.log")
+    (tmp_path / "other-home").mkdir()
+    other = dict(server, PREFECT_HOME=str(tmp_path / "other-home"))
+    try:
+        wait_for(lambda: _advertised(server), 60, "the worker to advertise itself")
+        proc = subprocess.run([str(BIN / "recast"), "edit", str(astronaut), "--prompt", "x", "--steps", "2", "--seed",
+                               "1", "--storage", str(tmp_path / "s")], env=other, capture_output=True, text=True,
+                              timeout=300)
+    finally:
+        stop(worker)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and "same PREFECT_HOME" in proc.stderr, proc.stderr
+    assert not (tmp_path / "s").exists(), "a refused run must write nothing"
+
+
+def _advertised(env) -> bool:
+    code = ("from recast.flows import fleet; import sys; "
+            "sys.exit(0 if any(w['serves'].get('edit') == 'tiny' for w in fleet.running_workers()) else 1)")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=60).returncode == 0
 
 
 def test_worker_refuses_the_ephemeral_api(tmp_path):

@@ -132,6 +132,8 @@ class Settings(Strict):
                                               "this long is taken for lost (the worker died) and submitted again.")
     worker_resubmits: int = Field(2, ge=0, le=10, description="Resubmissions of a lost or timed-out job.")
     worker_in_flight: int = Field(8, ge=1, le=256, description="Jobs of one run submitted to task workers at once.")
+    worker_wait_timeout_s: float = Field(600, gt=0, description="A job no worker has taken after this long fails, "
+                                         "saying no running worker serves its profile.")
     batch_in_flight: int = Field(4, ge=1, le=64, description="Photos a batch run edits at once on task workers (each "
                                  "fans out its own edits); in local mode one at a time.")
     allowed_input_roots: list[str] = Field(
