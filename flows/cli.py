@@ -280,6 +280,16 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gallery(args: argparse.Namespace) -> int:
+    from recast.flows.gallery import serve
+    from recast.tasks import storage
+    from recast.tasks.settings import get_settings
+
+    roots = [storage.check_scheme("--storage", root) for root in (args.storage or get_settings().storage_roots)]
+    serve(roots, host=args.host, port=args.port)
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from recast.flows.serve import serve
 
@@ -380,12 +390,26 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--video-profile", dest="video_profile", default=None, help="video profile")
     prepare.set_defaults(handler=_prepare, model=None)
 
+    gallery = sub.add_parser(
+        "gallery", help="see the runs in a browser: edits, clips, identity (read-only)",
+        description="A read-only web page over the storage roots: runs newest first, each run's reference photo, "
+        "edits with their identity grades, contact sheet, clips (playing in the page), drift strips, storyboards and "
+        "manifest. Serves only files inside run folders under the roots. Bound to 127.0.0.1 unless --host says "
+        "otherwise (anyone who can reach that address sees every run: there is no login).")
+    gallery.add_argument("--storage", action="append", default=None, metavar="URI",
+                         help="a storage root to show (repeatable; default: the configured storage roots)")
+    gallery.add_argument("--port", type=int, default=4300, help="port (default 4300)")
+    gallery.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                         "only)")
+    gallery.set_defaults(handler=_gallery, model=None)
+
     serve = sub.add_parser(
         "serve", help="a local Prefect server, the deployments, a flow worker and task workers (`make serve`)",
         description="Start a Prefect server on 127.0.0.1, deploy deployments/prefect.yaml, and start a process worker "
         "for flow runs and an edit and an animate task worker (the configured default profiles). Prints the "
         "addresses once every worker is ready. Ctrl-C or TERM stops everything it started, flow runs included. "
-        "Environment: RECAST_SERVE_PORT (default 4200), RECAST_SERVE_DATABASE (postgres, or a "
+        "Environment: RECAST_SERVE_PORT (default 4200), RECAST_SERVE_GALLERY_PORT (default: the port + 100), "
+        "RECAST_SERVE_DATABASE (postgres, or a "
         "postgresql+asyncpg:// URL; default SQLite under PREFECT_HOME), RECAST_SERVE_LOG_LEVEL (default INFO).")
     serve.add_argument("--port", type=int, default=None, help="the server's port (default RECAST_SERVE_PORT or 4200)")
     serve.add_argument("--profile", default=None, help="edit profile the edit worker loads (default from config)")

@@ -279,7 +279,7 @@ def _edit_run(request: EditRequest, resume: str | None):
     storage.remove_tree(storage.join(layout.folder, ".jobs"))  # heartbeats and records: the manifest holds it all
 
     # 7. UI
-    _publish(manifest, layout.manifest_uri)
+    _publish(manifest, layout.manifest_uri, plan.settings)
     dump = storage.redact_all(manifest.model_dump())
     if manifest.status == "failed":
         reason = next((r.error for r in records if r.error), "no edit succeeded")
@@ -424,17 +424,24 @@ def _manifest(plan: RunPlan, records: list[EditRecord], handoff: str | None, tar
     )
 
 
-def _publish(manifest: Manifest, manifest_uri: str) -> None:
+def _publish(manifest: Manifest, manifest_uri: str, settings: Settings) -> None:
+    def shown(uri: str | None) -> str:
+        """An output as the UI shows it: its gallery address when there is a gallery, else its (redacted) URI."""
+        if not uri:
+            return ""
+        relative = uri[len(manifest.folder.rstrip("/")) + 1:] if uri.startswith(manifest.folder) else None
+        return (relative and settings.gallery_link(manifest.folder, relative)) or storage.redact(uri)
+
     rows = [{"prompt theme": theme(e.prompt), "attempt": e.attempt, "identity": e.identity.grade,
              "score": e.identity.score, "seed": e.seed, "seconds": e.seconds, "status": e.status,
-             "output": storage.redact(e.output or "")} for e in manifest.edits]
+             "output": shown(e.output)} for e in manifest.edits]
     for clip in (manifest.animation or {}).get("clips", []):  # the clip's identity beside the edits'
         identity = clip.get("identity") or {}
         rows.append({"prompt theme": f"clip {clip['clip_id']}", "attempt": 1, "identity": identity.get("grade"),
                      "score": min((f["score"] for f in identity.get("frames", []) if f.get("score") is not None),
                                   default=None), "seed": None, "seconds": clip.get("seconds"),
                      "status": "succeeded" if clip.get("output") else "failed",
-                     "output": storage.redact(clip.get("output") or "")})
+                     "output": shown(clip.get("output"))})
     create_table_artifact(table=rows, key="recast-edit-results", description=f"recast run {manifest.run_id}",
                           _sync=True)
     ok = sum(e.status == "succeeded" for e in manifest.edits)
@@ -447,6 +454,7 @@ def _publish(manifest: Manifest, manifest_uri: str) -> None:
         f"- edits: {ok}/{len(manifest.edits)} succeeded; cold start {manifest.pipeline.cold_start_s} s, "
         f"cache hit {manifest.pipeline.cache_hit}, prepared weights {manifest.pipeline.prepared}",
         f"- cost: {manifest.cost.gpu_seconds} GPU-s = ${manifest.cost.usd}",
+        *([f"- gallery: [{manifest.run_id}]({page})"] if (page := settings.gallery_link(manifest.folder)) else []),
         f"- manifest: `{storage.redact(manifest_uri)}`",
         f"- handoff: `{storage.redact(manifest.handoff or 'none')}`",
     ]

@@ -193,11 +193,13 @@ def serve(port: int | None = None, profile: str | None = None, video_profile: st
     for folder in (home, logs, repo / "artifacts" / "incoming"):
         folder.mkdir(parents=True, exist_ok=True)
     api = f"http://127.0.0.1:{port}/api"
+    gallery_port = int(os.environ.get("RECAST_SERVE_GALLERY_PORT", str(port + 100)))
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=api, PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_WORKER_QUERY_SECONDS=os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "2"),
                # Flow and task runs log at INFO, so the UI shows each run's logs.
                PREFECT_LOGGING_LEVEL=os.environ.get("RECAST_SERVE_LOG_LEVEL", "INFO"),
                RECAST_EXECUTION="workers", RECAST_ROOT=str(repo),
+               RECAST_GALLERY_URL=f"http://127.0.0.1:{gallery_port}",  # each run's summary links to its page
                RECAST_INCOMING=os.environ.get("RECAST_INCOMING", f"file://{repo}/artifacts/incoming"))
     env[MARK] = uuid.uuid4().hex
     supervisor = Supervisor(repo=repo, env=env, logs=logs)
@@ -240,10 +242,13 @@ def serve(port: int | None = None, profile: str | None = None, video_profile: st
                                                 ready_text="started"))]
             workers += [supervisor.start(Service(name, [*recast, "worker", *kinds, *chosen],
                                                  ready_text="Subscribing to runs")) for name, kinds in task_workers]
+            workers.append(supervisor.start(Service("gallery", [*recast, "gallery", "--port", str(gallery_port)],
+                                                    ready_text="recast gallery: http")))
             if supervisor.wait_until("the workers", lambda: all(supervisor.ready(w) for w in workers)):
                 print(f"recast is serving:\n"
                       f"  Prefect UI   http://127.0.0.1:{port}   (Deployments -> recast-edit/edit -> Run -> "
                       f"Custom run)\n"
+                      f"  gallery      http://127.0.0.1:{gallery_port}   (every run's pictures and clips)\n"
                       f"  photos       upload under {repo / 'artifacts'} (runs from the UI read only under the "
                       f"storage root)\n"
                       f"  logs         {logs}/*.log\n"

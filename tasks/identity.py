@@ -144,8 +144,9 @@ def compare(reference: Face | None, image: Image.Image | bytes) -> IdentityScore
         return IdentityScore(None, "unscorable", "no face found in the identity reference", None, None, False)
     face = main_face(image)
     if face is None:
-        # Lost for certain, but there is no face to be confident about: confident is False.
-        return IdentityScore(0.0, "Lost", "no face found in the image", reference.size_px, None, False)
+        # Lost for certain, but there is no face to score (no 0.000, as a clip's faceless frames have none either)
+        # and none to be confident about.
+        return IdentityScore(None, "Lost", "no face found in the image", reference.size_px, None, False)
     score = float(np.dot(reference.embedding, face.embedding))
     confident = min(reference.size_px, face.size_px) >= SMALL_FACE_PX
     notes = "" if confident else f"face under {SMALL_FACE_PX} px: low confidence"

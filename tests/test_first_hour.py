@@ -194,6 +194,7 @@ def test_no_face_is_not_a_confident_score(capsys):
     assert main(["identity", "tests/data/faces/obama.jpg", "tests/data/faces/coffee.jpg", "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["grade"] == "Lost" and row["confident"] is False
+    assert row["score"] is None, "a picture without a face has no score (not 0.000), as a clip's faceless frames"
 
 
 def test_the_readme_prompts_pass_the_prompt_check():

@@ -140,6 +140,8 @@ class Settings(Strict):
         default_factory=list, description="Where runs triggered from the UI or a schedule may read inputs "
         "(besides the storage roots).")
     storage_root: str
+    gallery_url: str | None = Field(None, description="Address of `recast gallery` (e.g. http://127.0.0.1:4300): "
+                                    "each run's summary in the Prefect UI links to its page there.")
     extra_storage_roots: list[str] = Field(
         default_factory=list, description="Other roots a run from the UI or a schedule may choose as its "
         "storage_root (it may never name one that is not configured).")
@@ -169,6 +171,20 @@ class Settings(Strict):
 
     def get_video_profile(self, name: str | None) -> VideoProfile:
         return _pick("video_profile", name or self.video_profile, self.video_profiles)
+
+    def gallery_link(self, folder: str, path: str | None = None) -> str | None:
+        """The gallery's address of a run folder (its page) or of a file in it; None without gallery_url."""
+        if not self.gallery_url:
+            return None
+        from recast.tasks import storage
+
+        parent, run_id = folder.rstrip("/").rsplit("/", 1)
+        root = next((index for index, configured in enumerate(self.storage_roots)
+                     if storage.same_location(storage.join(storage.normalize_uri(configured), "runs"), parent)), None)
+        if root is None:
+            return None
+        base = self.gallery_url.rstrip("/")
+        return f"{base}/runs/{root}/{run_id}" if path is None else f"{base}/files/{root}/{run_id}/{path}"
 
     @property
     def storage_roots(self) -> list[str]:
