@@ -28,7 +28,7 @@ from recast.tasks.errors import BadInput
 
 log = logging.getLogger("recast.execution")
 
-ADVERTISE_S = 10.0
+ADVERTISE_S = 5.0  # a worker killed without a word is forgotten after three of these
 PREFIX = "recast-worker-"
 
 
@@ -47,9 +47,9 @@ def _name() -> str:
     return PREFIX + re.sub(r"[^a-z0-9-]+", "-", f"{socket.gethostname()}-{os.getpid()}".lower())
 
 
-def advertise(serves: dict[str, str]) -> threading.Event:
-    """Say on the server, every ADVERTISE_S until the returned event is set, that this process serves `serves`
-    ({"edit": profile, "video": profile}); the advertisement is removed when it stops."""
+def advertise(serves: dict[str, str]):
+    """Say on the server, every ADVERTISE_S, that this process serves `serves` ({"edit": profile, "video":
+    profile}); returns a function that stops saying it and removes the advertisement (waiting for that)."""
     from prefect.variables import Variable
 
     stop = threading.Event()
@@ -68,8 +68,14 @@ def advertise(serves: dict[str, str]) -> threading.Event:
         except Exception:  # noqa: BLE001 - the server may be gone already; the advertisement just goes stale
             pass
 
-    threading.Thread(target=loop, name="recast-advertise", daemon=True).start()
-    return stop
+    thread = threading.Thread(target=loop, name="recast-advertise", daemon=True)
+    thread.start()
+
+    def withdraw() -> None:
+        stop.set()
+        thread.join(timeout=5)
+
+    return withdraw
 
 
 def running_workers() -> list[dict]:
@@ -113,6 +119,5 @@ def check_served(stage: str, profile: str) -> str | None:
         note = (f"no running worker serves {stage} profile '{profile}' (running: {others}); its jobs wait for one: "
                 f"start `recast worker {'edit' if stage == 'edit' else 'animate'} "
                 f"--{'profile' if stage == 'edit' else 'video-profile'} {profile}`")
-        log.warning(note)
-        return note
+        return note  # the CLI prints it, the flow logs it (in the UI)
     return None

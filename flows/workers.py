@@ -51,7 +51,7 @@ def serve_worker(kinds: list[str], gpu: int | None = None, profile_name: str | N
         print(f"recast worker: {kind} {profile.name} ({profile.model_id}) ready on {loading.describe_device(profile)} "
               f"after a {loaded.cold_start_s:.1f}s cold start", flush=True)
     print(f"recast worker {' '.join(kinds)}: serving one task at a time on the GPU", flush=True)
-    advertising = fleet.advertise({kind: profile.name for kind, profile, _ in served})
+    withdraw = fleet.advertise({kind: profile.name for kind, profile, _ in served})
 
     async def serve() -> None:
         # One job on the GPU, up to MAX_FINISHING finishing beside it (created inside the event loop).
@@ -61,7 +61,7 @@ def serve_worker(kinds: list[str], gpu: int | None = None, profile_name: str | N
     try:
         _serve_until_stopped(serve)
     finally:
-        advertising.set()
+        withdraw()
 
 
 def _serve_until_stopped(serve) -> None:

@@ -154,10 +154,12 @@ def test_a_resume_whose_submitted_task_runs_are_gone_submits_them_again(workers_
     run = subprocess.Popen(_edit_args(astronaut, root, [41, 42], steps=2), env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:  # no worker yet: the two edits wait in the server's queue
-        wait_for(lambda: len(list(root.glob("runs/*/.jobs/*.submitted"))) == 2, 300, "two submitted edits")
+        wait_for(lambda: len(list(root.glob("runs/*/.jobs/*.submitted"))) == 2 or run.poll() is not None, 300,
+                 "two submitted edits")
     finally:
         os.killpg(run.pid, signal.SIGKILL)
-        run.wait(timeout=30)
+        _, err = run.communicate(timeout=30)
+    assert len(list(root.glob("runs/*/.jobs/*.submitted"))) == 2, f"the run did not submit its edits: {err[-2000:]}"
     gone = [json.loads(path.read_text())["task_run_id"] for path in root.glob("runs/*/.jobs/*.submitted")]
     (tmp_path / "other-home").mkdir()
     other = dict(env, PREFECT_HOME=str(tmp_path / "other-home"))  # its result storage lacks the parameters

@@ -198,8 +198,11 @@ def test_no_face_is_not_a_confident_score(capsys):
 
 
 def test_the_readme_prompts_pass_the_prompt_check():
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     import re
+
+    from test_readme import pages_text
+
+    readme = pages_text()  # the README and the docs pages it sends a user to
 
     quoted = re.findall(r'--prompt "([^"]+)"', readme)
     assert quoted, "the README shows no --prompt"

@@ -1,6 +1,6 @@
-"""The README is executable: every command in its bash blocks that runs on the tiny profile is run here, as a
-user would type it, in a folder holding the files it names. A command may say `# exits N` when N is what it
-should end with; the rest must exit 0. What is not run says why (SKIPPED)."""
+"""The README and the docs pages it sends a user to are executable: every command in their bash blocks that runs on
+the tiny profile is run here, as a user would type it, in a folder holding the files it names. A command may say
+`# exits N` when N is what it should end with; the rest must exit 0. What is not run says why (SKIPPED)."""
 
 from __future__ import annotations
 
@@ -20,15 +20,23 @@ REPO = Path(__file__).resolve().parent.parent
 SKIPPED = {
     "recast worker": "a long-running worker: tests/test_workers.py runs workers as real processes",
     "make serve": "long-running: tests/test_faults.py starts and stops it",
+    "recast gallery": "long-running: tests/test_gallery.py serves runs to a real browser",
     "make test": "the suite itself",
     "s3://": "needs a bucket",
     "gs://": "needs a bucket",
 }
 
 
+PAGES = ["README.md", "docs/USING.md", "docs/OPERATING.md", "docs/PROFILES.md"]
+
+
+def pages_text() -> str:
+    return "\n".join((REPO / page).read_text() for page in PAGES)
+
+
 def readme_commands() -> list[tuple[str, int]]:
-    """(command, expected exit code) for every command line in the README's bash blocks."""
-    text = (REPO / "README.md").read_text()
+    """(command, expected exit code) for every command line in the bash blocks of the README and its docs pages."""
+    text = pages_text()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -56,7 +64,7 @@ def workspace(tmp_path_factory, astronaut):
     for name, source in (("edit1.png", "obama2.jpg"), ("edit2.png", "biden.jpg")):
         with Image.open(faces / source) as img:
             img.save(folder / name)
-    text = (REPO / "README.md").read_text()
+    text = pages_text()
     board = next(b for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S) if "scenes:" in b)
     yaml.safe_load(board)  # the README's storyboard is valid YAML
     (folder / "storyboard.yaml").write_text(board)

@@ -66,6 +66,13 @@ def start_worker(env, log_path: Path, cwd: Path | None = None) -> subprocess.Pop
 
 
 def stop(proc: subprocess.Popen) -> None:
+    """Stop a worker as an operator does (TERM; KILL if it lingers): it withdraws its advertisement, so the next
+    test's runs do not see it."""
+    end_process_group(proc, grace_s=15)
+
+
+def kill(proc: subprocess.Popen) -> None:
+    """A worker dying (KILL: it says nothing to anyone)."""
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
 
@@ -233,7 +240,7 @@ def test_killed_worker_is_replaced_and_the_run_completes_with_each_edit_once(ser
         # Killed while it works on an edit: a job beating whose result is not written yet.
         wait_for(lambda: list(root.glob("runs/*/edits/*.png")) and _busy_on(root), 180,
                  "the worker to be on its second edit")
-        stop(worker)
+        kill(worker)
         replacement = start_worker(env, tmp_path / "w2.log")
         replaced_at = time.monotonic()
         try:
