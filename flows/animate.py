@@ -171,9 +171,11 @@ async def animate_flow(request: AnimateRequest):
 def _animate_run(request: AnimateRequest):
     logger = get_run_logger()
     # 1. Plan (the CLI may have planned it already)
-    plan = take_plan("animate", request) or plan_animation(request)
-    for warning in plan.warnings:
-        logger.warning(warning)
+    planned_by_cli = take_plan("animate", request)
+    plan = planned_by_cli or plan_animation(request)
+    if planned_by_cli is None:  # the CLI printed them already; a run from the UI shows them in its log
+        for warning in plan.warnings:
+            logger.warning(warning)
     job = plan.job
     logger.info("run %s: %d frames %dx%d at %d fps on %s", plan.run_id, job.num_frames, job.width, job.height,
                 job.fps, plan.profile.name)

@@ -102,8 +102,10 @@ def _print_edit_summary(manifest: dict) -> None:
     from recast.tasks import storage
 
     ok = [e for e in manifest["edits"] if e["status"] == "succeeded"]
+    # Where it ran, when anything ran (a run whose edits all failed on a worker did not run here).
+    where = manifest["device"] if ok else "no edit ran"
     print(f"recast run {manifest['run_id']}: {manifest['status']} ({len(ok)}/{len(manifest['edits'])} edits, "
-          f"profile {manifest['model']['profile']}, {manifest['device']})")
+          f"profile {manifest['model']['profile']}, {where})")
     print(f"  {'theme':30} {'try':>3} {'identity':10} {'score':>6} {'seed':>10} {'seconds':>8}  output")
     for edit in manifest["edits"]:
         where = edit["output"] if edit["status"] == "succeeded" else f"FAILED: {edit['error']}"
@@ -117,7 +119,10 @@ def _print_edit_summary(manifest: dict) -> None:
               f"(best {target['best_grade']})")
     if manifest.get("contact_sheet"):
         print(f"  contact sheet: {manifest['contact_sheet']}")
-    print(f"  pipeline: cold start {manifest['pipeline']['cold_start_s']}s, cache hit {manifest['pipeline']['cache_hit']}")
+    pipeline = manifest["pipeline"]
+    if pipeline.get("cold_start_s") is not None:
+        print(f"  pipeline: cold start {pipeline['cold_start_s']}s, already loaded {pipeline['cache_hit']}, prepared "
+              f"weights {pipeline.get('prepared')}")
     print(f"  handoff: {manifest['handoff']}")
     animation = manifest.get("animation")
     if animation:

@@ -219,12 +219,14 @@ def _edit_run(request: EditRequest, resume: str | None):
 
     # 1. Plan (validates everything; nothing is written if it raises). The CLI may have planned it already.
     saved = load_resume(resume, request.storage_root)[1] if resume else None
-    plan = take_plan("edit", request) or plan_run(request, resume=saved)
+    planned_by_cli = take_plan("edit", request)
+    plan = planned_by_cli or plan_run(request, resume=saved)
     profile, layout = plan.profile, plan.layout
     logger.info("run %s: %d prompt(s) x %d seed(s) on profile %s -> %s%s", plan.run_id, len(plan.prompts),
                 len(plan.seeds), profile.name, storage.redact(layout.folder), " (resumed)" if saved else "")
-    for notice in plan.notices:
-        logger.warning(notice)  # in the run's log in the UI
+    if not planned_by_cli:  # the CLI printed them already
+        for notice in plan.notices:
+            logger.warning(notice)  # in the run's log in the UI
 
     # 2. Inputs and the plan
     input_uris = saved.inputs if saved else [

@@ -126,6 +126,7 @@ def test_a_direct_run_is_quiet_and_a_failure_ends_with_its_reason(astronaut, tmp
     failed = _run(["edit", str(astronaut), "--prompt", "x", "--lora", str(misfit), "--steps", "2", "--storage",
                    str(tmp_path)], {"RECAST_HANDOFF__MODE": "none"})
     assert failed.returncode == 1, failed.stderr
+    assert "Nones" not in failed.stdout and "no edit ran" in failed.stdout, failed.stdout
     last = failed.stderr.strip().splitlines()[-1]
     assert "does not fit this model" in last, f"the last line must give the reason, got {last!r}"
     assert "Traceback" not in failed.stderr
@@ -275,3 +276,17 @@ def test_a_skipped_scene_says_why_in_the_summary(astronaut, tmp_path, capsys):
     assert main(["storyboard", str(path), "--image", str(astronaut), "--storage", str(tmp_path / "s")]) == 0
     scene_2 = next(line for line in capsys.readouterr().out.splitlines() if "scene 2:" in line)
     assert "skipped" in scene_2 and "None" not in scene_2 and "chained from" in scene_2, scene_2
+
+
+def test_a_first_run_and_a_rounded_frame_count_say_each_thing_once(astronaut, tmp_path):
+    """A new user's first command builds the tiny models (no progress bars for that), and a frame count that is
+    rounded is warned about once, not by the CLI and again by the flow."""
+    env = {"RECAST_HANDOFF__MODE": "none", "RECAST_CACHE_DIR": str(tmp_path / "fresh-cache")}
+    edit = _run(["edit", str(astronaut), "--prompt", "Neo, black trench coat, green rain, neon light", "--seed", "1",
+                 "--steps", "2", "--storage", str(tmp_path / "s"), "--json"], env)
+    assert edit.returncode == 0, edit.stderr
+    assert "Writing model shards" not in edit.stderr and "Loading weights" not in edit.stderr, edit.stderr
+    handoff = json.loads(edit.stdout)["handoff"]
+    clip = _run(["animate", handoff, "--num-frames", "18", "--storage", str(tmp_path / "v")], env)
+    assert clip.returncode == 0, clip.stderr
+    assert clip.stderr.count("num_frames") == 1, f"the rounding must be said once:\n{clip.stderr}"

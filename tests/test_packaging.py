@@ -69,3 +69,21 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_the_embedded_default_from_any
     assert manifest["folder"].startswith(f"file://{elsewhere}/out/runs/"), "relative storage resolves from the cwd"
     assert manifest["animation"]["status"] == "succeeded", "the installed package runs the video stage too"
     assert (elsewhere / "out" / "runs" / manifest["run_id"] / "manifest.json").exists()
+
+
+def test_the_worker_image_runs_the_cuda_the_pinned_torch_is_built_for():
+    """The Dockerfile's CUDA base must match the pinned torch wheel's CUDA (a CUDA 12 base under a CUDA 13 torch
+    fails on the first kernel), and its bake step must name the profiles it is given."""
+    import re
+
+    import torch
+
+    dockerfile = (Path(__file__).resolve().parent.parent / "deployments" / "Dockerfile").read_text()
+    bases = re.findall(r"^FROM nvidia/cuda:(\d+)\.", dockerfile, flags=re.M)
+    assert bases and torch.version.cuda, "the worker image must start from an NVIDIA CUDA base"
+    assert all(base == torch.version.cuda.split(".")[0] for base in bases), \
+        f"CUDA base {bases} under torch built for CUDA {torch.version.cuda}"
+    for stage in ("worker", "flow-runner"):
+        assert re.search(rf"^FROM \S+ AS {stage}$", dockerfile, flags=re.M), f"no {stage} image"
+    assert "BAKE_PROFILES" in dockerfile and "hf_hub_download(spec.source" in dockerfile, \
+        "baking must fetch each profile's model and its LoRA files"

@@ -156,6 +156,9 @@ def ensure(model_id: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.{os.getpid()}.{threading.get_ident()}.part"
     shutil.rmtree(staging, ignore_errors=True)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # "Writing model shards" bars are noise in a first run
     build().save_pretrained(staging)
     # transformers writes weights only on rank 0 once torch.distributed is up: build before joining a team.
     empty = [p.name for p in staging.iterdir() if p.is_dir() and not any(p.iterdir())]
