@@ -75,9 +75,23 @@ def test_switching_adapters_between_requests_does_not_reload(run, lora_files):
     assert {a.name, b.name} <= set(loaded.adapters)
 
 
-def test_manifest_records_the_adapter(lora_files):
-    lora = resolved(lora_files[0], 0.7)
-    assert lora.weight == 0.7 and len(lora.sha256) == 64 and lora.name == f"lora-{lora.sha256[:12]}"
+def test_manifest_records_the_adapter(lora_files, astronaut, memory_root, monkeypatch):
+    """The run's manifest says which adapter each edit used: its file (by SHA-256, computed here from the bytes),
+    where it came from and at what weight."""
+    import hashlib
+
+    from recast.flows.edit import edit_flow
+    from recast.flows.runs import run_flow
+    from recast.tasks.schemas.requests import EditRequest, LoraRef
+
+    monkeypatch.setenv("RECAST_HANDOFF__MODE", "none")
+    manifest = run_flow(edit_flow, EditRequest(images=[str(astronaut)], prompts=["James Bond 007, tuxedo"],
+                                               seeds=[3], steps=2, storage_root=memory_root,
+                                               loras=[LoraRef(source=lora_files[0], weight=0.7)]))
+    (edit,) = manifest["edits"]
+    sha = hashlib.sha256(open(lora_files[0], "rb").read()).hexdigest()
+    assert edit["loras"] == [{"name": f"lora-{sha[:12]}", "source": storage.normalize_uri(lora_files[0]),
+                              "weight": 0.7, "sha256": sha}], edit["loras"]
 
 
 def test_malformed_lora_is_refused_before_running(tmp_path):

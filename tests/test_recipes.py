@@ -306,3 +306,25 @@ def test_edit_benchmark_checks_per_request_loras_on_quantized_profiles(tmp_path)
         assert rows[name]["lora_changes_output"] and rows[name]["lora_restores_base"], rows[name]
         assert rows[name]["psnr_db"] is not None
     assert rows["diffusers-baseline"]["unrelated_psnr_db"] is not None
+
+
+def test_each_wan_expert_gets_its_own_lightning_lora_at_its_scale(tmp_path):
+    """The high-noise file goes into `transformer`, the low-noise one into `transformer_2`: each expert's weights
+    move by exactly its own file's low-rank delta (scale 1: these files carry no alpha and the spec names none)."""
+    from diffusers import WanImageToVideoPipeline
+    from safetensors.torch import load_file
+
+    source = loading.check_available(get_settings().get_video_profile("tiny"))
+    load = lambda: WanImageToVideoPipeline.from_pretrained(source, dtype=torch.float32)  # noqa: E731
+    donor = load()
+    high = _random_wan_lora(donor.transformer, tmp_path / "high", 1)
+    low = _random_wan_lora(donor.transformer_2, tmp_path / "low", 2)
+    base, fused = load(), load()
+    profile = get_settings().get_video_profile("tiny").model_copy(update=dict(lightning=high, lightning_2=low))
+    wan_video.transform_weights(fused, profile)
+    for expert, spec in (("transformer", high), ("transformer_2", low)):
+        state = load_file(spec.source)
+        key = next(k for k in state if k.endswith("blocks.0.attn1.to_q.lora_A.weight"))
+        delta = state[key.replace("lora_A", "lora_B")] @ state[key]
+        moved = getattr(fused, expert).blocks[0].attn1.to_q.weight - getattr(base, expert).blocks[0].attn1.to_q.weight
+        assert torch.allclose(moved, delta, atol=1e-5), f"{expert} did not get {Path(spec.source).parent.name}'s delta"
