@@ -385,9 +385,13 @@ def load(folder: Path, key: str, profile, recipe):
     components = {name: module for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
     shards = sorted(name for name in manifest["files"] if name.startswith("weights/"))
     with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="recast-prepared") as pool:
-        reads = [pool.submit(_read_shard, folder / name, manifest["files"][name]["sha256"]) for name in shards]
-        for name, read in zip(shards, reads):
-            header, data, offset = read.result()  # raises NotPrepared for a corrupt shard
+        # At most READ_THREADS shards read ahead of the one being placed: host RAM holds a few GiB, never a model.
+        reads = {}
+        for index, name in enumerate(shards):
+            for ahead in shards[index:index + READ_THREADS]:
+                if ahead not in reads:
+                    reads[ahead] = pool.submit(_read_shard, folder / ahead, manifest["files"][ahead]["sha256"])
+            header, data, offset = reads.pop(name).result()  # raises NotPrepared for a corrupt shard
             component = name.removeprefix("weights/").rsplit("-", 1)[0]
             module = components.get(component)
             if module is None:
