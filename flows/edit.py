@@ -460,6 +460,9 @@ def _publish(manifest: Manifest, manifest_uri: str, settings: Settings) -> None:
         f"- manifest: `{storage.redact(manifest_uri)}`",
         f"- handoff: `{storage.redact(manifest.handoff or 'none')}`",
     ]
+    if settings.signed_thumbnails_s:  # pictures in object storage, seen in the UI without credentials
+        signed = [(e, storage.signed_url(e.output, settings.signed_thumbnails_s)) for e in manifest.edits if e.output]
+        lines += [f"![{theme(e.prompt)} s{e.seed}]({url})" for e, url in signed if url]
     if manifest.identity_target is not None:
         target = manifest.identity_target
         lines.append(f"- identity target {target.grade}: {'met' if target.met else 'NOT met'} "

@@ -313,6 +313,19 @@ def is_under(uri: str, roots: list[str]) -> bool:
     return False
 
 
+def signed_url(uri: str, seconds: int) -> str | None:
+    """A short-lived https address of an object in s3/gs (the worker's credentials sign it), for a browser that
+    has none; None for other storage or when the store cannot sign."""
+    if scheme_of(uri) not in ("s3", "gs", "gcs"):
+        return None
+    fs, path = _fs(uri)
+    try:
+        return fs.sign(path, expiration=seconds)
+    except (NotImplementedError, OSError, ValueError) as exc:
+        warnings.warn(f"could not sign {redact(uri)}: {exc}")
+        return None
+
+
 def run_ids(root: str) -> list[str]:
     """The ids of the runs under a storage root (folders of runs/ named like a run id), newest first."""
     fs, path = _fs(normalize_uri(root))

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
+import re
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -127,9 +125,9 @@ def _check_files(url: str, manifest: dict) -> None:
         assert _get(url + path)[0] == 404, f"{path} must be a 404"
 
 
-def test_the_gallery_shows_runs_on_local_storage_and_serves_nothing_else(astronaut, tmp_path, gallery):
+def test_the_gallery_shows_runs_on_local_storage_and_serves_nothing_else(astronaut, tmp_path, gallery, api_server):
     root = tmp_path / "store"
-    env = dict(os.environ, RECAST_HANDOFF__MODE="inline")
+    env = dict(os.environ, RECAST_HANDOFF__MODE="inline", PREFECT_API_URL=api_server)
     (manifest,) = _runs(str(root), env, astronaut)
     # A link inside the run folder to a FIFO outside it: served, it would hang; refused, nothing is read.
     os.mkfifo(tmp_path / "outside.png")
@@ -168,9 +166,20 @@ def s3_server(tmp_path):
     proc.wait(timeout=30)
 
 
-def test_the_gallery_shows_runs_on_s3(astronaut, tmp_path, gallery, s3_server):
-    env = dict(s3_server, RECAST_HANDOFF__MODE="inline")
+def test_the_gallery_shows_runs_on_s3(astronaut, tmp_path, gallery, s3_server, api_server):
+    env = dict(s3_server, RECAST_HANDOFF__MODE="inline", PREFECT_API_URL=api_server, RECAST_SIGNED_THUMBNAILS_S="600")
     (manifest,) = _runs("s3://recast-test/recast", env, astronaut)
+    # The run's summary in the Prefect UI shows its picture through a short-lived signed address: a browser
+    # without credentials gets the PNG.
+    artifacts = json.loads(urllib.request.urlopen(urllib.request.Request(
+        f"{api_server}/artifacts/filter", data=json.dumps({"artifacts": {"flow_run_id": {
+            "any_": [manifest["prefect"]["flow_run_id"]]}}}).encode(),
+        headers={"content-type": "application/json"}), timeout=30).read())
+    summary = next(a["data"] for a in artifacts if a.get("key") == "recast-edit-summary")
+    signed = re.findall(r"!\[[^\]]*\]\((http[^)]+)\)", summary)
+    assert signed and "Signature" in signed[0], summary
+    status, body, _ = _get(signed[0])
+    assert status == 200 and body.startswith(b"\x89PNG"), "the signed address must give the edit's PNG"
     url = gallery(["s3://recast-test/recast"], env)
     _check_files(url, manifest)
     shots = tmp_path / "screenshots"

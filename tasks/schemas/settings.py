@@ -140,6 +140,9 @@ class Settings(Strict):
         default_factory=list, description="Where runs triggered from the UI or a schedule may read inputs "
         "(besides the storage roots).")
     storage_root: str
+    signed_thumbnails_s: int = Field(0, ge=0, le=7 * 24 * 3600, description="On s3/gs storage, show each run's "
+                                     "pictures in its Prefect UI summary through addresses signed for this many "
+                                     "seconds (0: never; anyone who has such an address sees the picture)")
     gallery_url: str | None = Field(None, description="Address of `recast gallery` (e.g. http://127.0.0.1:4300): "
                                     "each run's summary in the Prefect UI links to its page there.")
     extra_storage_roots: list[str] = Field(
