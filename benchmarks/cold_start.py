@@ -367,12 +367,7 @@ def parent(args) -> int:
                 page_cache=evicted, seconds=result["ready_s"], run=run,
                 wall_s=round(time.perf_counter() - started, 1))
             rows.append(measured)
-            print(json.dumps(measured), flush=True)
-            if args.results:
-                with open(args.results, "a") as out:
-                    out.write(json.dumps(measured) + "\n")
-            if args.out:
-                common.write_rows(Path(args.out), [measured])
+            common.record(measured, args.results, args.out)
         if args.drop_after:
             for folder in _prepared_folders(row_env, kinds, row, args.tiny):
                 shutil.rmtree(folder, ignore_errors=True)

@@ -144,6 +144,17 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     path.write_text(json.dumps(merged, indent=2) + "\n")
 
 
+def record(row: dict, results: str | None, out: str | None) -> None:
+    """A row as it ends: printed, appended to the run's own results file (JSON lines: it survives a call cut short)
+    and merged into docs/performance.json."""
+    print(json.dumps(row), flush=True)
+    if results:
+        with open(results, "a") as lines:
+            lines.write(json.dumps(row) + "\n")
+    if out:
+        write_rows(Path(out), [row])
+
+
 def check_quality(name: str, row: dict, bounds: dict[str, float], failures: list[str]) -> None:
     """--check: the row ran, its output is finite, its PSNR meets the bound, and the bound can fail."""
     bound = bounds.get(name)

@@ -177,12 +177,7 @@ def main() -> int:
             runs = submit_and_wait(requests, job_env, args.timeout)
             row = stream_row(name, runs, manifests(store, runs), memory.peak_mib, card, dict(common_extra))
             rows.append(row)
-            print(json.dumps(row), flush=True)
-            if args.results:
-                with open(args.results, "a") as out:
-                    out.write(json.dumps(row) + "\n")
-            if args.out:
-                common.write_rows(Path(args.out), [row])
+            common.record(row, args.results, args.out)
     finally:
         memory.stopped.set()
         os.killpg(serve.pid, signal.SIGINT)
