@@ -1,0 +1,45 @@
+"""The cold-start and stream benchmarks' code paths on the CPU (tiny models): what the GPU runs measure, run here
+so a benchmark call never fails on a path nobody ran. The numbers mean nothing on tiny models; the rows' shape,
+and what the paths did, do."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_cold_start_benchmark_starts_from_the_hub_layout_then_prepared_weights(tmp_path):
+    results = tmp_path / "rows.jsonl"
+    proc = subprocess.run([sys.executable, "cold_start.py", "--tiny", "--rows", "tiny", "--scenarios",
+                           "hub,prepared,restart", "--hub", str(tmp_path / "hub"), "--work", str(tmp_path / "work"),
+                           "--results", str(results)], cwd=BENCHMARKS, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {row["variant"]: row for row in _rows(results)}
+    assert set(rows) == {"hub", "prepared", "restart"}, rows.keys()
+    assert rows["hub"]["prepared"] == {"edit": False, "video": False}, "the first start makes the prepared weights"
+    assert rows["prepared"]["prepared"] == {"edit": True, "video": True}, "later starts load them"
+    assert rows["hub"]["sources"]["edit"] == str(tmp_path / "hub"), "the first start reads the hub layout"
+    for row in rows.values():
+        assert row["ready_s"] > 0 and row["first_result_s"] >= row["ready_s"] and row["host_rss_peak_gib"] > 0
+
+
+def test_stream_benchmark_serves_runs_through_the_deployment_on_one_worker(tmp_path):
+    results = tmp_path / "rows.jsonl"
+    proc = subprocess.run([sys.executable, "gpu_stream.py", "--tiny", "--work", str(tmp_path / "work"), "--clips",
+                           "2", "--edits", "2", "--results", str(results)], cwd=BENCHMARKS, capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = {row["profile"]: row for row in _rows(results)}
+    assert set(rows) == {"stream-clips", "stream-edits"}, rows.keys()
+    for row in rows.values():
+        assert row["completed"] == row["requests"] == 2, row
+        assert 0 < row["busy_fraction"] < 1 and row["latency_p50_s"] > 0 and row["per_hour"] > 0, row
+    assert set(rows["stream-clips"]["worker_cold_start_s"]) == {"edit", "video"}, "one worker serves both stages"
