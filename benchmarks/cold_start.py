@@ -175,6 +175,7 @@ def start(args) -> None:
     from recast.tasks.settings import get_settings
 
     t0 = args.t0 or T0
+    imported = time.time()
     settings = get_settings()
     kinds = args.kinds.split(",")
     loaded = {}
@@ -215,6 +216,8 @@ def start(args) -> None:
         "first_request_s": round(done - request_started, 3),
         "compiled_in_first_request": prepared.compiled_graphs() - graphs,
         "cold_start_s": {k: round(v.cold_start_s, 2) for k, v in loaded.items()},
+        "phases": {k: v.phases for k, v in loaded.items()},
+        "imports_s": round(imported - t0, 2),
         "prepared": {k: v.prepared for k, v in loaded.items()},
         "compile_cache": {k: v.compile_cache for k, v in loaded.items()},
         "sources": {k: v.source for k, v in loaded.items()},

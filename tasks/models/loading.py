@@ -68,6 +68,9 @@ class LoadedPipeline:
     compiled: bool = False
     prepared: bool | None = None  # loaded from prepared weights (None: not through the loader, e.g. a benchmark)
     compile_cache: str | None = None  # "hit" (nothing compiled at start), "miss", None: the profile compiles nothing
+    # Where the cold start went (seconds): load (weights read, transformed, placed), compile_cache (artifacts
+    # loaded), warm_up (the warm-up calls, compiling when the cache missed)
+    phases: dict = field(default_factory=dict)
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -291,11 +294,16 @@ def get_pipeline(kind: Kind, profile: ModelProfile | VideoProfile) -> tuple[Load
         loaded = install(kind, profile, obtained.pipe, str(obtained.folder) if obtained.prepared else obtained.source,
                          before_gib=before)
         loaded.prepared = obtained.prepared
+        loaded.phases["load"] = round(time.perf_counter() - started, 2)
         # Cold start = everything a worker does before it can serve: load, place, compile, warm up. A compile cache
         # kept beside the prepared weights spares the warm-up its compiling.
+        phase = time.perf_counter()
         cache_loaded = profile.compile and prepared.load_compile_cache(kind, profile)
+        loaded.phases["compile_cache"] = round(time.perf_counter() - phase, 2)
         compiles = prepared.inductor_cache_counts()
+        phase = time.perf_counter()
         recipe.warm_up(loaded, profile)
+        loaded.phases["warm_up"] = round(time.perf_counter() - phase, 2)
         if profile.compile:
             hits, misses = (after - before for after, before in zip(prepared.inductor_cache_counts(), compiles))
             loaded.compile_cache = "hit" if cache_loaded and not misses else "miss"
