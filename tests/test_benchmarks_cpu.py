@@ -43,3 +43,14 @@ def test_stream_benchmark_serves_runs_through_the_deployment_on_one_worker(tmp_p
         assert row["completed"] == row["requests"] == 2, row
         assert 0 < row["busy_fraction"] < 1 and row["latency_p50_s"] > 0 and row["per_hour"] > 0, row
     assert set(rows["stream-clips"]["worker_cold_start_s"]) == {"edit", "video"}, "one worker serves both stages"
+
+
+def test_load_rate_benchmark_streams_shards_through_the_loader(tmp_path):
+    results = tmp_path / "rows.jsonl"
+    proc = subprocess.run([sys.executable, "load_rate.py", "--folder", str(tmp_path / "shards"), "--gib", "0.02",
+                           "--shard-mib", "4", "--results", str(results)], cwd=BENCHMARKS, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {row["profile"]: row for row in _rows(results)}
+    assert {"read+hash-whole", "read+hash-blocks", "place-pageable"} <= set(rows), rows.keys()
+    assert all(row["gb_per_s"] > 0 and row["gib"] > 0 for row in rows.values()), rows

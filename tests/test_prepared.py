@@ -55,15 +55,23 @@ def test_prepare_then_an_edit_starts_from_the_prepared_weights_and_gives_the_sam
     assert "edit tiny: verified" in again.stdout, again.stdout + again.stderr[-2000:]
 
 
-@pytest.mark.parametrize("damage", ["corrupt", "truncated", "partial"])
+@pytest.mark.parametrize("damage", ["corrupt", "corrupt-block", "truncated", "partial"])
 def test_a_damaged_prepared_folder_is_refused_with_its_reason_and_made_again(damage, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("RECAST_CACHE_DIR", str(tmp_path / "cache"))
+    if damage == "corrupt-block":  # shards of many blocks, verified block by block as a full-size start does
+        monkeypatch.setattr(prepared, "BLOCK_BYTES", 4096)
     profile = get_settings().get_profile("tiny")
     folder, made, _ = loading.prepare_weights("edit", profile)
     assert made
     shard = sorted((folder / "weights").glob("transformer-*.safetensors"))[0]
     data = bytearray(shard.read_bytes())
-    if damage == "corrupt":
+    if damage == "corrupt-block":
+        entry = json.loads((folder / "manifest.json").read_text())["files"][f"weights/{shard.name}"]
+        assert len(entry["blocks"]) == -(-len(data) // 4096), "each block of a shard has its SHA-256"
+        data[len(data) // 2] ^= 0x01  # one bit of a block in the middle
+        shard.write_bytes(bytes(data))
+        reason = "does not match its SHA-256"
+    elif damage == "corrupt":
         data[-100] ^= 0xFF  # same size, other bytes
         shard.write_bytes(bytes(data))
         reason = "does not match its SHA-256"

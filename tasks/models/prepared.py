@@ -46,6 +46,9 @@ log = logging.getLogger("recast.models")
 FORMAT = 1  # the folder layout below; bump when it changes
 SHARD_BYTES = 2**30  # small shards: a start holds a few in RAM at once, never a whole model
 READ_THREADS = 4
+# Each shard's SHA-256 per block as well as whole, so a start verifies the blocks on every core at once: one thread's
+# SHA-256 of a whole shard ran at ~0.3-0.5 GB/s on an H200 host's CPU, slower than the rest of the load.
+BLOCK_BYTES = 64 * 2**20
 # What of a profile decides the tensors (placement, kernels, sizes and defaults do not).
 RECIPE_FIELDS = ("model_id", "revision", "dtype", "quantize", "quantize_text_encoder", "lightning", "lightning_2")
 _CODE = ("precision.py", "lora.py", "prepared.py")  # the code that makes or reads the tensors
@@ -153,7 +156,7 @@ def ensure(kind: str, profile, source_of, recipe) -> tuple[Path, bool]:
             manifest = _check_manifest(folder, key)
             with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="recast-prepared") as pool:
                 names = list(manifest["files"])
-                for name, digest in zip(names, pool.map(lambda n: _sha256_file(folder / n), names)):
+                for name, (digest, _) in zip(names, pool.map(lambda n: _sha256_file(folder / n), names)):
                     if digest != manifest["files"][name]["sha256"]:
                         raise NotPrepared(f"{name} does not match its SHA-256 (corrupt)")
             return folder, False
@@ -227,8 +230,9 @@ def write(folder: Path, kind: str, profile, pipe, source: str) -> None:
     paths = sorted(p for p in staging.rglob("*") if p.is_file())
     with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="recast-prepared") as pool:
         digests = list(pool.map(_sha256_file, paths))  # also on disk (fsync) before the folder is renamed in
-    entries = {path.relative_to(staging).as_posix(): {"bytes": path.stat().st_size, "sha256": digest}
-               for path, digest in zip(paths, digests)}
+    entries = {path.relative_to(staging).as_posix(): {"bytes": path.stat().st_size, "sha256": digest,
+                                                      **({"blocks": blocks} if len(blocks) > 1 else {})}
+               for path, (digest, blocks) in zip(paths, digests)}
     manifest = {"key": key_of(kind, profile), "recipe": recipe_of(kind, profile), "profile": profile.name,
                 "source": source if not Path(source).is_dir() else f"folder {Path(source).name}",
                 "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": entries,
@@ -268,14 +272,16 @@ def _save_configs(target: Path, pipe) -> None:
             component.save_pretrained(sub)
 
 
-def _sha256_file(path: Path) -> str:
-    """The file's SHA-256, once it is on disk (fsync): the folder is renamed into place only after that."""
-    digest = hashlib.sha256()
+def _sha256_file(path: Path) -> tuple[str, list[str]]:
+    """The file's SHA-256 and its BLOCK_BYTES blocks' (one pass), once it is on disk (fsync): the folder is renamed
+    into place only after that."""
+    digest, blocks = hashlib.sha256(), []
     with open(path, "rb") as f:
-        while block := f.read(16 * 2**20):
+        while block := f.read(BLOCK_BYTES):
             digest.update(block)
+            blocks.append(hashlib.sha256(block).hexdigest())
         os.fsync(f.fileno())
-    return digest.hexdigest()
+    return digest.hexdigest(), blocks
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,25 +312,49 @@ _DTYPES = {"F8_E4M3": "float8_e4m3fn", "BF16": "bfloat16", "F16": "float16", "F3
            "U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool"}
 
 
-def _read_shard(path: Path, expected_sha256: str):
-    """(header, bytes) of a safetensors file, its SHA-256 checked on the bytes read (hashlib frees the GIL)."""
-    data = bytearray(path.stat().st_size)
+_HASHERS: ThreadPoolExecutor | None = None
+
+
+def _hashers() -> ThreadPoolExecutor:
+    global _HASHERS
+    if _HASHERS is None:
+        _HASHERS = ThreadPoolExecutor(max_workers=os.cpu_count() or 4, thread_name_prefix="recast-sha256")
+    return _HASHERS
+
+
+def _sha256_of(data) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_shard(path: Path, entry: dict, buffer=None):
+    """(header, bytes, offset of the first tensor) of a safetensors file, checked against its manifest entry on the
+    bytes read: block by block on every core as the blocks arrive (hashlib frees the GIL), or whole for a folder
+    written without block hashes. Read into `buffer` (a host tensor of at least the file's size) when given."""
+    size = path.stat().st_size
+    data = bytearray(size) if buffer is None else buffer.numpy()
+    view = memoryview(data)[:size]
+    blocks = entry.get("blocks")
+    checks = []
     with open(path, "rb", buffering=0) as f:
-        view, read = memoryview(data), 0
-        while read < len(data):
-            got = f.readinto(view[read:])
-            if not got:
-                raise NotPrepared(f"{path.name} ended early")
-            read += got
-    if hashlib.sha256(data).hexdigest() != expected_sha256:
+        for start in range(0, size, BLOCK_BYTES):
+            read, end = start, min(size, start + BLOCK_BYTES)
+            while read < end:
+                got = f.readinto(view[read:end])
+                if not got:
+                    raise NotPrepared(f"{path.name} ended early")
+                read += got
+            if blocks:
+                checks.append(_hashers().submit(_sha256_of, view[start:end]))
+    digests = [check.result() for check in checks]
+    if (digests != blocks) if blocks else (hashlib.sha256(view).hexdigest() != entry["sha256"]):
         raise NotPrepared(f"{path.parent.name}/{path.name} does not match its SHA-256 (corrupt)")
-    size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + size])
+    header_size = int.from_bytes(view[:8], "little")
+    header = json.loads(bytes(view[8:8 + header_size]))
     header.pop("__metadata__", None)
-    return header, data, 8 + size
+    return header, data, 8 + header_size
 
 
-def _tensors_from(header: dict, data: bytearray, offset: int, device):
+def _tensors_from(header: dict, data, offset: int, device, non_blocking: bool = False):
     import torch
 
     for name, spec in header.items():
@@ -336,7 +366,39 @@ def _tensors_from(header: dict, data: bytearray, offset: int, device):
         tensor = tensor.reshape(spec["shape"])
         # A copy either way: to the card, or on the CPU into memory of its own (aligned as a loaded tensor would
         # be: kernels may take other paths for a tensor at an odd offset of the shard, and give other bits).
-        yield name, tensor.clone() if device.type == "cpu" else tensor.to(device)
+        yield name, tensor.clone() if device.type == "cpu" else tensor.to(device, non_blocking=non_blocking)
+
+
+def stream_shards(folder: Path, files: dict[str, dict], device_of, pinned: bool | None = None):
+    """Every tensor of these shards ({name: manifest entry}, in order) on its device (`device_of(shard name)`), as
+    (shard, tensor name, tensor); at most READ_THREADS shards read ahead of the one being placed, so host RAM holds
+    a few GiB, never a model. With `pinned` (the default when any shard goes to a GPU) the shards are read into a
+    fixed pool of pinned host buffers: the copy to the card is then DMA at the bus's rate instead of a pageable copy
+    through the driver's bounce buffer, and the pages are faulted in once, not once per shard."""
+    import torch
+
+    names = list(files)
+    if pinned is None:
+        pinned = torch.cuda.is_available() and any(torch.device(device_of(n)).type == "cuda" for n in names)
+    free = [torch.empty(max((folder / n).stat().st_size for n in names), dtype=torch.uint8, pin_memory=True)
+            for _ in range(min(READ_THREADS, len(names)))] if pinned and names else None
+    with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="recast-prepared") as pool:
+        reads: dict = {}
+        for index, name in enumerate(names):
+            for ahead in names[index:index + READ_THREADS]:
+                if ahead not in reads and (free is None or free):
+                    buffer = free.pop() if free is not None else None
+                    reads[ahead] = (pool.submit(_read_shard, folder / ahead, files[ahead], buffer), buffer)
+            future, buffer = reads.pop(name)
+            header, data, offset = future.result()  # raises NotPrepared for a corrupt shard
+            device = torch.device(device_of(name))
+            for tensor_name, tensor in _tensors_from(header, data, offset, device, non_blocking=buffer is not None):
+                yield name, tensor_name, tensor
+            if buffer is not None:
+                if device.type == "cuda":
+                    torch.cuda.current_stream(device).synchronize()  # the copies out of it are done: reuse it
+                free.append(buffer)
+            del data
 
 
 def skeleton(config: Path, dtype):
@@ -384,26 +446,21 @@ def load(folder: Path, key: str, profile, recipe):
     recipe.give_structure(pipe, profile)
     components = {name: module for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
     shards = sorted(name for name in manifest["files"] if name.startswith("weights/"))
-    with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="recast-prepared") as pool:
-        # At most READ_THREADS shards read ahead of the one being placed: host RAM holds a few GiB, never a model.
-        reads = {}
-        for index, name in enumerate(shards):
-            for ahead in shards[index:index + READ_THREADS]:
-                if ahead not in reads:
-                    reads[ahead] = pool.submit(_read_shard, folder / ahead, manifest["files"][ahead]["sha256"])
-            header, data, offset = reads.pop(name).result()  # raises NotPrepared for a corrupt shard
-            component = name.removeprefix("weights/").rsplit("-", 1)[0]
-            module = components.get(component)
-            if module is None:
-                raise NotPrepared(f"{name} belongs to no component of this pipeline")
-            target = torch.device(recipe.load_device(profile, component))
-            for tensor_name, tensor in _tensors_from(header, data, offset, target):
-                try:
-                    _set_tensor(module, tensor_name, tensor)
-                except AttributeError:
-                    raise NotPrepared(f"{name} holds {tensor_name}, which this recipe's {component} does not "
-                                      "have") from None
-            del data
+
+    def component_of(shard: str) -> str:
+        return shard.removeprefix("weights/").rsplit("-", 1)[0]
+
+    for shard in shards:
+        if component_of(shard) not in components:
+            raise NotPrepared(f"{shard} belongs to no component of this pipeline")
+    files = {name: manifest["files"][name] for name in shards}
+    for name, tensor_name, tensor in stream_shards(folder, files,
+                                                   lambda shard: recipe.load_device(profile, component_of(shard))):
+        component = component_of(name)
+        try:
+            _set_tensor(components[component], tensor_name, tensor)
+        except AttributeError:
+            raise NotPrepared(f"{name} holds {tensor_name}, which this recipe's {component} does not have") from None
     for alias, original in manifest.get("aliases", {}).items():
         alias_component, _, alias_name = alias.partition(".")
         _, _, original_name = original.partition(".")
