@@ -28,7 +28,11 @@ from recast.tasks.errors import BadInput
 
 log = logging.getLogger("recast.execution")
 
-ADVERTISE_S = 5.0  # a worker killed without a word is forgotten after three of these
+ADVERTISE_S = 5.0
+# A worker killed without a word is forgotten after this long. Six intervals, not fewer: on one H200, with 32 runs
+# started at once, the server took long enough over the advertisements' writes that a busy worker serving every job
+# looked gone at three, and 14 of the 32 runs said that no worker served them.
+FORGOTTEN_AFTER_S = 6 * ADVERTISE_S
 PREFIX = "recast-worker-"
 
 
@@ -79,7 +83,7 @@ def advertise(serves: dict[str, str]):
 
 
 def running_workers() -> list[dict]:
-    """The workers that advertised themselves within the last three intervals."""
+    """The workers that advertised themselves within the last FORGOTTEN_AFTER_S."""
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:  # the filter endpoint: only this prefix's variables travel
@@ -92,7 +96,7 @@ def running_workers() -> list[dict]:
             record = json.loads(value) if isinstance(value, str) else value
         except ValueError:
             continue
-        if isinstance(record, dict) and time.time() - record.get("at", 0) < 3 * ADVERTISE_S:
+        if isinstance(record, dict) and time.time() - record.get("at", 0) < FORGOTTEN_AFTER_S:
             workers.append(record)
     return workers
 
