@@ -32,4 +32,5 @@ serve: install
 	$(BIN)/recast serve
 
 clean:
+	-$(BIN)/recast server stop 2>/dev/null
 	rm -rf $(VENV) .prefect .prefect-server .cache artifacts logs

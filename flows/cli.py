@@ -19,7 +19,7 @@ from recast.flows.cli_models import (add_model_arguments, describe_file_error, d
                                      model_from_args, yaml_keys_help)
 from recast.tasks.errors import BadInput, ModelUnavailable
 from recast.tasks.schemas.requests import AnimateRequest, EditRequest, Storyboard
-from recast.tasks.settings import ConfigError
+from recast.tasks.settings import ConfigError, get_settings
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_IDENTITY_NOT_MET = 1, 2, 3
 
@@ -38,10 +38,53 @@ def _run(flow, *args, **kwargs) -> tuple[dict | None, str | None]:
     """Run a flow in this process; (manifest, None) or (manifest or None, the reason it failed)."""
     from recast.flows.runs import run_flow
 
-    state = run_flow(flow, *args, return_state=True, **kwargs)
-    data = state.result(raise_on_failure=False, _sync=True)
+    with _prefect_server():
+        state = run_flow(flow, *args, return_state=True, **kwargs)
+        data = state.result(raise_on_failure=False, _sync=True)
     manifest = data if isinstance(data, dict) else None
     return manifest, None if state.is_completed() else (state.message or str(data))
+
+
+def _prefect_server():
+    """The Prefect server this command's flow runs on: PREFECT_API_URL's when set; else, with `cli_server:
+    background` (the default), the local background server the commands share, started now if none is up
+    (recast.flows.local_server); with `temporary`, Prefect's own temporary server for this command only."""
+    import contextlib
+
+    from recast.flows import local_server
+
+    settings = get_settings()
+    if os.environ.get("PREFECT_API_URL") or settings.cli_server != "background":
+        return contextlib.nullcontext()
+    state, started = local_server.ensure(settings.cli_server_idle_s)
+    os.environ["PREFECT_API_URL"] = state["api"]
+    if "prefect.context" in sys.modules:  # Prefect read its settings at import: make it read them again
+        from prefect.context import refresh_global_settings_context
+
+        refresh_global_settings_context()
+    if started:
+        print(f"recast: started a Prefect server in the background at {state['api'].removesuffix('/api')}; the "
+              f"next commands reuse it; `recast server stop` stops it (it stops itself after "
+              f"{settings.cli_server_idle_s / 60:.0f} min unused)", file=sys.stderr, flush=True)
+    return local_server.in_use()
+
+
+def _server(args: argparse.Namespace) -> int:
+    from recast.flows import local_server
+
+    if args.action == "stop":
+        state = local_server.stop()
+        print(f"recast server: stopped the background server at {state['api']}" if state else
+              "recast server: no background server was running", flush=True)
+        return 0
+    if args.action == "start":
+        state, started = local_server.ensure(get_settings().cli_server_idle_s)
+        print(f"recast server: {'started' if started else 'already running'} at {state['api']}", flush=True)
+        return 0
+    state = local_server.running()
+    print(f"recast server: running at {state['api']} (pid {state['pid']})" if state else
+          "recast server: no background server is running", flush=True)
+    return 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -423,6 +466,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--one-worker", action="store_true",
                        help="one task worker for both stages (one card: the memory policy keeps both when they fit)")
     serve.set_defaults(handler=_serve, model=None)
+
+    server = sub.add_parser(
+        "server", help="the background Prefect server the commands share (start, stop, status)",
+        description="Without PREFECT_API_URL, the first command that runs a flow starts a local Prefect server in "
+                    "the background (under PREFECT_HOME) and the next commands reuse it; it stops itself after "
+                    "cli_server_idle_s unused. RECAST_CLI_SERVER=temporary: a temporary server per command instead.")
+    server.add_argument("action", choices=["start", "stop", "status"])
+    server.set_defaults(handler=_server, model=None)
 
     board = sub.add_parser("storyboard", help="edit and animate a storyboard of scenes, stitched into one video",
                            description=Storyboard.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -21,6 +21,9 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 for name in [k for k in os.environ if k.startswith("RECAST_") and k not in ("RECAST_CACHE_DIR",)]:
     del os.environ[name]
+# Each CLI command in a test gets Prefect's temporary server, as it did before the shared background server: a test
+# never leaves a server behind. tests/test_cli_server.py tests the background server (the default) and stops it.
+os.environ["RECAST_CLI_SERVER"] = "temporary"
 
 
 @pytest.fixture(scope="session")

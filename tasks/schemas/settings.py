@@ -122,6 +122,12 @@ def _pick(field: str, name: str, known: dict):
 class Settings(Strict):
     profile: str
     video_profile: str
+    cli_server: Literal["background", "temporary"] = Field(
+        "background", description="Without PREFECT_API_URL, the Prefect server of CLI commands: background (one "
+        "local server the commands share, started by the first, `recast server stop` stops it) or temporary (one "
+        "per command, as Prefect does: seconds of start and stop around every command).")
+    cli_server_idle_s: float = Field(1800, gt=0, description="The background server stops itself after this long "
+                                     "without a command.")
     execution: Literal["local", "workers"] = Field(
         "local", description="local: GPU tasks run in the flow's process; workers: on `recast worker` processes.")
     edit_timeout_s: float = Field(900, gt=0, description="Longest an edit may *run* on a worker (queueing does "

@@ -1,0 +1,203 @@
+"""The local Prefect server CLI commands share (`cli_server: background`, the default).
+
+Without PREFECT_API_URL, Prefect starts a temporary server for every command and stops it at the end: on a 2-core
+machine ~5.5 s to start and ~3 s to stop, around an edit of under a second. Instead the first command that runs a
+flow starts one server in the background (127.0.0.1, a free port, the same PREFECT_HOME and database), records it in
+`$PREFECT_HOME/recast-server.json`, and the next commands use it. It stops on `recast server stop`, or by itself
+once no command has used it for `cli_server_idle_s`. A command keeps it in use while it runs (a long storyboard is
+not cut off by the idle stop).
+
+Everything here runs before Prefect is imported: Prefect reads PREFECT_API_URL once, at import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+STATE = "recast-server.json"
+START_TIMEOUT_S = 120.0  # a busy 2-core machine: the first start migrates the database
+TOUCH_S = 30.0  # how often a running command says it is still using the server
+
+
+def prefect_home() -> Path:
+    return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+
+
+def _state_path() -> Path:
+    return prefect_home() / STATE
+
+
+def healthy(api_url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def running() -> dict | None:
+    """The background server of this PREFECT_HOME when it is up and answering; None otherwise."""
+    try:
+        state = json.loads(_state_path().read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or not _alive(int(state.get("pid", 0) or 0)) or not healthy(state.get("api", "")):
+        return None
+    return state
+
+
+def touch() -> None:
+    """Say the server is in use now (its idle clock restarts)."""
+    with contextlib.suppress(OSError):
+        os.utime(_state_path())
+
+
+@contextlib.contextmanager
+def _lock():
+    home = prefect_home()
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / "recast-server.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def ensure(idle_s: float) -> tuple[dict, bool]:
+    """The background server, started now if none is up (two commands at once start one); (state, started now)."""
+    state = running()
+    if state:
+        touch()
+        return state, False
+    with _lock():
+        state = running()  # another command may have started it while this one waited
+        if state:
+            touch()
+            return state, False
+        home = prefect_home()
+        port = _free_port()
+        api = f"http://127.0.0.1:{port}/api"
+        log = home / "recast-server.log"
+        with open(log, "ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "recast.flows.local_server", "--port", str(port), "--idle-s", str(idle_s)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                env=dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false"))
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not healthy(api, timeout=1.0):
+            if process.poll() is not None or time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
+                raise RuntimeError(f"the background Prefect server did not start (see {log}): {tail.strip()[-300:]}")
+            time.sleep(0.2)
+        state = {"pid": process.pid, "api": api, "port": port, "started": time.time(), "idle_s": idle_s}
+        _state_path().write_text(json.dumps(state) + "\n")
+        return state, True
+
+
+def stop() -> dict | None:
+    """Stop the background server of this PREFECT_HOME; what was stopped (None: none was running)."""
+    with _lock():
+        try:
+            state = json.loads(_state_path().read_text())
+        except (OSError, ValueError):
+            return None
+        pid = int(state.get("pid", 0) or 0)
+        if pid and _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 20
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            _state_path().unlink()
+        return state
+
+
+@contextlib.contextmanager
+def in_use():
+    """While a command runs: touch the state now and then, so the idle stop never takes the server from under it."""
+    stopped = threading.Event()
+
+    def keep() -> None:
+        while not stopped.wait(TOUCH_S):
+            touch()
+
+    thread = threading.Thread(target=keep, name="recast-server-in-use", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stopped.set()
+        touch()
+
+
+# --------------------------------------------------------------------------------------------------
+# The background process: the server as its child, stopped when idle or told to
+
+
+def _supervise(port: int, idle_s: float) -> int:
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                               str(port)], stdin=subprocess.DEVNULL)
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stopping.set())
+    state = _state_path()
+    while not stopping.wait(5.0) and server.poll() is None:
+        try:
+            last_use = state.stat().st_mtime
+        except OSError:
+            continue  # not written yet (the command that started it waits for health), or being replaced
+        if time.time() - last_use > idle_s:
+            print(f"recast server: idle for {idle_s:.0f}s, stopping", flush=True)
+            break
+    if server.poll() is None:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(state.read_text()).get("pid") == os.getpid():
+            state.unlink()
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="(internal) the background Prefect server of `recast` commands")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--idle-s", type=float, required=True)
+    options = parser.parse_args()
+    sys.exit(_supervise(options.port, options.idle_s))

@@ -1,0 +1,92 @@
+"""The background Prefect server CLI commands share (#24, item 1): the first command that runs a flow starts it,
+the next reuse it, `recast server stop` stops it, it stops itself when unused, and bad input starts nothing.
+Real commands, a real Prefect server; every test stops what it started."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def _env(home: Path, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    return dict(env, PREFECT_HOME=str(home), RECAST_CLI_SERVER="background", RECAST_HANDOFF__MODE="none", **extra)
+
+
+def _recast(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "recast"), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.fixture
+def home(tmp_path):
+    home = tmp_path / "prefect"
+    yield home
+    _recast(_env(home), "server", "stop", timeout=120)  # whatever the test left, stopped
+
+
+def _flow_runs(api: str) -> list[dict]:
+    request = urllib.request.Request(f"{api}/flow_runs/filter", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_the_first_command_starts_a_server_the_next_reuse_and_server_stop_stops_it(home, astronaut, tmp_path):
+    env = _env(home)
+    first = _recast(env, "edit", str(astronaut), "--prompt", "Neo, black trench coat", "--seed", "1", "--steps", "2",
+                    "--storage", str(tmp_path / "store"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "started a Prefect server in the background" in first.stderr, first.stderr[-2000:]
+    state = json.loads((home / "recast-server.json").read_text())
+    assert _alive(state["pid"]), "the server must outlive the command that started it"
+    second = _recast(env, "edit", str(astronaut), "--prompt", "Neo, black trench coat", "--seed", "2", "--steps",
+                     "2", "--storage", str(tmp_path / "store"))
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "started a Prefect server" not in second.stderr, "the second command must reuse the running server"
+    assert json.loads((home / "recast-server.json").read_text())["pid"] == state["pid"]
+    runs = _flow_runs(state["api"])
+    assert len([r for r in runs if r["state_type"] == "COMPLETED"]) == 2, \
+        f"both commands' flow runs must be on the shared server: {[r['name'] for r in runs]}"
+    status = _recast(env, "server", "status")
+    assert f"running at {state['api']}" in status.stdout, status.stdout
+    stopped = _recast(env, "server", "stop", timeout=120)
+    assert stopped.returncode == 0 and "stopped the background server" in stopped.stdout, stopped.stdout
+    assert not _alive(state["pid"]), "`recast server stop` must stop the server's process"
+    assert not (home / "recast-server.json").exists()
+    assert "no background server" in _recast(env, "server", "status").stdout
+
+
+def test_an_unused_server_stops_by_itself(home):
+    env = _env(home, RECAST_CLI_SERVER_IDLE_S="2")
+    started = _recast(env, "server", "start")
+    assert started.returncode == 0 and "started at" in started.stdout, started.stdout + started.stderr[-2000:]
+    pid = json.loads((home / "recast-server.json").read_text())["pid"]
+    deadline = time.monotonic() + 300  # an event (the process ends), with room for a busy machine
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _alive(pid), "a server nobody used for cli_server_idle_s must stop by itself"
+    assert not (home / "recast-server.json").exists(), "and say so (its state file gone)"
+
+
+def test_bad_input_starts_no_server(home, tmp_path):
+    proc = _recast(_env(home), "edit", str(tmp_path / "missing.png"), "--prompt", "Neo", "--storage",
+                   str(tmp_path / "store"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert not (home / "recast-server.json").exists(), "a refused command must not start a server"
