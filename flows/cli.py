@@ -53,8 +53,11 @@ def _prefect_server():
 
     from recast.flows import local_server
 
+    from prefect.settings import get_current_settings
+
     settings = get_settings()
-    if os.environ.get("PREFECT_API_URL") or settings.cli_server != "background":
+    # A server named anywhere Prefect looks (PREFECT_API_URL, the active Prefect profile) is the one to use.
+    if get_current_settings().api.url or settings.cli_server != "background":
         return contextlib.nullcontext()
     state, started = local_server.ensure(settings.cli_server_idle_s)
     os.environ["PREFECT_API_URL"] = state["api"]

@@ -59,6 +59,15 @@ def memory_root():
 
 
 @pytest.fixture(scope="session", autouse=True)
+def no_background_server_left():
+    """Whatever a test did, no background Prefect server of the suite's PREFECT_HOME outlives the session."""
+    yield
+    from recast.flows import local_server
+
+    local_server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
 def prefect_server(api_server):
     """Flows run in this process talk to the session's server too: one server for the whole suite, instead of a
     test harness and a temporary server of their own (tens of seconds, and CPU taken from the tests)."""

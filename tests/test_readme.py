@@ -80,7 +80,9 @@ def test_every_readme_command_runs_as_shown(workspace, prefect_server, monkeypat
     new process per line would cost seconds each), `make demo` as a process."""
     from recast.flows.cli import main
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECAST_") or k == "RECAST_CACHE_DIR"}
+    # RECAST_CLI_SERVER stays (temporary, conftest): `make demo` leaves no background server behind in the suite
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("RECAST_") or k in ("RECAST_CACHE_DIR", "RECAST_CLI_SERVER")}
     env.update(RECAST_STORAGE_ROOT=str(workspace / "artifacts"))
     monkeypatch.chdir(workspace)
     monkeypatch.setenv("RECAST_STORAGE_ROOT", str(workspace / "artifacts"))
