@@ -64,9 +64,11 @@ NEGATIVE = "static, blurred details, worst quality, low quality, deformed"
 # (docs/PERFORMANCE.md, "Quality"); it is bounded per pass below.
 PSNR_BOUNDS = {"wan22-lightning": 14.0, "wan22-offload": 14.0}
 # wan22-fp8's bound is on one transformer pass instead: its first expert on the baseline's own first-pass inputs,
-# relative L2 against the bf16 pass's output. An output of other inputs is ~1.4 away (two independent outputs of
-# equal norm: sqrt 2), so the bound at a third of that fails it. Set before a GPU run measured the FP8 value.
-PASS_BOUNDS = {"wan22-fp8": 0.5}
+# relative L2 against the bf16 pass's output. Measured at full size (one H200, --steps 2): the recipe's pass 0.0865,
+# the pass of other inputs 0.4539 (not the ~1.4 of two independent outputs: the two passes share the weights and
+# the conditioning), so the earlier bound of 0.5 passed both. 0.2 lies between them (about their geometric mean):
+# 2.3x the recipe's error, less than half of an unrelated pass's.
+PASS_BOUNDS = {"wan22-fp8": 0.2}
 DEFAULT_ROWS = "wan-diffusers-baseline,wan22-fp8,wan22-lightning,chain-lightning,wan22-offload"
 
 

@@ -328,3 +328,34 @@ def test_each_wan_expert_gets_its_own_lightning_lora_at_its_scale(tmp_path):
         delta = state[key.replace("lora_A", "lora_B")] @ state[key]
         moved = getattr(fused, expert).blocks[0].attn1.to_q.weight - getattr(base, expert).blocks[0].attn1.to_q.weight
         assert torch.allclose(moved, delta, atol=1e-5), f"{expert} did not get {Path(spec.source).parent.name}'s delta"
+
+
+def test_an_attention_backend_this_machine_cannot_run_falls_back_to_sdpa_with_one_warning(caplog, astronaut):
+    """A profile naming SageAttention (a CUDA kernel, optional package) still runs on a CPU: one warning line that
+    names the backend and why, then the same image as the native bf16 SDPA backend gives."""
+    from PIL import Image
+
+    from recast.tasks.models import loading, qwen_edit
+    from recast.tasks.settings import get_settings
+
+    tiny = get_settings().get_profile("tiny")
+    images = {}
+    for backend in ("sage", "native"):
+        profile = tiny.model_copy(update={"attention_backend": backend})
+        loading.clear_cache()
+        with caplog.at_level("WARNING", logger="recast.models"):
+            caplog.clear()
+            loaded, _ = loading.get_pipeline("edit", profile)
+        warnings = [r.getMessage() for r in caplog.records if "attention backend" in r.getMessage()]
+        if backend == "sage":
+            assert len(warnings) == 1 and "sage is not usable here" in warnings[0] and "native" in warnings[0], \
+                warnings
+            assert "\n" not in warnings[0], "the fallback is said in one line"
+        else:
+            assert not warnings, warnings
+        with Image.open(astronaut) as photo:
+            out = qwen_edit.run_edit(loaded, profile, [photo.convert("RGB")], prompt="Neo, black trench coat",
+                                     negative_prompt=" ", seed=3, steps=2, true_cfg_scale=4.0, width=64, height=64)
+        images[backend] = out.tobytes() if hasattr(out, "tobytes") else out[0].tobytes()
+    loading.clear_cache()
+    assert images["sage"] == images["native"], "the fallback must be the native backend's computation"

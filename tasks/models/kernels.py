@@ -14,11 +14,30 @@ log = logging.getLogger("recast.models")
 ATTENTION_TIMINGS_MS: dict[str, float] = {}
 
 
+# Backends that run on the CPU too; any other (SageAttention, FlashAttention, cuDNN, ...) needs a CUDA card.
+CPU_BACKENDS = ("native", "_native_math")
+
+
 def use_attention_backend(transformer, backend: str, device) -> str:
-    """Set the transformer's diffusers attention backend; "auto" times the SDPA kernels on this card first."""
+    """Set the transformer's diffusers attention backend; "auto" times the SDPA kernels on this card first. A
+    backend this machine cannot run (its package missing, or no CUDA card) falls back to bf16 SDPA ("native") with
+    a one-line warning: a profile that names an optional kernel still runs everywhere."""
+    import torch
+
     if backend == "auto":
         backend = fastest_attention_backend(transformer, device)
-    transformer.set_attention_backend(backend)
+    reason = None
+    if torch.device(device).type != "cuda" and backend not in CPU_BACKENDS:
+        reason = "it needs a CUDA card"
+    else:
+        try:
+            transformer.set_attention_backend(backend)
+        except RuntimeError as exc:  # diffusers: the backend's package is missing or too old
+            reason = " ".join(str(exc).split())  # it names the package and version to install
+    if reason:
+        log.warning("attention backend %s is not usable here (%s): using native bf16 SDPA", backend, reason)
+        backend = "native"
+        transformer.set_attention_backend(backend)
     log.info("attention backend: %s", backend)
     return backend
 
