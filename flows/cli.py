@@ -77,6 +77,10 @@ def _server(args: argparse.Namespace) -> int:
 
     if args.action == "stop":
         state = local_server.stop()
+        if state and state.get("owner"):
+            print(f"recast server: the server at {state['api']} belongs to `{state['owner']}` (pid {state['pid']}); "
+                  "stop that instead", file=sys.stderr, flush=True)
+            return EXIT_BAD_INPUT
         print(f"recast server: stopped the background server at {state['api']}" if state else
               "recast server: no background server was running", flush=True)
         return 0
@@ -85,7 +89,8 @@ def _server(args: argparse.Namespace) -> int:
         print(f"recast server: {'started' if started else 'already running'} at {state['api']}", flush=True)
         return 0
     state = local_server.running()
-    print(f"recast server: running at {state['api']} (pid {state['pid']})" if state else
+    owner = f", started by `{state['owner']}`" if state and state.get("owner") else ""
+    print(f"recast server: running at {state['api']} (pid {state['pid']}{owner})" if state else
           "recast server: no background server is running", flush=True)
     return 0
 

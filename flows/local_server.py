@@ -35,8 +35,8 @@ def prefect_home() -> Path:
     return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
 
 
-def _state_path() -> Path:
-    return prefect_home() / STATE
+def _state_path(home: Path | None = None) -> Path:
+    return (home or prefect_home()) / STATE
 
 
 def healthy(api_url: str, timeout: float = 2.0) -> bool:
@@ -125,13 +125,30 @@ def ensure(idle_s: float) -> tuple[dict, bool]:
         return state, True
 
 
+def announce(home: Path, api: str, owner: str) -> None:
+    """`recast serve` says its server is this PREFECT_HOME's: commands run with that home use it (instead of
+    starting a second server on the same database)."""
+    state = {"pid": os.getpid(), "api": api, "started": time.time(), "owner": owner}
+    _state_path(home).write_text(json.dumps(state) + "\n")
+
+
+def withdraw(home: Path) -> None:
+    """Remove this process's announcement (a state file another process wrote stays)."""
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(_state_path(home).read_text()).get("pid") == os.getpid():
+            _state_path(home).unlink()
+
+
 def stop() -> dict | None:
-    """Stop the background server of this PREFECT_HOME; what was stopped (None: none was running)."""
+    """Stop the background server of this PREFECT_HOME; what was stopped (None: none was running). A server that
+    `recast serve` announced is not this command's to stop: its state comes back with "owner" and it runs on."""
     with _lock():
         try:
             state = json.loads(_state_path().read_text())
         except (OSError, ValueError):
             return None
+        if state.get("owner") and _alive(int(state.get("pid", 0) or 0)):
+            return state
         pid = int(state.get("pid", 0) or 0)
         if pid and _alive(pid):
             with contextlib.suppress(ProcessLookupError):

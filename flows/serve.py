@@ -27,6 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from recast.flows import local_server
 from recast.tasks.errors import BadInput
 
 MARK = "RECAST_SERVE_SESSION"
@@ -226,6 +227,8 @@ def serve(port: int | None = None, profile: str | None = None, video_profile: st
         prefect = [sys.executable, "-m", "prefect"]
         supervisor.start(Service("server", [*prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]))
         if supervisor.wait_until("the Prefect server", lambda: _healthy(api)):
+            # CLI commands with this PREFECT_HOME use this server, not a second one on the same database
+            local_server.announce(home, api, owner="recast serve")
             supervisor.run_once("work-pool", [*prefect, "work-pool", "create", "recast-flows", "--type", "process"])
             deployed = supervisor.run_once("deploy", [*prefect, "--no-prompt", "deploy", "--all", "--prefect-file",
                                                       "deployments/prefect.yaml"])
@@ -255,6 +258,7 @@ def serve(port: int | None = None, profile: str | None = None, video_profile: st
                       f"Ctrl-C stops the server, the workers and their flow runs.", flush=True)
                 supervisor.wait_until("a stop", lambda: False, timeout_s=float("inf"))
     finally:
+        local_server.withdraw(home)
         reason = supervisor.stop_reason or "stopping"
         print(f"recast serve: {reason}; stopping everything it started", file=sys.stderr, flush=True)
         killed = supervisor.stop()

@@ -210,6 +210,11 @@ def test_make_serve_stops_every_process_it_started_with_a_run_in_progress(signal
             "'prompts': ['Neo, black leather trench coat'], 'steps': 100, 'seeds': [1, 2, 3, 4, 5, 6]}})"),
             str(root / "uploads" / "me.png")], env=api, capture_output=True, text=True, timeout=300)
         assert started.returncode == 0, started.stderr[-2000:]
+        # A CLI command with the same PREFECT_HOME uses make serve's server, not a second one on its database.
+        status = subprocess.run([str(Path(sys.executable).parent / "recast"), "server", "status"], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert f"running at http://127.0.0.1:{port}/api" in status.stdout and "recast serve" in status.stdout, \
+            status.stdout + status.stderr[-1000:]
         # The flow-run process (started by the process worker, in a session of its own) is working on the run.
         wait_for(lambda: list(root.glob("runs/*/.jobs/*.submitted")), 300, "the run to submit its edits")
         processes = _descendants(serve.pid)
@@ -224,6 +229,7 @@ def test_make_serve_stops_every_process_it_started_with_a_run_in_progress(signal
         serve.wait(timeout=60)
         with socket.socket() as probe:
             assert probe.connect_ex(("127.0.0.1", port)) != 0, "the Prefect server's port is still listening"
+        assert not (tmp_path / "home" / "recast-server.json").exists(), "make serve must withdraw its server"
         print(f"every process of make serve gone {took:.1f}s after the signal")
     finally:
         if serve.poll() is None:
