@@ -524,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")  # no telemetry notice from Prefect's client either
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # A temporary server (cli_server: temporary) gets 2 minutes to answer, not Prefect's 20 s: on a busy 2-core
+    # machine a test run saw "Timed out while attempting to connect to ephemeral Prefect API server".
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     try:
         parser = build_parser()
         args = _parse(parser, argv)
