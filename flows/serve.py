@@ -22,7 +22,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,14 +165,6 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
-def _healthy(api_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 def _repo() -> Path:
     """The checkout whose deployments/prefect.yaml is served (the flows run from it: RECAST_ROOT)."""
     for candidate in (Path(__file__).resolve().parents[1], Path.cwd()):
@@ -226,7 +217,7 @@ def serve(port: int | None = None, profile: str | None = None, video_profile: st
         # `python -m`: the same interpreter and packages as this process, console scripts or not.
         prefect = [sys.executable, "-m", "prefect"]
         supervisor.start(Service("server", [*prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]))
-        if supervisor.wait_until("the Prefect server", lambda: _healthy(api)):
+        if supervisor.wait_until("the Prefect server", lambda: local_server.healthy(api)):
             # CLI commands with this PREFECT_HOME use this server, not a second one on the same database
             local_server.announce(home, api, owner="recast serve")
             supervisor.run_once("work-pool", [*prefect, "work-pool", "create", "recast-flows", "--type", "process"])

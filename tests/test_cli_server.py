@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from recast.flows.local_server import _alive  # the state file's pid: alive or gone
+
 BIN = Path(sys.executable).parent
 
 
@@ -24,14 +26,6 @@ def _env(home: Path, **extra: str) -> dict:
 
 def _recast(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "recast"), *args], env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 @pytest.fixture
