@@ -23,7 +23,6 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,12 +37,6 @@ PROMPTS = ["James Bond 007, wearing a tuxedo with bow tie, casino background, ci
            "Neo from The Matrix, wearing a long black leather trench coat, green digital rain backdrop, neon lighting",
            "Top Gun pilot, wearing a flight suit and aviator sunglasses, airfield, golden hour lighting",
            "Tech CEO on stage, wearing a dark blazer, conference backdrop, blue lighting"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class GpuMemory(threading.Thread):
@@ -128,6 +121,8 @@ def main() -> int:
     work = Path(args.work)
     store = work / "store"
     (store / "uploads").mkdir(parents=True, exist_ok=True)
+    from recast.flows.local_server import free_port
+
     port = free_port()
     edit_profile, video_profile = ("tiny", "tiny") if args.tiny else ("lightning", "wan22-lightning")
     env = dict(os.environ, RECAST_CACHE_DIR=str(work / "cache"), RECAST_STORAGE_ROOT=str(store),

@@ -86,7 +86,8 @@ def _lock():
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -104,7 +105,7 @@ def ensure(idle_s: float) -> tuple[dict, bool]:
             touch()
             return state, False
         home = prefect_home()
-        port = _free_port()
+        port = free_port()
         api = f"http://127.0.0.1:{port}/api"
         log = home / "recast-server.log"
         with open(log, "ab") as out:
