@@ -223,7 +223,17 @@ def start(args) -> None:
         "sources": {k: v.source for k, v in loaded.items()},
         "host_rss_peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "gpu_peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2) if torch.cuda.is_available() else None,
-        "bytes_read_gib": round(int(io.get("read_bytes", 0)) / GIB, 2)}), flush=True)
+        "bytes_read_gib": round(int(io.get("read_bytes", 0)) / GIB, 2),
+        "compile_time_s": compile_time_split()}), flush=True)
+
+
+def compile_time_split() -> dict:
+    """Where torch.compile's time in this process went (dynamo's own per-phase totals, seconds >= 0.1): which part
+    of a warm-up a cache did not spare."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    totals = {name: round(sum(times), 2) for name, times in compilation_time_metrics.items()}
+    return {name: total for name, total in sorted(totals.items(), key=lambda kv: -kv[1]) if total >= 0.1}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -155,9 +155,17 @@ def record(row: dict, results: str | None, out: str | None) -> None:
         write_rows(Path(out), [row])
 
 
+def with_backend(row_name: str) -> tuple[str, str | None]:
+    """A row named `profile@backend` is the profile with another attention backend (e.g. `lightning@sage`), so
+    two kernels are compared in one run on the same weights: (profile, backend or None)."""
+    profile, _, backend = row_name.partition("@")
+    return profile, backend or None
+
+
 def check_quality(name: str, row: dict, bounds: dict[str, float], failures: list[str]) -> None:
-    """--check: the row ran, its output is finite, its PSNR meets the bound, and the bound can fail."""
-    bound = bounds.get(name)
+    """--check: the row ran, its output is finite, its PSNR meets the bound (a `profile@backend` row: the
+    profile's bound), and the bound can fail."""
+    bound = bounds.get(with_backend(name)[0])
     if "error" in row or not row.get("finite", False):
         failures.append(f"{name}: did not run or produced non-finite output: {row.get('error')}")
         return

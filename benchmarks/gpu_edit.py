@@ -9,6 +9,7 @@ so each profile starts from the same weights. Rows, all in one run on one card:
                         (a correctness fix that costs nothing; without it image tokens get wrong positions)
     <profile>           the same weights through recast's own code: tasks.qwen_edit.prepare
                         (the loader's recipe step), warm_up, and run_edit
+    <profile>@<backend> the same with another attention backend (e.g. lightning@sage): kernels side by side
 
 Each row: median s/image over --runs timed calls after warm-up, ratio to the baseline, peak GPU memory
 during the timed calls, and the PSNR of the output image against the baseline's on the same weights and seed
@@ -168,9 +169,12 @@ def component_split(pipe, call, device) -> dict:
 def bench_profile(name, args, settings, device, dtype, image, references, lora_dir) -> dict:
     """Build fresh weights, apply the profile through recast's code, warm up, time. Returns a result row."""
     baseline = name == "diffusers-baseline"
-    profile = settings.profiles["bf16" if baseline else name]
+    base, backend = common.with_backend(name)
+    profile = settings.profiles["bf16" if baseline else base]
     overrides = dict(device=str(device), dtype=args.dtype, output_area=args.res * args.res,
                      vae_image_area=args.res * args.res)
+    if backend:
+        overrides["attention_backend"] = backend
     if args.tiny:  # CPU code-path check: no CUDA kernels, no compilation
         overrides.update(compile=False, attention_backend=None, warmup=False)
     build_started = time.perf_counter()
@@ -233,7 +237,7 @@ def bench_profile(name, args, settings, device, dtype, image, references, lora_d
     if baseline:
         references["cfg8"] = out
         extra["unrelated_psnr_db"] = common.psnr(call(seed=43), out)  # another seed: must fail every bound
-    elif args.check and name in LORA_CHECKED:
+    elif args.check and base in LORA_CHECKED:
         extra.update(lora_check(call, out, pipe.transformer, lora_dir, device))
     arr = np.asarray(out, dtype=np.float32)
     seconds = round(statistics.median(times), 4)
@@ -358,7 +362,7 @@ def main() -> int:
     for row in rows:
         if args.check:
             common.check_quality(row["profile"], dict(row, unrelated_psnr_db=unrelated), PSNR_BOUNDS, failures)
-            if row["profile"] in LORA_CHECKED and "error" not in row:
+            if common.with_backend(row["profile"])[0] in LORA_CHECKED and "error" not in row:
                 if not row.get("lora_changes_output") or not row.get("lora_restores_base"):
                     failures.append(f"{row['profile']}: per-request LoRA changes={row.get('lora_changes_output')}, "
                                     f"restores base={row.get('lora_restores_base')}")

@@ -91,10 +91,13 @@ class Bench:
 
     def profile(self, name: str):
         """The named video profile exactly as the settings give it, so the flows of the chain row find the very
-        pipelines the rows installed (sizes, device and the stand-in LoRA files are set through RECAST_*)."""
+        pipelines the rows installed (sizes, device and the stand-in LoRA files are set through RECAST_*); a
+        `profile@backend` row: the profile with that attention backend."""
+        name, backend = common.with_backend(name)
         if get_settings().get_video_profile(name).lightning is not None and self.args.weights == "random":
             self.random_loras()
-        return get_settings().get_video_profile(name)
+        profile = get_settings().get_video_profile(name)
+        return profile.model_copy(update=dict(attention_backend=backend)) if backend else profile
 
     # ----------------------------------------------------------------------------------------------
     # Weights
@@ -247,16 +250,17 @@ class Bench:
             times.append(seconds)
         peak = common.peak_gib(self.device)
         unrelated = None
-        if name == "wan22-lightning" and self.reference(reference) is not None:
+        if common.with_backend(name)[0] == "wan22-lightning" and self.reference(reference) is not None:
             unrelated = common.psnr(self.call(loaded, profile, seed=43), self.reference(reference))
         row = self.row(name, "video", outs[-1], times, resident, warm_s, steps=self.steps(profile),
                        guidance=profile.guidance_scale, reference=reference, peak=peak,
                        ready_s=round(ready_s, 1), **decisions)
         row["unrelated_psnr_db"] = unrelated
-        if name in PASS_BOUNDS:
+        bound = PASS_BOUNDS.get(common.with_backend(name)[0])
+        if bound is not None:
             errors = self.pass_error(loaded.pipe.transformer, "baseline")
             row["pass_rel_l2"], row["unrelated_pass_rel_l2"] = (round(e, 4) for e in errors) if errors else (None, None)
-            row["pass_bound"] = PASS_BOUNDS[name]
+            row["pass_bound"] = bound
         if not keep:
             del loaded, pipe
             common.free(self.device)
@@ -521,14 +525,17 @@ def main() -> int:
     for name in names:
         print(f"[{datetime.now(timezone.utc):%H:%M:%S}] {name}", flush=True)
         try:
+            base = common.with_backend(name)[0]
             if name == "wan-diffusers-baseline":
                 row = bench.baseline()
-            elif name == "wan22-fp8":
+            elif base == "wan22-fp8":
                 row = bench.recast_row(name, runs=1, reference="baseline")
-            elif name == "wan22-lightning":
-                bench.lightning_reference()
-                row = bench.recast_row(name, runs=args.runs, reference="lightning", keep="chain-lightning" in names)
-            elif name == "wan22-offload":
+            elif base == "wan22-lightning":
+                if bench.reference("lightning") is None:
+                    bench.lightning_reference()
+                row = bench.recast_row(name, runs=args.runs, reference="lightning",
+                                       keep=name == "wan22-lightning" and "chain-lightning" in names)
+            elif base == "wan22-offload":
                 row = bench.recast_row(name, runs=min(args.runs, 2), reference="lightning")
             elif name == "chain-lightning":
                 row = bench.chain()
@@ -577,7 +584,7 @@ def main() -> int:
 
 def _check_pass(row: dict, failures: list[str]) -> None:
     """--check for the rows bounded per pass: measured, within the bound, and the bound fails other inputs."""
-    bound = PASS_BOUNDS.get(row["profile"])
+    bound = PASS_BOUNDS.get(common.with_backend(row["profile"])[0])
     if bound is None or "error" in row:
         return
     error, unrelated = row.get("pass_rel_l2"), row.get("unrelated_pass_rel_l2")

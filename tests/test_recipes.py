@@ -295,6 +295,31 @@ def test_clip_frames_are_the_values_diffusers_gives(tmp_path):
         "the clip's frames differ from diffusers' output"
 
 
+def test_a_video_profiles_attention_backend_reaches_both_experts_and_falls_back_once(caplog):
+    """`attention_backend` on a video profile: SageAttention cannot run on this CPU, so both experts fall back to
+    native SDPA, said in one warning line, and the clip is the native backend's, frame for frame."""
+    base = get_settings().get_video_profile("tiny")
+    image = Image.new("RGB", (64, 48), (120, 60, 30))
+    clips = {}
+    for backend in ("sage", "native"):
+        profile = base.model_copy(update={"attention_backend": backend})
+        loading.clear_cache()
+        with caplog.at_level("WARNING", logger="recast.models"):
+            caplog.clear()
+            loaded, _ = loading.get_pipeline("video", profile)
+        warnings = [r.getMessage() for r in caplog.records if "attention backend" in r.getMessage()]
+        assert len(warnings) == (1 if backend == "sage" else 0), f"{backend}: {warnings}"
+        for expert in wan_video.experts(loaded.pipe):
+            processor = expert.blocks[0].attn1.processor
+            assert getattr(processor, "_attention_backend", None) == "native", \
+                f"{backend}: an expert runs {getattr(processor, '_attention_backend', None)}, not native SDPA"
+        clips[backend] = wan_video.run_video(loaded, image, prompt="a", negative_prompt="", seed=3, steps=2,
+                                             guidance_scale=3.0, num_frames=5, width=64, height=48,
+                                             max_sequence_length=profile.max_sequence_length)
+    loading.clear_cache()
+    assert np.array_equal(clips["sage"], clips["native"]), "the fallback must be the native backend's computation"
+
+
 def test_edit_benchmark_checks_per_request_loras_on_quantized_profiles(tmp_path):
     # lightning covers the LoRA check on FP8 layers and the few-step reference; int4 is covered above on CPU.
     proc = subprocess.run([sys.executable, "gpu_edit.py", "--tiny", "--device", "cpu", "--check", "--runs", "1",
@@ -359,3 +384,54 @@ def test_an_attention_backend_this_machine_cannot_run_falls_back_to_sdpa_with_on
         images[backend] = out.tobytes() if hasattr(out, "tobytes") else out[0].tobytes()
     loading.clear_cache()
     assert images["sage"] == images["native"], "the fallback must be the native backend's computation"
+
+
+def test_recast_sage_backend_routes_every_attention_of_a_block_through_one_op_and_falls_back_for_the_rest(monkeypatch):
+    """`attention_backend: sage` sends each maskless bf16 attention with head dim 64/128 to recast::sageattn (one op
+    that torch.compile keeps whole) and leaves the rest to diffusers. The kernel itself needs a CUDA card, so here
+    the op is stood in by bf16 SDPA: what is tested is recast's routing through the real diffusers processors, and
+    that a compiled block traces it as one graph."""
+    from diffusers import WanTransformer3DModel
+
+    from recast.tasks.models import kernels
+
+    calls = []
+
+    def sdpa_in_nhd(query, key, value, scale):
+        calls.append(tuple(query.shape))
+        out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (query, key, value)),
+                                                               scale=scale)
+        return out.transpose(1, 2)
+
+    monkeypatch.setattr(kernels, "sage_attention_op", lambda: sdpa_in_nhd)
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=4,
+                                  out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2,
+                                  rope_max_seq_len=32).to(torch.bfloat16).eval()
+    inputs = dict(hidden_states=torch.randn(1, 4, 2, 8, 8, dtype=torch.bfloat16), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 16, 32, dtype=torch.bfloat16), return_dict=False)
+    with torch.no_grad():
+        native = model(**inputs)[0]
+        assert kernels.use_sage(model) == 4, "both blocks' self- and cross-attention processors are routed"
+        routed = model(**inputs)[0]
+    assert len(calls) == 4 and calls[0] == (1, 32, 2, 64), f"the op got {calls}, not the four attentions"
+    assert torch.equal(routed, native), "routing changed what the stand-in (the same SDPA) computes"
+
+    calls.clear()
+    compiled = torch.compile(model.blocks[0], fullgraph=True)  # a graph break would raise here
+    temb = torch.randn(1, 6, 128, dtype=torch.bfloat16)
+    rotary = model.rope(inputs["hidden_states"])
+    with torch.no_grad():
+        compiled(torch.randn(1, 32, 128, dtype=torch.bfloat16), torch.randn(1, 16, 128, dtype=torch.bfloat16), temb,
+                 rotary)
+    assert calls, "the compiled block did not run the op"
+
+    float32 = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=4,
+                                    out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=1,
+                                    rope_max_seq_len=32).eval()
+    kernels.use_sage(float32)
+    calls.clear()
+    with torch.no_grad():
+        float32(**{**inputs, "hidden_states": inputs["hidden_states"].float(),
+                   "encoder_hidden_states": inputs["encoder_hidden_states"].float()})
+    assert not calls, "a float32 attention (SageAttention takes bf16/fp16) went to the op instead of diffusers"

@@ -16,12 +16,18 @@ ATTENTION_TIMINGS_MS: dict[str, float] = {}
 
 # Backends that run on the CPU too; any other (SageAttention, FlashAttention, cuDNN, ...) needs a CUDA card.
 CPU_BACKENDS = ("native", "_native_math")
+# recast's own backend: SageAttention 2 (INT8 Q.K; FP8 P.V on Hopper) behind one opaque torch op. diffusers' own
+# `sage` backends call the package's C++ quantization functions directly, which torch.compile cannot trace: a
+# compiled block would break its graph at every attention (an error under fullgraph). The other `_sage_*` names
+# still reach diffusers' backends (eager).
+SAGE = "sage"
+SAGE_INSTALL = "build SageAttention 2 from source: pip install --no-build-isolation 'recast[sage]' (pyproject.toml)"
 
 
 def use_attention_backend(transformer, backend: str, device) -> str:
-    """Set the transformer's diffusers attention backend; "auto" times the SDPA kernels on this card first. A
-    backend this machine cannot run (its package missing, or no CUDA card) falls back to bf16 SDPA ("native") with
-    a one-line warning: a profile that names an optional kernel still runs everywhere."""
+    """Set the transformer's attention backend: a diffusers name, recast's `sage`, or "auto" (times the SDPA kernels
+    on this card first). A backend this machine cannot run (its package missing, or no CUDA card) falls back to bf16
+    SDPA ("native") with a one-line warning: a profile that names an optional kernel still runs everywhere."""
     import torch
 
     if backend == "auto":
@@ -29,6 +35,11 @@ def use_attention_backend(transformer, backend: str, device) -> str:
     reason = None
     if torch.device(device).type != "cuda" and backend not in CPU_BACKENDS:
         reason = "it needs a CUDA card"
+    elif backend == SAGE:
+        reason = _sage_missing()
+        if reason is None:
+            transformer.set_attention_backend("native")  # what anything sage cannot take (masks) runs on
+            use_sage(transformer)
     else:
         try:
             transformer.set_attention_backend(backend)
@@ -40,6 +51,84 @@ def use_attention_backend(transformer, backend: str, device) -> str:
         transformer.set_attention_backend(backend)
     log.info("attention backend: %s", backend)
     return backend
+
+
+def _sage_missing() -> str | None:
+    try:
+        import sageattention
+    except ImportError:
+        return f"the sageattention package is not installed; {SAGE_INSTALL}"
+    if not hasattr(sageattention, "sageattn_qk_int8_pv_fp8_cuda"):  # 1.x: Triton only, no FP8 kernels
+        return f"sageattention {getattr(sageattention, '__version__', '1.x')} is too old; {SAGE_INSTALL}"
+    return None
+
+
+_SAGE_OP = None
+
+
+def sage_attention_op():
+    """`recast::sageattn(query, key, value, scale)`: sageattention.sageattn on (batch, tokens, heads, dim) tensors as
+    one custom op (registered once), so torch.compile keeps it whole inside a compiled block."""
+    global _SAGE_OP
+    if _SAGE_OP is None:
+        from typing import Optional
+
+        import torch
+        from sageattention import sageattn
+
+        @torch.library.custom_op("recast::sageattn", mutates_args=(), device_types="cuda")
+        def op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
+            # sageattn picks its kernel by card: INT8 Q.K with FP8 P.V (Hopper, Ada) or FP16 P.V (Ampere).
+            return sageattn(query, key, value, tensor_layout="NHD", is_causal=False, sm_scale=scale).contiguous()
+
+        @op.register_fake
+        def _(query, key, value, scale):
+            return query.new_empty(*query.shape[:-1], value.shape[-1])
+
+        _SAGE_OP = op
+    return _SAGE_OP
+
+
+def sage_dispatch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                  attention_kwargs=None, *, backend=None, parallel_config=None):
+    """diffusers' dispatch_attention_fn, with the calls SageAttention can take sent to recast::sageattn: no mask,
+    no dropout or causality, one card, bf16/fp16, head dim 64 or 128. Anything else runs as diffusers would."""
+    import torch
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    if (attn_mask is None and not dropout_p and not is_causal and not enable_gqa and parallel_config is None
+            and query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] in (64, 128)):
+        return sage_attention_op()(query, key, value, scale)
+    return dispatch_attention_fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                 attention_kwargs, backend=backend, parallel_config=parallel_config)
+
+
+def use_sage(transformer) -> int:
+    """Route this transformer's attention processors through `sage_dispatch`; returns how many were changed."""
+    changed = 0
+    for module in transformer.modules():
+        processor = getattr(module, "processor", None)
+        call = getattr(type(processor), "__call__", None)
+        if processor is not None and "dispatch_attention_fn" in getattr(call, "__globals__", {}):
+            processor.__class__ = _rebound(type(processor), "Sage", dispatch_attention_fn=sage_dispatch)
+            changed += 1
+    return changed
+
+
+_REBOUND: dict = {}
+
+
+def _rebound(base, prefix: str, **names):
+    """A subclass of an attention processor class whose __call__ runs the same code with some of its module's
+    names replaced (one class per base and replacement, so every block shares one code path for torch.compile)."""
+    key = (base, prefix, tuple(sorted((k, id(v)) for k, v in names.items())))
+    if key not in _REBOUND:
+        call = base.__call__
+        scoped = types.FunctionType(call.__code__, {**call.__globals__, **names}, call.__name__, call.__defaults__,
+                                    call.__closure__)
+        scoped.__kwdefaults__ = call.__kwdefaults__
+        _REBOUND[key] = type(f"{prefix}{base.__name__}", (base,), {"__call__": scoped, "__module__": __name__})
+    return _REBOUND[key]
 
 
 def fastest_attention_backend(transformer, device, seq_len: int = 8448) -> str:
@@ -105,11 +194,7 @@ def _real_rotary_processor_class():
     """diffusers' Qwen attention processor, its code run with `rotary_real` in place of the complex RoPE."""
     from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0 as base
 
-    call = base.__call__
-    scoped = types.FunctionType(call.__code__, {**call.__globals__, "apply_rotary_emb_qwen": rotary_real},
-                                call.__name__, call.__defaults__, call.__closure__)
-    scoped.__kwdefaults__ = call.__kwdefaults__
-    return type("RealRotaryQwenAttnProcessor", (base,), {"__call__": scoped, "__module__": __name__})
+    return _rebound(base, "RealRotary", apply_rotary_emb_qwen=rotary_real)
 
 
 def use_real_rotary(transformer) -> None:

@@ -235,9 +235,12 @@ def warm_up(loaded: LoadedPipeline, profile: ModelProfile) -> float:
     if not profile.warmup:
         return 0.0
     started = time.perf_counter()
+    calls = loaded.phases.setdefault("warm_up_calls", [])  # the first pays tracing and kernel loading, not the second
     for aspect in (1.0, 0.75):  # two shapes: the compiled graph becomes shape-generic here, not later
         width, height = output_size(None, None, aspect, profile.output_area)
         image = Image.new("RGB", (width, height), (128, 128, 128))
+        call_started = time.perf_counter()
         run_edit(loaded, profile, [image], prompt="warm-up", negative_prompt=" ", seed=0, steps=2,
                  true_cfg_scale=profile.true_cfg_scale or 4.0, width=width, height=height)
+        calls.append(round(time.perf_counter() - call_started, 2))
     return time.perf_counter() - started

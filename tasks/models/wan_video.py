@@ -19,7 +19,7 @@ import logging
 import sys
 
 from recast.tasks.lifecycle import JobCancelled, stop_between_steps
-from recast.tasks.models import lora, parallel, precision
+from recast.tasks.models import kernels, lora, parallel, precision
 from recast.tasks.models.loading import LoadedPipeline, torch_dtype
 from recast.tasks.schemas.settings import VideoProfile
 
@@ -108,7 +108,8 @@ def place(pipe, profile: VideoProfile) -> dict:
     """Everything of the recipe that is not weights: 1. the scheduler (Lightning: Euler, shift 5, its exact four
     timesteps); 2. UMT5's 2 GB token table kept in host RAM; 3. placement: everything resident, or (`offload:
     stream`) every block kept in pinned RAM and streamed to the card a block at a time on a side stream; 4. a
-    team's split; 5. each expert's 40 identical blocks compiled once (regional torch.compile)."""
+    team's split; 5. the attention backend, and each expert's 40 identical blocks compiled once (regional
+    torch.compile)."""
     import torch
 
     pipe.set_progress_bar_config(disable=True)
@@ -132,10 +133,16 @@ def place(pipe, profile: VideoProfile) -> dict:
         pipe.to(device)
     # 4. A multi-GPU team's split of the transformer work; 5. kernels
     parallel.apply(pipe, experts(pipe), "video")
+    decisions: dict = {}
+    if profile.attention_backend:
+        chosen = profile.attention_backend
+        for expert in experts(pipe):  # the first expert settles it (a fallback is said once), the second follows
+            chosen = kernels.use_attention_backend(expert, chosen, device)
+        decisions["attention_backend"] = chosen
     if profile.compile:
         for expert in experts(pipe):
             expert.compile_repeated_blocks(fullgraph=parallel.fullgraph())
-    return {}
+    return decisions
 
 
 def make_scheduler(spec: dict, current):

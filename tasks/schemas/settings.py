@@ -39,7 +39,9 @@ class ModelProfile(Strict):
     steps: int | None = Field(None, ge=1, le=100, description="Default steps for this profile.")
     true_cfg_scale: float | None = Field(None, ge=1.0, le=20.0, description="Default CFG for this profile.")
     # Speed and memory (see docs/PERFORMANCE.md).
-    attention_backend: str | None = Field(None, description="diffusers attention backend, e.g. _native_cudnn.")
+    attention_backend: str | None = Field(None, description="diffusers attention backend, e.g. _native_cudnn, sage, "
+                                          "or auto (the fastest SDPA kernel, timed at load); falls back to native "
+                                          "SDPA with a warning where the backend is unusable.")
     compile: bool = Field(False, description="torch.compile the transformer's repeated blocks.")
     quantize: Literal["none", "fp8", "int4"] = Field("none", description="Transformer block linears precision.")
     quantize_text_encoder: bool = Field(False, description="Apply `quantize` to the text encoder's LLM too.")
@@ -71,6 +73,8 @@ class VideoProfile(Strict):
     quantize_text_encoder: bool = Field(False, description="Apply `quantize` to the UMT5 encoder too.")
     offload: Literal["none", "stream"] = Field(
         "none", description="stream: keep every block in pinned CPU RAM and stream it to the card as it runs.")
+    attention_backend: str | None = Field(None, description="diffusers attention backend for both experts, e.g. "
+                                          "_native_cudnn or sage (falls back to native SDPA where unusable).")
     compile: bool = Field(False, description="torch.compile each expert's repeated blocks.")
     warmup: bool = Field(False, description="Run (and compile) one clip at load, before taking work.")
     prepare: bool = Field(True, description="Keep the recipe's weights prepared (LoRA fused, FP8) in the model "
