@@ -54,3 +54,20 @@ def test_load_rate_benchmark_streams_shards_through_the_loader(tmp_path):
     rows = {row["profile"]: row for row in _rows(results)}
     assert {"read+hash-whole", "read+hash-blocks", "place-pageable"} <= set(rows), rows.keys()
     assert all(row["gb_per_s"] > 0 and row["gib"] > 0 for row in rows.values()), rows
+
+
+def test_attention_benchmark_measures_what_runs_here_and_says_why_the_rest_cannot(tmp_path):
+    """On a CPU the bf16 kernels run and are scored against float32 (their bound must reject an unrelated output);
+    the CUDA-only backends (SageAttention, FlashAttention 3) are rows that give diffusers' or recast's reason."""
+    results = tmp_path / "rows.jsonl"
+    proc = subprocess.run([sys.executable, "attention.py", "--tiny", "--device", "cpu", "--check", "--results",
+                           str(results)], cwd=BENCHMARKS, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = {row["profile"]: row for row in _rows(results)}
+    for shape in ("qwen-edit", "wan-480p"):
+        native = rows[f"{shape}:native"]
+        assert native["rel_l2"] < native["error_bound"] < native["unrelated_rel_l2"], native
+        for backend in ("recast-sage", "sage", "_flash_3"):
+            assert "not installed" in rows[f"{shape}:{backend}"].get("error", "") or \
+                "not usable" in rows[f"{shape}:{backend}"].get("error", ""), rows[f"{shape}:{backend}"]
+    assert rows["qwen-edit:native"]["compiles_fullgraph"] is True, "the compile check did not run on the first shape"

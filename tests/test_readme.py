@@ -24,6 +24,7 @@ SKIPPED = {
     "make test": "the suite itself",
     "s3://": "needs a bucket",
     "gs://": "needs a bucket",
+    "'.[sage]'": "builds a CUDA extension from GitHub: needs nvcc; built and measured on an H200 (docs/PERFORMANCE.md)",
 }
 
 

@@ -46,6 +46,11 @@ log = logging.getLogger("recast.models")
 FORMAT = 1  # the folder layout below; bump when it changes
 SHARD_BYTES = 2**30  # small shards: a start holds a few in RAM at once, never a whole model
 READ_THREADS = 4
+# Pinned host memory the loader's read buffers may take. Measured on an H200 host (docs/PERFORMANCE.md): one pinned
+# buffer per reader, each the size of the largest shard (the text encoder's 2 GiB token table), made a start's host
+# RSS 10.2 GiB, over the 8 GiB a worker may use; buffers of the typical shard's size, within this budget, keep it
+# below while most shards still go to the card by DMA (a larger one is read into plain memory).
+PINNED_POOL_BYTES = 4 * 2**30
 # Each shard's SHA-256 per block as well as whole, so a start verifies the blocks on every core at once: one thread's
 # SHA-256 of a whole shard ran at ~0.3-0.5 GB/s on an H200 host's CPU, slower than the rest of the load.
 BLOCK_BYTES = 64 * 2**20
@@ -380,14 +385,19 @@ def stream_shards(folder: Path, files: dict[str, dict], device_of, pinned: bool 
     names = list(files)
     if pinned is None:
         pinned = torch.cuda.is_available() and any(torch.device(device_of(n)).type == "cuda" for n in names)
-    free = [torch.empty(max((folder / n).stat().st_size for n in names), dtype=torch.uint8, pin_memory=True)
-            for _ in range(min(READ_THREADS, len(names)))] if pinned and names else None
+    sizes = {n: (folder / n).stat().st_size for n in names}
+    free, buffer_bytes = None, 0
+    if pinned and names:
+        buffer_bytes = sorted(sizes.values())[len(sizes) // 2]  # the typical shard; a larger one reads unpinned
+        count = max(1, min(READ_THREADS, len(names), PINNED_POOL_BYTES // max(buffer_bytes, 1)))
+        free = [torch.empty(buffer_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(count)]
     with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="recast-prepared") as pool:
         reads: dict = {}
         for index, name in enumerate(names):
             for ahead in names[index:index + READ_THREADS]:
-                if ahead not in reads and (free is None or free):
-                    buffer = free.pop() if free is not None else None
+                fits = free is not None and sizes[ahead] <= buffer_bytes
+                if ahead not in reads and (not fits or free):
+                    buffer = free.pop() if fits else None
                     reads[ahead] = (pool.submit(_read_shard, folder / ahead, files[ahead], buffer), buffer)
             future, buffer = reads.pop(name)
             header, data, offset = future.result()  # raises NotPrepared for a corrupt shard
