@@ -180,3 +180,18 @@ def test_a_distillation_lora_is_fused_at_alpha_over_rank(tmp_path, caplog):
         scale_none, delta_none = fused_delta(LoraSpec(source=str(without)))
     assert scale_none == 1.0 and torch.allclose(delta_none, 2 * delta_spec, atol=1e-5)
     assert any("carries no alpha" in r.getMessage() for r in caplog.records), "a file without alpha must be said"
+
+
+def test_the_loaders_pinned_read_buffers_stay_within_their_budget_whatever_the_largest_shard():
+    """A start's host RAM: pinned buffers sized to the largest shard (a text encoder's 2 GiB token table) took 8 GiB
+    on an H200 host and pushed a worker to 10.2 GiB RSS. The pool takes the typical shard's size, within its budget,
+    and the largest shard is read into plain memory instead."""
+    from recast.tasks.models import prepared
+
+    gib = 2**30
+    edit_model = [gib] * 26 + [int(2.1 * gib)]  # the prepared `lightning` folder's shape: ~1 GiB shards, one larger
+    buffer_bytes, count = prepared.pinned_pool(edit_model)
+    assert buffer_bytes * count <= prepared.PINNED_POOL_BYTES, f"{count} pinned buffers of {buffer_bytes} bytes"
+    assert count >= 2, "fewer than two buffers: reading and copying to the card could no longer overlap"
+    assert buffer_bytes < max(edit_model), "the largest shard sized every buffer"
+    assert prepared.pinned_pool([5 * gib])[1] == 0, "one shard over the budget was given a pinned buffer anyway"

@@ -374,6 +374,14 @@ def _tensors_from(header: dict, data, offset: int, device, non_blocking: bool = 
         yield name, tensor.clone() if device.type == "cpu" else tensor.to(device, non_blocking=non_blocking)
 
 
+def pinned_pool(shard_sizes: list[int]) -> tuple[int, int]:
+    """(bytes per pinned read buffer, how many) for shards of these sizes: buffers of the typical shard's size (a
+    larger shard is read into plain memory), one per reader, all of them within PINNED_POOL_BYTES (none when one
+    typical shard alone exceeds it)."""
+    buffer_bytes = sorted(shard_sizes)[len(shard_sizes) // 2]
+    return buffer_bytes, min(READ_THREADS, len(shard_sizes), PINNED_POOL_BYTES // max(buffer_bytes, 1))
+
+
 def stream_shards(folder: Path, files: dict[str, dict], device_of, pinned: bool | None = None):
     """Every tensor of these shards ({name: manifest entry}, in order) on its device (`device_of(shard name)`), as
     (shard, tensor name, tensor); at most READ_THREADS shards read ahead of the one being placed, so host RAM holds
@@ -388,9 +396,8 @@ def stream_shards(folder: Path, files: dict[str, dict], device_of, pinned: bool 
     sizes = {n: (folder / n).stat().st_size for n in names}
     free, buffer_bytes = None, 0
     if pinned and names:
-        buffer_bytes = sorted(sizes.values())[len(sizes) // 2]  # the typical shard; a larger one reads unpinned
-        count = max(1, min(READ_THREADS, len(names), PINNED_POOL_BYTES // max(buffer_bytes, 1)))
-        free = [torch.empty(buffer_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(count)]
+        buffer_bytes, count = pinned_pool(list(sizes.values()))
+        free = [torch.empty(buffer_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(count)] or None
     with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="recast-prepared") as pool:
         reads: dict = {}
         for index, name in enumerate(names):
