@@ -7,6 +7,9 @@
     edit-warm      the same with the background server already up (the next commands of a session)
     edit-temporary the same with RECAST_CLI_SERVER=temporary: Prefect's temporary server, started and stopped by
                    the command (what every command paid before the background server)
+    edit-worker    the same with RECAST_EXECUTION=workers, served by `recast worker edit --profile tiny` running
+                   beside it on the background server (the model loaded once, in the worker; measured last, after
+                   the other rows, so the idle worker does not share their CPU)
 
     python cli_overhead.py --runs 3 --out ../docs/performance.json
 """
@@ -40,6 +43,25 @@ def timed(command: list[str], env: dict) -> float:
     return seconds
 
 
+def with_worker(recast: str, edit: list[str], env: dict, runs: int) -> list[float]:
+    """`edit` with RECAST_EXECUTION=workers, `runs` times, while a tiny edit worker serves on the same server."""
+    import signal
+
+    worker = subprocess.Popen([recast, "worker", "edit", "--profile", "tiny"], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        for line in worker.stdout:
+            if "Subscribing to runs" in line:
+                break
+        if worker.poll() is not None:
+            raise RuntimeError("the worker exited before it served")
+        timed(edit, dict(env, RECAST_EXECUTION="workers"))  # the worker's own first job (its shapes), not a sample
+        return [timed(edit, dict(env, RECAST_EXECUTION="workers")) for _ in range(runs)]
+    finally:
+        os.killpg(worker.pid, signal.SIGINT)
+        worker.wait(timeout=120)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
@@ -63,7 +85,7 @@ def main() -> int:
     timed(edit, dict(base, PREFECT_HOME=str(work / "warmup")))  # the tiny model is built once, not in a row
     subprocess.run([recast, "server", "stop"], env=dict(base, PREFECT_HOME=str(work / "warmup")), capture_output=True)
     samples: dict[str, list[float]] = {name: [] for name in ("help", "identity", "edit-cold", "edit-warm",
-                                                             "edit-temporary")}
+                                                             "edit-temporary", "edit-worker")}
     warm_home = work / "warm"
     try:
         for index in range(args.runs):
@@ -78,6 +100,7 @@ def main() -> int:
             samples["edit-warm"].append(timed(edit, dict(base, PREFECT_HOME=str(warm_home))))
             samples["edit-temporary"].append(timed(edit, dict(base, PREFECT_HOME=str(warm_home),
                                                               RECAST_CLI_SERVER="temporary")))
+        samples["edit-worker"] = with_worker(recast, edit, dict(base, PREFECT_HOME=str(warm_home)), args.runs)
     finally:
         subprocess.run([recast, "server", "stop"], env=dict(base, PREFECT_HOME=str(warm_home)), capture_output=True)
     run = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -193,7 +193,7 @@ def _animate_run(request: AnimateRequest):
         run_id=plan.run_id, folder=plan.layout.folder, created_at=plan.created_at,
         finished_at=timestamp(), status="succeeded" if result else "failed", request=request_dump,
         handoff=plan.handoff_uri, warnings=plan.warnings, model=ModelInfo.of(plan.profile),
-        versions=versions(), device=loading.describe_device(plan.profile),
+        versions=versions(), device=result.device if result is not None and result.device else plan.profile.device,
         pipeline=PipelineInfo.of(result),
         clips=[record], cost=Cost.of(seconds, plan.profile, plan.settings), prefect=flow_run_info())
     manifest_uri = plan.layout.video_manifest_uri if request.into_edit_run else plan.layout.manifest_uri

@@ -314,8 +314,12 @@ def _worker(args: argparse.Namespace) -> int:
     from recast.flows.workers import serve_worker
 
     gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else None
-    serve_worker(list(dict.fromkeys(args.kinds)), gpu=args.gpu, profile_name=args.profile,
-                 video_profile_name=args.video_profile, gpus=gpus)
+    # With no server named, a worker joins (or starts) the background server the CLI's commands share, and keeps it
+    # in use while it serves: `recast worker edit &` then `RECAST_EXECUTION=workers recast edit ...` meet with no
+    # set-up, and each command finds the model already loaded.
+    with _prefect_server():
+        serve_worker(list(dict.fromkeys(args.kinds)), gpu=args.gpu, profile_name=args.profile,
+                     video_profile_name=args.video_profile, gpus=gpus)
     return 0
 
 

@@ -395,7 +395,8 @@ def _record(job: EditJob, result: EditResult | None, message: str | None, plan: 
         width=result.width if result else job.width, height=result.height if result else job.height,
         seconds=result.seconds if result else None, cache_hit=result.cache_hit if result else None,
         cold_start_s=result.cold_start_s if result else None, prepared=result.prepared if result else None,
-        compile_cache=result.compile_cache if result else None, error=None if result else (message or "failed"),
+        compile_cache=result.compile_cache if result else None, device=result.device if result else None,
+        error=None if result else (message or "failed"),
         identity=IdentityRecord(notes=plan.request.identity_notes, scorer_notes=scorer_notes, **scored))
 
 
@@ -419,7 +420,8 @@ def _manifest(plan: RunPlan, records: list[EditRecord], handoff: str | None, tar
     return Manifest(
         run_id=plan.run_id, folder=plan.layout.folder, created_at=plan.created_at, finished_at=timestamp(),
         status=status, request=request, model=ModelInfo.of(profile), versions=versions(),
-        device=loading.describe_device(profile),
+        # Where the edits ran: the worker says (this process may be a CLI on a laptop that never imports torch).
+        device=first.device if first is not None and first.device else profile.device,
         pipeline=PipelineInfo.of(first),
         edits=records, cost=Cost.of(gpu_seconds, profile, settings), identity_target=target, resumed=resumed,
         handoff=handoff, identity_notes=plan.request.identity_notes, prefect=flow_run_info(),

@@ -30,8 +30,8 @@ def serve_worker(kinds: list[str], gpu: int | None = None, profile_name: str | N
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before torch initialises CUDA
     if not os.environ.get("PREFECT_API_URL"):
         raise BadInput("PREFECT_API_URL", None, "task workers need a Prefect server, not the ephemeral API",
-                       "start one (`make serve` or `prefect server start`) and export "
-                       "PREFECT_API_URL=http://127.0.0.1:4200/api")
+                       "leave RECAST_CLI_SERVER unset (the worker then uses the CLI's background server), or start one "
+                       "(`make serve` or `prefect server start`) and export PREFECT_API_URL=http://127.0.0.1:4200/api")
     from recast.flows import fleet
     from recast.tasks.animate import animate_task_for
     from recast.tasks.edit import edit_task_for

@@ -15,7 +15,7 @@ from prefect import task
 
 from recast.tasks import lifecycle, storage
 from recast.tasks.errors import retry_only_transient
-from recast.tasks.models import loading, wan_video
+from recast.tasks.models import loading
 from recast.tasks.schemas.jobs import AnimateJob, ClipResult
 from recast.tasks.settings import get_settings
 from recast.tasks.version import check_code_version
@@ -25,6 +25,8 @@ def animate_clip(job: AnimateJob) -> ClipResult:
     """Generate job.num_frames frames from job.frame and write the clip and its last frame."""
     check_code_version(job)
     profile = get_settings().get_video_profile(job.video_profile)
+    from recast.tasks.models import wan_video  # torch and diffusers: imported only where a model runs
+
     with lifecycle.running(job) as should_stop:
         loaded, cache_hit = loading.get_pipeline("video", profile)
         # Wan stretches the image to height x width; the flow chose a size with the frame's aspect ratio.
@@ -39,7 +41,8 @@ def animate_clip(job: AnimateJob) -> ClipResult:
         result = ClipResult(clip_id=job.clip_id, output=job.output, last_frame=job.last_frame, seed=job.seed,
                             num_frames=len(frames), fps=job.fps, width=frames.shape[2], height=frames.shape[1],
                             seconds=round(seconds, 4), cache_hit=cache_hit, cold_start_s=round(loaded.cold_start_s, 3),
-                            prepared=loaded.prepared, compile_cache=loaded.compile_cache)
+                            prepared=loaded.prepared, compile_cache=loaded.compile_cache,
+                            device=loading.describe_device(profile))
         # The CPU work, side by side (x264 runs in its own process, PNG and OpenCV free the GIL): the mp4, the last
         # frame (written losslessly: the next scene's starting image) and, on the CPU after the clip, its identity
         # (one frame per second by default, a fraction of the clip's time).

@@ -13,7 +13,7 @@ from prefect import task
 
 from recast.tasks import lifecycle, storage
 from recast.tasks.errors import retry_only_transient
-from recast.tasks.models import loading, qwen_edit
+from recast.tasks.models import loading
 from recast.tasks.schemas.jobs import EditJob, EditResult
 from recast.tasks.settings import get_settings
 from recast.tasks.version import check_code_version
@@ -23,6 +23,8 @@ def edit_image(job: EditJob) -> EditResult:
     """Run one edit and write its PNG to job.output."""
     check_code_version(job)
     profile = get_settings().get_profile(job.profile)
+    from recast.tasks.models import qwen_edit  # torch and diffusers: imported only where a model runs
+
     with lifecycle.running(job) as should_stop:
         loaded, cache_hit = loading.get_pipeline("edit", profile)
         images = [storage.load_image(uri) for uri in job.inputs]
@@ -42,7 +44,8 @@ def edit_image(job: EditJob) -> EditResult:
         result = EditResult(edit_id=job.edit_id, output=job.output, seed=job.seed, width=image.width,
                             height=image.height, seconds=round(seconds, 4), cache_hit=cache_hit,
                             cold_start_s=round(loaded.cold_start_s, 3), prepared=loaded.prepared,
-                            compile_cache=loaded.compile_cache, identity=identity)
+                            compile_cache=loaded.compile_cache, identity=identity,
+                            device=loading.describe_device(profile))
         lifecycle.record_result(job, result)
     return result
 

@@ -84,3 +84,38 @@ def test_bad_input_starts_no_server(home, tmp_path):
                    str(tmp_path / "store"))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert not (home / "recast-server.json").exists(), "a refused command must not start a server"
+
+
+def test_a_worker_joins_the_background_server_and_a_workers_command_finds_its_model_loaded(home, astronaut, tmp_path):
+    """`recast worker edit` with no server named uses (here: starts) the CLI's background server, so a command with
+    RECAST_EXECUTION=workers is served by that warm worker: no model load in the command, and the manifest names
+    the device the worker ran on."""
+    import signal
+
+    env = _env(home)
+    worker = subprocess.Popen([str(BIN / "recast"), "worker", "edit", "--profile", "tiny"], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    seen = []
+    try:
+        for line in worker.stdout:  # its own lines, until it subscribes (or it exits: the loop ends)
+            seen.append(line)
+            if "Subscribing to runs" in line:
+                break
+        assert worker.poll() is None, "the worker exited instead of serving:\n" + "".join(seen[-20:])
+        assert (home / "recast-server.json").exists(), "the worker did not start the background server"
+        edit = _recast(dict(env, RECAST_EXECUTION="workers"), "edit", str(astronaut), "--prompt",
+                       "Neo, black trench coat", "--seed", "1", "--steps", "2", "--storage", str(tmp_path / "store"))
+        assert edit.returncode == 0, edit.stderr[-2000:]
+        assert "started a Prefect server" not in edit.stderr, "the command started a second server"
+        manifest = json.loads(Path(edit.stdout.strip().splitlines()[-1].removeprefix("file://")).read_text())
+        record = manifest["edits"][0]
+        assert record["status"] == "succeeded" and record["submissions"], "the edit did not go to the worker"
+        assert record["cache_hit"] is True, "the worker had loaded its model at start: the job must find it loaded"
+        assert record["device"] == manifest["device"] == "cpu", (record.get("device"), manifest["device"])
+    finally:
+        os.killpg(worker.pid, signal.SIGINT)
+        try:
+            worker.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()

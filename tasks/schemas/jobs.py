@@ -82,6 +82,7 @@ class ClipResult(Strict):
     prepared: bool | None = Field(None, description="The worker's pipeline came from prepared weights.")
     compile_cache: str | None = Field(None, description="hit: its start compiled nothing; miss; null: no compile.")
     identity: dict | None = Field(None, description="The clip scored against the reference (identity.ClipIdentity).")
+    device: str | None = Field(None, description="Where the clip ran, as its worker names it.")
     identity_strip: str | None = None
 
 
@@ -97,3 +98,4 @@ class EditResult(Strict):
     prepared: bool | None = None
     compile_cache: str | None = None
     identity: dict | None = None
+    device: str | None = Field(None, description="Where the edit ran, as its worker names it (cuda:0 (NVIDIA H200)).")

@@ -99,6 +99,7 @@ class EditRecord(BaseModel):
     cold_start_s: float | None = None
     prepared: bool | None = None
     compile_cache: str | None = None
+    device: str | None = None  # where it ran, as its worker named it
     submissions: list[dict] = Field(default_factory=list, description="Every submission to a task worker: its "
                                     "task run, how it ended (completed, failed, lost) and after how long.")
     next_seed: int | None = Field(None, description="The seed of the next attempt, when this one missed the target.")
