@@ -55,6 +55,9 @@ def with_worker(recast: str, edit: list[str], env: dict, runs: int) -> list[floa
                 break
         if worker.poll() is not None:
             raise RuntimeError("the worker exited before it served")
+        import threading  # its log is drained from now on: a full pipe would stall it
+
+        threading.Thread(target=worker.stdout.read, daemon=True).start()
         timed(edit, dict(env, RECAST_EXECUTION="workers"))  # the worker's own first job (its shapes), not a sample
         return [timed(edit, dict(env, RECAST_EXECUTION="workers")) for _ in range(runs)]
     finally:

@@ -83,12 +83,25 @@ def advertise(serves: dict[str, str]):
 
 
 def running_workers() -> list[dict]:
-    """The workers that advertised themselves within the last FORGOTTEN_AFTER_S."""
-    from prefect.client.orchestration import get_client
+    """The workers that advertised themselves within the last FORGOTTEN_AFTER_S, on the server Prefect is set to use,
+    else on this PREFECT_HOME's background server (a CLI command plans before it joins that server); none when
+    there is neither: Prefect would start a throwaway server of its own (~10 s) where no worker can be."""
+    from prefect.settings import PREFECT_API_URL
 
-    with get_client(sync_client=True) as client:  # the filter endpoint: only this prefix's variables travel
-        found = client.request("POST", "/variables/filter", json={"variables": {"name": {"like_": PREFIX}},
-                                                                  "limit": 200}).json()
+    from recast.flows import local_server
+
+    query = {"variables": {"name": {"like_": PREFIX}}, "limit": 200}  # the filter endpoint: only these travel
+    if PREFECT_API_URL.value():
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            found = client.request("POST", "/variables/filter", json=query).json()
+    elif background := local_server.running():
+        import httpx
+
+        found = httpx.post(f"{background['api']}/variables/filter", json=query, timeout=30).raise_for_status().json()
+    else:
+        return []
     workers = []
     for variable in found:
         value = variable.get("value")

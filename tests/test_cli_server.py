@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -102,11 +103,13 @@ def test_a_worker_joins_the_background_server_and_a_workers_command_finds_its_mo
             if "Subscribing to runs" in line:
                 break
         assert worker.poll() is None, "the worker exited instead of serving:\n" + "".join(seen[-20:])
+        threading.Thread(target=worker.stdout.read, daemon=True).start()  # drained: a full pipe would stall it
         assert (home / "recast-server.json").exists(), "the worker did not start the background server"
         edit = _recast(dict(env, RECAST_EXECUTION="workers"), "edit", str(astronaut), "--prompt",
                        "Neo, black trench coat", "--seed", "1", "--steps", "2", "--storage", str(tmp_path / "store"))
         assert edit.returncode == 0, edit.stderr[-2000:]
         assert "started a Prefect server" not in edit.stderr, "the command started a second server"
+        assert "no running worker serves" not in edit.stderr, "the command looked for workers on another server"
         manifest = json.loads(Path(edit.stdout.strip().splitlines()[-1].removeprefix("file://")).read_text())
         record = manifest["edits"][0]
         assert record["status"] == "succeeded" and record["submissions"], "the edit did not go to the worker"
@@ -119,3 +122,23 @@ def test_a_worker_joins_the_background_server_and_a_workers_command_finds_its_mo
         except subprocess.TimeoutExpired:
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
+
+
+def test_looking_for_workers_with_no_server_anywhere_starts_none(monkeypatch, tmp_path):
+    """Before a command joins its server it plans, and looks for workers: with no server named and no background
+    server up there are none, and Prefect's throwaway in-process server (~10 s on 2 cores) must not be started to
+    find that out."""
+    from prefect.server.api import server as prefect_server
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from recast.flows import fleet
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("Prefect's throwaway server was started to look for workers")
+
+    monkeypatch.setattr(prefect_server.SubprocessASGIServer, "start", refuse)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))  # no background server there
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert not PREFECT_API_URL.value(), "the test needs a process with no server named"
+        assert fleet.running_workers() == []
