@@ -295,6 +295,15 @@ def test_clip_frames_are_the_values_diffusers_gives(tmp_path):
         "the clip's frames differ from diffusers' output"
 
 
+def _load_with_attention_warnings(kind: str, profile, caplog):
+    """A fresh load of the profile's pipeline, and the attention-backend warnings it logged."""
+    loading.clear_cache()
+    with caplog.at_level("WARNING", logger="recast.models"):
+        caplog.clear()
+        loaded, _ = loading.get_pipeline(kind, profile)
+    return loaded, [r.getMessage() for r in caplog.records if "attention backend" in r.getMessage()]
+
+
 def test_a_video_profiles_attention_backend_reaches_both_experts_and_falls_back_once(caplog):
     """`attention_backend` on a video profile: SageAttention cannot run on this CPU, so both experts fall back to
     native SDPA, said in one warning line, and the clip is the native backend's, frame for frame."""
@@ -303,11 +312,7 @@ def test_a_video_profiles_attention_backend_reaches_both_experts_and_falls_back_
     clips = {}
     for backend in ("sage", "native"):
         profile = base.model_copy(update={"attention_backend": backend})
-        loading.clear_cache()
-        with caplog.at_level("WARNING", logger="recast.models"):
-            caplog.clear()
-            loaded, _ = loading.get_pipeline("video", profile)
-        warnings = [r.getMessage() for r in caplog.records if "attention backend" in r.getMessage()]
+        loaded, warnings = _load_with_attention_warnings("video", profile, caplog)
         assert len(warnings) == (1 if backend == "sage" else 0), f"{backend}: {warnings}"
         for expert in wan_video.experts(loaded.pipe):
             processor = expert.blocks[0].attn1.processor
@@ -367,11 +372,7 @@ def test_an_attention_backend_this_machine_cannot_run_falls_back_to_sdpa_with_on
     images = {}
     for backend in ("sage", "native"):
         profile = tiny.model_copy(update={"attention_backend": backend})
-        loading.clear_cache()
-        with caplog.at_level("WARNING", logger="recast.models"):
-            caplog.clear()
-            loaded, _ = loading.get_pipeline("edit", profile)
-        warnings = [r.getMessage() for r in caplog.records if "attention backend" in r.getMessage()]
+        loaded, warnings = _load_with_attention_warnings("edit", profile, caplog)
         if backend == "sage":
             assert len(warnings) == 1 and "sage is not usable here" in warnings[0] and "native" in warnings[0], \
                 warnings
