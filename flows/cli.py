@@ -61,11 +61,10 @@ def _prefect_server():
         return contextlib.nullcontext()
     state, started = local_server.ensure(settings.cli_server_idle_s)
     os.environ["PREFECT_API_URL"] = state["api"]
-    # Prefect read its settings when get_current_settings() ran above: make it read them again, or a client made
-    # later in this process (the workers' advertisements) would start Prefect's in-process server instead (~10 s).
-    from prefect.context import refresh_global_settings_context
+    if "prefect.context" in sys.modules:  # Prefect read its settings at import: make it read them again
+        from prefect.context import refresh_global_settings_context
 
-    refresh_global_settings_context()
+        refresh_global_settings_context()
     if started:
         print(f"recast: started a Prefect server in the background at {state['api'].removesuffix('/api')}; the "
               f"next commands reuse it; `recast server stop` stops it (it stops itself after "
