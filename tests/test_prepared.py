@@ -195,3 +195,28 @@ def test_the_loaders_pinned_read_buffers_stay_within_their_budget_whatever_the_l
     assert count >= 2, "fewer than two buffers: reading and copying to the card could no longer overlap"
     assert buffer_bytes < max(edit_model), "the largest shard sized every buffer"
     assert prepared.pinned_pool([5 * gib])[1] == 0, "one shard over the budget was given a pinned buffer anyway"
+
+
+def test_a_compiled_edit_worker_traces_its_blocks_once_at_start_and_not_again_for_a_request(tmp_path, monkeypatch,
+                                                                                           astronaut):
+    """Cold start: dynamo's analysis of the compiled blocks is most of a restart's warm-up, so it must not run twice
+    (a restart of the analysis also misses AOTAutograd's cache), and a request after ready compiles nothing."""
+    from PIL import Image
+    from torch._dynamo.utils import clear_compilation_metrics, get_compilation_metrics
+
+    monkeypatch.setenv("RECAST_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch._dynamo.config, "specialize_float", torch._dynamo.config.specialize_float)  # restored
+    profile = get_settings().get_profile("tiny").model_copy(update={"warmup": True, "compile": True, "device": "cpu"})
+    loading.clear_cache()
+    clear_compilation_metrics()
+    try:
+        loaded, _ = loading.get_pipeline("edit", profile)
+        restarts = [(m.co_name, m.restart_reasons) for m in get_compilation_metrics() if m.restart_reasons]
+        assert not restarts, f"dynamo traced a compiled region twice at start: {restarts}"
+        graphs = prepared.compiled_graphs()
+        qwen_edit.run_edit(loaded, profile, [Image.open(astronaut).convert("RGB")], prompt="a longer prompt than the "
+                           "warm-up's, so the sequence is another length", negative_prompt=" ", seed=3, steps=3,
+                           true_cfg_scale=2.5, width=96, height=80)
+        assert prepared.compiled_graphs() == graphs, "a request after the warm-up compiled again"
+    finally:
+        loading.clear_cache()

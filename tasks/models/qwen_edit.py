@@ -142,7 +142,7 @@ def place(pipe, profile: ModelProfile) -> dict:
     if profile.compile:
         # Regional compilation: the 60 identical blocks compile once; dynamic shapes because prompt lengths
         # (and so sequence lengths) differ between cond, uncond and requests.
-        pipe.transformer.compile_repeated_blocks(fullgraph=parallel.fullgraph(), dynamic=True)
+        kernels.compile_blocks(pipe.transformer, fullgraph=parallel.fullgraph(), dynamic=True)
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # a worker pinned to N cores says so there
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     return decisions

@@ -141,7 +141,7 @@ def place(pipe, profile: VideoProfile) -> dict:
         decisions["attention_backend"] = chosen
     if profile.compile:
         for expert in experts(pipe):
-            expert.compile_repeated_blocks(fullgraph=parallel.fullgraph())
+            kernels.compile_blocks(expert, fullgraph=parallel.fullgraph())
     return decisions
 
 
