@@ -9,7 +9,8 @@ prepared layout's size (1 GiB, safetensors) are written to `--folder`, then, in 
     place-pageable   recast.tasks.models.prepared.stream_shards into plain host memory, copied to the card
     place-pinned     the same through its pool of pinned host buffers (the loader's default on a GPU)
 
-Each row: GB/s and seconds for the whole set, and the process's peak RSS so far.
+Each row: GB/s and seconds for the whole set, the process's peak RSS so far, and the most pinned host memory the
+row held (torch's allocator rounds each allocation up to a power of two).
 
     python load_rate.py --folder /dev/shm/rate --gib 8 --results rate.jsonl
     python load_rate.py --folder /tmp/rate --gib 0.05 --shard-mib 8      # the code path on the CPU
@@ -40,7 +41,7 @@ def write_shards(folder: Path, gib: float, shard_mib: int) -> dict[str, dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     side = 3072 if shard_mib >= 64 else 256
     per_tensor = side * side * 2
-    per_shard = max(1, shard_mib * 2**20 // per_tensor)
+    per_shard = max(1, -(-shard_mib * 2**20 // per_tensor))  # just over the size, as prepared.write closes a shard
     shards = max(1, int(gib * 2**30 // (per_shard * per_tensor)))
     files = {}
     generator = torch.Generator(device=device).manual_seed(0)
@@ -52,6 +53,18 @@ def write_shards(folder: Path, gib: float, shard_mib: int) -> dict[str, dict]:
         digest, blocks = prepared._sha256_file(folder / name)
         files[name] = {"bytes": (folder / name).stat().st_size, "sha256": digest, "blocks": blocks}
     return files
+
+
+def _pinned_peak_gib() -> float | None:
+    """The most pinned host memory torch's allocator has held in this process (its rounded blocks), since the last
+    row; None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available() or not hasattr(torch.cuda, "reset_peak_host_memory_stats"):
+        return None
+    peak = torch.cuda.host_memory_stats().get("allocated_bytes.peak", 0) / 2**30
+    torch.cuda.reset_peak_host_memory_stats()
+    return round(peak, 2)
 
 
 def main() -> int:
@@ -111,7 +124,8 @@ def main() -> int:
         row = dict(stage="load_rate", profile=name, card=common.card_name(device), gpus=1, gib=round(total / 2**30, 2),
                    shards=len(files), seconds=round(seconds, 2), gb_per_s=round(total / seconds / 1e9, 2),
                    read_threads=prepared.READ_THREADS,
-                   host_rss_peak_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2), run=run)
+                   host_rss_peak_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+                   pinned_gib_peak=_pinned_peak_gib(), run=run)
         common.record(row, args.results, None)
     return 0
 

@@ -197,6 +197,48 @@ def test_the_loaders_pinned_read_buffers_stay_within_their_budget_whatever_the_l
     assert prepared.pinned_pool([5 * gib])[1] == 0, "one shard over the budget was given a pinned buffer anyway"
 
 
+
+def test_the_pinned_pool_is_one_allocation_whatever_torch_rounds_it_to(tmp_path, monkeypatch):
+    """torch's pinned-memory allocator rounds every allocation up to a power of two, and prepared shards are just
+    over 1 GiB: one buffer per reader took 2 GiB each, 6 GiB pinned for a 4 GiB pool (11.3 GiB RSS at start on an
+    H200 host). Here at 1/1024 scale through the real loader: what it pins, rounded as torch rounds, stays within
+    the budget, and every tensor still arrives intact."""
+    from safetensors.torch import save_file
+
+    from recast.tasks.models import prepared
+
+    mib = 2**20
+    monkeypatch.setattr(prepared, "PINNED_POOL_BYTES", 4 * mib)
+    monkeypatch.setattr(prepared, "BLOCK_BYTES", mib // 4)
+    files, expected = {}, {}
+    for index in range(6):  # shards just over the shard size, as prepared.write closes them
+        tensors = {f"b{index}.w{i}": torch.full((33, 1024), float(index * 10 + i), dtype=torch.bfloat16)
+                   for i in range(16)}
+        name = f"weights-{index:05d}.safetensors"
+        save_file(tensors, str(tmp_path / name))
+        digest, blocks = prepared._sha256_file(tmp_path / name)
+        files[name] = {"sha256": digest, "blocks": blocks}
+        expected.update(tensors)
+    assert all(mib < (tmp_path / n).stat().st_size < 2 * mib for n in files), "the shards are not just over 1 MiB"
+    pinned_sizes, empty = [], torch.empty
+
+    def recording_empty(*size, pin_memory=False, **kwargs):  # no CUDA here: record what would be pinned
+        if pin_memory:
+            pinned_sizes.append(int(torch.Size(size[0] if len(size) == 1 and not isinstance(size[0], int)
+                                               else size).numel()))
+        return empty(*size, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    got = {tensor_name: tensor for _, tensor_name, tensor in prepared.stream_shards(tmp_path, files, lambda _: "cpu",
+                                                                                  pinned=True)}
+    monkeypatch.setattr(torch, "empty", empty)
+    reserved = sum(1 << (size - 1).bit_length() for size in pinned_sizes)  # as torch's host allocator rounds
+    assert pinned_sizes and reserved <= prepared.PINNED_POOL_BYTES, (
+        f"pinned allocations {pinned_sizes} reserve {reserved / mib:.0f} MiB once rounded to powers of two, over the "
+        f"{prepared.PINNED_POOL_BYTES / mib:.0f} MiB budget")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected), \
+        "a tensor read through the pinned pool came back different"
+
 def test_a_compiled_edit_worker_traces_its_blocks_once_at_start_and_not_again_for_a_request(tmp_path, monkeypatch,
                                                                                            astronaut):
     """Cold start: dynamo's analysis of the compiled blocks is most of a restart's warm-up, so it must not run twice
