@@ -114,6 +114,19 @@ def running_workers() -> list[dict]:
     return workers
 
 
+def serve_all(needs: list[tuple[str, str]]) -> bool:
+    """Whether running workers that read this process's task parameters serve every (stage, profile) of `needs`;
+    False when the server cannot be asked (the command then runs its models itself)."""
+    try:
+        workers = running_workers()
+    except Exception as exc:  # noqa: BLE001 - no answer: nothing is assumed to serve
+        log.debug("could not read the workers' advertisements: %s", exc)
+        return False
+    mine = parameter_storage()
+    return bool(needs) and all(any((w.get("serves") or {}).get(stage) == profile and w.get("storage") == mine
+                                   for w in workers) for stage, profile in needs)
+
+
 def check_served(stage: str, profile: str) -> str | None:
     """Before a run submits jobs for (stage, profile): BadInput when the workers serving it cannot read this
     process's task parameters; a note (also logged) when none serves it; None when all is well."""

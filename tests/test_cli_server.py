@@ -87,10 +87,11 @@ def test_bad_input_starts_no_server(home, tmp_path):
     assert not (home / "recast-server.json").exists(), "a refused command must not start a server"
 
 
-def test_a_worker_joins_the_background_server_and_a_workers_command_finds_its_model_loaded(home, astronaut, tmp_path):
+def test_a_worker_joins_the_background_server_and_the_next_commands_run_on_it(home, astronaut, tmp_path):
     """`recast worker edit` with no server named uses (here: starts) the CLI's background server, so a command with
     RECAST_EXECUTION=workers is served by that warm worker: no model load in the command, and the manifest names
-    the device the worker ran on."""
+    the device the worker ran on. A command that does not choose (RECAST_EXECUTION unset) runs on that worker too,
+    since it serves the command's profile; RECAST_EXECUTION=local keeps the model in the command."""
     import signal
 
     env = _env(home)
@@ -115,6 +116,21 @@ def test_a_worker_joins_the_background_server_and_a_workers_command_finds_its_mo
         assert record["status"] == "succeeded" and record["submissions"], "the edit did not go to the worker"
         assert record["cache_hit"] is True, "the worker had loaded its model at start: the job must find it loaded"
         assert record["device"] == manifest["device"] == "cpu", (record.get("device"), manifest["device"])
+
+        def edit_with(**extra: str) -> tuple[dict, str]:
+            run_env = {k: v for k, v in env.items() if k != "RECAST_EXECUTION"}
+            done = _recast(dict(run_env, **extra), "edit", str(astronaut), "--prompt", "Neo, black trench coat",
+                           "--seed", "2", "--steps", "2", "--storage", str(tmp_path / "store"))
+            assert done.returncode == 0, done.stderr[-2000:]
+            path = Path(done.stdout.strip().splitlines()[-1].removeprefix("file://"))
+            return json.loads(path.read_text())["edits"][0], done.stderr
+
+        chosen, said = edit_with()
+        assert chosen["submissions"] and chosen["cache_hit"] is True, \
+            f"with a worker serving its profile, a command that did not choose ran the model itself: {chosen}"
+        assert "running on the workers already serving edit profile 'tiny'" in said, said[-2000:]
+        kept, said = edit_with(RECAST_EXECUTION="local")
+        assert not kept["submissions"] and "already serving" not in said, "RECAST_EXECUTION=local went to the worker"
     finally:
         os.killpg(worker.pid, signal.SIGINT)
         try:

@@ -133,7 +133,8 @@ class Settings(Strict):
     cli_server_idle_s: float = Field(1800, gt=0, description="The background server stops itself after this long "
                                      "without a command.")
     execution: Literal["local", "workers"] = Field(
-        "local", description="local: GPU tasks run in the flow's process; workers: on `recast worker` processes.")
+        "local", description="local: GPU tasks run in the flow's process; workers: on `recast worker` processes. "
+        "A CLI command with RECAST_EXECUTION unset runs on workers already serving every model it needs.")
     edit_timeout_s: float = Field(900, gt=0, description="Longest an edit may *run* on a worker (queueing does "
                                   "not count) before it is given up and submitted again.")
     animate_timeout_s: float = Field(3600, gt=0, description="The same for one clip.")
