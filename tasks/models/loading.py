@@ -295,6 +295,7 @@ def get_pipeline(kind: Kind, profile: ModelProfile | VideoProfile) -> tuple[Load
                          before_gib=before)
         loaded.prepared = obtained.prepared
         loaded.phases["load"] = round(time.perf_counter() - started, 2)
+        loaded.phases["load_parts"] = dict(obtained.parts, obtain=round(obtained.seconds, 2))
         # Cold start = everything a worker does before it can serve: load, place, compile, warm up. A compile cache
         # kept beside the prepared weights spares the warm-up its compiling.
         phase = time.perf_counter()

@@ -35,7 +35,7 @@ import shutil
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,7 @@ class Obtained:
     folder: Path | None
     seconds: float
     source: str | None = None  # the source it was made from (None: loaded from prepared weights)
+    parts: dict = field(default_factory=dict)  # seconds of a prepared load's parts (cold-start rows show them)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,14 +136,17 @@ def obtain(kind: str, profile, source_of, recipe, prepare: bool = True) -> Obtai
         return Obtained(recipe.from_source(profile, source), False, None, time.perf_counter() - started, source)
     folder = folder_of(kind, profile)
     key = key_of(kind, profile)
+    parts: dict = {}
     try:
-        return Obtained(load(folder, key, profile, recipe), True, folder, time.perf_counter() - started)
+        return Obtained(load(folder, key, profile, recipe, parts), True, folder, time.perf_counter() - started,
+                        parts=parts)
     except NotPrepared as why:
         if folder.exists():
             log.warning("prepared weights %s refused: %s; making them again", folder.name, why)
     with _lock(folder):
         try:  # another process may have finished them while this one waited
-            return Obtained(load(folder, key, profile, recipe), True, folder, time.perf_counter() - started)
+            return Obtained(load(folder, key, profile, recipe, parts), True, folder, time.perf_counter() - started,
+                            parts=parts)
         except NotPrepared:
             shutil.rmtree(folder, ignore_errors=True)
         source = source_of()
@@ -479,10 +483,14 @@ def skeleton(config: Path, dtype):
     return pipeline_class.from_pretrained(config, dtype=dtype, **modules)
 
 
-def load(folder: Path, key: str, profile, recipe):
+def load(folder: Path, key: str, profile, recipe, parts: dict | None = None):
     """The pipeline from a prepared folder: its structure from the configs and the recipe, its tensors from the
-    shards (checked by SHA-256 as they are read, a few in flight at once); raises NotPrepared when it cannot."""
+    shards (checked by SHA-256 as they are read, a few in flight at once); raises NotPrepared when it cannot.
+    `parts` receives the seconds of each step: structure, weights (read, verified, placed), checks."""
     import torch
+
+    parts = {} if parts is None else parts
+    started = time.perf_counter()
 
     from recast.tasks.models.loading import torch_dtype
 
@@ -499,6 +507,8 @@ def load(folder: Path, key: str, profile, recipe):
         if component_of(shard) not in components:
             raise NotPrepared(f"{shard} belongs to no component of this pipeline")
     files = {name: manifest["files"][name] for name in shards}
+    parts["structure"] = round(time.perf_counter() - started, 2)
+    started = time.perf_counter()
     for name, tensor_name, tensor in stream_shards(folder, files,
                                                    lambda shard: recipe.load_device(profile, component_of(shard))):
         component = component_of(name)
@@ -506,6 +516,8 @@ def load(folder: Path, key: str, profile, recipe):
             _set_tensor(components[component], tensor_name, tensor)
         except AttributeError:
             raise NotPrepared(f"{name} holds {tensor_name}, which this recipe's {component} does not have") from None
+    parts["weights"] = round(time.perf_counter() - started, 2)
+    started = time.perf_counter()
     for alias, original in manifest.get("aliases", {}).items():
         alias_component, _, alias_name = alias.partition(".")
         _, _, original_name = original.partition(".")
@@ -516,6 +528,7 @@ def load(folder: Path, key: str, profile, recipe):
                  if tensor.device.type == "meta"]
         if empty:
             raise NotPrepared(f"{component} has no prepared tensor for {empty[0]} (and {len(empty) - 1} more)")
+    parts["checks"] = round(time.perf_counter() - started, 2)
     log.info("loaded prepared %s (%.2f GiB)", folder.name, manifest["weights_bytes"] / 2**30)
     return pipe
 

@@ -20,6 +20,7 @@ import inspect
 import logging
 import os
 import sys
+import time
 import types
 
 from recast.tasks.lifecycle import JobCancelled, stop_between_steps
@@ -40,7 +41,9 @@ def load(profile: ModelProfile, source_of):
     from recast.tasks.models import prepared
 
     obtained = prepared.obtain("edit", profile, source_of, sys.modules[__name__], prepare=profile.prepare)
+    started = time.perf_counter()
     place(obtained.pipe, profile)
+    obtained.parts["place"] = round(time.perf_counter() - started, 2)
     return obtained
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import time
 
 from recast.tasks.lifecycle import JobCancelled, stop_between_steps
 from recast.tasks.models import kernels, lora, parallel, precision
@@ -38,7 +39,9 @@ def load(profile: VideoProfile, source_of):
     from recast.tasks.models import prepared
 
     obtained = prepared.obtain("video", profile, source_of, sys.modules[__name__], prepare=profile.prepare)
+    started = time.perf_counter()
     place(obtained.pipe, profile)
+    obtained.parts["place"] = round(time.perf_counter() - started, 2)
     return obtained
 
 
