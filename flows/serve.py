@@ -214,6 +214,8 @@ def serve(port: int | None = None, profile: str | None = None, video_profile: st
             env["PREFECT_API_DATABASE_CONNECTION_URL"] = url
         elif database:
             env["PREFECT_API_DATABASE_CONNECTION_URL"] = database
+        if not database:
+            local_server.seed_database(home)  # a new home: the migrated template, not every migration
         # `python -m`: the same interpreter and packages as this process, console scripts or not.
         prefect = [sys.executable, "-m", "prefect"]
         supervisor.start(Service("server", [*prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]))

@@ -4,6 +4,7 @@ Real commands, a real Prefect server; every test stops what it started."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -56,6 +57,12 @@ def test_the_first_command_starts_a_server_the_next_reuse_and_server_stop_stops_
     assert second.returncode == 0, second.stderr[-2000:]
     assert "started a Prefect server" not in second.stderr, "the second command must reuse the running server"
     assert json.loads((home / "recast-server.json").read_text())["pid"] == state["pid"]
+    # Each command loads its model while the server starts and the run begins, and the manifest still says the
+    # command paid that load (a fresh process: nothing was loaded before it).
+    manifest = json.loads(Path(second.stdout.strip().splitlines()[-1].removeprefix("file://")).read_text())
+    assert manifest["pipeline"]["cache_hit"] is False and manifest["pipeline"]["cold_start_s"] > 0, \
+        f"the command's own model load was reported as already loaded: {manifest['pipeline']}"
+    assert manifest["edits"][0]["cache_hit"] is False, manifest["edits"][0]
     runs = _flow_runs(state["api"])
     assert len([r for r in runs if r["state_type"] == "COMPLETED"]) == 2, \
         f"both commands' flow runs must be on the shared server: {[r['name'] for r in runs]}"
@@ -79,6 +86,30 @@ def test_an_unused_server_stops_by_itself(home):
     assert not _alive(pid), "a server nobody used for cli_server_idle_s must stop by itself"
     assert not (home / "recast-server.json").exists(), "and say so (its state file gone)"
 
+
+
+def test_a_new_homes_first_server_starts_from_the_migrated_database_template(home, tmp_path):
+    """Migrating a new PREFECT_HOME's empty database was 14 s of the first command's 22 s server start (2 cores):
+    the background server's first start copies the template made once per Prefect version instead."""
+    import sqlite3
+
+    from recast.flows import local_server
+
+    env = _env(home, RECAST_CACHE_DIR=str(tmp_path / "cache"))
+    made = subprocess.run([sys.executable, "-m", "recast.flows.local_server", "--database-template"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stderr[-2000:]
+    template = Path(made.stdout.strip().rsplit(" ", 1)[-1])
+    with contextlib.closing(sqlite3.connect(template)) as db:  # a mark that only a copy of this file carries
+        db.execute("PRAGMA user_version = 4242")
+        db.commit()
+    started = _recast(env, "server", "start")
+    assert started.returncode == 0, started.stderr[-2000:]
+    with contextlib.closing(sqlite3.connect(home / "prefect.db")) as db:
+        mark = db.execute("PRAGMA user_version").fetchone()[0]
+    assert mark == 4242, "the new home's database was migrated from scratch, not copied from the template"
+    assert local_server.healthy(json.loads((home / "recast-server.json").read_text())["api"]), \
+        "the server on the copied database is not answering"
 
 def test_bad_input_starts_no_server(home, tmp_path):
     proc = _recast(_env(home), "edit", str(tmp_path / "missing.png"), "--prompt", "Neo", "--storage",

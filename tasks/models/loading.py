@@ -72,6 +72,7 @@ class LoadedPipeline:
     # loaded), warm_up (the warm-up calls, compiling when the cache missed)
     phases: dict = field(default_factory=dict)
     last_used: float = field(default_factory=time.monotonic)
+    preloaded: bool = False  # loaded ahead of its first job (preload): that job still reports the load as its own
 
 
 class ProfileNotServed(Permanent, RuntimeError):
@@ -266,7 +267,8 @@ def _release(loaded: LoadedPipeline) -> None:
 # The cache
 
 
-def get_pipeline(kind: Kind, profile: ModelProfile | VideoProfile) -> tuple[LoadedPipeline, bool]:
+def get_pipeline(kind: Kind, profile: ModelProfile | VideoProfile, *,
+                 preloading: bool = False) -> tuple[LoadedPipeline, bool]:
     """The process's pipeline for (kind, profile): loaded on first use, then reused.
 
     Returns (loaded, cache_hit). The lock is held while loading so concurrent callers wait for the one load
@@ -281,7 +283,8 @@ def get_pipeline(kind: Kind, profile: ModelProfile | VideoProfile) -> tuple[Load
         loaded = _CACHE.get(key)
         if loaded is not None:
             loaded.last_used = time.monotonic()
-            return loaded, True
+            hit, loaded.preloaded = not loaded.preloaded, False
+            return loaded, hit
         from recast.tasks.models import prepared
 
         recipe = _recipe(kind)
@@ -315,7 +318,26 @@ def get_pipeline(kind: Kind, profile: ModelProfile | VideoProfile) -> tuple[Load
                  profile.model_id, profile.revision, profile.name, loaded.cold_start_s,
                  "prepared weights" if loaded.prepared else "from the source", loaded.compile_cache,
                  loaded.resident_gib, profile.device)
+        loaded.preloaded = preloading  # under the lock: the job waiting on it must see the mark
         return loaded, False
+
+
+def preload(pairs: list[tuple[Kind, ModelProfile | VideoProfile]]) -> threading.Thread:
+    """Load these pipelines on a background thread while the caller does something else (a CLI command: while its
+    Prefect server starts and its flow run begins); the job that then asks for one waits for that load instead of
+    starting its own, and reports it as its own (cache_hit False). A failure is left for the job to meet and
+    report."""
+    def load_all() -> None:
+        for kind, profile in pairs:
+            try:
+                get_pipeline(kind, profile, preloading=True)
+            except Exception as exc:  # noqa: BLE001 - the job's own get_pipeline raises it again, with its context
+                log.debug("preloading %s %s failed: %s", kind, profile.name, exc)
+                return
+
+    thread = threading.Thread(target=load_all, name="recast-preload", daemon=True)
+    thread.start()
+    return thread
 
 
 def prepare_weights(kind: Kind, profile: ModelProfile | VideoProfile) -> tuple[Path, bool, float]:
