@@ -17,9 +17,9 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
-import shutil
 import subprocess
 import sys
 import tempfile

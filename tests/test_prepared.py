@@ -247,7 +247,8 @@ def test_a_compiled_edit_worker_traces_its_blocks_once_at_start_and_not_again_fo
     from torch._dynamo.utils import clear_compilation_metrics, get_compilation_metrics
 
     monkeypatch.setenv("RECAST_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(torch._dynamo.config, "specialize_float", torch._dynamo.config.specialize_float)  # restored
+    # Restored by hand: undone, pytest's monkeypatch left torch's config without the entry (later compiles failed).
+    specialize_float = torch._dynamo.config.specialize_float
     profile = get_settings().get_profile("tiny").model_copy(update={"warmup": True, "compile": True, "device": "cpu"})
     loading.clear_cache()
     clear_compilation_metrics()
@@ -262,3 +263,4 @@ def test_a_compiled_edit_worker_traces_its_blocks_once_at_start_and_not_again_fo
         assert prepared.compiled_graphs() == graphs, "a request after the warm-up compiled again"
     finally:
         loading.clear_cache()
+        torch._dynamo.config.specialize_float = specialize_float
