@@ -116,12 +116,13 @@ def _use_running_workers(needs) -> None:
               file=sys.stderr, flush=True)
 
 
-def _edit_needs(settings, request) -> list[tuple[str, str]]:
-    """The models an edit command runs: its edit profile, and its video profile when the clip is made inline."""
-    pairs = [("edit", settings.get_profile(request.profile).name)]
+def _edit_models(settings, request) -> list[tuple[str, object]]:
+    """The models an edit command runs, (kind, profile): its edit profile, and its video profile when the clip is
+    made inline."""
+    models = [("edit", settings.get_profile(request.profile))]
     if settings.handoff.mode == "inline":
-        pairs.append(("video", settings.get_video_profile(request.video_profile).name))
-    return pairs
+        models.append(("video", settings.get_video_profile(request.video_profile)))
+    return models
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,14 +134,13 @@ def _edit(args: argparse.Namespace) -> int:
     from recast.flows.edit import plan_run
     from recast.flows.runs import remember_plan
 
-    _use_running_workers(lambda settings: _edit_needs(settings, request))
+    _use_running_workers(lambda settings: [(kind, p.name) for kind, p in _edit_models(settings, request)])
     plan = plan_run(request)  # refuse bad input here, before Prefect starts or anything is written
     remember_plan("edit", request, plan)  # the flow runs this plan instead of reading everything again
     if plan.settings.execution == "local":  # the model loads while the Prefect server starts and the run begins
         from recast.tasks.models import loading
 
-        inline = plan.video_profile is not None and plan.settings.handoff.mode == "inline"
-        loading.preload([("edit", plan.profile)] + ([("video", plan.video_profile)] if inline else []))
+        loading.preload(_edit_models(plan.settings, request))
     for prompt, warnings in plan.prompt_warnings.items():
         _print_warnings([f"prompt '{_theme(prompt)}': {w}" for w in warnings])
     _print_warnings(plan.notices)

@@ -123,8 +123,13 @@ def serve_all(needs: list[tuple[str, str]]) -> bool:
         log.debug("could not read the workers' advertisements: %s", exc)
         return False
     mine = parameter_storage()
-    return bool(needs) and all(any((w.get("serves") or {}).get(stage) == profile and w.get("storage") == mine
-                                   for w in workers) for stage, profile in needs)
+    return bool(needs) and all(any(w.get("storage") == mine for w in _serving(workers, stage, profile))
+                               for stage, profile in needs)
+
+
+def _serving(workers: list[dict], stage: str, profile: str) -> list[dict]:
+    """The advertised workers that serve (stage, profile)."""
+    return [w for w in workers if (w.get("serves") or {}).get(stage) == profile]
 
 
 def check_served(stage: str, profile: str) -> str | None:
@@ -136,7 +141,7 @@ def check_served(stage: str, profile: str) -> str | None:
     except Exception as exc:  # noqa: BLE001 - the server is away: the run's own waits report that
         log.debug("could not read the workers' advertisements: %s", exc)
         return None
-    serving = [w for w in workers if (w.get("serves") or {}).get(stage) == profile]
+    serving = _serving(workers, stage, profile)
     if serving and all(w.get("storage") != mine for w in serving):
         theirs = sorted({w.get("storage") for w in serving})[0]
         raise BadInput("PREFECT_HOME", mine, f"the running workers for {stage} profile '{profile}' read task "
