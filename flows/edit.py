@@ -17,6 +17,7 @@ from __future__ import annotations
 import posixpath
 import secrets
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from prefect import flow, get_run_logger
@@ -267,16 +268,16 @@ def _edit_run(request: EditRequest, resume: str | None):
         logger.warning("no edit reached identity %s: nothing is handed to video (handoff_below_target hands the "
                        "best anyway)", target.grade)
 
-    # 5. Video stage
-    animation = hand_over(handoff_uri, plan) if handoff_uri else None
+    # 5. Video stage; the contact sheet (the edits only) is made meanwhile, off the chain's critical path
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="recast-overlap-sheet") as pool:
+        sheet = pool.submit(_write_contact_sheet, plan, records) if any(r.output for r in records) else None
+        animation = hand_over(handoff_uri, plan) if handoff_uri else None
+        sheet_uri = sheet.result() if sheet is not None else None
 
     # 6. Manifest (last), after the contact sheet it points to
     manifest = _manifest(plan, records, handoff_uri, target, resumed=saved is not None)
     manifest.animation = animation
-    if any(r.output for r in records):
-        manifest.contact_sheet = storage.write_bytes(
-            storage.join(layout.folder, "contact_sheet.png"),
-            storage.png_bytes(contact_sheet(plan.images[0].data, manifest.edits)))
+    manifest.contact_sheet = sheet_uri
     storage.write_json(layout.manifest_uri, storage.redact_all(manifest.model_dump()))
     storage.remove_tree(storage.join(layout.folder, ".jobs"))  # heartbeats and records: the manifest holds it all
 
@@ -291,6 +292,11 @@ def _edit_run(request: EditRequest, resume: str | None):
         return Failed(message=f"no edit reached identity {target.grade} (best: {target.best_grade}); see "
                       f"{storage.redact(layout.manifest_uri)}", data=dump)
     return Completed(message=f"{manifest.status}: {len(records)} edit attempts", data=dump)
+
+
+def _write_contact_sheet(plan: RunPlan, records: list[EditRecord]) -> str:
+    return storage.write_bytes(storage.join(plan.layout.folder, "contact_sheet.png"),
+                               storage.png_bytes(contact_sheet(plan.images[0].data, records)))
 
 
 def _edit_chain(job: EditJob, plan: RunPlan):

@@ -31,23 +31,30 @@ def animate_clip(job: AnimateJob) -> ClipResult:
         loaded, cache_hit = loading.get_pipeline("video", profile)
         # Wan stretches the image to height x width; the flow chose a size with the frame's aspect ratio.
         frame = storage.load_image(job.frame).resize((job.width, job.height), Image.Resampling.LANCZOS)
+        # The mp4 is encoded while the VAE decodes the clip, off the clip's critical path (storage.Mp4Stream)
+        encoding = storage.Mp4Stream(job.fps)
         with lifecycle.on_gpu():
             started = time.perf_counter()
-            frames = wan_video.run_video(
-                loaded, frame, prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed,
-                steps=job.steps, guidance_scale=job.guidance_scale, num_frames=job.num_frames, width=job.width,
-                height=job.height, max_sequence_length=profile.max_sequence_length, should_stop=should_stop)
+            try:
+                frames = wan_video.run_video(
+                    loaded, frame, prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed,
+                    steps=job.steps, guidance_scale=job.guidance_scale, num_frames=job.num_frames, width=job.width,
+                    height=job.height, max_sequence_length=profile.max_sequence_length, should_stop=should_stop,
+                    on_frames=encoding.feed)
+            except BaseException:
+                encoding.abandon()
+                raise
             seconds = time.perf_counter() - started
         result = ClipResult(clip_id=job.clip_id, output=job.output, last_frame=job.last_frame, seed=job.seed,
                             num_frames=len(frames), fps=job.fps, width=frames.shape[2], height=frames.shape[1],
                             seconds=round(seconds, 4), cache_hit=cache_hit, cold_start_s=round(loaded.cold_start_s, 3),
                             prepared=loaded.prepared, compile_cache=loaded.compile_cache,
                             device=loading.describe_device(profile))
-        # The CPU work, side by side (x264 runs in its own process, PNG and OpenCV free the GIL): the mp4, the last
-        # frame (written losslessly: the next scene's starting image) and, on the CPU after the clip, its identity
-        # (one frame per second by default, a fraction of the clip's time).
+        # The CPU work, side by side (x264 runs in its own process, PNG and OpenCV free the GIL): the mp4's last
+        # chunk, the last frame (written losslessly: the next scene's starting image) and, on the CPU after the
+        # clip, its identity (one frame per second by default, a fraction of the clip's time).
         with ThreadPoolExecutor(max_workers=3, thread_name_prefix="recast-clip") as pool:
-            writes = [pool.submit(lambda: storage.write_bytes(job.output, storage.mp4_bytes(frames, job.fps))),
+            writes = [pool.submit(lambda: storage.write_bytes(job.output, encoding.finish(frames))),
                       pool.submit(lambda: storage.write_bytes(job.last_frame,
                                                               storage.png_bytes(Image.fromarray(frames[-1]))))]
             scored = pool.submit(score_clip_identity, job, frames) if job.identity_reference else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 
 import fsspec
@@ -75,3 +76,24 @@ def test_layout():
     assert layout.handoff_uri.endswith("/runs/20260101-000000-abcdef/handoff.json")
     assert layout.input_uri(0, "/x/my photo.JPG", "JPEG").endswith("/inputs/0-my_photo.jpg")
     assert fsspec.utils.infer_storage_options(layout.folder)["protocol"] == "memory"
+
+
+def test_an_image_read_back_after_writing_is_the_written_image_and_damage_is_still_refused(root, astronaut):
+    """The chain reads back the PNGs it has just written without decoding them again (a memo keyed by the bytes):
+    the picture must be exactly what decoding gives, a caller may change its copy, and bytes that are not exactly
+    the written ones are decoded and checked as ever."""
+    from PIL import Image
+
+    with Image.open(astronaut) as img:
+        image = img.convert("RGB").resize((96, 64))
+    uri = storage.write_bytes(storage.join(root, "edit.png"), storage.png_bytes(image))
+    data = storage.read_bytes(uri)
+    first = storage.load_image(uri)
+    assert first.tobytes() == image.tobytes(), "the picture read back is not the one written"
+    with Image.open(io.BytesIO(data)) as decoded:
+        assert decoded.convert("RGB").tobytes() == image.tobytes(), "the PNG is not lossless"
+    first.paste((0, 0, 0), (0, 0, 96, 64))
+    assert storage.load_image(uri).tobytes() == image.tobytes(), "a caller's change reached the next reader"
+    truncated = storage.write_bytes(storage.join(root, "cut.png"), data[: len(data) // 2])
+    with pytest.raises(BadInput, match="damaged or truncated"):
+        storage.read_image("frame", truncated, max_pixels=10**7)

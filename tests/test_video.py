@@ -160,3 +160,41 @@ def test_storyboard_without_a_first_edit_is_refused(astronaut, tmp_path, capsys)
     assert main(["storyboard", str(board), "--image", str(astronaut), "--storage", str(tmp_path / "s")]) == 2
     assert "edit_prompt" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_mp4_encoded_while_the_vae_decodes_is_the_mp4_of_the_clip(memory_root, frame_uri):
+    """The chain's mp4 is encoded chunk by chunk as the VAE decodes (off the critical path): the bytes must be those
+    of encoding the finished clip, and the streamed path must really have been taken."""
+    from recast.tasks.models import loading, wan_video
+    from recast.tasks.settings import get_settings
+
+    profile = get_settings().get_video_profile("tiny")
+    loaded, _ = loading.get_pipeline("video", profile)
+    frame = storage.load_image(frame_uri).resize((48, 64))
+    stream, fed_before_return = storage.Mp4Stream(12), []
+    frames = wan_video.run_video(
+        loaded, frame, prompt="he smiles", negative_prompt="", seed=4, steps=2, guidance_scale=1.0, num_frames=13,
+        width=48, height=64, max_sequence_length=16,
+        on_frames=lambda fetch: (fed_before_return.append(fetch), stream.feed(fetch)))
+    assert len(fed_before_return) == 4, \
+        f"13 frames decode in 4 chunks (1 + 3 x 4); the encoder was handed {len(fed_before_return)} during the decode"
+    assert sum(len(fetch()) for fetch in fed_before_return) == len(frames)
+    streamed = stream.finish(frames)
+    assert stream.streamed, "finish() fell back to encoding the whole clip: the streamed frames were not the clip's"
+    assert streamed == storage.mp4_bytes(frames, 12), "the mp4 encoded while decoding differs from the clip's mp4"
+
+
+def test_a_stream_fed_other_frames_falls_back_to_the_clips_own_mp4():
+    clip = np.random.default_rng(0).integers(0, 256, (9, 32, 48, 3), dtype=np.uint8)
+    wrong = clip.copy()
+    wrong[5, 0, 0, 0] ^= 1
+    stream = storage.Mp4Stream(8)
+    stream.feed(lambda: wrong[:1])
+    stream.feed(lambda: wrong[1:])
+    assert stream.finish(clip) == storage.mp4_bytes(clip, 8), "a stream fed other frames gave an mp4 of them"
+    assert not stream.streamed
+    cut_short = storage.Mp4Stream(8)
+    cut_short.feed(lambda: clip[:1])
+    cut_short.feed(None)  # e.g. a team's split decode: the rest is not streamed
+    cut_short.feed(lambda: clip[1:])
+    assert cut_short.finish(clip) == storage.mp4_bytes(clip, 8) and not cut_short.streamed

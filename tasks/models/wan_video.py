@@ -14,6 +14,7 @@ measured is what serves.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
@@ -180,8 +181,11 @@ def use_fixed_sigmas(scheduler, sigmas: list[float]) -> None:
 
 def run_video(loaded: LoadedPipeline, image, *, prompt: str, negative_prompt: str, seed: int, steps: int,
               guidance_scale: float, num_frames: int, width: int, height: int, max_sequence_length: int,
-              should_stop=None):
-    """One clip: uint8 frames of shape (num_frames, height, width, 3). `should_stop` as in qwen_edit.run_edit."""
+              should_stop=None, on_frames=None):
+    """One clip: uint8 frames of shape (num_frames, height, width, 3). `should_stop` as in qwen_edit.run_edit.
+    `on_frames(fetch)`: called as the VAE decodes each chunk of frames, in order; fetch() gives that chunk as uint8
+    (n, height, width, 3), exactly as in the clip returned (storage.Mp4Stream encodes while the rest decodes);
+    on_frames(None): the rest of this decode cannot be streamed."""
     import numpy as np
     import torch
 
@@ -190,7 +194,8 @@ def run_video(loaded: LoadedPipeline, image, *, prompt: str, negative_prompt: st
                                 width=width, height=height, max_sequence_length=max_sequence_length))
     parallel.starting_call(cfg=guidance_scale > 1)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    with loaded.call_lock, torch.inference_mode():
+    streaming = _streaming_decode(loaded.pipe.vae, on_frames, height, width) if on_frames else contextlib.nullcontext()
+    with loaded.call_lock, torch.inference_mode(), streaming:
         loaded.calls += 1
         frames = loaded.pipe(image=image, prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
                              num_frames=num_frames, num_inference_steps=steps, guidance_scale=guidance_scale,
@@ -198,11 +203,51 @@ def run_video(loaded: LoadedPipeline, image, *, prompt: str, negative_prompt: st
                              callback_on_step_end=stop_between_steps(should_stop)).frames[0]
         if should_stop is not None and loaded.pipe.interrupt:
             raise JobCancelled("the flow gave up on this clip; it was stopped between denoising steps")
-        # To uint8 where the frames are (the card): 81 x 480 x 832 x 3 in float32 is 390 MB to copy and scale on
-        # the host, the uint8 frames a quarter of that. float32 first, as diffusers' "np" output did, so the
-        # values are the same.
-        frames = (frames.float().clamp(0.0, 1.0) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-        return np.ascontiguousarray(frames.cpu().numpy())
+        return np.ascontiguousarray(_uint8_frames(frames).cpu().numpy())
+
+
+def _uint8_frames(frames):
+    """(T, 3, H, W) in [0, 1] -> (T, H, W, 3) uint8, where the frames are. On the card: 81 x 480 x 832 x 3 in
+    float32 is 390 MB to copy and scale on the host, the uint8 frames a quarter of that. float32 first, as
+    diffusers' "np" output did, so the values are the same."""
+    import torch
+
+    return (frames.float().clamp(0.0, 1.0) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+@contextlib.contextmanager
+def _streaming_decode(vae, on_frames, height: int, width: int):
+    """Hand each chunk the Wan VAE's decoder makes (diffusers' _decode calls it once per latent frame: 1 frame, then
+    4 at a time) to on_frames, converted as the pipeline converts the whole clip: clamp to [-1, 1] (_decode), to
+    [0, 1] (the video processor), then _uint8_frames. The copy to the host is queued on the card's stream and waited
+    for by whoever fetches, so the decode never waits for the encoder. A chunk that is not whole frames (a team's
+    band of the width, a tiled decode) ends the streaming: the consumer then takes the clip as returned."""
+    import torch
+
+    whole = [True]
+
+    def hook(module, args, output):
+        if not whole[0]:
+            return
+        if output.shape[0] != 1 or tuple(output.shape[-2:]) != (height, width):
+            whole[0] = False
+            on_frames(None)
+            return
+        chunk = _uint8_frames((output.clamp(-1.0, 1.0)[0].permute(1, 0, 2, 3) * 0.5 + 0.5).clamp(0, 1))
+        if chunk.is_cuda:
+            host = torch.empty(chunk.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(chunk, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            on_frames(lambda: (copied.synchronize(), host.numpy())[1])
+        else:
+            on_frames(lambda: chunk.numpy())
+
+    handle = vae.decoder.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def warm_up(loaded: LoadedPipeline, profile: VideoProfile) -> float:
