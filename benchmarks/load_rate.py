@@ -8,6 +8,8 @@ prepared layout's size (1 GiB, safetensors) are written to `--folder`, then, in 
     read+hash-blocks the same, each shard's 64 MiB blocks hashed on every core as they arrive (the loader now)
     place-pageable   recast.tasks.models.prepared.stream_shards into plain host memory, copied to the card
     place-pinned     the same through its pool of pinned host buffers (the loader's default on a GPU)
+    read-verified, place-pinned-verified   the same for shards that verified before on this machine (a restart:
+                     prepared.VERIFIED), read and placed without hashing
 
 Each row: GB/s and seconds for the whole set, the process's peak RSS so far, and the most pinned host memory the
 row held (torch's allocator rounds each allocation up to a power of two).
@@ -90,18 +92,19 @@ def main() -> int:
     run = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": common.recorded_command(sys.argv),
            "versions": common.versions()}
 
-    def read_and_hash(whole: bool):
+    def read_and_hash(whole: bool, verified: bool = False):
         def go() -> None:
-            entries = {name: {k: v for k, v in entry.items() if not (whole and k == "blocks")}
-                       for name, entry in files.items()}
+            entries = {name: {**{k: v for k, v in entry.items() if not (whole and k == "blocks")},
+                              "verified": verified} for name, entry in files.items()}
             with ThreadPoolExecutor(max_workers=prepared.READ_THREADS) as pool:
                 list(pool.map(lambda name: prepared._read_shard(folder / name, entries[name]), files))
         return go
 
-    def place(pinned: bool):
+    def place(pinned: bool, verified: bool = False):
         def go() -> None:
             kept = []
-            for _, _, tensor in prepared.stream_shards(folder, files, lambda name: str(device), pinned=pinned):
+            entries = {name: dict(entry, verified=verified) for name, entry in files.items()}
+            for _, _, tensor in prepared.stream_shards(folder, entries, lambda name: str(device), pinned=pinned):
                 kept.append(tensor)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -113,9 +116,11 @@ def main() -> int:
         suffix = "" if threads == 4 else f"@{threads}"
         variants += [(f"read+hash-whole{suffix}", threads, read_and_hash(True)),
                      (f"read+hash-blocks{suffix}", threads, read_and_hash(False)),
+                     (f"read-verified{suffix}", threads, read_and_hash(False, verified=True)),
                      (f"place-pageable{suffix}", threads, place(False))]
         if device.type == "cuda":
-            variants.append((f"place-pinned{suffix}", threads, place(True)))
+            variants += [(f"place-pinned{suffix}", threads, place(True)),
+                         (f"place-pinned-verified{suffix}", threads, place(True, verified=True))]
     for name, threads, call in variants:
         prepared.READ_THREADS = threads
         began = time.perf_counter()

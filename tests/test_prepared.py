@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -264,3 +265,32 @@ def test_a_compiled_edit_worker_traces_its_blocks_once_at_start_and_not_again_fo
     finally:
         loading.clear_cache()
         torch._dynamo.config.specialize_float = specialize_float
+
+
+def test_a_restart_reads_verified_shards_without_hashing_them_and_a_changed_shard_is_hashed_and_refused(
+        tmp_path, monkeypatch, caplog):
+    """A shard that verified on this machine is not hashed again while it is the same file (the restart's read
+    time); a shard written since (same size, other bytes) is hashed again and refused."""
+    monkeypatch.setenv("RECAST_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(prepared, "BLOCK_BYTES", 4096)  # shards of many blocks, hashed on the pool (counted)
+    profile = get_settings().get_profile("tiny")
+    folder, _, _ = loading.prepare_weights("edit", profile)
+    source = loading.check_available(profile)
+    shards = sorted((folder / "weights").glob("*.safetensors"))
+    time.sleep(1.1)  # files changed within the last second are never taken as verified (the kernel's clock tick)
+    hashed = []
+    real_sha = prepared._sha256_of
+    monkeypatch.setattr(prepared, "_sha256_of", lambda data: hashed.append(1) or real_sha(data))
+    first = prepared.obtain("edit", profile, lambda: source, qwen_edit)
+    assert first.prepared and hashed, "the first load of fresh files verifies every shard"
+    hashed.clear()
+    again = prepared.obtain("edit", profile, lambda: source, qwen_edit)
+    assert again.prepared and not hashed and again.parts["hashed_gib"] == 0, \
+        f"a restart hashed {len(hashed)} blocks of shards that verified before and did not change"
+    data = bytearray(shards[0].read_bytes())
+    data[-100] ^= 0xFF
+    shards[0].write_bytes(bytes(data))  # same size, other bytes, the same inode
+    with caplog.at_level("WARNING", logger="recast.models"):
+        damaged = prepared.obtain("edit", profile, lambda: source, qwen_edit)
+    assert not damaged.prepared and hashed, "a shard written after it verified must be hashed again and refused"
+    assert any("does not match its SHA-256" in r.getMessage() for r in caplog.records), caplog.text

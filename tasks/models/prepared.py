@@ -12,7 +12,9 @@ recipe's structure (FP8 layers where the recipe puts them) and fill them straigh
         compile/<card>.bin   torch.compile's cache for this card and torch (written after the first warm-up)
 
 The folder is used only when its key matches and every file is there at its size; each shard is checked against
-its SHA-256 as it is read (in threads, beside the copies to the card). A partial, corrupt or mismatched folder
+its SHA-256 as it is read (in threads, beside the copies to the card), unless it verified before on this machine
+and is still the same file: verified.json records each verified shard's identity (device, inode, size, modification
+and change times; any write changes the change time, which no user can set back), and a restart then only reads. A partial, corrupt or mismatched folder
 is refused with a one-line reason, removed and made again, never used. It is written into a staging folder and
 renamed into place under a lock: two processes preparing the same key end with one complete folder, and the
 second uses the first's. Loading goes shard by shard: host RAM never holds a whole model.
@@ -165,9 +167,11 @@ def ensure(kind: str, profile, source_of, recipe) -> tuple[Path, bool]:
             manifest = _check_manifest(folder, key)
             with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="recast-prepared") as pool:
                 names = list(manifest["files"])
+                identities = {name: _identity(folder / name) for name in names if name.startswith("weights/")}
                 for name, (digest, _) in zip(names, pool.map(lambda n: _sha256_file(folder / n), names)):
                     if digest != manifest["files"][name]["sha256"]:
                         raise NotPrepared(f"{name} does not match its SHA-256 (corrupt)")
+            _record_verified(folder, identities)
             return folder, False
         except NotPrepared as why:
             if folder.exists():
@@ -254,6 +258,8 @@ def write(folder: Path, kind: str, profile, pipe, source: str) -> None:
         shutil.rmtree(staging, ignore_errors=True)  # another process put a folder there first
         if not (folder / "manifest.json").exists():
             raise
+    else:  # hashed above from the files on disk: the next start need not hash them again
+        _record_verified(folder, {name: _identity(folder / name) for name in entries if name.startswith("weights/")})
     log.info("prepared %s %s: %.2f GiB in %s", kind, profile.name, manifest["weights_bytes"] / 2**30, folder)
 
 
@@ -335,13 +341,47 @@ def _sha256_of(data) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+VERIFIED = "verified.json"
+
+
+def _identity(path: Path) -> list[int]:
+    """What says a file is still the one that verified: a write to it changes its change time."""
+    st = path.stat()
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _verified(folder: Path) -> dict:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((folder / VERIFIED).read_text())
+    return {}
+
+
+def _record_verified(folder: Path, identities: dict[str, list[int]]) -> None:
+    """Remember that these files verified, as they were when read (best effort: a read-only folder verifies again).
+    Not a file changed in the last second: the kernel stamps change times from a clock that ticks every few ms, so
+    a write in the same tick as the one before would leave the identity as it was; a second later it cannot."""
+    settled = time.time_ns() - 10**9
+    identities = {name: identity for name, identity in identities.items() if identity[4] < settled}
+    if not identities:
+        return
+    try:
+        recorded = {**_verified(folder), **identities}
+        temporary = folder / f".{VERIFIED}.{uuid.uuid4().hex[:8]}"
+        temporary.write_text(json.dumps(recorded))
+        os.replace(temporary, folder / VERIFIED)
+    except OSError as exc:
+        log.debug("could not record the verified shards in %s: %s", folder, exc)
+
+
 def _read_shard(path: Path, entry: dict, buffer=None):
     """(header, bytes, offset of the first tensor) of a safetensors file, checked against its manifest entry on the
     bytes read: block by block on every core as the blocks arrive (hashlib frees the GIL), or whole for a folder
-    written without block hashes. Read into `buffer` (a host tensor of at least the file's size) when given."""
+    written without block hashes; not at all for an entry marked `verified` (the same file verified before).
+    Read into `buffer` (a host tensor of at least the file's size) when given."""
     size = path.stat().st_size
     data = bytearray(size) if buffer is None else buffer.numpy()
     view = memoryview(data)[:size]
+    check = not entry.get("verified")
     blocks = entry.get("blocks")
     checks = []
     with open(path, "rb", buffering=0) as f:
@@ -352,10 +392,10 @@ def _read_shard(path: Path, entry: dict, buffer=None):
                 if not got:
                     raise NotPrepared(f"{path.name} ended early")
                 read += got
-            if blocks:
+            if blocks and check:
                 checks.append(_hashers().submit(_sha256_of, view[start:end]))
-    digests = [check.result() for check in checks]
-    if (digests != blocks) if blocks else (hashlib.sha256(view).hexdigest() != entry["sha256"]):
+    digests = [future.result() for future in checks]
+    if check and ((digests != blocks) if blocks else (hashlib.sha256(view).hexdigest() != entry["sha256"])):
         raise NotPrepared(f"{path.parent.name}/{path.name} does not match its SHA-256 (corrupt)")
     header_size = int.from_bytes(view[:8], "little")
     header = json.loads(bytes(view[8:8 + header_size]))
@@ -506,7 +546,9 @@ def load(folder: Path, key: str, profile, recipe, parts: dict | None = None):
     for shard in shards:
         if component_of(shard) not in components:
             raise NotPrepared(f"{shard} belongs to no component of this pipeline")
-    files = {name: manifest["files"][name] for name in shards}
+    # Taken before reading: a file that changes while it is read is not recorded as the one that verified
+    identities, verified = {name: _identity(folder / name) for name in shards}, _verified(folder)
+    files = {name: dict(manifest["files"][name], verified=verified.get(name) == identities[name]) for name in shards}
     parts["structure"] = round(time.perf_counter() - started, 2)
     started = time.perf_counter()
     for name, tensor_name, tensor in stream_shards(folder, files,
@@ -517,6 +559,10 @@ def load(folder: Path, key: str, profile, recipe, parts: dict | None = None):
         except AttributeError:
             raise NotPrepared(f"{name} holds {tensor_name}, which this recipe's {component} does not have") from None
     parts["weights"] = round(time.perf_counter() - started, 2)
+    hashed = [name for name, entry in files.items() if not entry["verified"]]
+    parts["hashed_gib"] = round(sum(files[name]["bytes"] for name in hashed) / 2**30, 3)
+    if hashed:
+        _record_verified(folder, {name: identities[name] for name in hashed})
     started = time.perf_counter()
     for alias, original in manifest.get("aliases", {}).items():
         alias_component, _, alias_name = alias.partition(".")
