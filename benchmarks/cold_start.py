@@ -18,7 +18,8 @@ Scenarios (`variant` in docs/performance.json), in this order, on the same card:
     prepared          prepared weights, empty compile caches (no torch.compile artifacts, fresh inductor folder)
     prepared+compile  prepared weights with torch.compile's artifacts beside them, a fresh inductor folder: a new
                       node whose image holds both
-    restart           the same again on the same node: page cache and inductor folder warm
+    restart           the same again on the same node: page cache and inductor folder warm, and the shards the
+                      last start verified not hashed again (prepared.VERIFIED; `parts.hashed_gib` says what was)
 
 Before hub, prepared and prepared+compile every weight file is evicted from the page cache (posix_fadvise
 DONTNEED; /proc/sys/vm/drop_caches is tried too); `bytes_read_gib` shows whether the eviction took. A file on a
@@ -365,6 +366,9 @@ def parent(args) -> int:
             if scenario in ("hub", "prepared"):
                 for folder in folders:
                     shutil.rmtree(Path(folder) / "compile", ignore_errors=True)
+            if scenario != "restart":  # a new node has verified nothing: every shard is hashed as it is read
+                for folder in folders:
+                    Path(folder, "verified.json").unlink(missing_ok=True)
             if scenario != "restart":  # a fresh node: nothing compiled yet in its inductor and triton folders
                 inductor = work / f"inductor-{row}-{scenario}"
                 shutil.rmtree(inductor, ignore_errors=True)
