@@ -32,7 +32,12 @@ class Float8Linear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight, scale = _rowwise_fp8(linear.weight.detach())
+        if linear.weight.is_meta:  # structure only, for prepared weights to fill: the math on meta tensors took
+            # 7.1 s of a start for the edit model's ~1,000 linears (torch's meta kernels run in Python)
+            weight = torch.empty(linear.weight.shape, dtype=torch.float8_e4m3fn, device="meta")
+            scale = torch.empty(self.out_features, 1, dtype=torch.float32, device="meta")
+        else:
+            weight, scale = _rowwise_fp8(linear.weight.detach())
         self.weight = nn.Parameter(weight, requires_grad=False)  # (out, in), row-major
         self.register_buffer("weight_scale", scale.reshape(1, -1))  # (1, out)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
@@ -55,10 +60,15 @@ class Int4Linear(nn.Module):
         super().__init__()
         group = group or next(g for g in (INT4_GROUP, 32, 16) if linear.in_features % g == 0)
         self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, group
-        w = linear.weight.detach().float().reshape(self.out_features, -1, group)
-        scale = w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 7.0
-        q = (torch.round(w / scale).clamp(-8, 7) + 8).to(torch.uint8).reshape(self.out_features, -1)
-        self.weight_packed = nn.Parameter(q[:, 0::2] << 4 | q[:, 1::2], requires_grad=False)  # (out, in/2)
+        if linear.weight.is_meta:  # structure only (see Float8Linear)
+            packed = torch.empty(self.out_features, self.in_features // 2, dtype=torch.uint8, device="meta")
+            scale = torch.empty(self.out_features, self.in_features // group, 1, dtype=torch.float32, device="meta")
+        else:
+            w = linear.weight.detach().float().reshape(self.out_features, -1, group)
+            scale = w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 7.0
+            q = (torch.round(w / scale).clamp(-8, 7) + 8).to(torch.uint8).reshape(self.out_features, -1)
+            packed = q[:, 0::2] << 4 | q[:, 1::2]
+        self.weight_packed = nn.Parameter(packed, requires_grad=False)  # (out, in/2)
         self.weight_scale = nn.Parameter(scale.to(linear.weight.dtype), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
