@@ -45,6 +45,9 @@ def _run(flow, *args, **kwargs) -> tuple[dict | None, str | None]:
     return manifest, None if state.is_completed() else (state.message or str(data))
 
 
+_on_background_server = [False]  # this command's flows ran on the background server (see _keep_loaded)
+
+
 def _prefect_server():
     """The Prefect server this command's flow runs on: PREFECT_API_URL's when set; else, with `cli_server:
     background` (the default), the local background server the commands share, started now if none is up
@@ -61,6 +64,7 @@ def _prefect_server():
         return contextlib.nullcontext()
     state, started = local_server.ensure(settings.cli_server_idle_s)
     os.environ["PREFECT_API_URL"] = state["api"]
+    _on_background_server[0] = True
     if "prefect.context" in sys.modules:  # Prefect read its settings at import: make it read them again
         from prefect.context import refresh_global_settings_context
 
@@ -76,6 +80,11 @@ def _server(args: argparse.Namespace) -> int:
     from recast.flows import local_server
 
     if args.action == "stop":
+        from recast.flows import cli_workers
+
+        if worker := cli_workers.stop():  # first: it keeps the server in use
+            print(f"recast server: stopped the background worker ({cli_workers.describe(worker['models'])})",
+                  flush=True)
         state = local_server.stop()
         if state and state.get("owner"):
             print(f"recast server: the server at {state['api']} belongs to `{state['owner']}` (pid {state['pid']}); "
@@ -107,12 +116,35 @@ def _use_running_workers(needs) -> None:
         pairs = needs(get_settings())
     except Exception:  # noqa: BLE001 - refused by the plan next, with its proper message
         return
-    from recast.flows import fleet
+    from recast.flows import cli_workers, fleet
 
-    if fleet.serve_all(pairs):
+    served = fleet.serve_all(pairs)
+    kept = cli_workers.registered()
+    if not served and cli_workers.serves(kept, pairs):  # an earlier command's worker, still loading them
+        print(f"recast: waiting for the background worker to load {cli_workers.describe(pairs)} (left by an earlier "
+              "command; RECAST_EXECUTION=local runs it here)", file=sys.stderr, flush=True)
+        served = cli_workers.wait_until_serving(kept, pairs, lambda: fleet.serve_all(pairs))
+    if served:
         os.environ["RECAST_EXECUTION"] = "workers"
-        served = ", ".join(f"{stage} profile '{profile}'" for stage, profile in pairs)
-        print(f"recast: running on the workers already serving {served} (RECAST_EXECUTION=local runs it here)",
+        print(f"recast: running on the workers already serving {cli_workers.describe(pairs)} (RECAST_EXECUTION=local "
+              "runs it here)", file=sys.stderr, flush=True)
+    elif kept is not None:  # this command loads other models here: the background worker gives the memory back
+        cli_workers.stop()
+        print(f"recast: stopped the background worker that kept {cli_workers.describe(kept['models'])} loaded",
+              file=sys.stderr, flush=True)
+
+
+def _keep_loaded(models: list[tuple[str, object]], settings) -> None:
+    """After a command ran `models` in its own process on the background server: leave a worker that keeps them
+    loaded for the next commands (recast.flows.cli_workers), unless cli_worker_idle_s is 0."""
+    if settings.execution != "local" or not _on_background_server[0] or settings.cli_worker_idle_s <= 0:
+        return
+    from recast.flows import cli_workers
+
+    pairs = [(kind, profile.name) for kind, profile in models]
+    if cli_workers.keep(pairs, settings.cli_worker_idle_s):
+        print(f"recast: a background worker keeps {cli_workers.describe(pairs)} loaded for the next commands (it "
+              f"stops after {settings.cli_worker_idle_s / 60:.0f} min without one; `recast server stop` stops it)",
               file=sys.stderr, flush=True)
 
 
@@ -144,7 +176,10 @@ def _edit(args: argparse.Namespace) -> int:
     for prompt, warnings in plan.prompt_warnings.items():
         _print_warnings([f"prompt '{_theme(prompt)}': {w}" for w in warnings])
     _print_warnings(plan.notices)
-    return _run_edit(request, args.json)
+    code = _run_edit(request, args.json)
+    if code == 0:
+        _keep_loaded(_edit_models(plan.settings, request), plan.settings)
+    return code
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -225,7 +260,10 @@ def _animate(args: argparse.Namespace) -> int:
 
     _use_running_workers(lambda settings: [("video", settings.get_video_profile(request.video_profile).name)])
     plan = plan_animation(request)  # refuse bad input before Prefect starts
-    return _run_planned("animate", animate_flow, request, plan, plan.warnings, args.json, _print_animate_summary)
+    code = _run_planned("animate", animate_flow, request, plan, plan.warnings, args.json, _print_animate_summary)
+    if code == 0:
+        _keep_loaded([("video", plan.profile)], plan.settings)
+    return code
 
 
 def _run_planned(command: str, flow_fn, request, plan, warnings, as_json: bool, print_summary) -> int:

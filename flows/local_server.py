@@ -52,11 +52,13 @@ def healthy(api_url: str, timeout: float = 2.0) -> bool:
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-        return True
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    with contextlib.suppress(OSError):  # a child that exited and was not reaped yet (a zombie) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
 
 
 def running() -> dict | None:

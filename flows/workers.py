@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from recast.tasks.errors import BadInput
 from recast.tasks.models import loading
@@ -58,10 +59,34 @@ def serve_worker(kinds: list[str], gpu: int | None = None, profile_name: str | N
         worker = _overlapping_worker()(*[task for _, _, task in served], limit=1 + MAX_FINISHING)
         await worker.astart()
 
+    if settings.worker_idle_s > 0:
+        _stop_when_idle(settings.worker_idle_s)
     try:
         _serve_until_stopped(serve)
     finally:
         withdraw()
+
+
+# What the idle stop watches: when the worker last started or finished a job, and how many it has now.
+_activity = {"last": 0.0, "running": 0}
+
+
+def _stop_when_idle(idle_s: float) -> None:
+    """Interrupt this worker (as Ctrl-C would: it withdraws and exits 0) once it has had no job for idle_s."""
+    import signal
+    import threading
+
+    _activity["last"] = time.monotonic()
+
+    def watch() -> None:
+        while True:
+            time.sleep(min(1.0, idle_s / 4))
+            if _activity["running"] == 0 and time.monotonic() - _activity["last"] > idle_s:
+                print(f"recast worker: no job for {idle_s:.0f} s, stopping", flush=True)
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+
+    threading.Thread(target=watch, name="recast-worker-idle", daemon=True).start()
 
 
 def _serve_until_stopped(serve) -> None:
@@ -148,9 +173,12 @@ def _overlapping_worker():
                     ended = asyncio.Event()
 
                     async def run(task_run=task_run, run_id=run_id, ended=ended):
+                        _activity["running"] += 1
                         try:
                             await self._safe_submit_scheduled_task_run(task_run)  # returns when the job is done
                         finally:
+                            _activity["running"] -= 1
+                            _activity["last"] = time.monotonic()
                             ended.set()
                             lifecycle.forget_gpu(run_id)
 

@@ -24,6 +24,8 @@ for name in [k for k in os.environ if k.startswith("RECAST_") and k not in ("REC
 # Each CLI command in a test gets Prefect's temporary server, as it did before the shared background server: a test
 # never leaves a server behind. tests/test_cli_server.py tests the background server (the default) and stops it.
 os.environ["RECAST_CLI_SERVER"] = "temporary"
+# Nor a background worker keeping a command's model loaded (tests/test_cli_server.py tests it and stops it).
+os.environ["RECAST_CLI_WORKER_IDLE_S"] = "0"
 
 
 @pytest.fixture(scope="session")
@@ -62,8 +64,9 @@ def memory_root():
 def no_background_server_left():
     """Whatever a test did, no background Prefect server of the suite's PREFECT_HOME outlives the session."""
     yield
-    from recast.flows import local_server
+    from recast.flows import cli_workers, local_server
 
+    cli_workers.stop()
     local_server.stop()
 
 

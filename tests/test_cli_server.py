@@ -189,3 +189,41 @@ def test_looking_for_workers_with_no_server_anywhere_starts_none(monkeypatch, tm
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         assert not PREFECT_API_URL.value(), "the test needs a process with no server named"
         assert fleet.running_workers() == []
+
+
+def test_a_command_leaves_its_model_loaded_and_the_next_command_runs_on_it(home, astronaut, tmp_path):
+    """#24: a local command loaded its model and threw it away at exit, so every `recast edit` paid the load (~10 s
+    of 11 s on 2 cores). After a command that ran its model itself, a background worker keeps it loaded: the next
+    command runs on it with nothing to load, and `recast server stop` stops the worker with the server."""
+    env = _env(home, RECAST_CLI_WORKER_IDLE_S="600")
+    edit = ("edit", str(astronaut), "--prompt", "Neo, black trench coat", "--steps", "2", "--storage",
+            str(tmp_path / "store"))
+    first = _recast(env, *edit, "--seed", "1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "a background worker keeps edit profile 'tiny' loaded" in first.stderr, first.stderr[-2000:]
+    worker = json.loads((home / "recast-workers.json").read_text())
+    assert _alive(worker["pid"]), "the worker must outlive the command that left it"
+    second = _recast(env, *edit, "--seed", "2")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "running on the workers already serving edit profile 'tiny'" in second.stderr, second.stderr[-2000:]
+    assert "a background worker keeps" not in second.stderr, "a second worker was left for the same model"
+    record = json.loads(Path(second.stdout.strip().splitlines()[-1].removeprefix("file://")).read_text())["edits"][0]
+    assert record["submissions"] and record["cache_hit"] is True, \
+        f"the second command did not run on the worker that kept the model loaded: {record}"
+    stopped = _recast(env, "server", "stop", timeout=120)
+    assert "stopped the background worker (edit profile 'tiny')" in stopped.stdout, stopped.stdout + stopped.stderr
+    assert not _alive(worker["pid"]) and not (home / "recast-workers.json").exists(), "the worker outlived the stop"
+
+
+def test_the_background_worker_stops_by_itself_when_unused(home, astronaut, tmp_path):
+    env = _env(home, RECAST_CLI_WORKER_IDLE_S="3")
+    first = _recast(env, "edit", str(astronaut), "--prompt", "Neo, black trench coat", "--steps", "2", "--seed", "1",
+                    "--storage", str(tmp_path / "store"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    worker = json.loads((home / "recast-workers.json").read_text())
+    deadline = time.monotonic() + 300  # it loads the model, serves nothing for 3 s, then ends
+    while _alive(worker["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    log = Path(worker["log"]).read_text()
+    assert not _alive(worker["pid"]), f"the unused worker still runs after 300 s:\n{log[-2000:]}"
+    assert "no job for 3 s, stopping" in log, log[-2000:]

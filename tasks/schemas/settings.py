@@ -132,6 +132,11 @@ class Settings(Strict):
         "per command, as Prefect does: seconds of start and stop around every command).")
     cli_server_idle_s: float = Field(1800, gt=0, description="The background server stops itself after this long "
                                      "without a command.")
+    cli_worker_idle_s: float = Field(600, ge=0, description="After a CLI command ran its models in its own "
+                                     "process, a background worker keeps them loaded for the next commands and stops "
+                                     "after this long without a job (`recast server stop` stops it too); 0: off.")
+    worker_idle_s: float = Field(0, ge=0, description="A `recast worker` stops itself after this long without a "
+                                 "job; 0: never (the CLI's background worker gets cli_worker_idle_s).")
     execution: Literal["local", "workers"] = Field(
         "local", description="local: GPU tasks run in the flow's process; workers: on `recast worker` processes. "
         "A CLI command with RECAST_EXECUTION unset runs on workers already serving every model it needs.")
