@@ -4,7 +4,10 @@
     identity       recast identity on 2 photos (the reference against itself and a crop)
     edit-cold      recast edit on tiny, one prompt, no server running: the command starts the background server
                    (a fresh PREFECT_HOME each run: the database is created too), which is stopped after the run
-    edit-warm      the same with the background server already up (the next commands of a session)
+    edit-warm      the same with the background server already up (the next commands of a session), as they run by
+                   default: on the background worker an earlier command left with the model loaded
+    edit-warm-local the same with the model loaded by the command itself (RECAST_CLI_WORKER_IDLE_S=0, and
+                   RECAST_EXECUTION=local: not on the worker)
     edit-temporary the same with RECAST_CLI_SERVER=temporary: Prefect's temporary server, started and stopped by
                    the command (what every command paid before the background server)
     edit-worker    the same with RECAST_EXECUTION=workers, served by `recast worker edit --profile tiny` running
@@ -88,7 +91,8 @@ def main() -> int:
     timed(edit, dict(base, PREFECT_HOME=str(work / "warmup")))  # the tiny model is built once, not in a row
     subprocess.run([recast, "server", "stop"], env=dict(base, PREFECT_HOME=str(work / "warmup")), capture_output=True)
     samples: dict[str, list[float]] = {name: [] for name in ("help", "identity", "edit-cold", "edit-warm",
-                                                             "edit-temporary", "edit-worker")}
+                                                             "edit-warm-local", "edit-temporary", "edit-worker")}
+    local = dict(RECAST_CLI_WORKER_IDLE_S="0", RECAST_EXECUTION="local")
     warm_home = work / "warm"
     try:
         for index in range(args.runs):
@@ -98,12 +102,16 @@ def main() -> int:
             samples["edit-cold"].append(timed(edit, dict(base, PREFECT_HOME=str(cold_home))))
             subprocess.run([recast, "server", "stop"], env=dict(base, PREFECT_HOME=str(cold_home)),
                            capture_output=True)
-            if index == 0:  # the warm server: started once, before the warm samples
+            if index == 0:  # the warm server and the worker the first command leaves: started before the samples
                 timed(edit, dict(base, PREFECT_HOME=str(warm_home)))
+                timed(edit, dict(base, PREFECT_HOME=str(warm_home)))  # waits for that worker to load: not a sample
             samples["edit-warm"].append(timed(edit, dict(base, PREFECT_HOME=str(warm_home))))
-            samples["edit-temporary"].append(timed(edit, dict(base, PREFECT_HOME=str(warm_home),
+            samples["edit-warm-local"].append(timed(edit, dict(base, PREFECT_HOME=str(warm_home), **local)))
+            samples["edit-temporary"].append(timed(edit, dict(base, PREFECT_HOME=str(warm_home), **local,
                                                               RECAST_CLI_SERVER="temporary")))
-        samples["edit-worker"] = with_worker(recast, edit, dict(base, PREFECT_HOME=str(warm_home)), args.runs)
+        subprocess.run([recast, "server", "stop"], env=dict(base, PREFECT_HOME=str(warm_home)), capture_output=True)
+        samples["edit-worker"] = with_worker(recast, edit, dict(base, PREFECT_HOME=str(warm_home), **local),
+                                             args.runs)
     finally:
         subprocess.run([recast, "server", "stop"], env=dict(base, PREFECT_HOME=str(warm_home)), capture_output=True)
     run = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -112,6 +112,10 @@ def _use_running_workers(needs) -> None:
     resolve is left to the command's own plan to refuse."""
     if "RECAST_EXECUTION" in os.environ or get_settings().execution != "local":
         return
+    from prefect.settings import get_current_settings
+
+    if get_settings().cli_server == "temporary" and not get_current_settings().api.url:
+        return  # its flows run on a temporary server of their own, which no worker can reach
     try:
         pairs = needs(get_settings())
     except Exception:  # noqa: BLE001 - refused by the plan next, with its proper message
