@@ -227,3 +227,21 @@ def test_the_background_worker_stops_by_itself_when_unused(home, astronaut, tmp_
     log = Path(worker["log"]).read_text()
     assert not _alive(worker["pid"]), f"the unused worker still runs after 300 s:\n{log[-2000:]}"
     assert "no job for 3 s, stopping" in log, log[-2000:]
+
+
+def test_a_command_for_other_models_stops_the_background_worker_before_loading_its_own(home, astronaut, tmp_path):
+    """One background worker at a time: a command whose models it does not serve stops it before loading its own
+    (on a GPU, two models would compete for the card's memory), then leaves a worker for its own models."""
+    env = _env(home, RECAST_CLI_WORKER_IDLE_S="600")
+    edit = _recast(env, "edit", str(astronaut), "--prompt", "Neo, black trench coat", "--steps", "2", "--seed", "1",
+                   "--storage", str(tmp_path / "store"))
+    assert edit.returncode == 0, edit.stderr[-2000:]
+    edit_worker = json.loads((home / "recast-workers.json").read_text())
+    handoff = Path(edit.stdout.strip().splitlines()[-1].removeprefix("file://")).parent / "handoff.json"
+    animate = _recast(env, "animate", str(handoff), "--num-frames", "5", "--storage", str(tmp_path / "store"))
+    assert animate.returncode == 0, animate.stderr[-2000:]
+    assert "stopped the background worker that kept edit profile 'tiny' loaded" in animate.stderr, \
+        animate.stderr[-2000:]
+    assert not _alive(edit_worker["pid"]), "the edit model's worker still runs beside the command's own model"
+    video_worker = json.loads((home / "recast-workers.json").read_text())
+    assert video_worker["models"] == [["video", "tiny"]] and _alive(video_worker["pid"]), video_worker
