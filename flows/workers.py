@@ -267,6 +267,8 @@ def _team_member(rank: int, kind: str, gpus: list[int], master: str, profile_nam
         worker = _overlapping_worker()(routed, limit=1 + MAX_FINISHING)
         await worker.astart()
 
+    if settings.worker_idle_s > 0:
+        _stop_when_idle(settings.worker_idle_s)  # the followers end with this rank
     try:
         _serve_until_stopped(serve)
     finally:
