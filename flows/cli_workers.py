@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -97,14 +96,7 @@ def stop() -> dict | None:
     entry = registered()
     if entry is None:
         return None
-    pid = entry["pid"]
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    while local_server._alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
+    local_server.end_process_group(entry["pid"])
     with contextlib.suppress(OSError):
         _registry_path().unlink()
     return entry

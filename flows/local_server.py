@@ -156,16 +156,22 @@ def stop() -> dict | None:
             return state
         pid = int(state.get("pid", 0) or 0)
         if pid and _alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 20
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
+            end_process_group(pid)
         with contextlib.suppress(OSError):
             _state_path().unlink()
         return state
+
+
+def end_process_group(pid: int, grace_s: float = 20.0) -> None:
+    """TERM to the process group a background process leads (it was started in a session of its own), KILL to
+    what is left of it after grace_s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager
