@@ -450,8 +450,8 @@ def read_image(field: str, uri: str, max_pixels: int, max_bytes: int = MAX_IMAGE
 class _RecentImages:
     """The last few RGB images this process encoded as PNG or checked as input, keyed by a digest of the bytes: the
     chain reads back the pictures it has just written or checked (the edit's frame for the clip and its scoring,
-    the photo for identity, the contact sheet), and decoding them again is time on its critical path. Keyed by content, never by name: bytes that changed in
-    storage are simply not found, and are decoded."""
+    the photo for identity, the contact sheet), and decoding them again is time on its critical path. Keyed by
+    content, never by name: bytes that changed in storage are simply not found, and are decoded."""
 
     def __init__(self, keep_bytes: int = 64 * 2**20):
         self._keep_bytes = keep_bytes  # the pixels kept, at most: a few photos and edits

@@ -11,13 +11,13 @@ recipe's structure (FP8 layers where the recipe puts them) and fill them straigh
         weights/*.safetensors  shards of ~1 GiB: each component's tensors as the recipe left them (FP8 and scales)
         compile/<card>.bin   torch.compile's cache for this card and torch (written after the first warm-up)
 
-The folder is used only when its key matches and every file is there at its size; each shard is checked against
-its SHA-256 as it is read (in threads, beside the copies to the card), unless it verified before on this machine
-and is still the same file: verified.json records each verified shard's identity (device, inode, size, modification
-and change times; any write changes the change time, which no user can set back), and a restart then only reads. A partial, corrupt or mismatched folder
-is refused with a one-line reason, removed and made again, never used. It is written into a staging folder and
-renamed into place under a lock: two processes preparing the same key end with one complete folder, and the
-second uses the first's. Loading goes shard by shard: host RAM never holds a whole model.
+The folder is used only when its key matches and every file is there at its size; each shard is checked against its
+SHA-256 as it is read (in threads, beside the copies to the card), unless it verified before on this machine and is
+still the same file: verified.json records each verified shard's identity (device, inode, size, modification and
+change times; any write changes the change time, which no user can set back), and a restart then only reads. A
+partial, corrupt or mismatched folder is refused with a one-line reason, removed and made again, never used. It is
+written into a staging folder and renamed into place under a lock: two processes preparing the same key end with one
+complete folder, and the second uses the first's. Loading goes shard by shard: host RAM never holds a whole model.
 
 Each recipe (qwen_edit, wan_video) provides: `from_source(profile, source)` (from_pretrained and the weight
 transforms), `give_structure(pipe, profile)` (the same transforms' module structure, on empty modules), and its
@@ -168,7 +168,7 @@ def ensure(kind: str, profile, source_of, recipe) -> tuple[Path, bool]:
             manifest = _check_manifest(folder, key)
             with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="recast-prepared") as pool:
                 names = list(manifest["files"])
-                identities = {name: _identity(folder / name) for name in names if name.startswith("weights/")}
+                identities = _identities(folder, names)
                 for name, (digest, _) in zip(names, pool.map(lambda n: _sha256_file(folder / n), names)):
                     if digest != manifest["files"][name]["sha256"]:
                         raise NotPrepared(f"{name} does not match its SHA-256 (corrupt)")
@@ -260,7 +260,7 @@ def write(folder: Path, kind: str, profile, pipe, source: str) -> None:
         if not (folder / "manifest.json").exists():
             raise
     else:  # hashed above from the files on disk: the next start need not hash them again
-        _record_verified(folder, {name: _identity(folder / name) for name in entries if name.startswith("weights/")})
+        _record_verified(folder, _identities(folder, entries))
     log.info("prepared %s %s: %.2f GiB in %s", kind, profile.name, manifest["weights_bytes"] / 2**30, folder)
 
 
@@ -349,6 +349,11 @@ def _identity(path: Path) -> list[int]:
     """What says a file is still the one that verified: a write to it changes its change time."""
     st = path.stat()
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _identities(folder: Path, names) -> dict[str, list[int]]:
+    """The weight shards' identities among `names` (paths in the folder)."""
+    return {name: _identity(folder / name) for name in names if name.startswith("weights/")}
 
 
 def _verified(folder: Path) -> dict:
@@ -551,7 +556,7 @@ def load(folder: Path, key: str, profile, recipe, parts: dict | None = None):
         if component_of(shard) not in components:
             raise NotPrepared(f"{shard} belongs to no component of this pipeline")
     # Taken before reading: a file that changes while it is read is not recorded as the one that verified
-    identities, verified = {name: _identity(folder / name) for name in shards}, _verified(folder)
+    identities, verified = _identities(folder, shards), _verified(folder)
     files = {name: dict(manifest["files"][name], verified=verified.get(name) == identities[name]) for name in shards}
     parts["structure"] = round(time.perf_counter() - started, 2)
     started = time.perf_counter()
