@@ -300,3 +300,65 @@ def test_a_restart_reads_verified_shards_without_hashing_them_and_a_changed_shar
         damaged = prepared.obtain("edit", profile, lambda: source, qwen_edit)
     assert not damaged.prepared and hashed, "a shard written after it verified must be hashed again and refused"
     assert any("does not match its SHA-256" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_a_start_reads_the_shards_while_it_builds_the_modules(tmp_path, monkeypatch):
+    """The reads (and the copies to the card) need only the manifest: they must not wait for the structure (imports,
+    configs, empty modules), which took 4-10 s of an H200 host's restart before a byte was read."""
+    import threading
+
+    monkeypatch.setenv("RECAST_CACHE_DIR", str(tmp_path / "cache"))
+    profile = get_settings().get_profile("tiny")
+    loading.prepare_weights("edit", profile)
+    a_shard_read = threading.Event()
+    real_read, real_skeleton = prepared._read_shard, prepared.skeleton
+
+    def reading(*args, **kwargs):
+        result = real_read(*args, **kwargs)
+        a_shard_read.set()
+        return result
+
+    def skeleton_after_a_read(*args, **kwargs):
+        # Generous: it is set at once when the reads run beside the structure; never when they wait for it.
+        assert a_shard_read.wait(120), "no shard was read while the pipeline's structure was being built"
+        return real_skeleton(*args, **kwargs)
+
+    monkeypatch.setattr(prepared, "_read_shard", reading)
+    monkeypatch.setattr(prepared, "skeleton", skeleton_after_a_read)
+    obtained = prepared.obtain("edit", profile, lambda: pytest.fail("the source was asked for"), qwen_edit)
+    assert obtained.prepared and obtained.parts["read"] >= 0, obtained.parts
+
+
+def test_a_shards_bytes_copied_as_one_block_cut_into_tensors_equal_the_files(tmp_path):
+    """On a card a shard goes over in one copy and its tensors are cut from those bytes: every dtype, odd sizes and
+    offsets included, must come out as safetensors reads them (each in an allocation of its own)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = {"scale": torch.tensor(0.37, dtype=torch.float32), "odd": torch.randn(7, 3).to(torch.bfloat16),
+               "fp8": torch.randn(5, 9).to(torch.float8_e4m3fn), "ids": torch.arange(11, dtype=torch.int64),
+               "mask": torch.rand(13) > 0.5, "empty": torch.empty(0, 4), "w": torch.randn(33, 17)}
+    path = tmp_path / "weights" / "transformer-00000.safetensors"
+    path.parent.mkdir()
+    save_file(tensors, str(path))
+    digest, blocks = prepared._sha256_file(path)
+    header, data, offset = prepared._read_shard(path, {"sha256": digest, "blocks": blocks})
+    placed = torch.frombuffer(bytearray(data), dtype=torch.uint8)[offset:]  # as it lands on the card
+    got = dict(prepared._shard_tensors(header, placed))
+    expected = load_file(str(path))
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, f"{name}: {got[name]!r}"
+        assert torch.equal(got[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), \
+            f"{name} came back different"
+        assert got[name].untyped_storage().data_ptr() != placed.untyped_storage().data_ptr(), \
+            f"{name} still points into the shard's buffer (kept alive, and maybe misaligned)"
+
+
+def test_a_prepared_folders_key_is_found_without_importing_diffusers_or_transformers():
+    """A start finds its prepared folder before anything heavy is imported, so its reads begin seconds earlier."""
+    code = ("import sys; from recast.tasks.models import prepared; from recast.tasks.settings import get_settings; "
+            "prepared.folder_of('edit', get_settings().get_profile('tiny')); "
+            "prepared.folder_of('video', get_settings().get_video_profile('tiny')); "
+            "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]", f"finding the key imported {proc.stdout.strip()}"

@@ -87,14 +87,23 @@ def _code_hash() -> str:
     return digest.hexdigest()[:16]
 
 
+def _library_version(name: str) -> str:
+    """An installed library's version from its metadata: importing diffusers and transformers to ask them took ~6 s
+    of an H200 host's restart, before any weight could be read (the modules are imported later, while it reads)."""
+    from importlib import metadata
+
+    return metadata.version(name)
+
+
 def recipe_of(kind: str, profile) -> dict:
-    import diffusers
     import torch
-    import transformers
 
-    from recast.tasks.models import qwen_edit, wan_video, tiny
+    from recast.tasks.models import tiny
 
-    recipe_module = qwen_edit if kind == "edit" else wan_video
+    if kind == "edit":
+        from recast.tasks.models import qwen_edit as recipe_module
+    else:
+        from recast.tasks.models import wan_video as recipe_module
     fields = {name: getattr(profile, name) for name in RECIPE_FIELDS if hasattr(profile, name)}
     fields = {name: value.model_dump() if hasattr(value, "model_dump") else value for name, value in fields.items()}
     if profile.model_id in tiny.BUILDERS:  # a tiny model's bytes are its builder's version
@@ -103,7 +112,7 @@ def recipe_of(kind: str, profile) -> dict:
             "code": _code_hash(),
             # Module layouts can change between releases of the libraries that define them.
             "libraries": {"torch": ".".join(torch.__version__.split(".")[:2]),
-                          "diffusers": diffusers.__version__, "transformers": transformers.__version__}}
+                          "diffusers": _library_version("diffusers"), "transformers": _library_version("transformers")}}
 
 
 def key_of(kind: str, profile) -> str:
@@ -409,7 +418,10 @@ def _read_shard(path: Path, entry: dict, buffer=None):
     return header, data, 8 + header_size
 
 
-def _tensors_from(header: dict, data, offset: int, device, non_blocking: bool = False):
+def _tensors_from(header: dict, data, offset: int, device):
+    """A host shard's tensors, each copied into memory of its own (aligned as a loaded tensor would be: kernels may
+    take other paths for a tensor at an odd offset of the shard, and give other bits; and the shard's buffer is
+    reused)."""
     import torch
 
     for name, spec in header.items():
@@ -418,10 +430,21 @@ def _tensors_from(header: dict, data, offset: int, device, non_blocking: bool = 
         count = (end - begin) // dtype.itemsize  # (a torch.empty per tensor to ask took 2 s of a start)
         tensor = torch.frombuffer(data, dtype=dtype, count=count, offset=offset + begin) if count else \
             torch.empty(0, dtype=dtype)
-        tensor = tensor.reshape(spec["shape"])
-        # A copy either way: to the card, or on the CPU into memory of its own (aligned as a loaded tensor would
-        # be: kernels may take other paths for a tensor at an odd offset of the shard, and give other bits).
-        yield name, tensor.clone() if device.type == "cpu" else tensor.to(device, non_blocking=non_blocking)
+        yield name, tensor.reshape(spec["shape"]).clone()
+
+
+def _shard_tensors(header: dict, placed):
+    """(name, tensor) of a shard as `placed_shards` gave it: the host tensors, or cut from the shard's bytes on the
+    card, each copied into an allocation of its own (aligned; the shard's buffer is freed once they are)."""
+    import torch
+
+    if isinstance(placed, dict):
+        yield from placed.items()
+        return
+    for name, spec in header.items():
+        begin, end = spec["data_offsets"]
+        dtype = getattr(torch, _DTYPES[spec["dtype"]])
+        yield name, placed[begin:end].clone().view(dtype).reshape(spec["shape"])
 
 
 def pinned_pool(shard_sizes: list[int]) -> tuple[int, int]:
@@ -458,12 +481,14 @@ def _release_pinned() -> None:
         empty()
 
 
-def stream_shards(folder: Path, files: dict[str, dict], device_of, pinned: bool | None = None):
-    """Every tensor of these shards ({name: manifest entry}, in order) on its device (`device_of(shard name)`), as
-    (shard, tensor name, tensor); at most READ_THREADS shards read ahead of the one being placed, so host RAM holds
-    a few GiB, never a model. With `pinned` (the default when any shard goes to a GPU) the shards are read into a
-    fixed pool of pinned host buffers: the copy to the card is then DMA at the bus's rate instead of a pageable copy
-    through the driver's bounce buffer, and the pages are faulted in once, not once per shard."""
+def placed_shards(folder: Path, files: dict[str, dict], device_of, pinned: bool | None = None):
+    """Every shard of `files` ({name: manifest entry}, in order) on its device (`device_of(shard name)`), as (shard,
+    header, placed): for a card, the shard's tensor bytes there in ONE copy (a uint8 tensor; `_shard_tensors` cuts
+    the tensors from it), for the host, its tensors. At most READ_THREADS shards are read ahead of the one being
+    placed, so host RAM holds a few GiB, never a model. With `pinned` (the default when any shard goes to a GPU) the
+    shards are read into a fixed pool of pinned host buffers: the copy to the card is then DMA at the bus's rate
+    instead of a pageable copy through the driver's bounce buffer, and the pages are faulted in once, not once per
+    shard."""
     import torch
 
     names = list(files)
@@ -485,18 +510,78 @@ def stream_shards(folder: Path, files: dict[str, dict], device_of, pinned: bool 
                 future, buffer = reads.pop(name)
                 header, data, offset = future.result()  # raises NotPrepared for a corrupt shard
                 device = torch.device(device_of(name))
-                pinned_copy = buffer is not None
-                for tensor_name, tensor in _tensors_from(header, data, offset, device, non_blocking=pinned_copy):
-                    yield name, tensor_name, tensor
+                if device.type == "cuda":
+                    host = buffer if buffer is not None else torch.frombuffer(data, dtype=torch.uint8)
+                    placed = host[offset:sizes[name]].to(device, non_blocking=buffer is not None)
+                else:
+                    placed = dict(_tensors_from(header, data, offset, device))
                 if buffer is not None:
                     if device.type == "cuda":
-                        torch.cuda.current_stream(device).synchronize()  # the copies out of it are done: reuse it
+                        torch.cuda.current_stream(device).synchronize()  # the copy out of it is done: reuse it
                     free.append(buffer)
                 del data
+                yield name, header, placed
     finally:
         if free is not None:
             free = buffer = reads = None  # the pinned pool's views dropped, so that its one block is free
             _release_pinned()
+
+
+def stream_shards(folder: Path, files: dict[str, dict], device_of, pinned: bool | None = None):
+    """Every tensor of these shards on its device, as (shard, tensor name, tensor): `placed_shards`, tensor by
+    tensor."""
+    for name, header, placed in placed_shards(folder, files, device_of, pinned):
+        for tensor_name, tensor in _shard_tensors(header, placed):
+            yield name, tensor_name, tensor
+        del placed
+
+
+class _Reader:
+    """`placed_shards` on a thread of its own, started before the pipeline's modules exist: the reads and the
+    copies to the card need only the manifest, so they run while the structure is built (imports, configs, empty
+    modules: CPU work that held them back by 4-10 s of an H200 host's restart). What it placed waits in a queue;
+    the GPU memory it holds is the model's own (its shards), never more."""
+
+    _DONE = object()
+
+    def __init__(self, folder: Path, files: dict[str, dict], device_of):
+        import queue
+        import threading
+
+        self.seconds = 0.0
+        self._queue: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(folder, files, device_of), daemon=True,
+                                        name="recast-prepared-reader")
+        self._thread.start()
+
+    def _run(self, folder, files, device_of) -> None:
+        started = time.perf_counter()
+        shards = placed_shards(folder, files, device_of)
+        try:
+            for item in shards:
+                if self._stop.is_set():
+                    break
+                self._queue.put(item)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            self._queue.put(exc)
+        finally:
+            shards.close()  # the pinned pool given back
+            self.seconds = time.perf_counter() - started
+            self._queue.put(self._DONE)
+
+    def __iter__(self):
+        while (item := self._queue.get()) is not self._DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        """Stop reading (the load failed or ended) and drop what was placed but not taken."""
+        self._stop.set()
+        self._thread.join()
+        while not self._queue.empty():
+            self._queue.get_nowait()
 
 
 def skeleton(config: Path, dtype):
@@ -544,29 +629,37 @@ def load(folder: Path, key: str, profile, recipe, parts: dict | None = None):
     from recast.tasks.models.loading import torch_dtype
 
     manifest = _check_manifest(folder, key)
-    pipe = skeleton(folder / "config", torch_dtype(profile.dtype))
-    recipe.give_structure(pipe, profile)
-    components = {name: module for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
     shards = sorted(name for name in manifest["files"] if name.startswith("weights/"))
 
     def component_of(shard: str) -> str:
         return shard.removeprefix("weights/").rsplit("-", 1)[0]
 
-    for shard in shards:
-        if component_of(shard) not in components:
-            raise NotPrepared(f"{shard} belongs to no component of this pipeline")
     # Taken before reading: a file that changes while it is read is not recorded as the one that verified
     identities, verified = _identities(folder, shards), _verified(folder)
     files = {name: dict(manifest["files"][name], verified=verified.get(name) == identities[name]) for name in shards}
-    parts["structure"] = round(time.perf_counter() - started, 2)
-    started = time.perf_counter()
-    for name, tensor_name, tensor in stream_shards(folder, files,
-                                                   lambda shard: recipe.load_device(profile, component_of(shard))):
-        component = component_of(name)
-        try:
-            _set_tensor(components[component], tensor_name, tensor)
-        except AttributeError:
-            raise NotPrepared(f"{name} holds {tensor_name}, which this recipe's {component} does not have") from None
+    reader = _Reader(folder, files, lambda shard: recipe.load_device(profile, component_of(shard)))
+    try:
+        pipe = skeleton(folder / "config", torch_dtype(profile.dtype))
+        recipe.give_structure(pipe, profile)
+        components = {name: module for name, module in pipe.components.items()
+                      if isinstance(module, torch.nn.Module)}
+        for shard in shards:
+            if component_of(shard) not in components:
+                raise NotPrepared(f"{shard} belongs to no component of this pipeline")
+        parts["structure"] = round(time.perf_counter() - started, 2)
+        started = time.perf_counter()
+        for name, header, placed in reader:
+            component = component_of(name)
+            for tensor_name, tensor in _shard_tensors(header, placed):
+                try:
+                    _set_tensor(components[component], tensor_name, tensor)
+                except AttributeError:
+                    raise NotPrepared(f"{name} holds {tensor_name}, which this recipe's {component} does not have") \
+                        from None
+            del placed
+    finally:
+        reader.close()
+    parts["read"] = round(reader.seconds, 2)  # the reader's own time, most of it beside the structure's
     parts["weights"] = round(time.perf_counter() - started, 2)
     hashed = [name for name, entry in files.items() if not entry["verified"]]
     parts["hashed_gib"] = round(sum(files[name]["bytes"] for name in hashed) / 2**30, 3)
