@@ -129,10 +129,7 @@ def _rebound(base, prefix: str, **names):
         scoped = types.FunctionType(call.__code__, {**call.__globals__, **names}, call.__name__, call.__defaults__,
                                     call.__closure__)
         scoped.__kwdefaults__ = call.__kwdefaults__
-        name = f"{prefix}{base.__name__}"
-        _REBOUND[key] = type(name, (base,), {"__call__": scoped, "__module__": __name__, "__qualname__": name})
-        # Findable by name in this module: torch.compile's saved dynamo cache pickles the classes a graph guards on
-        globals().setdefault(name, _REBOUND[key])
+        _REBOUND[key] = type(f"{prefix}{base.__name__}", (base,), {"__call__": scoped, "__module__": __name__})
     return _REBOUND[key]
 
 
