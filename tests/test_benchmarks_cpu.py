@@ -59,6 +59,18 @@ def test_load_rate_benchmark_streams_shards_through_the_loader(tmp_path):
     assert all(row["gb_per_s"] > 0 and row["gib"] > 0 for row in rows.values()), rows
 
 
+def test_vae_benchmark_times_every_convolution_setting_and_scores_it_against_the_default(tmp_path):
+    results = tmp_path / "rows.jsonl"
+    proc = subprocess.run([sys.executable, "wan_vae.py", "--tiny", "--runs", "1", "--results", str(results)],
+                          cwd=BENCHMARKS, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {row["variant"]: row for row in _rows(results)}
+    assert set(rows) == {"default", "benchmark", "channels-last", "both"}, rows.keys()
+    assert all(row["encode_s"] > 0 and row["decode_s"] > 0 for row in rows.values()), rows
+    # Layout and algorithm choice must not change the frames beyond float rounding (a wrong layout would)
+    assert all(row["rel_l2_vs_default"] < 1e-3 for row in rows.values()), rows
+
+
 def test_attention_benchmark_measures_what_runs_here_and_says_why_the_rest_cannot(tmp_path):
     """On a CPU the bf16 kernels run and are scored against float32 (their bound must reject an unrelated output);
     the CUDA-only backends (SageAttention, FlashAttention 3) are rows that give diffusers' or recast's reason."""

@@ -1,0 +1,105 @@
+"""The Wan VAE's two calls in a 480p clip (#26), under the convolution settings that could make them faster.
+
+The VAE takes ~3.4 s of an 11-13 s `wan22-lightning` clip on an H200 (encode of the conditioning video 1.3 s, decode
+of 21 latent frames 2.1 s). Its work is 3-D causal convolutions in bf16, run by cuDNN with its default (heuristic)
+algorithm choice. Each variant below times both calls on full-size random weights (median of `--runs`, after one
+untimed call that also lets cuDNN autotune) and scores its decoded frames against the default's (relative L2):
+
+    default         what recast runs today
+    benchmark       torch.backends.cudnn.benchmark: cuDNN times its algorithms per shape once, keeps the fastest
+    channels-last   weights and inputs in channels_last_3d (NDHWC), the layout Hopper's conv kernels prefer
+    both            the two together
+
+    python wan_vae.py --runs 3 --out ../docs/performance.json      # one card
+    python wan_vae.py --tiny                                       # the code path on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+VARIANTS = ("default", "benchmark", "channels-last", "both")
+
+
+def build(tiny: bool, device, dtype):
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKLWan
+
+    with init_empty_weights(include_buffers=False):
+        vae = AutoencoderKLWan(base_dim=8) if tiny else AutoencoderKLWan()
+    return common.materialize_random(vae, device, dtype, seed=5).eval().requires_grad_(False)
+
+
+def timed(call, runs: int, device) -> tuple[float, object]:
+    call()  # untimed: kernels loaded, cuDNN's autotuning (benchmark) done
+    seconds = []
+    for _ in range(runs):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        out = call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds), out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--tiny", action="store_true", help="a tiny VAE on the CPU: the code path, not the numbers")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--out", default=None, help="merge the rows into this docs/performance.json")
+    ap.add_argument("--results", default=None, help="also write each row here as it ends (JSON lines)")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    frames, height, width = (5, 32, 48) if args.tiny else (81, 480, 832)
+    vae = build(args.tiny, device, dtype)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    # The I2V conditioning video: the photo, then zero frames; and a clip's latents to decode.
+    video = torch.zeros(1, 3, frames, height, width, dtype=dtype)
+    video[:, :, 0] = torch.rand(1, 3, height, width, generator=generator, dtype=torch.float32).to(dtype) * 2 - 1
+    latents = torch.randn(1, vae.config.z_dim, (frames - 1) // 4 + 1, height // 8, width // 8, generator=generator,
+                          dtype=torch.float32).to(dtype)
+    video, latents = video.to(device), latents.to(device)
+    run = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "command": common.recorded_command(sys.argv), "versions": common.versions()}
+    reference = None
+    for variant in args.variants.split(","):
+        if variant not in VARIANTS:
+            raise SystemExit(f"--variants: unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+        torch.backends.cudnn.benchmark = variant in ("benchmark", "both")
+        layout = torch.channels_last_3d if variant in ("channels-last", "both") else torch.contiguous_format
+        for param in vae.parameters():  # the 3-D convolutions' weights (module.to() refuses the other ranks)
+            if param.dim() == 5:
+                param.data = param.data.contiguous(memory_format=layout)
+        inputs, codes = video.contiguous(memory_format=layout), latents.contiguous(memory_format=layout)
+        with torch.inference_mode():
+            encode_s, _ = timed(lambda: vae.encode(inputs).latent_dist.mode(), args.runs, device)
+            decode_s, frames_out = timed(lambda: vae.decode(codes).sample, args.runs, device)
+        frames_out = frames_out.float()
+        if reference is None:
+            reference = frames_out
+        error = float((frames_out - reference).norm() / reference.norm().clamp_min(1e-12))
+        row = dict(stage="vae", profile="wan22-vae", variant=variant, card=common.card_name(device), gpus=1,
+                   encode_s=round(encode_s, 3), decode_s=round(decode_s, 3), seconds=round(encode_s + decode_s, 3),
+                   rel_l2_vs_default=round(error, 5), shape=f"{frames}x{height}x{width}", dtype=str(dtype),
+                   run=run)
+        common.record(row, args.results, args.out)
+    torch.backends.cudnn.benchmark = False
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
