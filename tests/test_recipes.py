@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from recast.tasks.models import loading, lora, precision, qwen_edit, wan_video
+from recast.tasks.models import kernels, loading, lora, precision, qwen_edit, wan_video
 from recast.tasks.schemas.settings import LoraSpec
 from recast.tasks.settings import get_settings
 
@@ -439,3 +439,22 @@ def test_recast_sage_backend_routes_every_attention_of_a_block_through_one_op_an
         float32(**{**inputs, "hidden_states": inputs["hidden_states"].float(),
                    "encoder_hidden_states": inputs["encoder_hidden_states"].float()})
     assert not calls, "a float32 attention (SageAttention takes bf16/fp16) went to the op instead of diffusers"
+
+
+def test_the_vae_with_channels_last_weights_decodes_the_same_frames():
+    """On a card the video recipe keeps the VAE's 3-D convolutions NDHWC (faster on Hopper): a layout, never other
+    values. Here on the tiny VAE in float32 the frames must match the default layout's to float rounding."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8).eval()
+    latents = torch.randn(1, vae.config.z_dim, 3, 6, 8)
+    with torch.inference_mode():
+        before = vae.decode(latents).sample
+        converted = kernels.use_channels_last_3d(vae)
+        after = vae.decode(latents).sample
+    left = [n for n, p in vae.named_parameters() if p.dim() == 5
+            and not p.is_contiguous(memory_format=torch.channels_last_3d)]
+    assert converted > 0 and not left, f"{converted} converted; still in the default layout: {left}"
+    assert torch.allclose(before, after, rtol=1e-4, atol=1e-5), \
+        f"channels-last changed the frames by up to {(before - after).abs().max():.2e}"

@@ -178,6 +178,20 @@ def _agreed(choice: str) -> str:
     return decision[0]
 
 
+def use_channels_last_3d(module) -> int:
+    """Keep a module's 3-D convolution weights in channels_last_3d (NDHWC): cuDNN then runs those convolutions, and
+    hands their outputs on, in that layout. Returns how many weights were converted (module.to(memory_format=...)
+    refuses a module whose other weights are not 5-D)."""
+    import torch
+
+    converted = 0
+    for param in module.parameters():
+        if param.dim() == 5 and not param.is_contiguous(memory_format=torch.channels_last_3d):
+            param.data = param.data.contiguous(memory_format=torch.channels_last_3d)
+            converted += 1
+    return converted
+
+
 def rotary_real(x, freqs_cis, use_real=True, use_real_unbind_dim=-1):
     """Qwen-Image's complex-number RoPE in real arithmetic (same values), which Inductor can generate code for.
 
