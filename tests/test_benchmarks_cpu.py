@@ -31,7 +31,7 @@ def test_cold_start_benchmark_starts_from_the_hub_layout_then_prepared_weights(t
         assert row["ready_s"] > 0 and row["first_result_s"] >= row["ready_s"] and row["host_rss_peak_gib"] > 0
     for kind in ("edit", "video"):  # where a prepared start's load went, part by part (the next GPU row needs it)
         parts = rows["prepared"]["phases"][kind]["load_parts"]
-        assert {"key", "structure", "weights", "checks", "place", "obtain"} <= set(parts), f"{kind}: {parts}"
+        assert {"key", "structure", "read", "weights", "checks", "place", "obtain"} <= set(parts), f"{kind}: {parts}"
 
 
 def test_stream_benchmark_serves_runs_through_the_deployment_on_one_worker(tmp_path):

@@ -3,7 +3,8 @@
 A worker born cold used to redo the same work at every start: read the whole bf16 checkpoint, fuse the Lightning
 LoRA, quantize ~1,000 linears to FP8. `obtain` does that once per (kind, model, revision, recipe, code) and writes
 the result; later starts build the pipeline's modules empty (no weights) from the saved configs, give them the
-recipe's structure (FP8 layers where the recipe puts them) and fill them straight from the prepared files.
+recipe's structure (FP8 layers where the recipe puts them) and fill them straight from the prepared files, which a
+thread has been reading to the card meanwhile.
 
     <cache>/prepared/<kind>-<profile>-<key>/
         manifest.json        the key, the recipe, the versions; every file with its size and SHA-256
@@ -624,7 +625,9 @@ def skeleton(config: Path, dtype):
 def load(folder: Path, key: str, profile, recipe, parts: dict | None = None):
     """The pipeline from a prepared folder: its structure from the configs and the recipe, its tensors from the
     shards (checked by SHA-256 as they are read, a few in flight at once); raises NotPrepared when it cannot.
-    `parts` receives the seconds of each step: structure, weights (read, verified, placed), checks."""
+    The shards are read, verified and copied to their devices on a thread while the structure is built. `parts`
+    receives the seconds of each step: structure (with the imports it needs), read (the reader's own time, beside
+    the structure), weights (after the structure: waiting for the reads, cutting the tensors), checks."""
     import torch
 
     parts = {} if parts is None else parts
