@@ -419,7 +419,7 @@ def _read_shard(path: Path, entry: dict, buffer=None):
     return header, data, 8 + header_size
 
 
-def _tensors_from(header: dict, data, offset: int, device):
+def _tensors_from(header: dict, data, offset: int):
     """A host shard's tensors, each copied into memory of its own (aligned as a loaded tensor would be: kernels may
     take other paths for a tensor at an odd offset of the shard, and give other bits; and the shard's buffer is
     reused)."""
@@ -515,7 +515,7 @@ def placed_shards(folder: Path, files: dict[str, dict], device_of, pinned: bool 
                     host = buffer if buffer is not None else torch.frombuffer(data, dtype=torch.uint8)
                     placed = host[offset:sizes[name]].to(device, non_blocking=buffer is not None)
                 else:
-                    placed = dict(_tensors_from(header, data, offset, device))
+                    placed = dict(_tensors_from(header, data, offset))
                 if buffer is not None:
                     if device.type == "cuda":
                         torch.cuda.current_stream(device).synchronize()  # the copy out of it is done: reuse it
