@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from recast.tasks.models import kernels  # noqa: E402
 
 VARIANTS = ("default", "benchmark", "channels-last", "both")
 
@@ -81,9 +82,7 @@ def main() -> int:
             raise SystemExit(f"--variants: unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
         torch.backends.cudnn.benchmark = variant in ("benchmark", "both")
         layout = torch.channels_last_3d if variant in ("channels-last", "both") else torch.contiguous_format
-        for param in vae.parameters():  # the 3-D convolutions' weights (module.to() refuses the other ranks)
-            if param.dim() == 5:
-                param.data = param.data.contiguous(memory_format=layout)
+        kernels.set_convolution_layout(vae, layout)  # what the video recipe does on a card (channels-last)
         inputs, codes = video.contiguous(memory_format=layout), latents.contiguous(memory_format=layout)
         with torch.inference_mode():
             encode_s, _ = timed(lambda: vae.encode(inputs).latent_dist.mode(), args.runs, device)

@@ -451,7 +451,7 @@ def test_the_vae_with_channels_last_weights_decodes_the_same_frames():
     latents = torch.randn(1, vae.config.z_dim, 3, 6, 8)
     with torch.inference_mode():
         before = vae.decode(latents).sample
-        converted = kernels.use_channels_last_3d(vae)
+        converted = kernels.set_convolution_layout(vae, torch.channels_last_3d)
         after = vae.decode(latents).sample
     left = [n for n, p in vae.named_parameters() if p.dim() == 5
             and not p.is_contiguous(memory_format=torch.channels_last_3d)]

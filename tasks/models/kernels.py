@@ -178,16 +178,14 @@ def _agreed(choice: str) -> str:
     return decision[0]
 
 
-def use_channels_last_3d(module) -> int:
-    """Keep a module's 3-D convolution weights in channels_last_3d (NDHWC): cuDNN then runs those convolutions, and
-    hands their outputs on, in that layout. Returns how many weights were converted (module.to(memory_format=...)
-    refuses a module whose other weights are not 5-D)."""
-    import torch
-
+def set_convolution_layout(module, memory_format) -> int:
+    """Keep a module's 3-D convolution weights in `memory_format` (torch.channels_last_3d: NDHWC, in which cuDNN then
+    runs those convolutions and hands their outputs on). Returns how many weights were converted
+    (module.to(memory_format=...) refuses a module whose other weights are not 5-D)."""
     converted = 0
     for param in module.parameters():
-        if param.dim() == 5 and not param.is_contiguous(memory_format=torch.channels_last_3d):
-            param.data = param.data.contiguous(memory_format=torch.channels_last_3d)
+        if param.dim() == 5 and not param.is_contiguous(memory_format=memory_format):
+            param.data = param.data.contiguous(memory_format=memory_format)
             converted += 1
     return converted
 

@@ -143,7 +143,8 @@ def place(pipe, profile: VideoProfile) -> dict:
         # cuDNN runs the VAE's 3-D convolutions faster in NDHWC on Hopper: a 480p clip's encode and decode took
         # 1.15 + 1.82 s -> 1.01 + 1.64 s on an H200 (benchmarks/wan_vae.py, frames within 1.8% relative L2 of the
         # default layout's in bf16); cuDNN's autotuning (cudnn.benchmark) changed nothing there.
-        decisions["vae_layout"] = f"channels_last_3d ({kernels.use_channels_last_3d(pipe.vae)} convolutions)"
+        converted = kernels.set_convolution_layout(pipe.vae, torch.channels_last_3d)
+        decisions["vae_layout"] = f"channels_last_3d ({converted} convolutions)"
     if profile.attention_backend:
         chosen = profile.attention_backend
         for expert in experts(pipe):  # the first expert settles it (a fallback is said once), the second follows
