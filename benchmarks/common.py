@@ -155,11 +155,24 @@ def record(row: dict, results: str | None, out: str | None) -> None:
         write_rows(Path(out), [row])
 
 
+# `profile@regional`: the profile with its blocks compiled in the process (torch.compile's regional compilation)
+# instead of ahead of time, to compare the two in one run.
+REGIONAL = "regional"
+
+
 def with_backend(row_name: str) -> tuple[str, str | None]:
-    """A row named `profile@backend` is the profile with another attention backend (e.g. `lightning@sage`), so
-    two kernels are compared in one run on the same weights: (profile, backend or None)."""
+    """A row named `profile@backend` is the profile with another attention backend (e.g. `lightning@sage`), or
+    `profile@regional` with its blocks compiled in the process, so two kernels are compared in one run on the same
+    weights: (profile, backend or None)."""
     profile, _, backend = row_name.partition("@")
     return profile, backend or None
+
+
+def profile_overrides(backend: str | None) -> dict:
+    """The profile fields a `profile@backend` row changes."""
+    if backend == REGIONAL:
+        return {"compile_ahead_of_time": False}
+    return {"attention_backend": backend} if backend else {}
 
 
 def check_quality(name: str, row: dict, bounds: dict[str, float], failures: list[str]) -> None:

@@ -9,7 +9,8 @@ so each profile starts from the same weights. Rows, all in one run on one card:
                         (a correctness fix that costs nothing; without it image tokens get wrong positions)
     <profile>           the same weights through recast's own code: tasks.qwen_edit.prepare
                         (the loader's recipe step), warm_up, and run_edit
-    <profile>@<backend> the same with another attention backend (e.g. lightning@sage): kernels side by side
+    <profile>@<backend> the same with another attention backend (e.g. lightning@sage): kernels side by side;
+                        <profile>@regional: its blocks compiled in the process instead of ahead of time
 
 Each row: median s/image over --runs timed calls after warm-up, ratio to the baseline, peak GPU memory
 during the timed calls, and the PSNR of the output image against the baseline's on the same weights and seed
@@ -173,8 +174,7 @@ def bench_profile(name, args, settings, device, dtype, image, references, lora_d
     profile = settings.profiles["bf16" if baseline else base]
     overrides = dict(device=str(device), dtype=args.dtype, output_area=args.res * args.res,
                      vae_image_area=args.res * args.res)
-    if backend:
-        overrides["attention_backend"] = backend
+    overrides.update(common.profile_overrides(backend))
     if args.tiny:  # CPU code-path check: no CUDA kernels, no compilation
         overrides.update(compile=False, attention_backend=None, warmup=False)
     build_started = time.perf_counter()

@@ -92,12 +92,13 @@ class Bench:
     def profile(self, name: str):
         """The named video profile exactly as the settings give it, so the flows of the chain row find the very
         pipelines the rows installed (sizes, device and the stand-in LoRA files are set through RECAST_*); a
-        `profile@backend` row: the profile with that attention backend."""
+        `profile@backend` row: the profile with that attention backend (`@regional`: blocks compiled in the
+        process)."""
         name, backend = common.with_backend(name)
         if get_settings().get_video_profile(name).lightning is not None and self.args.weights == "random":
             self.random_loras()
         profile = get_settings().get_video_profile(name)
-        return profile.model_copy(update=dict(attention_backend=backend)) if backend else profile
+        return profile.model_copy(update=common.profile_overrides(backend))
 
     # ----------------------------------------------------------------------------------------------
     # Weights

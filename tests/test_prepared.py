@@ -362,3 +362,132 @@ def test_a_prepared_folders_key_is_found_without_importing_diffusers_or_transfor
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]", f"finding the key imported {proc.stdout.strip()}"
+
+
+_AOT_START = """
+import json, sys
+import numpy as np
+from PIL import Image
+from recast.tasks.models import loading, prepared, qwen_edit
+from recast.tasks.settings import get_settings
+
+profile = get_settings().get_profile("tiny").model_copy(
+    update={"warmup": True, "compile": True, "device": "cpu", "compile_ahead_of_time": True})
+loaded, _ = loading.get_pipeline("edit", profile)
+at_ready = prepared.compiled_graphs()
+image = qwen_edit.run_edit(loaded, profile, [Image.open(sys.argv[1]).convert("RGB")], prompt="a longer prompt than "
+                           "the warm-up's, so the sequence is another length", negative_prompt=" ", seed=3, steps=3,
+                           true_cfg_scale=2.5, width=96, height=80)
+np.save(sys.argv[2], np.asarray(image))
+blocks = loaded.pipe.transformer.transformer_blocks
+print(json.dumps({"graphs_at_ready": at_ready, "graphs_in_request": prepared.compiled_graphs() - at_ready,
+                  "calls": blocks[0]._recast_ahead_of_time.calls}))
+"""
+
+
+def test_a_restart_loads_the_blocks_compiled_ahead_of_time_traces_nothing_and_makes_the_same_edit(tmp_path, astronaut):
+    """Cold start (#22): dynamo's trace of the compiled block was ~6 s of a restart's warm-up on an H200. The first
+    start compiles the blocks ahead of time and keeps the code beside the prepared weights; the next process loads it
+    and traces nothing, at start or for a request of another size, and its edit is the eager pipeline's."""
+    import numpy as np
+
+    env = _env(tmp_path / "cache")
+    results = []
+    for start in ("first", "restart"):
+        proc = subprocess.run([sys.executable, "-c", _AOT_START, str(astronaut), str(tmp_path / f"{start}.npy")],
+                              env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"the {start} start failed: {proc.stderr[-3000:]}"
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    first, restart = results
+    assert list((tmp_path / "cache" / "prepared").glob("edit-*/compile/*.blocks")), \
+        "the first start kept no compiled blocks beside its prepared weights"
+    assert restart["graphs_at_ready"] == 0 and restart["graphs_in_request"] == 0, \
+        f"a restart traced graphs although the compiled blocks were kept: {restart}"
+    assert restart["calls"]["in_process"] == 0 and restart["calls"]["ahead_of_time"] > 0, \
+        f"the restart's block calls did not run the code compiled ahead of time: {restart['calls']}"
+    eager_profile = get_settings().get_profile("tiny").model_copy(update={"device": "cpu"})
+    loading.clear_cache()
+    try:
+        from PIL import Image
+
+        loaded, _ = loading.get_pipeline("edit", eager_profile)
+        eager = np.asarray(qwen_edit.run_edit(
+            loaded, eager_profile, [Image.open(astronaut).convert("RGB")], prompt="a longer prompt than the "
+            "warm-up's, so the sequence is another length", negative_prompt=" ", seed=3, steps=3, true_cfg_scale=2.5,
+            width=96, height=80)).astype(int)
+    finally:
+        loading.clear_cache()
+    for start in ("first", "restart"):
+        got = np.load(tmp_path / f"{start}.npy").astype(int)
+        assert np.abs(got - eager).max() <= 1, \
+            f"the {start} start's edit differs from the eager pipeline's by {np.abs(got - eager).max()}/255"
+
+
+def test_blocks_compiled_ahead_of_time_serve_a_per_request_lora_as_the_eager_pipeline_does(tmp_path, monkeypatch,
+                                                                                          astronaut):
+    """A per-request adapter is state the compiled code cannot see (a LoRA branch's tensors): a call with one active
+    runs compiled in the process, so the adapter changes the edit exactly as it does eagerly, and without it the
+    ahead-of-time code serves again."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from recast.tasks.schemas.requests import LoraRef
+
+    monkeypatch.setenv("RECAST_CACHE_DIR", str(tmp_path / "cache"))
+    specialize_float = torch._dynamo.config.specialize_float
+    image = Image.open(astronaut).convert("RGB").resize((64, 64))
+    outputs = {}
+    try:
+        for mode, update in (("eager", {}), ("ahead_of_time", {"compile": True, "compile_ahead_of_time": True})):
+            profile = get_settings().get_profile("tiny").model_copy(update=dict(update, device="cpu"))
+            loading.clear_cache()
+            loaded, _ = loading.get_pipeline("edit", profile)
+            if mode == "eager":
+                generator, state = torch.Generator().manual_seed(0), {}
+                for name, module in loaded.pipe.transformer.named_modules():
+                    if name.endswith(("attn.to_q", "attn.to_v")):
+                        state[f"transformer.{name}.lora_A.weight"] = torch.randn(4, module.in_features,
+                                                                                 generator=generator)
+                        state[f"transformer.{name}.lora_B.weight"] = torch.randn(module.out_features, 4,
+                                                                                 generator=generator)
+                save_file(state, str(tmp_path / "adapter.safetensors"))
+                adapter = lora.check_lora_file("loras[0].source",
+                                               LoraRef(source=str(tmp_path / "adapter.safetensors")))
+
+            def edit(loras=()):
+                return np.asarray(qwen_edit.run_edit(loaded, profile, [image], prompt="a tuxedo", negative_prompt=" ",
+                                                     seed=1, steps=2, true_cfg_scale=4.0, width=64, height=64,
+                                                     loras=loras)).astype(int)
+
+            outputs[mode] = (edit(), edit([adapter]), edit())
+            if mode == "ahead_of_time":
+                calls = loaded.pipe.transformer.transformer_blocks[0]._recast_ahead_of_time.calls
+    finally:
+        loading.clear_cache()
+        torch._dynamo.config.specialize_float = specialize_float
+    (base, with_lora, again), (aot_base, aot_lora, aot_again) = outputs["eager"], outputs["ahead_of_time"]
+    assert np.abs(with_lora - base).max() > 8, "the adapter should change the eager edit"
+    for what, got, expected in (("without an adapter", aot_base, base), ("with the adapter", aot_lora, with_lora),
+                                ("without it again", aot_again, again)):
+        assert np.abs(got - expected).max() <= 1, \
+            f"{what}, the blocks compiled ahead of time gave another edit ({np.abs(got - expected).max()}/255)"
+    assert calls["ahead_of_time"] and calls["in_process"], f"both paths should have served: {calls}"
+
+
+def test_blocks_that_differ_in_more_than_their_weights_do_not_share_code_compiled_ahead_of_time():
+    """One compiled function serves every block only if they differ in weights alone; else each would silently run
+    with block 0's settings."""
+    from recast.tasks.models import kernels
+
+    profile = get_settings().get_profile("tiny").model_copy(update={"device": "cpu"})
+    loading.clear_cache()
+    try:
+        blocks = kernels.repeated_blocks(loading.get_pipeline("edit", profile)[0].pipe.transformer)
+        assert len(blocks) >= 2 and kernels.unshareable(blocks) is None, "the tiny model's blocks should share"
+        blocks[1].attn.heads += 1
+        reason = kernels.unshareable(blocks)
+        blocks[1].attn.heads -= 1
+        assert reason and "block 1" in reason, f"a block with another head count was not refused: {reason}"
+    finally:
+        loading.clear_cache()

@@ -6,8 +6,14 @@ Both act on one model instance (its attention processors, its position embedder)
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import logging
+import os
+import threading
 import types
+import uuid
+from pathlib import Path
 
 log = logging.getLogger("recast.models")
 
@@ -129,7 +135,10 @@ def _rebound(base, prefix: str, **names):
         scoped = types.FunctionType(call.__code__, {**call.__globals__, **names}, call.__name__, call.__defaults__,
                                     call.__closure__)
         scoped.__kwdefaults__ = call.__kwdefaults__
-        _REBOUND[key] = type(f"{prefix}{base.__name__}", (base,), {"__call__": scoped, "__module__": __name__})
+        name = f"{prefix}{base.__name__}"
+        _REBOUND[key] = type(name, (base,), {"__call__": scoped, "__module__": __name__, "__qualname__": name})
+        # Found by name in this module (pickle looks it up there): the compiled blocks' saved guards refer to it.
+        globals()[name] = _REBOUND[key]
     return _REBOUND[key]
 
 
@@ -227,8 +236,15 @@ def use_real_rotary(transformer) -> None:
     transformer.pos_embed.register_forward_hook(as_real_pairs)
 
 
-def compile_blocks(model, *, fullgraph: bool, dynamic: bool | None = None) -> None:
-    """Regional torch.compile: the model's identical blocks compile once and share the graph.
+def compile_blocks(*models, fullgraph: bool, dynamic: bool | None = None, ahead_of_time: bool = False,
+                   artifact: Path | None = None) -> str:
+    """Regional torch.compile: the models' identical blocks compile once and share the compiled code. Returns how:
+    "ahead of time (loaded | compiled)" or "regional".
+
+    ahead_of_time: one block is compiled as a function of its parameters (`BlocksAheadOfTime`), and the compiled
+    code, kept in `artifact` once made, is loaded by the next process without dynamo tracing anything (a restart's
+    trace of the block was ~6 s of its warm-up on an H200). Blocks that cannot share one compiled function, a GPU
+    team or a graph that may break fall back to regional compilation, said in the log.
 
     Python floats reaching a block are specialized (constants guarded by value) instead of traced as symbols. With
     symbols, the tensorify pass gives up on them after the whole block was traced and dynamo restarts its analysis
@@ -238,4 +254,190 @@ def compile_blocks(model, *, fullgraph: bool, dynamic: bool | None = None) -> No
     import torch
 
     torch._dynamo.config.specialize_float = True  # process-wide: recast's worker owns the process's compilation
-    model.compile_repeated_blocks(fullgraph=fullgraph, dynamic=dynamic)
+    if ahead_of_time:
+        for model in models:  # a served model is never trained: its tensors' guards then match whatever loaded it
+            model.requires_grad_(False)
+        blocks = [block for model in models for block in repeated_blocks(model)]
+        reason = "a graph may break (a GPU team's exchange)" if not fullgraph else unshareable(blocks)
+        if reason is None:
+            return BlocksAheadOfTime(blocks, artifact, dynamic=dynamic).install()
+        log.info("blocks compiled in this process, not ahead of time: %s", reason)
+    for model in models:
+        model.compile_repeated_blocks(fullgraph=fullgraph, dynamic=dynamic)
+    return "regional"
+
+
+def repeated_blocks(model) -> list:
+    """The model's repeated blocks, as diffusers' compile_repeated_blocks finds them (by class name)."""
+    names = set(getattr(model, "_repeated_blocks", ()) or ())
+    return [module for module in model.modules() if type(module).__name__ in names]
+
+
+# Per-request state that a compiled block must not bake in: a LoRA branch's adapters (lora.install_branches).
+_PER_CALL_ATTRIBUTES = ("_recast_lora",)
+_SIMPLE = (bool, int, float, str, type(None))
+
+
+def unshareable(blocks) -> str | None:
+    """Why these blocks cannot run one function compiled from the first (None: they can). One compiled function
+    serves every block only if they differ in their parameters' values alone: same modules, hooks, attention
+    processors, settings, and every tensor a registered parameter or buffer (the function takes those as inputs;
+    anything else would be the first block's, silently)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return "a GPU team (each rank holds part of the work)"
+    if not blocks:
+        return "no repeated blocks"
+    first = _block_signature(blocks[0])
+    if isinstance(first, str):
+        return first
+    for index, block in enumerate(blocks[1:], start=1):
+        if _block_signature(block) != first:
+            return f"block {index} differs from block 0 in more than its weights"
+    return None
+
+
+def _block_signature(block):
+    import torch
+
+    signature = []
+    for name, module in block.named_modules():
+        simple = {}
+        for attr, value in vars(module).items():
+            if attr in _PER_CALL_ATTRIBUTES or attr in ("_parameters", "_buffers", "_modules"):
+                continue
+            if isinstance(value, torch.Tensor):
+                return f"{name or 'the block'}.{attr} is a tensor the block does not register"
+            if isinstance(value, _SIMPLE) or (isinstance(value, tuple) and all(isinstance(v, _SIMPLE) for v in value)):
+                simple[attr] = value
+            elif isinstance(value, dict) and "hooks" in attr:
+                simple[attr] = tuple(getattr(hook, "__qualname__", type(hook).__name__) for hook in value.values())
+        processor = getattr(module, "processor", None)
+        signature.append((name, type(module), type(processor) if processor is not None else None, simple,
+                          [(n, tuple(t.shape), t.dtype, t.device) for n, t in module.named_parameters(recurse=False)],
+                          [(n, tuple(t.shape), t.dtype, t.device) for n, t in module.named_buffers(recurse=False)]))
+    return signature
+
+
+def _call_shape(value):
+    """What of a block call a compiled function is specialized on beyond its tensors' guards: which arguments are
+    tensors, None, containers, and the values of plain ones."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return "tensor"
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_call_shape(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _call_shape(v)) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))))
+    return repr(value)
+
+
+def _block_call(block, *args, **kwargs):
+    """What is compiled ahead of time: a call of the block passed in (its parameters are the graph's inputs, read
+    from the module given, so one compiled function serves every block of the same structure)."""
+    return block._call_impl(*args, **kwargs)
+
+
+class BlocksAheadOfTime:
+    """The repeated blocks run one function compiled ahead of time (torch.compile(...).aot_compile) from the first
+    block call, with the block as an argument: each block's own parameters are its inputs. The compiled code
+    (guards on tensors, shapes and global state only) is saved to `artifact` when made and loaded from it at the
+    next start: dynamo traces nothing.
+
+    Kept correct by what the compiled function cannot see: `unshareable` refuses blocks that differ in more than
+    their weights; a call whose non-tensor arguments differ from the compiled call's, whose tensors fail the
+    guards, or with a per-request LoRA adapter active runs through torch.compile in the process instead (it traces
+    once per new case, as before)."""
+
+    def __init__(self, blocks, artifact: Path | None, *, dynamic: bool | None):
+        self.blocks, self.artifact, self.dynamic = blocks, artifact, dynamic
+        self.compiled = None
+        self.call_shape: str | None = None
+        self.failed: str | None = None  # why compiling ahead of time failed: every call compiles in the process
+        self.per_call = [[m for m in block.modules() if hasattr(m, "_recast_lora")] for block in blocks]
+        self.in_process: dict[int, object] = {}
+        self.calls = {"ahead_of_time": 0, "in_process": 0}
+        self._lock = threading.Lock()
+
+    def install(self) -> str:
+        state = "compiled at the first call"
+        if self.artifact is not None and self.artifact.is_file():
+            try:
+                self._load()
+                state = "loaded"
+            except Exception as exc:  # noqa: BLE001 - a stale artifact costs a compile, never a failure
+                log.warning("compiled blocks %s not loaded (%s): compiling them again", self.artifact.name,
+                            " ".join(str(exc).split())[:300])
+        for index, block in enumerate(self.blocks):
+            block._compiled_call_impl = functools.partial(self._call, index)
+            block._recast_ahead_of_time = self
+        return f"ahead of time ({state})"
+
+    def _call(self, index: int, *args, **kwargs):
+        if any(module._recast_lora for module in self.per_call[index]):
+            return self._in_process(index, args, kwargs)
+        shape = repr(_call_shape((args, kwargs)))
+        if self.compiled is None and not self.failed:
+            with self._lock:
+                if self.compiled is None and not self.failed:
+                    try:
+                        self._compile(args, kwargs, shape)
+                    except Exception as exc:  # noqa: BLE001 - the blocks still compile, in the process
+                        self.failed = " ".join(str(exc).split())[:300] or type(exc).__name__
+                        log.warning("the blocks could not be compiled ahead of time (%s): compiling them in the "
+                                    "process", self.failed)
+        if self.failed or shape != self.call_shape:
+            return self._in_process(index, args, kwargs)
+        try:
+            result = self.compiled(self.blocks[index], *args, **kwargs)
+        except RuntimeError as exc:
+            if not str(exc).startswith("GuardManager check failed"):
+                raise
+            if not self.calls["in_process"]:
+                log.warning("a block call the ahead-of-time code does not cover (%s): compiling it in the process",
+                            " ".join(str(exc).split())[:300])
+            return self._in_process(index, args, kwargs)
+        self.calls["ahead_of_time"] += 1
+        return result
+
+    def _in_process(self, index: int, args, kwargs):
+        import torch
+
+        block = self.blocks[index]
+        if index not in self.in_process:
+            self.in_process[index] = torch.compile(block._call_impl, dynamic=self.dynamic)
+        self.calls["in_process"] += 1
+        return self.in_process[index](*args, **kwargs)
+
+    def _compile(self, args, kwargs, shape: str) -> None:
+        import torch
+
+        compiled = torch.compile(_block_call, fullgraph=True, dynamic=self.dynamic, options={
+            # Only tensor, shape and global-state guards: the rest would pin block 0 itself (its identity, its
+            # attributes), which no other block or process matches; `unshareable` and _call check what they leave.
+            "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe,
+        }).aot_compile(((self.blocks[0], *args), kwargs))
+        self.compiled, self.call_shape = compiled, shape
+        if self.artifact is not None:
+            self._save(compiled, shape)
+
+    def _save(self, compiled, shape: str) -> None:
+        try:
+            data = type(compiled).serialize(compiled).serialized_data
+        except Exception as exc:  # noqa: BLE001 - not kept: the next start compiles again, nothing more
+            log.warning("compiled blocks not kept: %s", " ".join(str(exc).split())[:300])
+            return
+        self.artifact.parent.mkdir(parents=True, exist_ok=True)
+        staging = self.artifact.with_name(f".{self.artifact.name}.{uuid.uuid4().hex[:8]}.part")
+        staging.write_bytes(json.dumps({"call_shape": shape}).encode() + b"\n" + data)
+        os.replace(staging, self.artifact)
+
+    def _load(self) -> None:
+        from torch._dynamo.aot_compile import AOTCompiledFunction
+
+        header, _, data = self.artifact.read_bytes().partition(b"\n")
+        shape = json.loads(header)["call_shape"]
+        compiled = AOTCompiledFunction.deserialize(data, f_globals=_block_call.__globals__)
+        self.compiled, self.call_shape = compiled, shape

@@ -722,6 +722,14 @@ def compile_cache_path(kind: str, profile) -> Path:
     return folder_of(kind, profile) / "compile" / f"{safe}-torch{torch.__version__.split('+')[0]}.bin"
 
 
+def compiled_blocks_path(kind: str, profile) -> Path | None:
+    """Where the blocks compiled ahead of time for this recipe, card and torch are kept (kernels.BlocksAheadOfTime):
+    beside the compile cache, in a prepared folder that is complete; None when there is none to keep them in."""
+    if not (folder_of(kind, profile) / "manifest.json").is_file():
+        return None
+    return compile_cache_path(kind, profile).with_suffix(".blocks")
+
+
 def load_compile_cache(kind: str, profile) -> bool:
     """Load torch.compile's saved artifacts for this recipe and card (before anything compiles); True if found."""
     import torch

@@ -42,8 +42,10 @@ def load(profile: ModelProfile, source_of):
 
     obtained = prepared.obtain("edit", profile, source_of, sys.modules[__name__], prepare=profile.prepare)
     started = time.perf_counter()
-    place(obtained.pipe, profile)
+    decisions = place(obtained.pipe, profile)
     obtained.parts["place"] = round(time.perf_counter() - started, 2)
+    if "compiled_blocks" in decisions:  # how the blocks compiled (ahead of time: loaded, or at the first call)
+        obtained.parts["compiled_blocks"] = decisions["compiled_blocks"]
     return obtained
 
 
@@ -114,6 +116,8 @@ def place(pipe, profile: ModelProfile) -> dict:
     hold them) and a team's split; 5. kernels: attention backend, real-valued RoPE, regional torch.compile."""
     import torch
 
+    from recast.tasks.models.prepared import compiled_blocks_path
+
     pipe.set_progress_bar_config(disable=True)
     device = torch.device(profile.device)
     decisions: dict = {}
@@ -145,7 +149,9 @@ def place(pipe, profile: ModelProfile) -> dict:
     if profile.compile:
         # Regional compilation: the 60 identical blocks compile once; dynamic shapes because prompt lengths
         # (and so sequence lengths) differ between cond, uncond and requests.
-        kernels.compile_blocks(pipe.transformer, fullgraph=parallel.fullgraph(), dynamic=True)
+        decisions["compiled_blocks"] = kernels.compile_blocks(
+            pipe.transformer, fullgraph=parallel.fullgraph(), dynamic=True,
+            ahead_of_time=profile.compile_ahead_of_time, artifact=compiled_blocks_path("edit", profile))
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # a worker pinned to N cores says so there
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     return decisions

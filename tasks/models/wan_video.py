@@ -42,8 +42,10 @@ def load(profile: VideoProfile, source_of):
 
     obtained = prepared.obtain("video", profile, source_of, sys.modules[__name__], prepare=profile.prepare)
     started = time.perf_counter()
-    place(obtained.pipe, profile)
+    decisions = place(obtained.pipe, profile)
     obtained.parts["place"] = round(time.perf_counter() - started, 2)
+    if "compiled_blocks" in decisions:  # how the blocks compiled (ahead of time: loaded, or at the first call)
+        obtained.parts["compiled_blocks"] = decisions["compiled_blocks"]
     return obtained
 
 
@@ -117,6 +119,8 @@ def place(pipe, profile: VideoProfile) -> dict:
     torch.compile)."""
     import torch
 
+    from recast.tasks.models.prepared import compiled_blocks_path
+
     pipe.set_progress_bar_config(disable=True)
     device = torch.device(profile.device)
     # 1. Scheduler
@@ -150,9 +154,10 @@ def place(pipe, profile: VideoProfile) -> dict:
         for expert in experts(pipe):  # the first expert settles it (a fallback is said once), the second follows
             chosen = kernels.use_attention_backend(expert, chosen, device)
         decisions["attention_backend"] = chosen
-    if profile.compile:
-        for expert in experts(pipe):
-            kernels.compile_blocks(expert, fullgraph=parallel.fullgraph())
+    if profile.compile:  # both experts' blocks are alike: one compiled function serves the 80
+        decisions["compiled_blocks"] = kernels.compile_blocks(
+            *experts(pipe), fullgraph=parallel.fullgraph(), ahead_of_time=profile.compile_ahead_of_time,
+            artifact=compiled_blocks_path("video", profile))
     return decisions
 
 

@@ -43,6 +43,9 @@ class ModelProfile(Strict):
                                           "or auto (the fastest SDPA kernel, timed at load); falls back to native "
                                           "SDPA with a warning where the backend is unusable.")
     compile: bool = Field(False, description="torch.compile the transformer's repeated blocks.")
+    compile_ahead_of_time: bool = Field(True, description="With compile: the repeated blocks compile once, ahead of "
+                                        "time, into code kept beside the prepared weights, which a restart loads "
+                                        "without tracing; false (or a GPU team): torch.compile in the process.")
     quantize: Literal["none", "fp8", "int4"] = Field("none", description="Transformer block linears precision.")
     quantize_text_encoder: bool = Field(False, description="Apply `quantize` to the text encoder's LLM too.")
     offload_text_encoder: bool = Field(False, description="Keep the text encoder in CPU RAM, stream it per call.")
@@ -76,6 +79,9 @@ class VideoProfile(Strict):
     attention_backend: str | None = Field(None, description="diffusers attention backend for both experts, e.g. "
                                           "_native_cudnn or sage (falls back to native SDPA where unusable).")
     compile: bool = Field(False, description="torch.compile each expert's repeated blocks.")
+    compile_ahead_of_time: bool = Field(True, description="With compile: the repeated blocks compile once, ahead of "
+                                        "time, into code kept beside the prepared weights, which a restart loads "
+                                        "without tracing; false (or a GPU team): torch.compile in the process.")
     warmup: bool = Field(False, description="Run (and compile) one clip at load, before taking work.")
     prepare: bool = Field(True, description="Keep the recipe's weights prepared (LoRA fused, FP8) in the model "
                           "cache at the first start, and load them at every later one (`recast prepare`).")
