@@ -390,17 +390,16 @@ class BlocksAheadOfTime:
                                     "process", self.failed)
         if self.failed or shape != self.call_shape:
             return self._in_process(index, args, kwargs)
-        try:
-            result = self.compiled(self.blocks[index], *args, **kwargs)
-        except RuntimeError as exc:
-            if not str(exc).startswith("GuardManager check failed"):
-                raise
+        block = self.blocks[index]
+        # The guards checked here, once (the compiled function's own check is off: it raised, with a verbose
+        # reason built at every call, where a call of another shape should just compile in the process).
+        if not self.compiled.guard_check(block, *args, **kwargs):
             if not self.calls["in_process"]:
-                log.warning("a block call the ahead-of-time code does not cover (%s): compiling it in the process",
-                            " ".join(str(exc).split())[:300])
+                log.info("a block call the ahead-of-time code does not cover (another shape?): compiled in the "
+                         "process")
             return self._in_process(index, args, kwargs)
         self.calls["ahead_of_time"] += 1
-        return result
+        return self.compiled(block, *args, **kwargs)
 
     def _in_process(self, index: int, args, kwargs):
         import torch
@@ -419,6 +418,7 @@ class BlocksAheadOfTime:
             # attributes), which no other block or process matches; `unshareable` and _call check what they leave.
             "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe,
         }).aot_compile(((self.blocks[0], *args), kwargs))
+        compiled.disable_guard_check()  # _call checks them
         self.compiled, self.call_shape = compiled, shape
         if self.artifact is not None:
             self._save(compiled, shape)
@@ -433,6 +433,9 @@ class BlocksAheadOfTime:
         staging = self.artifact.with_name(f".{self.artifact.name}.{uuid.uuid4().hex[:8]}.part")
         staging.write_bytes(json.dumps({"call_shape": shape}).encode() + b"\n" + data)
         os.replace(staging, self.artifact)
+        for older in self.artifact.parent.glob("*.blocks"):  # made by other code: never loaded again
+            if older != self.artifact and older.name.rsplit("-", 1)[0] == self.artifact.name.rsplit("-", 1)[0]:
+                older.unlink(missing_ok=True)
 
     def _load(self) -> None:
         from torch._dynamo.aot_compile import AOTCompiledFunction
@@ -440,4 +443,5 @@ class BlocksAheadOfTime:
         header, _, data = self.artifact.read_bytes().partition(b"\n")
         shape = json.loads(header)["call_shape"]
         compiled = AOTCompiledFunction.deserialize(data, f_globals=_block_call.__globals__)
+        compiled.disable_guard_check()  # _call checks them
         self.compiled, self.call_shape = compiled, shape

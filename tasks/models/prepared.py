@@ -80,10 +80,10 @@ class Obtained:
 # Where, and for what
 
 
-def _code_hash() -> str:
+def _code_hash(names=_CODE) -> str:
     here = Path(__file__).parent
     digest = hashlib.sha256()
-    for name in _CODE:
+    for name in names:
         digest.update(name.encode() + b"\0" + (here / name).read_bytes())
     return digest.hexdigest()[:16]
 
@@ -722,12 +722,20 @@ def compile_cache_path(kind: str, profile) -> Path:
     return folder_of(kind, profile) / "compile" / f"{safe}-torch{torch.__version__.split('+')[0]}.bin"
 
 
+# recast's code that a compiled block runs (attention processors and dispatch, RoPE, LoRA branches, FP8 linears):
+# compiled code keeps what that code did when it was traced, so a change to it must not load older code.
+_BLOCK_CODE = {"edit": ("kernels.py", "lora.py", "precision.py", "qwen_edit.py"),
+               "video": ("kernels.py", "lora.py", "precision.py", "wan_video.py")}
+
+
 def compiled_blocks_path(kind: str, profile) -> Path | None:
-    """Where the blocks compiled ahead of time for this recipe, card and torch are kept (kernels.BlocksAheadOfTime):
-    beside the compile cache, in a prepared folder that is complete; None when there is none to keep them in."""
+    """Where the blocks compiled ahead of time for this recipe, card, torch and recast's block code are kept
+    (kernels.BlocksAheadOfTime): beside the compile cache, in a prepared folder that is complete; None when there
+    is none to keep them in. Older ones (other code) are removed when a new one is written."""
     if not (folder_of(kind, profile) / "manifest.json").is_file():
         return None
-    return compile_cache_path(kind, profile).with_suffix(".blocks")
+    cache = compile_cache_path(kind, profile)
+    return cache.with_name(f"{cache.stem}-{_code_hash(_BLOCK_CODE[kind])}.blocks")
 
 
 def load_compile_cache(kind: str, profile) -> bool:

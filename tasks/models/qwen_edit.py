@@ -1,11 +1,10 @@
 """The edit recipe: Qwen-Image-Edit-2511 through diffusers' QwenImageEditPlusPipeline.
 
-    load      prepared weights (recast.tasks.models.prepared), or from_source and kept prepared; then `place`
     from_source  from_pretrained (the tiny folder or the real model), then `transform_weights`:
               the unused LM head dropped, the Lightning LoRA fused into the bf16 weights, FP8 / INT4 linears
     place     the rest of the recipe: mm_token_type_ids forwarded to Qwen2.5-VL, the scheduler, placement (text
               encoder resident or streamed), LoRA branches for per-request adapters, attention backend,
-              real-valued RoPE, regional torch.compile
+              real-valued RoPE, the blocks compiled (ahead of time, or regional torch.compile)
     warm_up   a small edit, so compilation happens before the first request
     run_edit  one edit: a fresh seeded generator, the profile's VAE input area, the request's adapters
 
@@ -19,8 +18,6 @@ import functools
 import inspect
 import logging
 import os
-import sys
-import time
 import types
 
 from recast.tasks.lifecycle import JobCancelled, stop_between_steps
@@ -33,20 +30,6 @@ log = logging.getLogger("recast.models")
 
 # Bump when what transform_weights writes changes (prepared weights made by older code are then made again).
 PREPARED_VERSION = 1
-
-
-def load(profile: ModelProfile, source_of):
-    """The profile's pipeline, placed and ready: from prepared weights when they are there (made from the source
-    and kept for the next start when not); `source_of()` resolves the source only when it is needed."""
-    from recast.tasks.models import prepared
-
-    obtained = prepared.obtain("edit", profile, source_of, sys.modules[__name__], prepare=profile.prepare)
-    started = time.perf_counter()
-    decisions = place(obtained.pipe, profile)
-    obtained.parts["place"] = round(time.perf_counter() - started, 2)
-    if "compiled_blocks" in decisions:  # how the blocks compiled (ahead of time: loaded, or at the first call)
-        obtained.parts["compiled_blocks"] = decisions["compiled_blocks"]
-    return obtained
 
 
 def from_source(profile: ModelProfile, source: str):

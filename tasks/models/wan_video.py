@@ -1,11 +1,10 @@
 """The video recipe: Wan image-to-video through diffusers' WanImageToVideoPipeline (Wan 2.2 A14B: two experts).
 
-    load      prepared weights (recast.tasks.models.prepared), or from_source and kept prepared; then `place`
     from_source  from_pretrained (the tiny folder or the real model), then `transform_weights`: the Lightning
               LoRA pair fused into the bf16 experts, FP8 linears in both experts' blocks and the UMT5 encoder
     place     the scheduler (Lightning: Euler, shift 5, its exact four timesteps), UMT5's 2 GB token table in
               host RAM, placement (resident, or every block streamed from pinned RAM), the VAE's convolutions
-              channels-last on a card, regional torch.compile
+              channels-last on a card, the blocks compiled (ahead of time, or regional torch.compile)
     warm_up   one clip at the profile's size, so compilation happens before the first request
     run_video one clip: uint8 frames (num_frames, height, width, 3)
 
@@ -18,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import sys
-import time
 
 from recast.tasks.lifecycle import JobCancelled, stop_between_steps
 from recast.tasks.models import kernels, lora, parallel, precision
@@ -33,20 +30,6 @@ EXPERTS = ("transformer", "transformer_2")
 
 # Bump when what transform_weights writes changes (prepared weights made by older code are then made again).
 PREPARED_VERSION = 1
-
-
-def load(profile: VideoProfile, source_of):
-    """The profile's pipeline, placed and ready: from prepared weights when they are there (made from the source
-    and kept for the next start when not)."""
-    from recast.tasks.models import prepared
-
-    obtained = prepared.obtain("video", profile, source_of, sys.modules[__name__], prepare=profile.prepare)
-    started = time.perf_counter()
-    decisions = place(obtained.pipe, profile)
-    obtained.parts["place"] = round(time.perf_counter() - started, 2)
-    if "compiled_blocks" in decisions:  # how the blocks compiled (ahead of time: loaded, or at the first call)
-        obtained.parts["compiled_blocks"] = decisions["compiled_blocks"]
-    return obtained
 
 
 def from_source(profile: VideoProfile, source: str):
