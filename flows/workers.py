@@ -60,7 +60,7 @@ def serve_worker(kinds: list[str], gpu: int | None = None, profile_name: str | N
         await worker.astart()
 
     if settings.worker_idle_s > 0:
-        _stop_when_idle(settings.worker_idle_s)
+        _stop_when_idle(settings.worker_idle_s, on_forced_exit=withdraw)
     try:
         _serve_until_stopped(serve)
     finally:
@@ -71,8 +71,14 @@ def serve_worker(kinds: list[str], gpu: int | None = None, profile_name: str | N
 _activity = {"last": 0.0, "running": 0}
 
 
-def _stop_when_idle(idle_s: float) -> None:
-    """Interrupt this worker (as Ctrl-C would: it withdraws and exits 0) once it has had no job for idle_s."""
+# How long an idle worker's orderly stop may take before it exits anyway: on a busy machine one stopped at Ctrl-C
+# and never ended (its event loop waiting on a thread that did not return), a process nobody would stop.
+IDLE_STOP_GRACE_S = 30.0
+
+
+def _stop_when_idle(idle_s: float, on_forced_exit=None, grace_s: float = IDLE_STOP_GRACE_S) -> None:
+    """Interrupt this worker (as Ctrl-C would: it withdraws and exits 0) once it has had no job for idle_s; if it
+    has not ended grace_s later, withdraw (on_forced_exit) and exit without waiting for the rest."""
     import signal
     import threading
 
@@ -84,7 +90,13 @@ def _stop_when_idle(idle_s: float) -> None:
             if _activity["running"] == 0 and time.monotonic() - _activity["last"] > idle_s:
                 print(f"recast worker: no job for {idle_s:.0f} s, stopping", flush=True)
                 os.kill(os.getpid(), signal.SIGINT)
-                return
+                time.sleep(grace_s)  # a daemon thread: it ends here with the process when the stop completes
+                print(f"recast worker: still stopping after {grace_s:.0f} s, exiting now", flush=True)
+                try:
+                    if on_forced_exit is not None:
+                        on_forced_exit()
+                finally:
+                    os._exit(0)
 
     threading.Thread(target=watch, name="recast-worker-idle", daemon=True).start()
 

@@ -229,6 +229,19 @@ def test_the_background_worker_stops_by_itself_when_unused(home, astronaut, tmp_
     assert "no job for 3 s, stopping" in log, log[-2000:]
 
 
+def test_an_idle_worker_whose_stop_hangs_withdraws_and_exits_anyway(tmp_path):
+    """A full suite on a busy 2-core machine once left an idle worker alive after it logged its stop (its event loop
+    waited on a thread that never returned): after a grace period the worker withdraws and exits by itself."""
+    script = ("import signal, time\n"
+              "signal.signal(signal.SIGINT, signal.SIG_IGN)  # an orderly stop that never completes\n"
+              "from recast.flows import workers\n"
+              "workers._stop_when_idle(0.5, on_forced_exit=lambda: print('withdrawn', flush=True), grace_s=1.0)\n"
+              "time.sleep(600)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"the worker did not exit by itself: {proc.returncode} {proc.stderr[-2000:]}"
+    assert "withdrawn" in proc.stdout and "exiting now" in proc.stdout, proc.stdout
+
+
 def test_a_command_for_other_models_stops_the_background_worker_before_loading_its_own(home, astronaut, tmp_path):
     """One background worker at a time: a command whose models it does not serve stops it before loading its own
     (on a GPU, two models would compete for the card's memory), then leaves a worker for its own models."""
