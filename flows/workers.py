@@ -280,7 +280,7 @@ def _team_member(rank: int, kind: str, gpus: list[int], master: str, profile_nam
         await worker.astart()
 
     if settings.worker_idle_s > 0:
-        _stop_when_idle(settings.worker_idle_s)  # the followers end with this rank
+        _stop_when_idle(settings.worker_idle_s, on_forced_exit=parallel.dismiss)  # the followers end with this rank
     try:
         _serve_until_stopped(serve)
     finally:
