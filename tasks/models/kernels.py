@@ -238,13 +238,13 @@ def use_real_rotary(transformer) -> None:
 
 def compile_blocks(*models, fullgraph: bool, dynamic: bool | None = None, ahead_of_time: bool = False,
                    artifact: Path | None = None) -> str:
-    """Regional torch.compile: the models' identical blocks compile once and share the compiled code. Returns how:
-    "ahead of time (loaded | compiled)" or "regional".
+    """The models' identical blocks compile once and share the compiled code. Returns how: "ahead of time (loaded)",
+    "ahead of time (compiled at the first call)" or "regional" (torch.compile's regional compilation).
 
-    ahead_of_time: one block is compiled as a function of its parameters (`BlocksAheadOfTime`), and the compiled
-    code, kept in `artifact` once made, is loaded by the next process without dynamo tracing anything (a restart's
-    trace of the block was ~6 s of its warm-up on an H200). Blocks that cannot share one compiled function, a GPU
-    team or a graph that may break fall back to regional compilation, said in the log.
+    ahead_of_time: one function, compiled from the first block call with the block as an argument
+    (`BlocksAheadOfTime`), serves every block; kept in `artifact` once made, it is loaded by the next process
+    without dynamo tracing anything (a restart's trace of the block was ~6 s of its warm-up on an H200). Blocks that
+    cannot share one compiled function, a GPU team or a graph that may break compile regionally, said in the log.
 
     Python floats reaching a block are specialized (constants guarded by value) instead of traced as symbols. With
     symbols, the tensorify pass gives up on them after the whole block was traced and dynamo restarts its analysis
@@ -331,7 +331,8 @@ def _call_shape(value):
         return (type(value).__name__, tuple(_call_shape(v) for v in value))
     if isinstance(value, dict):
         return ("dict", tuple((k, _call_shape(v)) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))))
-    return repr(value)
+    text = repr(value)
+    return type(value).__qualname__ if " at 0x" in text else text  # an address differs in the next process
 
 
 def _block_call(block, *args, **kwargs):
