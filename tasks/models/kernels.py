@@ -335,6 +335,11 @@ def _call_shape(value):
     return type(value).__qualname__ if " at 0x" in text else text  # an address differs in the next process
 
 
+def _one_line(exc: Exception) -> str:
+    """An exception as one log line (torch's messages span many)."""
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
+
+
 def _block_call(block, *args, **kwargs):
     """What is compiled ahead of time: a call of the block passed in (its parameters are the graph's inputs, read
     from the module given, so one compiled function serves every block of the same structure)."""
@@ -370,7 +375,7 @@ class BlocksAheadOfTime:
                 state = "loaded"
             except Exception as exc:  # noqa: BLE001 - a stale artifact costs a compile, never a failure
                 log.warning("compiled blocks %s not loaded (%s): compiling them again", self.artifact.name,
-                            " ".join(str(exc).split())[:300])
+                            _one_line(exc))
         for index, block in enumerate(self.blocks):
             block._compiled_call_impl = functools.partial(self._call, index)
             block._recast_ahead_of_time = self
@@ -386,7 +391,7 @@ class BlocksAheadOfTime:
                     try:
                         self._compile(args, kwargs, shape)
                     except Exception as exc:  # noqa: BLE001 - the blocks still compile, in the process
-                        self.failed = " ".join(str(exc).split())[:300] or type(exc).__name__
+                        self.failed = _one_line(exc)
                         log.warning("the blocks could not be compiled ahead of time (%s): compiling them in the "
                                     "process", self.failed)
         if self.failed or shape != self.call_shape:
@@ -428,7 +433,7 @@ class BlocksAheadOfTime:
         try:
             data = type(compiled).serialize(compiled).serialized_data
         except Exception as exc:  # noqa: BLE001 - not kept: the next start compiles again, nothing more
-            log.warning("compiled blocks not kept: %s", " ".join(str(exc).split())[:300])
+            log.warning("compiled blocks not kept: %s", _one_line(exc))
             return
         self.artifact.parent.mkdir(parents=True, exist_ok=True)
         staging = self.artifact.with_name(f".{self.artifact.name}.{uuid.uuid4().hex[:8]}.part")
