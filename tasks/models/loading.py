@@ -301,7 +301,7 @@ def get_pipeline(kind: Kind, profile: ModelProfile | VideoProfile, *,
         phase = time.perf_counter()
         cache_loaded = profile.compile and prepared.load_compile_cache(kind, profile)
         compile_cache_s = round(time.perf_counter() - phase, 2)
-        compiles = prepared.inductor_cache_counts()
+        compiles, graphs = prepared.inductor_cache_counts(), prepared.compiled_graphs()
         phase = time.perf_counter()
         decisions = recipe.place(obtained.pipe, profile)
         obtained.parts["place"] = round(time.perf_counter() - phase, 2)
@@ -319,8 +319,8 @@ def get_pipeline(kind: Kind, profile: ModelProfile | VideoProfile, *,
         loaded.phases["warm_up"] = round(time.perf_counter() - phase, 2)
         if profile.compile:
             hits, misses = (after - before for after, before in zip(prepared.inductor_cache_counts(), compiles))
-            ahead_of_time_loaded = "(loaded)" in (compiled_blocks or "")
-            loaded.compile_cache = "hit" if (cache_loaded or ahead_of_time_loaded) and not misses else "miss"
+            traced = prepared.compiled_graphs() > graphs  # none: the blocks' code was loaded, compiled ahead of time
+            loaded.compile_cache = "hit" if (cache_loaded or not traced) and not misses else "miss"
             if misses and obtained.folder is not None:
                 prepared.save_compile_cache(kind, profile)
         loaded.cold_start_s = time.perf_counter() - started

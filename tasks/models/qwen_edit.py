@@ -96,7 +96,7 @@ def place(pipe, profile: ModelProfile) -> dict:
     """Everything of the recipe that is not weights, on a pipeline whose weights are transformed:
     1. correctness: mm_token_type_ids forwarded to Qwen2.5-VL; 2. the profile's scheduler; 3. placement (text
     encoder resident or streamed); 4. LoRA branches for per-request adapters (before compiling, so compiled blocks
-    hold them) and a team's split; 5. kernels: attention backend, real-valued RoPE, regional torch.compile."""
+    hold them) and a team's split; 5. kernels: attention backend, real-valued RoPE, the blocks compiled."""
     import torch
 
     from recast.tasks.models.prepared import compiled_blocks_path
@@ -130,7 +130,7 @@ def place(pipe, profile: ModelProfile) -> dict:
         decisions["attention_backend"] = kernels.use_attention_backend(pipe.transformer, profile.attention_backend,
                                                                        device)
     if profile.compile:
-        # Regional compilation: the 60 identical blocks compile once; dynamic shapes because prompt lengths
+        # The 60 identical blocks compile once (ahead of time, or regionally); dynamic shapes because prompt lengths
         # (and so sequence lengths) differ between cond, uncond and requests.
         decisions["compiled_blocks"] = kernels.compile_blocks(
             pipe.transformer, fullgraph=parallel.fullgraph(), dynamic=True,

@@ -98,8 +98,8 @@ def place(pipe, profile: VideoProfile) -> dict:
     """Everything of the recipe that is not weights: 1. the scheduler (Lightning: Euler, shift 5, its exact four
     timesteps); 2. UMT5's 2 GB token table kept in host RAM; 3. placement: everything resident, or (`offload:
     stream`) every block kept in pinned RAM and streamed to the card a block at a time on a side stream; 4. a
-    team's split; 5. the attention backend, and each expert's 40 identical blocks compiled once (regional
-    torch.compile)."""
+    team's split; 5. the attention backend, and both experts' 80 identical blocks compiled once (ahead of time,
+    or regional torch.compile)."""
     import torch
 
     from recast.tasks.models.prepared import compiled_blocks_path
