@@ -367,6 +367,8 @@ def test_a_prepared_folders_key_is_found_without_importing_diffusers_or_transfor
 _AOT_START = """
 import json, sys
 import numpy as np
+import torch._dynamo.config
+torch._dynamo.config.enable_aot_compile = False  # as torch 2.11 (the cards' torch) ships it; 2.14 turns it on
 from PIL import Image
 from recast.tasks.models import loading, prepared, qwen_edit
 from recast.tasks.settings import get_settings

@@ -419,11 +419,14 @@ class BlocksAheadOfTime:
     def _compile(self, args, kwargs, shape: str) -> None:
         import torch
 
-        compiled = torch.compile(_block_call, fullgraph=True, dynamic=self.dynamic, options={
-            # Only tensor, shape and global-state guards: the rest would pin block 0 itself (its identity, its
-            # attributes), which no other block or process matches; `unshareable` and _call check what they leave.
-            "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe,
-        }).aot_compile(((self.blocks[0], *args), kwargs))
+        # torch 2.11 (the cards' torch) has `aot_compile` behind this switch, off by default; torch 2.14 has it on.
+        with torch._dynamo.config.patch(enable_aot_compile=True):
+            compiled = torch.compile(_block_call, fullgraph=True, dynamic=self.dynamic, options={
+                # Only tensor, shape and global-state guards: the rest would pin block 0 itself (its identity, its
+                # attributes), which no other block or process matches; `unshareable` and _call check what they
+                # leave.
+                "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe,
+            }).aot_compile(((self.blocks[0], *args), kwargs))
         compiled.disable_guard_check()  # _call checks them
         self.compiled, self.call_shape = compiled, shape
         if self.artifact is not None:
@@ -448,6 +451,12 @@ class BlocksAheadOfTime:
 
         header, _, data = self.artifact.read_bytes().partition(b"\n")
         shape = json.loads(header)["call_shape"]
-        compiled = AOTCompiledFunction.deserialize(data, f_globals=_block_call.__globals__)
+        import torch
+
+        # Loading rebuilds the tensor guards in the current autograd mode: outside inference mode, torch 2.11's
+        # guards then expect tensors that carry ADInplaceOrView, and every call (all run in inference mode, as
+        # the compile did) failed them and compiled in the process. torch 2.14's do not depend on it.
+        with torch.inference_mode():
+            compiled = AOTCompiledFunction.deserialize(data, f_globals=_block_call.__globals__)
         compiled.disable_guard_check()  # _call checks them
         self.compiled, self.call_shape = compiled, shape
