@@ -447,12 +447,11 @@ class BlocksAheadOfTime:
                 older.unlink(missing_ok=True)
 
     def _load(self) -> None:
+        import torch
         from torch._dynamo.aot_compile import AOTCompiledFunction
 
         header, _, data = self.artifact.read_bytes().partition(b"\n")
         shape = json.loads(header)["call_shape"]
-        import torch
-
         # Loading rebuilds the tensor guards in the current autograd mode: outside inference mode, torch 2.11's
         # guards then expect tensors that carry ADInplaceOrView, and every call (all run in inference mode, as
         # the compile did) failed them and compiled in the process. torch 2.14's do not depend on it.
