@@ -9,8 +9,9 @@ through the deployment/API path as UI users would:
 
 Each row: requests per hour (completed / wall, from the first submission to the last end), `busy_fraction`
 (the model calls' seconds, from the manifests, over that wall time), p50/p95 end-to-end latency (each flow run's
-creation to its end, from the API), the card's peak memory (nvidia-smi, sampled every second) and the worker's
-cold start. Rows go into docs/performance.json with stage "stream".
+creation to its end, from the API), the card's peak memory (nvidia-smi, sampled every second), the worker's
+cold start, and `cpu_s`: the CPU seconds the stream cost the Prefect server, the process worker, the flow-run
+processes, the task worker and the whole host (where a stream waits when the card does not). Rows go into docs/performance.json with stage "stream".
 
     python gpu_stream.py --work /dev/shm/stream --clips 8 --edits 32 --out ../docs/performance.json
     python gpu_stream.py --tiny --work /tmp/stream --clips 2 --edits 3      # the code path on the CPU
@@ -54,6 +55,36 @@ class GpuMemory(threading.Thread):
                 self.peak_mib = max(self.peak_mib, max(int(v) for v in out.split()))
             except (OSError, ValueError, subprocess.TimeoutExpired):
                 return
+
+
+def cpu_seconds(root_pid: int) -> dict:
+    """CPU seconds (user + system) so far of each service `recast serve` started, by role, and of the whole host.
+
+    Flow-run processes are children of Prefect's process worker: once reaped, their time is in its children's
+    times, so `flow_runs` counts the finished ones. The difference of two readings is what a stream cost each role.
+    """
+    import psutil
+
+    roles = {"server": "server start", "flow_worker": "worker start", "task_worker": "recast.flows.cli worker",
+             "gallery": "recast.flows.cli gallery"}
+    seconds = dict.fromkeys([*roles, "flow_runs"], 0.0)
+    try:
+        processes = psutil.Process(root_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        processes = []
+    for process in processes:
+        try:
+            command, times = " ".join(process.cmdline()), process.cpu_times()
+        except psutil.Error:
+            continue
+        role = next((name for name, text in roles.items() if text in command), None)
+        if role:
+            seconds[role] += times.user + times.system
+        if role == "flow_worker":
+            seconds["flow_runs"] += times.children_user + times.children_system
+    host = psutil.cpu_times()
+    seconds["host"] = host.user + host.system
+    return seconds
 
 
 def submit_and_wait(requests: list[dict], job_env: dict | None, timeout: float) -> list:
@@ -169,8 +200,12 @@ def main() -> int:
             requests = [{"images": [str(photo)], "prompts": [PROMPTS[i % len(PROMPTS)]], "seeds": [100 + i],
                          "profile": edit_profile, "video_profile": video_profile} for i in range(count)]
             memory.peak_mib = 0
+            cpu_before = cpu_seconds(serve.pid)
             runs = submit_and_wait(requests, job_env, args.timeout)
-            row = stream_row(name, runs, manifests(store, runs), memory.peak_mib, card, dict(common_extra))
+            cpu_after = cpu_seconds(serve.pid)
+            cpu = {role: round(cpu_after[role] - cpu_before[role], 1) for role in cpu_before}
+            row = stream_row(name, runs, manifests(store, runs), memory.peak_mib, card,
+                             dict(common_extra, cpu_s=cpu, host_cpus=os.cpu_count()))
             rows.append(row)
             common.record(row, args.results, args.out)
     finally:
