@@ -15,6 +15,12 @@ processes, the task worker and the whole host (where a stream waits when the car
 
     python gpu_stream.py --work /dev/shm/stream --clips 8 --edits 32 --out ../docs/performance.json
     python gpu_stream.py --tiny --work /tmp/stream --clips 2 --edits 3      # the code path on the CPU
+
+`--edits-only` serves `lightning` beside the tiny video profile (on the CPU: no Wan weights to prepare) and runs
+no clips; `--compare-poll S` runs the edit stream a second time with the flows asking the server every S seconds
+(`worker_poll_s`), so the two rows compare within one run:
+
+    python gpu_stream.py --work /dev/shm/stream --edits-only --edits 32 --compare-poll 0.5
 """
 
 from __future__ import annotations
@@ -124,6 +130,7 @@ def stream_row(name: str, runs, found: list[dict], peak_mib: int, card: str, ext
         model_s += sum(e["seconds"] or 0.0 for e in manifest["edits"] if e["status"] == "succeeded")
         model_s += sum(c.get("seconds") or 0.0 for c in (manifest.get("animation") or {}).get("clips", []))
     per_hour = round(len(completed) / wall * 3600, 1) if wall else None
+    extra = dict(extra, created_span_s=round(max(starts) - min(starts), 2))  # how long submitting them all took
     return dict(stage="stream", profile=name, card=card, gpus=1, requests=len(runs), completed=len(completed),
                 wall_s=round(wall, 2) if wall else None, per_hour=per_hour, model_seconds=round(model_s, 2),
                 busy_fraction=round(model_s / wall, 3) if wall else None,
@@ -139,6 +146,9 @@ def main() -> int:
     ap.add_argument("--clips", type=int, default=8)
     ap.add_argument("--edits", type=int, default=32)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--edits-only", action="store_true", help="no clips; the worker's video stage is the tiny profile")
+    ap.add_argument("--compare-poll", type=float, default=None,
+                    help="run the edit stream again with worker_poll_s set to this (seconds)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--results", default=None, help="also write each row here as it ends (JSON lines)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds a stream may take")
@@ -156,6 +166,8 @@ def main() -> int:
 
     port = free_port()
     edit_profile, video_profile = ("tiny", "tiny") if args.tiny else ("lightning", "wan22-lightning")
+    if args.edits_only:
+        video_profile, args.clips = "tiny", 0
     env = dict(os.environ, RECAST_CACHE_DIR=str(work / "cache"), RECAST_STORAGE_ROOT=str(store),
                PREFECT_HOME=str(work / "prefect"), RECAST_SERVE_PORT=str(port), PYTHONUNBUFFERED="1",
                PREFECT_API_URL=f"http://127.0.0.1:{port}/api", **cold_start.lora_env(work, args.tiny))
@@ -163,6 +175,8 @@ def main() -> int:
     prepared = []
     if not args.tiny:  # the worker starts from prepared weights (made from random full-size weights, once)
         for kind, profile in (("edit", edit_profile), ("video", video_profile)):
+            if profile == "tiny":
+                continue
             started = time.perf_counter()
             cold_start._make_prepared_process(env, kind, profile, work, args.tiny, log)
             prepared.append({"kind": kind, "profile": profile, "seconds": round(time.perf_counter() - started, 1)})
@@ -193,7 +207,11 @@ def main() -> int:
         os.environ.update({k: v for k, v in env.items() if k.startswith(("PREFECT_", "RECAST_"))})
         common_extra = dict(run=run, serve_ready_s=ready_s, worker_cold_start_s=cold, prepared=prepared,
                             edit_profile=edit_profile, video_profile=video_profile)
-        streams = [("stream-clips", args.clips, None), ("stream-edits", args.edits, {"RECAST_HANDOFF__MODE": "none"})]
+        no_clip = {"RECAST_HANDOFF__MODE": "none"}
+        streams = [("stream-clips", args.clips, None), ("stream-edits", args.edits, no_clip)]
+        if args.compare_poll:
+            streams.append((f"stream-edits-poll-{args.compare_poll:g}s", args.edits,
+                            dict(no_clip, RECAST_WORKER_POLL_S=str(args.compare_poll))))
         for name, count, job_env in streams:
             if not count:
                 continue
@@ -204,8 +222,9 @@ def main() -> int:
             runs = submit_and_wait(requests, job_env, args.timeout)
             cpu_after = cpu_seconds(serve.pid)
             cpu = {role: round(cpu_after[role] - cpu_before[role], 1) for role in cpu_before}
+            poll_s = (job_env or {}).get("RECAST_WORKER_POLL_S", "default")
             row = stream_row(name, runs, manifests(store, runs), memory.peak_mib, card,
-                             dict(common_extra, cpu_s=cpu, host_cpus=os.cpu_count()))
+                             dict(common_extra, cpu_s=cpu, host_cpus=os.cpu_count(), worker_poll_s=poll_s))
             rows.append(row)
             common.record(row, args.results, args.out)
     finally:

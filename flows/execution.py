@@ -37,8 +37,12 @@ from recast.tasks.settings import get_settings
 from recast.tasks.version import code_version
 
 log = logging.getLogger("recast.execution")
+# A flow looks for its jobs' result files every POLL_S (a finished job shows there first), and asks the Prefect
+# server for their states (and reads their heartbeats) only every `worker_poll_s` (2 s): every flow run of a stream
+# polls the one shared server. What the server's states tell (a failed, lost or never-taken task run) is the slow
+# path; a second more to notice it costs nobody a result.
 POLL_S = 0.5
-MISSING_POLLS = 4  # polls in a row (2 s) at which the server does not know a task run before it counts as gone
+MISSING_POLLS = 3  # server looks in a row (6 s) at which it does not know a task run before it counts as gone
 
 Chain = Generator[Any, "Outcome", Any]
 
@@ -74,6 +78,7 @@ def run_chains(task: Task, chains: Iterable[Chain], stage: str = "edit") -> Iter
     limit = settings.edit_timeout_s if stage == "edit" else settings.animate_timeout_s
     queue = list(enumerate(chains))
     active: list[_Watch] = []
+    last_look = float("-inf")  # when the server was last asked
     while queue or active:
         while queue and len(active) < settings.worker_in_flight:
             index, chain = queue.pop(0)
@@ -83,8 +88,7 @@ def run_chains(task: Task, chains: Iterable[Chain], stage: str = "edit") -> Iter
                 yield index, done.value
                 continue
             active.append(_Watch(task, index, chain, job, limit, settings))
-        if any(watch.needs_api() for watch in active):
-            _poll_all(active)
+        last_look = _look(active, last_look, settings.worker_poll_s)
         for watch in list(active):
             if watch.outcome is None:
                 continue
@@ -147,8 +151,9 @@ def _adopted(task: Task, job: Any) -> Outcome | None:
     settings = get_settings()
     limit = settings.edit_timeout_s if getattr(job, "edit_id", None) else settings.animate_timeout_s
     watch = _Watch(task, 0, None, job, limit, settings, may_submit=False)
+    last_look = float("-inf")
     while watch.outcome is None:
-        _poll_all([watch])
+        last_look = _look([watch], last_look, settings.worker_poll_s)
         if watch.outcome is None:
             time.sleep(POLL_S)
     return watch.outcome
@@ -185,8 +190,12 @@ class _Watch:
             elif may_submit:
                 self._submit()
 
-    def needs_api(self) -> bool:
-        return self.outcome is None
+    def look_for_result(self) -> None:
+        """The cheap look, between two of the server's: has the job's result been written?"""
+        if self.outcome is None and self.run_id is not None:
+            found = lifecycle.read_result(self.job.control)
+            if found is not None:
+                self._finish("completed", self.result_type.model_validate(found[0]), found[1])
 
     def _submit(self) -> None:
         try:
@@ -281,6 +290,19 @@ class _Watch:
             self.outcome = Outcome(message=f"no worker finished it in {len(self.submissions)} submissions (last: "
                                    f"{reason}); is `recast worker` running against this server, with the same code "
                                    "version?", submissions=self.submissions)
+
+
+def _look(watches: list[_Watch], last_look: float, poll_s: float) -> float:
+    """Look at every job still running: the server too when poll_s has passed since last_look (when it was last
+    asked; returned, updated), else only their result files."""
+    if not any(watch.outcome is None for watch in watches):
+        return last_look
+    if time.monotonic() - last_look >= poll_s:
+        _poll_all(watches)
+        return time.monotonic()
+    for watch in watches:
+        watch.look_for_result()
+    return last_look
 
 
 def _poll_all(watches: list[_Watch]) -> None:

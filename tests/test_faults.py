@@ -330,3 +330,47 @@ def test_a_given_up_job_stops_at_its_next_step_and_a_cancelled_one_never_starts(
         edit_image(running)
     flow_side.join(timeout=5)
     assert not storage.exists(running.output), "a stopped job writes no output"
+
+
+def test_a_waiting_flow_asks_the_server_every_api_poll_and_sees_a_result_at_the_next_look(memory_root, monkeypatch):
+    """In a stream, every flow run waiting on a task worker polls the one Prefect server: on an H200 host 32 edit
+    runs asking it twice a second each cost more CPU than the card's work took. A waiting flow asks the server once
+    per `worker_poll_s`, and still sees its job's result (written by the worker) at its next cheap look, POLL_S later.
+    Run on a clock of its own (each sleep advances it), against the session's real server; no worker serves the
+    job's profile, so only the result file can end the wait."""
+    import types
+
+    from recast.flows import execution
+    from recast.tasks import lifecycle, storage
+    from recast.tasks.edit import edit_task_for
+    from recast.tasks.schemas.jobs import EditJob, EditResult
+    from recast.tasks.settings import get_settings
+
+    monkeypatch.setenv("RECAST_EXECUTION", "workers")  # settings are re-read when a RECAST_* variable changes
+    job = EditJob(edit_id="e1", profile="nobody-serves-this", inputs=[storage.join(memory_root, "in.png")],
+                  prompt="x", negative_prompt=" ", seed=1, steps=1, true_cfg_scale=1.0, width=64, height=64,
+                  output=storage.join(memory_root, "e1.png"), control=storage.join(memory_root, ".jobs", "e1"))
+    written_at = 30.0  # on the flow's clock: the worker writes the result then
+    clock = {"now": 0.0}
+
+    def sleep(seconds: float) -> None:
+        before, clock["now"] = clock["now"], clock["now"] + seconds
+        if before < written_at <= clock["now"]:
+            lifecycle.record_result(job, EditResult(edit_id="e1", output=job.output, seed=1, width=64, height=64,
+                                                    seconds=1.0, cache_hit=False, cold_start_s=0.0))
+
+    monkeypatch.setattr(execution, "time", types.SimpleNamespace(monotonic=lambda: clock["now"], sleep=sleep,
+                                                                 time=time.time))
+    server_looks = []
+    real_poll_all = execution._poll_all
+    monkeypatch.setattr(execution, "_poll_all", lambda watches: (server_looks.append(clock["now"]),
+                                                                 real_poll_all(watches)))
+    outcome = execution.run_task(edit_task_for(job.profile), job)
+    assert outcome.result is not None and outcome.result.output == job.output, \
+        f"the flow did not take the result the worker wrote: {outcome}"
+    most = written_at / get_settings().worker_poll_s + 2
+    assert len(server_looks) <= most, (f"the flow asked the server {len(server_looks)} times in {written_at:.0f} s "
+                                       f"of waiting (at most {most:.0f} expected): at {server_looks}")
+    assert clock["now"] - written_at <= execution.POLL_S + 1e-9, (
+        f"the result written at {written_at:.1f} s was seen only at {clock['now']:.1f} s: the flow waited for its "
+        f"next look at the server instead of reading the result file")

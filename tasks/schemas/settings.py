@@ -152,6 +152,9 @@ class Settings(Strict):
     worker_heartbeat_s: float = Field(5, gt=0, description="How often a job on a worker writes its heartbeat.")
     worker_heartbeat_timeout_s: float = Field(30, gt=0, description="A running job whose worker has not beaten for "
                                               "this long is taken for lost (the worker died) and submitted again.")
+    worker_poll_s: float = Field(2, gt=0, le=60, description="How often a run waiting on task workers asks the "
+                                 "Prefect server about its jobs (their states; their heartbeats): every waiting run "
+                                 "asks the one server. Their result files are read every 0.5 s regardless.")
     worker_resubmits: int = Field(2, ge=0, le=10, description="Resubmissions of a lost or timed-out job.")
     worker_in_flight: int = Field(8, ge=1, le=256, description="Jobs of one run submitted to task workers at once.")
     worker_wait_timeout_s: float = Field(600, gt=0, description="A job no worker has taken after this long fails, "
