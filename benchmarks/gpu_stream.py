@@ -138,6 +138,10 @@ def stream_row(name: str, runs, found: list[dict], peak_mib: int, card: str, ext
         model_s += sum(c.get("seconds") or 0.0 for c in (manifest.get("animation") or {}).get("clips", []))
     per_hour = round(len(completed) / wall * 3600, 1) if wall else None
     extra = dict(extra, created_span_s=round(max(starts) - min(starts), 2))  # how long submitting them all took
+    failed = [f"{run.name}: {run.state.type.value if run.state else 'no state'}: {(run.state and run.state.message) or ''}"
+              for run in runs if run not in completed]
+    if failed:
+        extra["not_completed"] = failed[:8]
     return dict(stage="stream", profile=name, card=card, gpus=1, requests=len(runs), completed=len(completed),
                 wall_s=round(wall, 2) if wall else None, per_hour=per_hour, model_seconds=round(model_s, 2),
                 busy_fraction=round(model_s / wall, 3) if wall else None,
