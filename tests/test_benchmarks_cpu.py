@@ -45,6 +45,9 @@ def test_stream_benchmark_serves_runs_through_the_deployment_on_one_worker(tmp_p
     for row in rows.values():
         assert row["completed"] == row["requests"] == 2, row
         assert 0 < row["busy_fraction"] < 1 and row["latency_p50_s"] > 0 and row["per_hour"] > 0, row
+        # Where a stream's time went when the card waited: each service's CPU seconds, found by its command line.
+        assert all(row["cpu_s"][role] > 0 for role in ("server", "flow_runs", "task_worker", "host")), \
+            f"the stream's CPU seconds by role were not all found: {row['cpu_s']}"
     assert set(rows["stream-clips"]["worker_cold_start_s"]) == {"edit", "video"}, "one worker serves both stages"
 
 
