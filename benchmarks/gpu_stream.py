@@ -11,7 +11,8 @@ Each row: requests per hour (completed / wall, from the first submission to the 
 (the model calls' seconds, from the manifests, over that wall time), p50/p95 end-to-end latency (each flow run's
 creation to its end, from the API), the card's peak memory (nvidia-smi, sampled every second), the worker's
 cold start, and `cpu_s`: the CPU seconds the stream cost the Prefect server, the process worker, the flow-run
-processes, the task worker and the whole host (where a stream waits when the card does not). Rows go into docs/performance.json with stage "stream".
+processes, the task worker and the whole host (where a stream waits when the card does not). Rows go into
+docs/performance.json with stage "stream".
 
     python gpu_stream.py --work /dev/shm/stream --clips 8 --edits 32 --out ../docs/performance.json
     python gpu_stream.py --tiny --work /tmp/stream --clips 2 --edits 3      # the code path on the CPU
@@ -96,13 +97,12 @@ def cpu_seconds(root_pid: int) -> dict:
 def submit_and_wait(requests: list[dict], job_env: dict | None, timeout: float) -> list:
     """Create every run at once through the edit deployment, then wait for all; their final flow runs."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.deployments import run_deployment
 
     variables = {"env": job_env} if job_env else None
     ids = [run_deployment("recast-edit/edit", parameters={"request": request}, timeout=0, job_variables=variables).id
            for request in requests]
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
     deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
         while True:
@@ -138,7 +138,7 @@ def stream_row(name: str, runs, found: list[dict], peak_mib: int, card: str, ext
         model_s += sum(c.get("seconds") or 0.0 for c in (manifest.get("animation") or {}).get("clips", []))
     per_hour = round(len(completed) / wall * 3600, 1) if wall else None
     extra = dict(extra, created_span_s=round(max(starts) - min(starts), 2))  # how long submitting them all took
-    failed = [f"{run.name}: {run.state.type.value if run.state else 'no state'}: {(run.state and run.state.message) or ''}"
+    failed = [f"{run.name}: {run.state.type.value}: {run.state.message or ''}" if run.state else f"{run.name}: no state"
               for run in runs if run not in completed]
     if failed:
         extra["not_completed"] = failed[:8]

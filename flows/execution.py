@@ -42,7 +42,7 @@ log = logging.getLogger("recast.execution")
 # polls the one shared server. What the server's states tell (a failed, lost or never-taken task run) is the slow
 # path; a second more to notice it costs nobody a result.
 POLL_S = 0.5
-MISSING_POLLS = 3  # server looks in a row (6 s) at which it does not know a task run before it counts as gone
+MISSING_POLLS = 3  # server looks in a row (6 s at worker_poll_s 2) not knowing a task run before it counts as gone
 
 Chain = Generator[Any, "Outcome", Any]
 

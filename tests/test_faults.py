@@ -332,7 +332,8 @@ def test_a_given_up_job_stops_at_its_next_step_and_a_cancelled_one_never_starts(
     assert not storage.exists(running.output), "a stopped job writes no output"
 
 
-def test_a_waiting_flow_asks_the_server_every_api_poll_and_sees_a_result_at_the_next_look(memory_root, monkeypatch):
+def test_a_waiting_flow_asks_the_server_only_every_worker_poll_s_and_sees_a_result_at_its_next_look(memory_root,
+                                                                                                     monkeypatch):
     """In a stream, every flow run waiting on a task worker polls the one Prefect server: on an H200 host 32 edit
     runs asking it twice a second each cost more CPU than the card's work took. A waiting flow asks the server once
     per `worker_poll_s`, and still sees its job's result (written by the worker) at its next cheap look, POLL_S later.
