@@ -218,9 +218,9 @@ class _Watch:
         if self.run_id is None:
             self._submit()
             return
-        found = lifecycle.read_result(self.job.control)
-        if found is not None:
-            return self._finish("completed", self.result_type.model_validate(found[0]), found[1])
+        self.look_for_result()
+        if self.outcome is not None:
+            return
         if not api_ok:
             self.server_went_away = True
             return
