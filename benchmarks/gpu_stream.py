@@ -22,11 +22,16 @@ no clips; `--compare-poll S` runs the edit stream a second time with the flows a
 (`worker_poll_s`), so the two rows compare within one run:
 
     python gpu_stream.py --work /dev/shm/stream --edits-only --edits 32 --compare-poll 0.5
+
+`--databases postgres,sqlite` serves and streams once per database, in that order (the Prefect server on
+PostgreSQL through deployments/postgres.sh, then on SQLite as `recast serve` runs by default): under a burst of
+run starts SQLite answers colliding writes with 503, which Prefect's client retries after 2..32 s.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -94,6 +99,13 @@ def cpu_seconds(root_pid: int) -> dict:
     return seconds
 
 
+def retryable_errors() -> int:
+    """How many requests the Prefect server has answered 503 so far (a database busy: SQLite's "database is
+    locked"), which Prefect's client retries after 2, 4, 8, 16, 32 s; logged with PREFECT_SERVER_LOG_RETRYABLE_ERRORS."""
+    log = REPO / "logs" / "server.log"
+    return log.read_text(errors="replace").count("Encountered retryable exception in request") if log.is_file() else 0
+
+
 def submit_and_wait(requests: list[dict], job_env: dict | None, timeout: float) -> list:
     """Create every run at once through the edit deployment, then wait for all; their final flow runs."""
     from prefect.client.orchestration import get_client
@@ -151,6 +163,73 @@ def stream_row(name: str, runs, found: list[dict], peak_mib: int, card: str, ext
                 gpu_peak_gib=round(peak_mib / 1024, 2) if peak_mib else None, seconds=wall, **extra)
 
 
+def serve_and_stream(args, database: str, env: dict, work: Path, photo: Path, memory: GpuMemory, card: str,
+                     run: dict, prepared: list, edit_profile: str, video_profile: str) -> list[dict]:
+    """`recast serve` with the Prefect server on `database` (its own Prefect home), the streams, then stop it."""
+    import common
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from recast.flows.local_server import free_port
+
+    port = free_port()
+    env = dict(env, PREFECT_HOME=str(work / f"prefect-{database}"), RECAST_SERVE_PORT=str(port),
+               PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+               RECAST_SERVE_DATABASE="postgres" if database == "postgres" else "",
+               PREFECT_SERVER_LOG_RETRYABLE_ERRORS="true")  # each 503 it answers, in logs/server.log
+    store = Path(env["RECAST_STORAGE_ROOT"])
+    serve_started = time.monotonic()
+    serve = subprocess.Popen([sys.executable, "-m", "recast.flows.cli", "serve", "--profile", edit_profile,
+                              "--video-profile", video_profile, "--one-worker"], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    rows = []
+    stack = contextlib.ExitStack()
+    try:
+        banner = ""
+        while "recast is serving" not in banner:
+            line = serve.stdout.readline()
+            if not line:
+                raise RuntimeError(f"recast serve ended before serving: {banner[-2000:]}")
+            banner += line
+        ready_s = round(time.monotonic() - serve_started, 1)
+        worker_log = (REPO / "logs" / "worker.log").read_text()
+        cold = {kind: float(seconds) for kind, seconds in
+                re.findall(r"recast worker: (edit|video) \S+ .*? after a ([\d.]+)s cold start", worker_log)}
+        os.environ.update({k: v for k, v in env.items() if k.startswith(("PREFECT_", "RECAST_"))})
+        # Prefect reads its settings once per process: this serve's API is another than the last one's.
+        stack.enter_context(temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}))
+        common_extra = dict(run=run, serve_ready_s=ready_s, worker_cold_start_s=cold, prepared=prepared,
+                            edit_profile=edit_profile, video_profile=video_profile, database=database)
+        no_clip = {"RECAST_HANDOFF__MODE": "none"}
+        streams = [("stream-clips", args.clips, None), ("stream-edits", args.edits, no_clip)]
+        if args.compare_poll:
+            streams.append((f"stream-edits-poll-{args.compare_poll:g}s", args.edits,
+                            dict(no_clip, RECAST_WORKER_POLL_S=str(args.compare_poll))))
+        for name, count, job_env in streams:
+            if not count:
+                continue
+            requests = [{"images": [str(photo)], "prompts": [PROMPTS[i % len(PROMPTS)]], "seeds": [100 + i],
+                         "profile": edit_profile, "video_profile": video_profile} for i in range(count)]
+            memory.peak_mib = 0
+            cpu_before, busy_before = cpu_seconds(serve.pid), retryable_errors()
+            runs = submit_and_wait(requests, job_env, args.timeout)
+            cpu_after = cpu_seconds(serve.pid)
+            cpu = {role: round(cpu_after[role] - cpu_before[role], 1) for role in cpu_before}
+            poll_s = (job_env or {}).get("RECAST_WORKER_POLL_S", "default")
+            row = stream_row(name, runs, manifests(store, runs), memory.peak_mib, card,
+                             dict(common_extra, cpu_s=cpu, host_cpus=os.cpu_count(), worker_poll_s=poll_s,
+                                  variant=database, server_503s=retryable_errors() - busy_before))
+            rows.append(row)
+            common.record(row, args.results, args.out)
+    finally:
+        stack.close()
+        os.killpg(serve.pid, signal.SIGINT)
+        try:
+            serve.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", required=True, help="model cache, storage root, Prefect home, logs")
@@ -160,6 +239,9 @@ def main() -> int:
     ap.add_argument("--edits-only", action="store_true", help="no clips; the worker's video stage is the tiny profile")
     ap.add_argument("--compare-poll", type=float, default=None,
                     help="run the edit stream again with worker_poll_s set to this (seconds)")
+    ap.add_argument("--databases", default="sqlite",
+                    help="the Prefect server's database, one whole serve-and-stream per entry, in this order: "
+                         "sqlite (recast serve's default), postgres (deployments/postgres.sh), e.g. postgres,sqlite")
     ap.add_argument("--out", default=None)
     ap.add_argument("--results", default=None, help="also write each row here as it ends (JSON lines)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds a stream may take")
@@ -173,15 +255,16 @@ def main() -> int:
     work = Path(args.work)
     store = work / "store"
     (store / "uploads").mkdir(parents=True, exist_ok=True)
-    from recast.flows.local_server import free_port
-
-    port = free_port()
+    databases = args.databases.split(",")
+    unknown = sorted(set(databases) - {"sqlite", "postgres"})
+    if unknown:
+        ap.error(f"--databases {args.databases!r}: {', '.join(unknown)} is not a database this benchmark starts; "
+                 f"use sqlite, postgres or both, comma-separated")
     edit_profile, video_profile = ("tiny", "tiny") if args.tiny else ("lightning", "wan22-lightning")
     if args.edits_only:
         video_profile, args.clips = "tiny", 0
     env = dict(os.environ, RECAST_CACHE_DIR=str(work / "cache"), RECAST_STORAGE_ROOT=str(store),
-               PREFECT_HOME=str(work / "prefect"), RECAST_SERVE_PORT=str(port), PYTHONUNBUFFERED="1",
-               PREFECT_API_URL=f"http://127.0.0.1:{port}/api", **cold_start.lora_env(work, args.tiny))
+               PYTHONUNBUFFERED="1", **cold_start.lora_env(work, args.tiny))
     log = work / "stream.log"
     prepared = []
     if not args.tiny:  # the worker starts from prepared weights (made from random full-size weights, once)
@@ -199,52 +282,13 @@ def main() -> int:
     memory = GpuMemory()
     if not args.tiny:
         memory.start()
-    serve_started = time.monotonic()
-    serve = subprocess.Popen([sys.executable, "-m", "recast.flows.cli", "serve", "--profile", edit_profile,
-                              "--video-profile", video_profile, "--one-worker"], cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     rows = []
     try:
-        banner = ""
-        while "recast is serving" not in banner:
-            line = serve.stdout.readline()
-            if not line:
-                raise RuntimeError(f"recast serve ended before serving: {banner[-2000:]}")
-            banner += line
-        ready_s = round(time.monotonic() - serve_started, 1)
-        worker_log = (REPO / "logs" / "worker.log").read_text()
-        cold = {kind: float(seconds) for kind, seconds in
-                re.findall(r"recast worker: (edit|video) \S+ .*? after a ([\d.]+)s cold start", worker_log)}
-        os.environ.update({k: v for k, v in env.items() if k.startswith(("PREFECT_", "RECAST_"))})
-        common_extra = dict(run=run, serve_ready_s=ready_s, worker_cold_start_s=cold, prepared=prepared,
-                            edit_profile=edit_profile, video_profile=video_profile)
-        no_clip = {"RECAST_HANDOFF__MODE": "none"}
-        streams = [("stream-clips", args.clips, None), ("stream-edits", args.edits, no_clip)]
-        if args.compare_poll:
-            streams.append((f"stream-edits-poll-{args.compare_poll:g}s", args.edits,
-                            dict(no_clip, RECAST_WORKER_POLL_S=str(args.compare_poll))))
-        for name, count, job_env in streams:
-            if not count:
-                continue
-            requests = [{"images": [str(photo)], "prompts": [PROMPTS[i % len(PROMPTS)]], "seeds": [100 + i],
-                         "profile": edit_profile, "video_profile": video_profile} for i in range(count)]
-            memory.peak_mib = 0
-            cpu_before = cpu_seconds(serve.pid)
-            runs = submit_and_wait(requests, job_env, args.timeout)
-            cpu_after = cpu_seconds(serve.pid)
-            cpu = {role: round(cpu_after[role] - cpu_before[role], 1) for role in cpu_before}
-            poll_s = (job_env or {}).get("RECAST_WORKER_POLL_S", "default")
-            row = stream_row(name, runs, manifests(store, runs), memory.peak_mib, card,
-                             dict(common_extra, cpu_s=cpu, host_cpus=os.cpu_count(), worker_poll_s=poll_s))
-            rows.append(row)
-            common.record(row, args.results, args.out)
+        for database in databases:
+            rows += serve_and_stream(args, database, env, work, photo, memory, card, run, prepared, edit_profile,
+                                     video_profile)
     finally:
         memory.stopped.set()
-        os.killpg(serve.pid, signal.SIGINT)
-        try:
-            serve.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
     return 0 if all(row["completed"] == row["requests"] for row in rows) else 1
 
 

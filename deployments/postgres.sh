@@ -5,11 +5,19 @@
 #                                       PREFECT_API_DATABASE_CONNECTION_URL=..., PGSTOP=...
 #   deployments/postgres.sh stop DIR
 # Runs the database as the `postgres` user when started as root (PostgreSQL refuses to run as root).
+# RECAST_POSTGRES_BIN: another PostgreSQL's bin folder (initdb, pg_ctl, createdb), e.g. a relocatable build
+# where Debian's package cannot be installed.
 set -euo pipefail
 cmd=${1:?start or stop}; dir=${2:?the cluster folder}
-bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
-[ -x "$bin/initdb" ] || { echo "PostgreSQL is not installed: apt-get install postgresql" >&2; exit 1; }
+bin=${RECAST_POSTGRES_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)}
+[ -x "$bin/initdb" ] || { echo "PostgreSQL is not installed: apt-get install postgresql" \
+  "(or RECAST_POSTGRES_BIN=<a folder holding initdb and pg_ctl>; it is '${RECAST_POSTGRES_BIN:-unset}')" >&2; exit 1; }
+if [ "$(id -u)" = 0 ] && ! id postgres > /dev/null 2>&1; then
+  echo "running as root, PostgreSQL needs a 'postgres' user to run as: useradd --system postgres" >&2; exit 1
+fi
 as_db() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+as_db test -x "$bin/postgres" || { echo "the postgres user cannot run $bin/postgres (a folder above it is" \
+  "closed to other users): put PostgreSQL where it can" >&2; exit 1; }
 mkdir -p "$dir"; [ "$(id -u)" = 0 ] && chown postgres "$dir"
 if [ "$cmd" = stop ]; then as_db "$bin/pg_ctl" -D "$dir/data" -m fast stop > /dev/null; exit 0; fi
 if [ ! -f "$dir/data/PG_VERSION" ]; then

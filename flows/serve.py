@@ -193,6 +193,10 @@ def serve(port: int | None = None, profile: str | None = None, video_profile: st
                RECAST_EXECUTION="workers", RECAST_ROOT=str(repo),
                RECAST_GALLERY_URL=f"http://127.0.0.1:{gallery_port}",  # each run's summary links to its page
                RECAST_INCOMING=os.environ.get("RECAST_INCOMING", f"file://{repo}/artifacts/incoming"))
+    if env.get("PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED", "").lower() not in ("1", "true"):
+        # The server asks for no CSRF token: without this every new client (each flow-run process, each status
+        # poll) first asks for one and is answered 422, 307 of ~500 requests in a burst of 24 runs.
+        env.setdefault("PREFECT_CLIENT_CSRF_SUPPORT_ENABLED", "false")
     env[MARK] = uuid.uuid4().hex
     supervisor = Supervisor(repo=repo, env=env, logs=logs)
 

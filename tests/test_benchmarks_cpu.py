@@ -5,8 +5,10 @@ and what the paths did, do."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -36,19 +38,31 @@ def test_cold_start_benchmark_starts_from_the_hub_layout_then_prepared_weights(t
 
 def test_stream_benchmark_serves_runs_through_the_deployment_on_one_worker(tmp_path):
     results = tmp_path / "rows.jsonl"
-    proc = subprocess.run([sys.executable, "gpu_stream.py", "--tiny", "--work", str(tmp_path / "work"), "--clips",
-                           "2", "--edits", "2", "--results", str(results)], cwd=BENCHMARKS, capture_output=True,
-                          text=True, timeout=1200)
+    # Where Debian's PostgreSQL is installed (.ci/run installs it), the server on PostgreSQL too, in the same run.
+    databases = ["postgres", "sqlite"] if Path("/usr/lib/postgresql").exists() else ["sqlite"]
+    # PostgreSQL runs as the postgres user, which cannot enter pytest's private temporary folders.
+    work = Path(tempfile.mkdtemp(prefix="recast-stream-"))
+    work.chmod(0o755)
+    try:
+        proc = subprocess.run([sys.executable, "gpu_stream.py", "--tiny", "--work", str(work), "--clips", "2",
+                               "--edits", "2", "--databases", ",".join(databases), "--results", str(results)],
+                              cwd=BENCHMARKS, capture_output=True, text=True, timeout=1200)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    rows = {row["profile"]: row for row in _rows(results)}
-    assert set(rows) == {"stream-clips", "stream-edits"}, rows.keys()
+    rows = {(row["variant"], row["profile"]): row for row in _rows(results)}
+    assert set(rows) == {(database, stream) for database in databases for stream in ("stream-clips", "stream-edits")}, \
+        f"one row per database and stream expected: {sorted(rows)}"
     for row in rows.values():
         assert row["completed"] == row["requests"] == 2, row
+        assert row["database"] == row["variant"] and isinstance(row["server_503s"], int), row
         assert 0 < row["busy_fraction"] < 1 and row["latency_p50_s"] > 0 and row["per_hour"] > 0, row
         # Where a stream's time went when the card waited: each service's CPU seconds, found by its command line.
         assert all(row["cpu_s"][role] > 0 for role in ("server", "flow_runs", "task_worker", "host")), \
             f"the stream's CPU seconds by role were not all found: {row['cpu_s']}"
-    assert set(rows["stream-clips"]["worker_cold_start_s"]) == {"edit", "video"}, "one worker serves both stages"
+    for database in databases:
+        assert set(rows[database, "stream-clips"]["worker_cold_start_s"]) == {"edit", "video"}, \
+            "one worker serves both stages"
 
 
 def test_load_rate_benchmark_streams_shards_through_the_loader(tmp_path):

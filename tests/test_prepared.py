@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from recast.tasks.models import loading, lora, prepared, qwen_edit
+from recast.tasks.models import loading, lora, prepared, qwen_edit, wan_video
 from recast.tasks.schemas.settings import LoraSpec
 from recast.tasks.settings import get_settings
 
@@ -493,3 +493,64 @@ def test_blocks_that_differ_in_more_than_their_weights_do_not_share_code_compile
         assert reason and "block 1" in reason, f"a block with another head count was not refused: {reason}"
     finally:
         loading.clear_cache()
+
+
+_VIDEO_AOT_START = """
+import json, sys
+import numpy as np
+import torch._dynamo.config
+torch._dynamo.config.enable_aot_compile = False  # as torch 2.11 (the cards' torch) ships it
+from PIL import Image
+from recast.tasks.models import loading, prepared, wan_video
+from recast.tasks.settings import get_settings
+
+profile = get_settings().get_video_profile("tiny").model_copy(
+    update={"warmup": True, "compile": True, "device": "cpu", "compile_ahead_of_time": True})
+loaded, _ = loading.get_pipeline("video", profile)
+at_ready = prepared.compiled_graphs()
+frames = wan_video.run_video(loaded, Image.open(sys.argv[1]).convert("RGB"), prompt="he smiles", negative_prompt="",
+                             seed=3, steps=4, guidance_scale=1.0, num_frames=13, width=96, height=64,
+                             max_sequence_length=64)
+np.save(sys.argv[2], frames)
+block = loaded.pipe.transformer.blocks[0]
+print(json.dumps({"graphs_at_ready": at_ready, "graphs_in_request": prepared.compiled_graphs() - at_ready,
+                  "calls": block._recast_ahead_of_time.calls}))
+"""
+
+
+def test_a_video_worker_warmed_up_on_a_short_clip_compiles_nothing_for_a_longer_one_then_or_after_a_restart(
+        tmp_path, astronaut):
+    """Cold start (#22): the video warm-up rendered a whole 81-frame clip (13 s of a restart's 24 s on an H200) because
+    Wan's blocks were compiled for the clip's exact shape. They now take dynamic shapes and warm up on a short clip:
+    a longer request must then compile nothing, at the first start or after a restart that loads the kept code, and
+    its clip is the eager pipeline's."""
+    import numpy as np
+
+    env = _env(tmp_path / "cache")
+    results = []
+    for start in ("first", "restart"):
+        proc = subprocess.run([sys.executable, "-c", _VIDEO_AOT_START, str(astronaut), str(tmp_path / f"{start}.npy")],
+                              env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"the {start} start failed: {proc.stderr[-3000:]}"
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    first, restart = results
+    assert first["graphs_in_request"] == 0 and first["calls"]["in_process"] == 0, \
+        f"a clip longer than the warm-up's compiled again at the first start: {first}"
+    assert restart["graphs_at_ready"] == 0 and restart["graphs_in_request"] == 0 \
+        and restart["calls"]["in_process"] == 0 and restart["calls"]["ahead_of_time"] > 0, \
+        f"a restart traced graphs or ran its blocks outside the kept code: {restart}"
+    eager_profile = get_settings().get_video_profile("tiny").model_copy(update={"device": "cpu"})
+    loading.clear_cache()
+    try:
+        from PIL import Image
+
+        loaded, _ = loading.get_pipeline("video", eager_profile)
+        eager = wan_video.run_video(loaded, Image.open(astronaut).convert("RGB"), prompt="he smiles",
+                                    negative_prompt="", seed=3, steps=4, guidance_scale=1.0, num_frames=13, width=96,
+                                    height=64, max_sequence_length=64).astype(int)
+    finally:
+        loading.clear_cache()
+    for start in ("first", "restart"):
+        got = np.load(tmp_path / f"{start}.npy").astype(int)
+        assert got.shape == eager.shape and np.abs(got - eager).max() <= 1, \
+            f"the {start} start's clip differs from the eager pipeline's by {np.abs(got - eager).max()}/255"

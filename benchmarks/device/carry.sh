@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, here, what a GPU machine needs to run recast's benchmarks (nothing can be fetched there), into .whl/
 # (ignored by git; name it in the device call's carry):
-#   .whl/core/site.tar.xz   the packages of benchmarks/device/requirements.txt for CPython 3.12 x86-64 (~25 MB)
+#   .whl/core/site.tar.xz   the packages of benchmarks/device/requirements.txt for CPython 3.12 x86-64 (~32 MB)
 #   .whl/core/ffmpeg.xz     a static ffmpeg with x264 (imageio-ffmpeg 0.4.9's 4.2.2 build; ~19 MB): the newer
 #                           wheel's binary is too large to carry beside the packages (64 MiB a call)
 #   .whl/recast/*.whl       recast itself, from this working tree (run again after every change)
@@ -25,6 +25,7 @@ pip_for_312=(--no-deps --only-binary=:all: --python-version 3.12 --implementatio
 "$python" -m pip install -q "${pip_for_312[@]}" --no-compile --no-index --find-links "$work/wheels" \
   --find-links "$work/ff81" --target "$work/site" -r benchmarks/device/requirements.txt imageio-ffmpeg==0.8.1
 rm -f "$work"/site/imageio_ffmpeg/binaries/ffmpeg-*
+rm -rf "$work"/site/pgserver/pginstall/{include,lib/*.a}  # PostgreSQL's headers and static libraries: not run
 tar -C "$work/site" -cf - . | xz -9 -T0 > .whl/core/site.tar.xz
 (cd "$work/ff49" && unzip -q -o imageio_ffmpeg-0.4.9-*.whl 'imageio_ffmpeg/binaries/ffmpeg-*')
 xz -9 -T0 -c "$work"/ff49/imageio_ffmpeg/binaries/ffmpeg-* > .whl/core/ffmpeg.xz

@@ -14,6 +14,15 @@ if [ ! -f "$site/.unpacked" ]; then
   done
   touch "$site/.unpacked"
 fi
+# `RECAST_SERVE_DATABASE=postgres` runs pgserver's PostgreSQL build; as root it runs as a `postgres` user.
+export RECAST_POSTGRES_BIN=$site/pgserver/pginstall/bin
+if [ "$(id -u)" = 0 ] && [ -d "$RECAST_POSTGRES_BIN" ]; then
+  id postgres > /dev/null 2>&1 || useradd --system postgres
+  if ! runuser -u postgres -- test -x "$RECAST_POSTGRES_BIN/postgres"; then  # a folder above is closed to others
+    pg=$(mktemp -d) && chmod 755 "$pg" && cp -a "$site/pgserver" "$site/pgserver.libs" "$pg/" &&
+      export RECAST_POSTGRES_BIN=$pg/pgserver/pginstall/bin
+  fi
+fi
 rm -rf "$site"/recast "$site"/recast-*.dist-info
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" --upgrade .whl/recast/recast-*.whl \
   2>&1 | grep -v WARNING
