@@ -158,11 +158,13 @@ def record(row: dict, results: str | None, out: str | None) -> None:
 # `profile@regional`: the profile with its blocks compiled in the process (torch.compile's regional compilation)
 # instead of ahead of time, to compare the two in one run.
 REGIONAL = "regional"
+STATIC = "static"  # a video row with its blocks compiled for one shape (profile@static)
 
 
 def with_backend(row_name: str) -> tuple[str, str | None]:
     """A row named `profile@backend` is the profile with another attention backend (e.g. `lightning@sage`), or
-    `profile@regional` with its blocks compiled in the process, so two kernels are compared in one run on the same
+    `profile@regional` with its blocks compiled in the process, `video-profile@static` with its blocks compiled for
+    one shape (warmed up on a whole clip), so two kernels are compared in one run on the same
     weights: (profile, backend or None)."""
     profile, _, backend = row_name.partition("@")
     return profile, backend or None
@@ -172,6 +174,8 @@ def profile_overrides(backend: str | None) -> dict:
     """The profile fields a `profile@backend` row changes."""
     if backend == REGIONAL:
         return {"compile_ahead_of_time": False}
+    if backend == STATIC:
+        return {"compile_dynamic": False}
     return {"attention_backend": backend} if backend else {}
 
 

@@ -141,8 +141,8 @@ def place(pipe, profile: VideoProfile) -> dict:
         # Dynamic shapes: one trace serves every frame count and size, so the warm-up can be a short clip and a
         # request for another length compiles nothing.
         decisions["compiled_blocks"] = kernels.compile_blocks(
-            *experts(pipe), fullgraph=parallel.fullgraph(), dynamic=True, ahead_of_time=profile.compile_ahead_of_time,
-            artifact=compiled_blocks_path("video", profile))
+            *experts(pipe), fullgraph=parallel.fullgraph(), dynamic=profile.compile_dynamic or None,
+            ahead_of_time=profile.compile_ahead_of_time, artifact=compiled_blocks_path("video", profile))
     return decisions
 
 
@@ -269,7 +269,8 @@ def warm_up(loaded: LoadedPipeline, profile: VideoProfile) -> float:
     width, height = output_size(None, None, 832 / 480, profile.area)
     steps = len((profile.scheduler or {}).get("sigmas") or []) or 2
     run_video(loaded, Image.new("RGB", (width, height), (128, 128, 128)), prompt="warm-up", negative_prompt="",
-              seed=0, steps=steps, guidance_scale=profile.guidance_scale or 1.0, num_frames=WARM_UP_FRAMES,
+              seed=0, steps=steps, guidance_scale=profile.guidance_scale or 1.0,
+              num_frames=WARM_UP_FRAMES if profile.compile_dynamic or not profile.compile else 81,
               width=width, height=height, max_sequence_length=profile.max_sequence_length)
     loaded.phases["warm_up_calls"] = [round(time.perf_counter() - started, 2)]  # (cold-start rows show it)
     return time.perf_counter() - started

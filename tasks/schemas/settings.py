@@ -82,7 +82,10 @@ class VideoProfile(Strict):
     compile_ahead_of_time: bool = Field(True, description="With compile: the repeated blocks compile once, ahead of "
                                         "time, into code kept beside the prepared weights, which a restart loads "
                                         "without tracing; false (or a GPU team): torch.compile in the process.")
-    warmup: bool = Field(False, description="Run (and compile) one clip at load, before taking work.")
+    compile_dynamic: bool = Field(True, description="With compile: the blocks take dynamic shapes, so one compile "
+                                  "serves every frame count and size and the warm-up is a short clip; false: they "
+                                  "are compiled for one shape and the warm-up renders a whole 81-frame clip.")
+    warmup: bool = Field(False, description="Run (and compile) a short clip at load, before taking work.")
     prepare: bool = Field(True, description="Keep the recipe's weights prepared (LoRA fused, FP8) in the model "
                           "cache at the first start, and load them at every later one (`recast prepare`).")
     lightning: LoraSpec | None = Field(None, description="Distillation LoRA fused into the (high-noise) expert.")
