@@ -35,6 +35,7 @@ NOT_SETTINGS = {
     "RECAST_INCOMING": "the folder the scheduled batch deployment scans",
     "RECAST_SERVE_PORT": "the port `make serve` starts the Prefect server on",
     "RECAST_SERVE_DATABASE": "`make serve` on PostgreSQL: postgres, or a connection URL",
+    "RECAST_POSTGRES_BIN": "the PostgreSQL bin folder deployments/postgres.sh runs (default: Debian's)",
     "RECAST_SERVE_LOG_LEVEL": "the log level of `make serve`'s workers and runs (default INFO)",
     "RECAST_SERVE_GALLERY_PORT": "the port `make serve` starts the gallery on (default: the server's + 100)",
     "RECAST_SERVE_SESSION": "set by `make serve` on everything it starts, so that stopping it finds them all",
