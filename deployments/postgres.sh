@@ -5,8 +5,9 @@
 #                                       PREFECT_API_DATABASE_CONNECTION_URL=..., PGSTOP=...
 #   deployments/postgres.sh stop DIR
 # Runs the database as the `postgres` user when started as root (PostgreSQL refuses to run as root).
-# RECAST_POSTGRES_BIN: another PostgreSQL's bin folder (initdb, pg_ctl, createdb), e.g. a relocatable build
-# where Debian's package cannot be installed.
+# RECAST_POSTGRES_BIN: another PostgreSQL's bin folder (initdb, pg_ctl, createdb), e.g. Debian's package copied
+# where it cannot be installed (share/ where Debian puts it relative to bin/; a libs/ folder beside bin/ holds
+# the shared libraries that machine lacks).
 set -euo pipefail
 cmd=${1:?start or stop}; dir=${2:?the cluster folder}
 bin=${RECAST_POSTGRES_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)}
@@ -15,7 +16,9 @@ bin=${RECAST_POSTGRES_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort 
 if [ "$(id -u)" = 0 ] && ! id postgres > /dev/null 2>&1; then
   echo "running as root, PostgreSQL needs a 'postgres' user to run as: useradd --system postgres" >&2; exit 1
 fi
-as_db() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+libs=()
+[ -d "$bin/../libs" ] && libs=(env "LD_LIBRARY_PATH=$(cd "$bin/../libs" && pwd)")
+as_db() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "${libs[@]}" "$@"; else "${libs[@]}" "$@"; fi; }
 as_db test -x "$bin/postgres" || { echo "the postgres user cannot run $bin/postgres (a folder above it is" \
   "closed to other users): put PostgreSQL where it can" >&2; exit 1; }
 mkdir -p "$dir"; [ "$(id -u)" = 0 ] && chown postgres "$dir"

@@ -14,13 +14,18 @@ if [ ! -f "$site/.unpacked" ]; then
   done
   touch "$site/.unpacked"
 fi
-# `RECAST_SERVE_DATABASE=postgres` runs pgserver's PostgreSQL build; as root it runs as a `postgres` user.
-export RECAST_POSTGRES_BIN=$site/pgserver/pginstall/bin
-if [ "$(id -u)" = 0 ] && [ -d "$RECAST_POSTGRES_BIN" ]; then
-  id postgres > /dev/null 2>&1 || useradd --system postgres
-  if ! runuser -u postgres -- test -x "$RECAST_POSTGRES_BIN/postgres"; then  # a folder above is closed to others
-    pg=$(mktemp -d) && chmod 755 "$pg" && cp -a "$site/pgserver" "$site/pgserver.libs" "$pg/" &&
-      export RECAST_POSTGRES_BIN=$pg/pgserver/pginstall/bin
+# `RECAST_SERVE_DATABASE=postgres` runs the carried PostgreSQL; as root, as a `postgres` user.
+if [ -f .whl/core/postgresql.tar.xz ] && [ ! -f .whl/pg/.unpacked ]; then
+  mkdir -p .whl/pg && tar -C .whl/pg -xJf .whl/core/postgresql.tar.xz && touch .whl/pg/.unpacked
+fi
+if [ -f .whl/pg/.unpacked ]; then
+  export RECAST_POSTGRES_BIN=$(ls -d "$PWD"/.whl/pg/usr/lib/postgresql/*/bin | tail -1)
+  if [ "$(id -u)" = 0 ]; then
+    id postgres > /dev/null 2>&1 || useradd --system postgres
+    if ! runuser -u postgres -- test -x "$RECAST_POSTGRES_BIN/postgres"; then  # a folder above is closed to others
+      pg=$(mktemp -d) && chmod 755 "$pg" && cp -a .whl/pg/usr "$pg/" &&
+        export RECAST_POSTGRES_BIN=$(ls -d "$pg"/usr/lib/postgresql/*/bin | tail -1)
+    fi
   fi
 fi
 rm -rf "$site"/recast "$site"/recast-*.dist-info
