@@ -28,6 +28,7 @@ pip_for_312=(--no-deps --only-binary=:all: --python-version 3.12 --implementatio
 "$python" -m pip install -q "${pip_for_312[@]}" --no-compile --no-index --find-links "$work/wheels" \
   --find-links "$work/ff81" --target "$work/site" -r benchmarks/device/requirements.txt imageio-ffmpeg==0.8.1
 rm -f "$work"/site/imageio_ffmpeg/binaries/ffmpeg-*
+rm -rf "$work"/site/prefect/server/ui-v2  # Prefect's second UI, off unless enabled (11 MB): room for PostgreSQL
 tar -C "$work/site" -cf - . | xz -9 -T0 > .whl/core/site.tar.xz
 (cd "$work/ff49" && unzip -q -o imageio_ffmpeg-0.4.9-*.whl 'imageio_ffmpeg/binaries/ffmpeg-*')
 xz -9 -T0 -c "$work"/ff49/imageio_ffmpeg/binaries/ffmpeg-* > .whl/core/ffmpeg.xz
