@@ -8,7 +8,9 @@ through the deployment/API path as UI users would:
     edits   --edits edit-only runs submitted at once (one lightning edit each, no video)
 
 Each row: requests per hour (completed / wall, from the first submission to the last end), `busy_fraction`
-(the model calls' seconds, from the manifests, over that wall time), p50/p95 end-to-end latency (each flow run's
+(the model calls' seconds, from the manifests, over that wall time), `idle_s` (the rest of the wall time: before
+the first model call, between calls waiting for the next task to begin or in that task before its model call,
+after the last), p50/p95 end-to-end latency (each flow run's
 creation to its end, from the API), the card's peak memory (nvidia-smi, sampled every second), the worker's
 cold start, and `cpu_s`: the CPU seconds the stream cost the Prefect server, the process worker, the flow-run
 processes, the task worker and the whole host (where a stream waits when the card does not). Rows go into
@@ -138,6 +140,32 @@ def manifests(store: Path, runs) -> list[dict]:
     return [by_id.get(str(run.id)) for run in runs]
 
 
+def idle_split(runs, found: list[dict]) -> dict | None:
+    """Where the card's idle time in a stream went, from each job's timeline (epoch seconds on the worker: its task
+    began, its model call began and ended) and the runs' creation and end: before the first model call, between
+    calls (split into waiting for the next task to begin, and that task's own work before its model call), and
+    after the last one. The parts add up to the wall time less the model calls'. None when a job has no timeline."""
+    jobs = [job.get("timeline") for manifest in found if manifest
+            for job in [*manifest["edits"], *(manifest.get("animation") or {}).get("clips", [])]
+            if job.get("status", "succeeded") == "succeeded" and not job.get("error")]
+    if not jobs or not all(jobs):
+        return None
+    jobs.sort(key=lambda job: job["model_started"])
+    before_task = task_to_model = 0.0
+    for done, following in zip(jobs, jobs[1:]):
+        gap = max(0.0, following["model_started"] - done["model_ended"])
+        waited = min(gap, max(0.0, following["task_started"] - done["model_ended"]))
+        before_task += waited
+        task_to_model += gap - waited
+    first_created = min(run.created.timestamp() for run in runs)
+    last_end = max(run.end_time.timestamp() for run in runs if run.end_time)
+    return {"before_first_model": round(jobs[0]["model_started"] - first_created, 2),
+            "between_models_waiting_for_task": round(before_task, 2),
+            "between_models_in_task_before_model": round(task_to_model, 2),
+            "after_last_model": round(last_end - jobs[-1]["model_ended"], 2),
+            "jobs": len(jobs)}
+
+
 def stream_row(name: str, runs, found: list[dict], peak_mib: int, card: str, extra: dict) -> dict:
     completed = [run for run in runs if run.state and run.state.is_completed()]
     starts = [run.created.timestamp() for run in runs]
@@ -149,7 +177,8 @@ def stream_row(name: str, runs, found: list[dict], peak_mib: int, card: str, ext
         model_s += sum(e["seconds"] or 0.0 for e in manifest["edits"] if e["status"] == "succeeded")
         model_s += sum(c.get("seconds") or 0.0 for c in (manifest.get("animation") or {}).get("clips", []))
     per_hour = round(len(completed) / wall * 3600, 1) if wall else None
-    extra = dict(extra, created_span_s=round(max(starts) - min(starts), 2))  # how long submitting them all took
+    extra = dict(extra, created_span_s=round(max(starts) - min(starts), 2),  # how long submitting them all took
+                 idle_s=idle_split(runs, found))
     failed = [f"{run.name}: {run.state.type.value}: {run.state.message or ''}" if run.state else f"{run.name}: no state"
               for run in runs if run not in completed]
     if failed:

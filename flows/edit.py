@@ -374,7 +374,7 @@ def hand_over(handoff_uri: str, plan: RunPlan) -> dict | None:
             return {"mode": mode, "status": manifest["status"], "run_id": manifest["run_id"],
                     "manifest": manifest["manifest"],
                     "clips": [{k: c[k] for k in ("clip_id", "output", "last_frame", "num_frames", "fps", "width",
-                                                 "height", "seconds", "error", "identity", "identity_strip")}
+                                                 "height", "seconds", "error", "identity", "identity_strip", "timeline")}
                               for c in manifest["clips"]]}
         from prefect.deployments import run_deployment
 
@@ -402,7 +402,7 @@ def _record(job: EditJob, result: EditResult | None, message: str | None, plan: 
         seconds=result.seconds if result else None, cache_hit=result.cache_hit if result else None,
         cold_start_s=result.cold_start_s if result else None, prepared=result.prepared if result else None,
         compile_cache=result.compile_cache if result else None, device=result.device if result else None,
-        error=None if result else (message or "failed"),
+        timeline=result.timeline if result else None, error=None if result else (message or "failed"),
         identity=IdentityRecord(notes=plan.request.identity_notes, scorer_notes=scorer_notes, **scored))
 
 

@@ -16,13 +16,14 @@ from prefect import task
 from recast.tasks import lifecycle, storage
 from recast.tasks.errors import retry_only_transient
 from recast.tasks.models import loading
-from recast.tasks.schemas.jobs import AnimateJob, ClipResult
+from recast.tasks.schemas.jobs import AnimateJob, ClipResult, Timeline
 from recast.tasks.settings import get_settings
 from recast.tasks.version import check_code_version
 
 
 def animate_clip(job: AnimateJob) -> ClipResult:
     """Generate job.num_frames frames from job.frame and write the clip and its last frame."""
+    task_started = time.time()
     check_code_version(job)
     profile = get_settings().get_video_profile(job.video_profile)
     from recast.tasks.models import wan_video  # torch and diffusers: imported only where a model runs
@@ -34,7 +35,7 @@ def animate_clip(job: AnimateJob) -> ClipResult:
         # The mp4 is encoded while the VAE decodes the clip, off the clip's critical path (storage.Mp4Stream)
         encoding = storage.Mp4Stream(job.fps)
         with lifecycle.on_gpu():
-            started = time.perf_counter()
+            model_started, started = time.time(), time.perf_counter()
             try:
                 frames = wan_video.run_video(
                     loaded, frame, prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed,
@@ -49,7 +50,8 @@ def animate_clip(job: AnimateJob) -> ClipResult:
                             num_frames=len(frames), fps=job.fps, width=frames.shape[2], height=frames.shape[1],
                             seconds=round(seconds, 4), cache_hit=cache_hit, cold_start_s=round(loaded.cold_start_s, 3),
                             prepared=loaded.prepared, compile_cache=loaded.compile_cache,
-                            device=loading.describe_device(profile))
+                            device=loading.describe_device(profile),
+                            timeline=Timeline.of(task_started, model_started, model_started + seconds))
         # The CPU work, side by side (x264 runs in its own process, PNG and OpenCV free the GIL): the mp4's last
         # chunk, the last frame (written losslessly: the next scene's starting image) and, on the CPU after the
         # clip, its identity (one frame per second by default, a fraction of the clip's time).

@@ -14,13 +14,14 @@ from prefect import task
 from recast.tasks import lifecycle, storage
 from recast.tasks.errors import retry_only_transient
 from recast.tasks.models import loading
-from recast.tasks.schemas.jobs import EditJob, EditResult
+from recast.tasks.schemas.jobs import EditJob, EditResult, Timeline
 from recast.tasks.settings import get_settings
 from recast.tasks.version import check_code_version
 
 
 def edit_image(job: EditJob) -> EditResult:
     """Run one edit and write its PNG to job.output."""
+    task_started = time.time()
     check_code_version(job)
     profile = get_settings().get_profile(job.profile)
     from recast.tasks.models import qwen_edit  # torch and diffusers: imported only where a model runs
@@ -29,12 +30,13 @@ def edit_image(job: EditJob) -> EditResult:
         loaded, cache_hit = loading.get_pipeline("edit", profile)
         images = [storage.load_image(uri) for uri in job.inputs]
         with lifecycle.on_gpu():
-            started = time.perf_counter()
+            model_started, started = time.time(), time.perf_counter()
             image = qwen_edit.run_edit(
                 loaded, profile, images, prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed,
                 steps=job.steps, true_cfg_scale=job.true_cfg_scale, width=job.width, height=job.height,
                 loras=job.loras, should_stop=should_stop)
             seconds = time.perf_counter() - started
+        timeline = Timeline.of(task_started, model_started, model_started + seconds)
         # The CPU work side by side, while a worker's next job may already be on the GPU: the PNG (zlib frees the
         # GIL) and the identity score (OpenCV).
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="recast-edit") as pool:
@@ -45,7 +47,7 @@ def edit_image(job: EditJob) -> EditResult:
                             height=image.height, seconds=round(seconds, 4), cache_hit=cache_hit,
                             cold_start_s=round(loaded.cold_start_s, 3), prepared=loaded.prepared,
                             compile_cache=loaded.compile_cache, identity=identity,
-                            device=loading.describe_device(profile))
+                            device=loading.describe_device(profile), timeline=timeline)
         lifecycle.record_result(job, result)
     return result
 

@@ -60,6 +60,16 @@ def test_stream_benchmark_serves_runs_through_the_deployment_on_one_worker(tmp_p
         # Where a stream's time went when the card waited: each service's CPU seconds, found by its command line.
         assert all(row["cpu_s"][role] > 0 for role in ("server", "flow_runs", "task_worker", "host")), \
             f"the stream's CPU seconds by role were not all found: {row['cpu_s']}"
+        # Where the card's idle time went, from each job's timeline: the parts are times, and they add up to the
+        # wall time less the model calls' (clocks of one host; the model seconds are timed apart, hence the slack).
+        idle = row["idle_s"]
+        assert idle is not None and idle["jobs"] == (4 if row["profile"] == "stream-clips" else 2), \
+            f"every edit and clip must record when it ran: {idle}"
+        parts = [value for key, value in idle.items() if key != "jobs"]
+        assert all(value >= -0.05 for value in parts), f"an idle part is negative: {idle}"
+        assert abs(sum(parts) - (row["wall_s"] - row["model_seconds"])) < 0.5, \
+            f"the idle parts {idle} do not add up to the wall less the model time ({row['wall_s']} - " \
+            f"{row['model_seconds']})"
     for database in databases:
         assert set(rows[database, "stream-clips"]["worker_cold_start_s"]) == {"edit", "video"}, \
             "one worker serves both stages"

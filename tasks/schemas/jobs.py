@@ -8,6 +8,20 @@ from pydantic import Field
 from recast.tasks.schemas.fields import MAX_INPUT_IMAGES, Seed, Strict
 
 
+class Timeline(Strict):
+    """When a job ran on its worker, in epoch seconds of the worker's clock: a stream's idle card time splits by
+    these into waiting for the next task to begin and the task's own work before its model call."""
+
+    task_started: float = Field(description="The task function began (after Prefect delivered the run).")
+    model_started: float = Field(description="The model call began (the GPU's part).")
+    model_ended: float = Field(description="The model call returned.")
+
+    @classmethod
+    def of(cls, task_started: float, model_started: float, model_ended: float) -> Timeline:
+        return cls(task_started=round(task_started, 3), model_started=round(model_started, 3),
+                   model_ended=round(model_ended, 3))
+
+
 class ResolvedLora(Strict):
     name: str = Field(description="Adapter name in the pipeline (from the file's hash).")
     source: str = Field(description="Where the user's file is (redacted URI).")
@@ -84,6 +98,7 @@ class ClipResult(Strict):
     identity: dict | None = Field(None, description="The clip scored against the reference (identity.ClipIdentity).")
     device: str | None = Field(None, description="Where the clip ran, as its worker names it.")
     identity_strip: str | None = None
+    timeline: Timeline | None = None
 
 
 class EditResult(Strict):
@@ -99,3 +114,4 @@ class EditResult(Strict):
     compile_cache: str | None = None
     identity: dict | None = None
     device: str | None = Field(None, description="Where the edit ran, as its worker names it (cuda:0 (NVIDIA H200)).")
+    timeline: Timeline | None = None

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from recast.tasks.schemas.fields import RUN_ID_PATTERN, FrameCount, Seed, Strict
-from recast.tasks.schemas.jobs import AnimateJob, ClipResult, ResolvedLora
+from recast.tasks.schemas.jobs import AnimateJob, ClipResult, ResolvedLora, Timeline
 
 
 class SavedPlan(Strict):
@@ -103,6 +103,8 @@ class EditRecord(BaseModel):
     submissions: list[dict] = Field(default_factory=list, description="Every submission to a task worker: its "
                                     "task run, how it ended (completed, failed, lost) and after how long.")
     next_seed: int | None = Field(None, description="The seed of the next attempt, when this one missed the target.")
+    timeline: Timeline | None = Field(None, description="When it ran on its worker (epoch seconds): task_started, "
+                                      "model_started, model_ended.")
 
 
 class IdentityTarget(BaseModel):
@@ -141,6 +143,7 @@ class ClipRecord(BaseModel):
     identity: dict | None = Field(None, description="Sampled frames {index, score, grade}, the clip's grade (its "
                                   "worst frame), drift_from, no_face_frames, the seconds scoring took.")
     identity_strip: str | None = None
+    timeline: Timeline | None = Field(None, description="When it ran on its worker (epoch seconds).")
 
     @classmethod
     def of(cls, job: AnimateJob, result: ClipResult | None, message: str | None, redact) -> ClipRecord:
@@ -153,7 +156,8 @@ class ClipRecord(BaseModel):
             fps=job.fps, width=job.width, height=job.height, seconds=result.seconds if result else None,
             output=redact(result.output) if result else None,
             last_frame=redact(result.last_frame) if result else None,
-            cache_hit=result.cache_hit if result else None, error=None if result else (message or "failed"))
+            cache_hit=result.cache_hit if result else None, error=None if result else (message or "failed"),
+            timeline=result.timeline if result else None)
 
 
 class Handoff(Strict):
