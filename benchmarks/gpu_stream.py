@@ -28,6 +28,8 @@ no clips; `--compare-poll S` runs the edit stream a second time with the flows a
 `--databases postgres,sqlite` serves and streams once per database, in that order (the Prefect server on
 PostgreSQL through deployments/postgres.sh, then on SQLite as `recast serve` runs by default): under a burst of
 run starts SQLite answers colliding writes with 503, which Prefect's client retries after 2..32 s.
+`--take-next after_gpu,on_gpu` does the same for the task worker's `worker_take_next` (rows
+`postgres+take-next-on_gpu`).
 """
 
 from __future__ import annotations
@@ -103,7 +105,8 @@ def cpu_seconds(root_pid: int) -> dict:
 
 def retryable_errors() -> int:
     """How many requests the Prefect server has answered 503 so far (a database busy: SQLite's "database is
-    locked"), which Prefect's client retries after 2, 4, 8, 16, 32 s; logged with PREFECT_SERVER_LOG_RETRYABLE_ERRORS."""
+    locked"), which Prefect's client retries after 2, 4, 8, 16, 32 s; logged with
+    PREFECT_SERVER_LOG_RETRYABLE_ERRORS."""
     log = REPO / "logs" / "server.log"
     return log.read_text(errors="replace").count("Encountered retryable exception in request") if log.is_file() else 0
 
@@ -192,9 +195,10 @@ def stream_row(name: str, runs, found: list[dict], peak_mib: int, card: str, ext
                 gpu_peak_gib=round(peak_mib / 1024, 2) if peak_mib else None, seconds=wall, **extra)
 
 
-def serve_and_stream(args, database: str, env: dict, work: Path, photo: Path, memory: GpuMemory, card: str,
-                     run: dict, prepared: list, edit_profile: str, video_profile: str) -> list[dict]:
-    """`recast serve` with the Prefect server on `database` (its own Prefect home), the streams, then stop it."""
+def serve_and_stream(args, database: str, take_next: str, env: dict, work: Path, photo: Path, memory: GpuMemory,
+                     card: str, run: dict, prepared: list, edit_profile: str, video_profile: str) -> list[dict]:
+    """`recast serve` with the Prefect server on `database` (its own Prefect home) and the task worker taking its
+    next job `take_next` (worker_take_next), the streams, then stop it."""
     import common
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -203,7 +207,7 @@ def serve_and_stream(args, database: str, env: dict, work: Path, photo: Path, me
     port = free_port()
     env = dict(env, PREFECT_HOME=str(work / f"prefect-{database}"), RECAST_SERVE_PORT=str(port),
                PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
-               RECAST_SERVE_DATABASE="postgres" if database == "postgres" else "",
+               RECAST_SERVE_DATABASE="postgres" if database == "postgres" else "", RECAST_WORKER_TAKE_NEXT=take_next,
                PREFECT_SERVER_LOG_RETRYABLE_ERRORS="true")  # each 503 it answers, in logs/server.log
     store = Path(env["RECAST_STORAGE_ROOT"])
     serve_started = time.monotonic()
@@ -246,7 +250,8 @@ def serve_and_stream(args, database: str, env: dict, work: Path, photo: Path, me
             poll_s = (job_env or {}).get("RECAST_WORKER_POLL_S", "default")
             row = stream_row(name, runs, manifests(store, runs), memory.peak_mib, card,
                              dict(common_extra, cpu_s=cpu, host_cpus=os.cpu_count(), worker_poll_s=poll_s,
-                                  variant=database, server_503s=retryable_errors() - busy_before))
+                                  variant=database if take_next == "after_gpu" else f"{database}+take-next-{take_next}",
+                                  worker_take_next=take_next, server_503s=retryable_errors() - busy_before))
             rows.append(row)
             common.record(row, args.results, args.out)
     finally:
@@ -271,6 +276,9 @@ def main() -> int:
     ap.add_argument("--databases", default="sqlite",
                     help="the Prefect server's database, one whole serve-and-stream per entry, in this order: "
                          "sqlite (recast serve's default), postgres (deployments/postgres.sh), e.g. postgres,sqlite")
+    ap.add_argument("--take-next", default="after_gpu",
+                    help="when the task worker takes its next job (worker_take_next), one serve-and-stream per entry "
+                         "after each database's: after_gpu (the default), on_gpu, e.g. after_gpu,on_gpu")
     ap.add_argument("--out", default=None)
     ap.add_argument("--results", default=None, help="also write each row here as it ends (JSON lines)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds a stream may take")
@@ -289,6 +297,9 @@ def main() -> int:
     if unknown:
         ap.error(f"--databases {args.databases!r}: {', '.join(unknown)} is not a database this benchmark starts; "
                  f"use sqlite, postgres or both, comma-separated")
+    take_nexts = args.take_next.split(",")
+    if set(take_nexts) - {"after_gpu", "on_gpu"}:
+        ap.error(f"--take-next {args.take_next!r}: use after_gpu, on_gpu or both, comma-separated")
     edit_profile, video_profile = ("tiny", "tiny") if args.tiny else ("lightning", "wan22-lightning")
     if args.edits_only:
         video_profile, args.clips = "tiny", 0
@@ -314,8 +325,9 @@ def main() -> int:
     rows = []
     try:
         for database in databases:
-            rows += serve_and_stream(args, database, env, work, photo, memory, card, run, prepared, edit_profile,
-                                     video_profile)
+            for take_next in take_nexts:
+                rows += serve_and_stream(args, database, take_next, env, work, photo, memory, card, run, prepared,
+                                         edit_profile, video_profile)
     finally:
         memory.stopped.set()
     return 0 if all(row["completed"] == row["requests"] for row in rows) else 1

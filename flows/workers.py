@@ -55,8 +55,9 @@ def serve_worker(kinds: list[str], gpu: int | None = None, profile_name: str | N
     withdraw = fleet.advertise({kind: profile.name for kind, profile, _ in served})
 
     async def serve() -> None:
-        # One job on the GPU, up to MAX_FINISHING finishing beside it (created inside the event loop).
-        worker = _overlapping_worker()(*[task for _, _, task in served], limit=1 + MAX_FINISHING)
+        # One job on the GPU, one more getting ready (worker_take_next: on_gpu), up to MAX_FINISHING finishing
+        # beside them (created inside the event loop).
+        worker = _overlapping_worker()(*[task for _, _, task in served], limit=_job_limit())
         await worker.astart()
 
     if settings.worker_idle_s > 0:
@@ -124,6 +125,11 @@ def _serve_until_stopped(serve) -> None:
 MAX_FINISHING = 2
 
 
+def _job_limit() -> int:
+    """Jobs a worker holds at once: on the GPU, getting ready for it (worker_take_next: on_gpu), finishing."""
+    return (2 if get_settings().worker_take_next == "on_gpu" else 1) + MAX_FINISHING
+
+
 def _overlapping_worker():
     """Prefect's task worker, taking a task run only when it can start it, and the next one as soon as the current
     one has left the GPU: the card works on job N+1 while job N's CPU work finishes (recast.tasks.lifecycle.on_gpu).
@@ -134,6 +140,11 @@ def _overlapping_worker():
     before that goes back to the server's queue when the connection drops, for the next worker. A worker that dies
     later, while finishing a job, stops beating: its flow submits the job again (nothing is half-recorded, results
     are written last and whole).
+
+    With `worker_take_next: on_gpu` it takes the next run as soon as the current one holds the GPU, so that run's
+    delivery, Prefect's task set-up and the job's own work before its model call overlap the current model call;
+    that run is acknowledged once it beats (from then on its flow sees a dead worker's beats stop, as above), and
+    at most one run waits for the GPU.
     """
     import asyncio
 
@@ -174,17 +185,23 @@ def _overlapping_worker():
             subscription = AckWhenStarted(model=TaskRun, path="/task_runs/subscriptions/scheduled",
                                           keys=self.task_keys, client_id=self.client_id,
                                           base_url=get_current_settings().api.url)
+            take_next_on_gpu = get_settings().worker_take_next == "on_gpu"
+            held: list[tuple[lifecycle.JobSignals, asyncio.Event]] = []  # jobs started and not ended
             while True:
-                while self.available_tasks is not None and self.available_tasks < 1:
-                    await asyncio.sleep(0.01)  # MAX_FINISHING jobs still finishing: wait for one to end
+                # Room for one more (MAX_FINISHING jobs may still be finishing), and no job of ours still before
+                # the GPU: at most one waits for it.
+                while (self.available_tasks is not None and self.available_tasks < 1) or any(
+                        not (signals.on_gpu.is_set() or ended.is_set()) for signals, ended in held):
+                    await asyncio.sleep(0.005)
                 task_run = await subscription.receive()
                 log.info("Received task run: %s - %s", task_run.id, task_run.name)
                 if await self._acquire_token(task_run.id):
                     run_id = str(task_run.id)
-                    left_gpu = lifecycle.watch_gpu(run_id)
+                    signals = lifecycle.watch_job(run_id)
                     ended = asyncio.Event()
+                    held.append((signals, ended))
 
-                    async def run(task_run=task_run, run_id=run_id, ended=ended):
+                    async def run(task_run=task_run, run_id=run_id, ended=ended, signals=signals):
                         _activity["running"] += 1
                         try:
                             await self._safe_submit_scheduled_task_run(task_run)  # returns when the job is done
@@ -192,10 +209,15 @@ def _overlapping_worker():
                             _activity["running"] -= 1
                             _activity["last"] = time.monotonic()
                             ended.set()
-                            lifecycle.forget_gpu(run_id)
+                            held.remove((signals, ended))
+                            lifecycle.forget_job(run_id)
 
                     self._runs_task_group.start_soon(run)
-                    while not (ended.is_set() or left_gpu.is_set()):
+                    # Acknowledged (the server's queue forgets it) once it has left the GPU, or with on_gpu once
+                    # it beats: from then on, should this worker die, the waiting flow sees the beats stop and
+                    # submits the job again; before, the dropped connection puts it back in the queue.
+                    acknowledge_when = signals.beating if take_next_on_gpu else signals.left_gpu
+                    while not (ended.is_set() or signals.left_gpu.is_set() or acknowledge_when.is_set()):
                         await asyncio.sleep(0.005)
                 await subscription.ack()
 
@@ -276,7 +298,7 @@ def _team_member(rank: int, kind: str, gpus: list[int], master: str, profile_nam
 
     async def serve() -> None:
         routed = edit_task_for(profile.name) if kind == "edit" else animate_task_for(profile.name)
-        worker = _overlapping_worker()(routed, limit=1 + MAX_FINISHING)
+        worker = _overlapping_worker()(routed, limit=_job_limit())
         await worker.astart()
 
     if settings.worker_idle_s > 0:

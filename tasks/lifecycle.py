@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import json
 import os
 import socket
@@ -101,6 +102,7 @@ def running(job) -> Iterator[Callable[[], bool]]:
                 write()
 
     write()
+    _signal("beating")  # from here a worker that dies is seen by the waiting flow (its beats stop)
     thread = threading.Thread(target=beat_loop, name="recast-heartbeat", daemon=True)
     thread.start()
     token = _BEAT.set(write)
@@ -112,20 +114,38 @@ def running(job) -> Iterator[Callable[[], bool]]:
         thread.join(timeout=5)
 
 
-# One model call at a time per process (the edit and the video stage of a worker share the card), and the signal a
-# task worker waits for before it takes its next job: the job has left the GPU, so its CPU work (PNG and mp4
-# encoding, identity scoring, writes) goes on beside the next job's model call.
+# One model call at a time per process (the edit and the video stage of a worker share the card), and the signals a
+# task worker waits on before it takes its next job: the job has left the GPU, so its CPU work (PNG and mp4
+# encoding, identity scoring, writes) goes on beside the next job's model call; or, with `worker_take_next:
+# on_gpu`, the job holds the GPU, so the next one's delivery and setup go on beside its model call.
 _GPU = threading.Lock()
-_LEFT_GPU: dict[str, threading.Event] = {}
 
 
-def watch_gpu(task_run_id: str) -> threading.Event:
-    """An event set once the job of this task run has left the GPU (a worker, before it starts the run)."""
-    return _LEFT_GPU.setdefault(task_run_id, threading.Event())
+@dataclasses.dataclass
+class JobSignals:
+    """What a task worker waits on for one of its jobs (set by the job's own thread)."""
+
+    beating: threading.Event = dataclasses.field(default_factory=threading.Event)  # its first heartbeat is written
+    on_gpu: threading.Event = dataclasses.field(default_factory=threading.Event)  # it holds the GPU
+    left_gpu: threading.Event = dataclasses.field(default_factory=threading.Event)  # its model call is over
 
 
-def forget_gpu(task_run_id: str) -> None:
-    _LEFT_GPU.pop(task_run_id, None)
+_SIGNALS: dict[str, JobSignals] = {}
+
+
+def watch_job(task_run_id: str) -> JobSignals:
+    """The signals of this task run's job (a worker, before it starts the run)."""
+    return _SIGNALS.setdefault(task_run_id, JobSignals())
+
+
+def forget_job(task_run_id: str) -> None:
+    _SIGNALS.pop(task_run_id, None)
+
+
+def _signal(name: str) -> None:
+    signals = _SIGNALS.get(_task_run_id())
+    if signals is not None:
+        getattr(signals, name).set()
 
 
 @contextlib.contextmanager
@@ -138,13 +158,12 @@ def on_gpu():
         if beat:
             beat("waiting for the GPU", write=False)
         with _GPU:
+            _signal("on_gpu")
             if beat:
                 beat("on the GPU", write=False)
             yield
     finally:
-        left = _LEFT_GPU.get(_task_run_id())
-        if left is not None:
-            left.set()
+        _signal("left_gpu")
         if beat:
             with contextlib.suppress(Exception):  # a missed beat is a late beat
                 beat("finishing")

@@ -174,6 +174,65 @@ def test_a_worker_takes_its_next_job_while_the_last_one_finishes(api_server):
         thread.join(timeout=30)
 
 
+def test_a_worker_taking_its_next_job_on_the_gpu_gets_it_ready_during_the_model_call(api_server, tmp_path,
+                                                                                    monkeypatch):
+    """worker_take_next: on_gpu (#23: a stream of edits idled the card ~0.6 s between jobs, outside the model calls).
+    Job 1 holds the GPU until job 2's task has begun, so job 2's delivery and set-up overlap the model call; job 2
+    then waits for the GPU and reaches it only once job 1 has left. A worker taking jobs after the GPU (the default)
+    would not begin job 2 while job 1 holds it."""
+    import asyncio
+    import contextvars
+    import threading
+    from types import SimpleNamespace
+
+    from prefect import task
+
+    from recast.flows.workers import _job_limit, _overlapping_worker
+    from recast.tasks import lifecycle
+
+    monkeypatch.setenv("RECAST_WORKER_TAKE_NEXT", "on_gpu")
+    first_on_gpu, second_began = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    @task(name="recast-take-next-probe", persist_result=True)
+    def probe(n: int, control: str) -> int:
+        with lifecycle.running(SimpleNamespace(control=control)):  # beats, as an edit does
+            if n == 2:
+                second_began.set()
+            with lifecycle.on_gpu():
+                order.append(f"{n} on the GPU")
+                if n == 1:
+                    first_on_gpu.set()
+                    if not second_began.wait(120):
+                        raise AssertionError("job 2 did not begin while job 1 held the GPU")
+                order.append(f"{n} left the GPU")
+        return n
+
+    serving: dict = {}
+
+    async def serve():
+        serving["loop"] = asyncio.get_running_loop()
+        serving["worker"] = _overlapping_worker()(probe, limit=_job_limit())
+        try:
+            await serving["worker"].astart()
+        except BaseException:  # noqa: BLE001 - stopped at the end of the test
+            pass
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(asyncio.run, serve()), daemon=True)
+    thread.start()
+    try:
+        first = probe.delay(1, str(tmp_path / "job-1"))
+        assert first_on_gpu.wait(120), "the worker did not take job 1"
+        second = probe.delay(2, str(tmp_path / "job-2"))
+        assert first.result(timeout=180) == 1 and second.result(timeout=180) == 2
+    finally:
+        if "worker" in serving:
+            asyncio.run_coroutine_threadsafe(serving["worker"].astop(), serving["loop"])
+        thread.join(timeout=30)
+    assert order == ["1 on the GPU", "1 left the GPU", "2 on the GPU", "2 left the GPU"], \
+        f"the GPU must still serve one job at a time: {order}"
+
+
 def test_a_job_reaches_only_workers_of_its_profile_and_says_so_when_none_runs(server, astronaut, tmp_path):
     """A UI user cannot make a worker load a second model, and a job for a profile no running worker serves is not
     failed by the first worker it meets: it is routed by profile, the run says at once that none serves it, and
@@ -228,8 +287,10 @@ def test_worker_refuses_the_ephemeral_api(tmp_path):
     assert proc.returncode == 2 and "PREFECT_API_URL" in proc.stderr, proc.stderr
 
 
-def test_killed_worker_is_replaced_and_the_run_completes_with_each_edit_once(server, astronaut, tmp_path):
-    env = dict(server, RECAST_WORKER_HEARTBEAT_TIMEOUT_S="15")
+@pytest.mark.parametrize("take_next", ["after_gpu", "on_gpu"])
+def test_killed_worker_is_replaced_and_the_run_completes_with_each_edit_once(server, astronaut, tmp_path, take_next):
+    # on_gpu: the worker also holds the next edit, acknowledged and waiting for the GPU, when it is killed.
+    env = dict(server, RECAST_WORKER_HEARTBEAT_TIMEOUT_S="15", RECAST_WORKER_TAKE_NEXT=take_next)
     worker = start_worker(env, tmp_path / "w1.log")
     root = tmp_path / "store"
     args = [str(BIN / "recast"), "edit", str(astronaut), "--prompt", "Neo, black leather trench coat",

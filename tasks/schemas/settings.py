@@ -158,6 +158,10 @@ class Settings(Strict):
     worker_poll_s: float = Field(2, gt=0, le=60, description="How often a run waiting on task workers asks the "
                                  "Prefect server about its jobs (their states; their heartbeats): every waiting run "
                                  "asks the one server. Their result files are read every 0.5 s regardless.")
+    worker_take_next: Literal["after_gpu", "on_gpu"] = Field(
+        "after_gpu", description="When a task worker takes its next job: after_gpu, once the current one has left "
+        "the GPU (its CPU work overlaps the next model call); on_gpu, once it holds the GPU (the next job's delivery "
+        "and set-up overlap its model call too, and wait for the GPU).")
     worker_resubmits: int = Field(2, ge=0, le=10, description="Resubmissions of a lost or timed-out job.")
     worker_in_flight: int = Field(8, ge=1, le=256, description="Jobs of one run submitted to task workers at once.")
     worker_wait_timeout_s: float = Field(600, gt=0, description="A job no worker has taken after this long fails, "
