@@ -45,17 +45,19 @@ def test_stream_benchmark_serves_runs_through_the_deployment_on_one_worker(tmp_p
     work.chmod(0o755)
     try:
         proc = subprocess.run([sys.executable, "gpu_stream.py", "--tiny", "--work", str(work), "--clips", "2",
-                               "--edits", "2", "--databases", ",".join(databases), "--results", str(results)],
+                               "--edits", "2", "--databases", ",".join(databases), "--take-next", "after_gpu,on_gpu",
+                               "--results", str(results)],
                               cwd=BENCHMARKS, capture_output=True, text=True, timeout=1200)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = {(row["variant"], row["profile"]): row for row in _rows(results)}
-    assert set(rows) == {(database, stream) for database in databases for stream in ("stream-clips", "stream-edits")}, \
-        f"one row per database and stream expected: {sorted(rows)}"
+    variants = [variant for database in databases for variant in (database, f"{database}+take-next-on_gpu")]
+    assert set(rows) == {(variant, stream) for variant in variants for stream in ("stream-clips", "stream-edits")}, \
+        f"one row per database, worker_take_next and stream expected: {sorted(rows)}"
     for row in rows.values():
         assert row["completed"] == row["requests"] == 2, row
-        assert row["database"] == row["variant"] and isinstance(row["server_503s"], int), row
+        assert row["variant"].startswith(row["database"]) and isinstance(row["server_503s"], int), row
         assert 0 < row["busy_fraction"] < 1 and row["latency_p50_s"] > 0 and row["per_hour"] > 0, row
         # Where a stream's time went when the card waited: each service's CPU seconds, found by its command line.
         assert all(row["cpu_s"][role] > 0 for role in ("server", "flow_runs", "task_worker", "host")), \
@@ -70,8 +72,8 @@ def test_stream_benchmark_serves_runs_through_the_deployment_on_one_worker(tmp_p
         assert abs(sum(parts) - (row["wall_s"] - row["model_seconds"])) < 0.5, \
             f"the idle parts {idle} do not add up to the wall less the model time ({row['wall_s']} - " \
             f"{row['model_seconds']})"
-    for database in databases:
-        assert set(rows[database, "stream-clips"]["worker_cold_start_s"]) == {"edit", "video"}, \
+    for variant in variants:
+        assert set(rows[variant, "stream-clips"]["worker_cold_start_s"]) == {"edit", "video"}, \
             "one worker serves both stages"
 
 
