@@ -374,7 +374,8 @@ def hand_over(handoff_uri: str, plan: RunPlan) -> dict | None:
             return {"mode": mode, "status": manifest["status"], "run_id": manifest["run_id"],
                     "manifest": manifest["manifest"],
                     "clips": [{k: c[k] for k in ("clip_id", "output", "last_frame", "num_frames", "fps", "width",
-                                                 "height", "seconds", "error", "identity", "identity_strip", "timeline")}
+                                                 "height", "seconds", "error", "identity", "identity_strip",
+                                                 "timeline")}
                               for c in manifest["clips"]]}
         from prefect.deployments import run_deployment
 
