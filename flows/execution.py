@@ -176,6 +176,7 @@ class _Watch:
         self.run_id: str | None = None
         self.submitted = 0.0
         self.server_went_away = False
+        self.found_server_away = False  # its submission could not reach the server (_share_server_away)
         self.adopted = False
         self.missing_polls = 0  # polls in a row at which the server did not know the task run
         self.workers: list[str] = []  # the workers seen running the current submission (host:pid)
@@ -205,6 +206,7 @@ class _Watch:
         except Exception as exc:  # noqa: BLE001 - the server is away: submit again at the next poll
             log.warning("could not submit %s yet: %s", self._name(), exc)
             self.run_id = None
+            self.found_server_away = _unreachable(exc)
 
     def _served_as(self) -> str:
         profile = getattr(self.job, "profile", None)
@@ -292,9 +294,29 @@ class _Watch:
                                    "version?", submissions=self.submissions)
 
 
+def _unreachable(exc: BaseException) -> bool:
+    """The server could not be reached at all (not listening: stopped or restarting), as opposed to an error it
+    answered."""
+    import httpx
+
+    return isinstance(exc, (httpx.ConnectError, httpx.RemoteProtocolError, ConnectionError))
+
+
+def _share_server_away(watches: list[_Watch]) -> None:
+    """A submission that could not reach the server shows it was away then, and its queue (in memory) may be gone:
+    every job submitted before is looked at as after a restart (lost if still queued once the server answers). The
+    flow's own looks may miss the gap entirely, when it spent it in submissions that failed."""
+    if any(watch.found_server_away for watch in watches):
+        for watch in watches:
+            watch.found_server_away = False
+            if watch.outcome is None and watch.run_id is not None:
+                watch.server_went_away = True
+
+
 def _look(watches: list[_Watch], last_look: float, poll_s: float) -> float:
     """Look at every job still running: the server too when poll_s has passed since last_look (when it was last
     asked; returned, updated), else only their result files."""
+    _share_server_away(watches)
     if not any(watch.outcome is None for watch in watches):
         return last_look
     if time.monotonic() - last_look >= poll_s:

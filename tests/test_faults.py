@@ -375,3 +375,54 @@ def test_a_waiting_flow_asks_the_server_only_every_worker_poll_s_and_sees_a_resu
     assert clock["now"] - written_at <= execution.POLL_S + 1e-9, (
         f"the result written at {written_at:.1f} s was seen only at {clock['now']:.1f} s: the flow waited for its "
         f"next look at the server instead of reading the result file")
+
+
+def test_a_submission_that_cannot_reach_the_server_makes_the_flow_submit_its_queued_jobs_again(memory_root,
+                                                                                                 monkeypatch):
+    """The Prefect server keeps its task queue in memory: jobs still queued when it restarts are gone, and a flow
+    submits them again once it has seen the server away. A flow that spent the whole restart inside submissions
+    that could not connect never saw it away at its own looks (the suite once saw such a job wait ten minutes). So a
+    submission that cannot reach the server counts as seeing it away: a job submitted before it and still queued
+    when the server answers is submitted again. Against the session's real server, with no worker for the profile
+    (the jobs stay queued); job 2's first submission stands in for the server being unreachable."""
+    import types
+
+    import httpx
+
+    from recast.flows import execution
+    from recast.tasks import lifecycle, storage
+    from recast.tasks.edit import edit_task_for
+    from recast.tasks.schemas.jobs import EditJob, EditResult
+
+    monkeypatch.setenv("RECAST_EXECUTION", "workers")
+    jobs = [EditJob(edit_id=name, profile="nobody-serves-this", inputs=[storage.join(memory_root, "in.png")],
+                    prompt="x", negative_prompt=" ", seed=1, steps=1, true_cfg_scale=1.0, width=64, height=64,
+                    output=storage.join(memory_root, f"{name}.png"), control=storage.join(memory_root, ".jobs", name))
+            for name in ("e1", "e2")]
+    task = edit_task_for("nobody-serves-this")
+    unreachable = []
+
+    class ServerAwayAtJob2sFirstSubmission:
+        def delay(self, job):
+            if job.edit_id == "e2" and not unreachable:
+                unreachable.append(job.edit_id)
+                raise httpx.ConnectError("All connection attempts failed")
+            return task.delay(job)
+
+    written_at, clock = 30.0, {"now": 0.0}  # on the flow's clock: a worker writes both results then
+
+    def sleep(seconds: float) -> None:
+        before, clock["now"] = clock["now"], clock["now"] + seconds
+        if before < written_at <= clock["now"]:
+            for job in jobs:
+                lifecycle.record_result(job, EditResult(edit_id=job.edit_id, output=job.output, seed=1, width=64,
+                                                        height=64, seconds=1.0, cache_hit=False, cold_start_s=0.0))
+
+    monkeypatch.setattr(execution, "time", types.SimpleNamespace(monotonic=lambda: clock["now"], sleep=sleep,
+                                                                 time=time.time))
+    outcomes = dict(execution.run_chains(ServerAwayAtJob2sFirstSubmission(), [execution.single(j) for j in jobs]))
+    assert unreachable == ["e2"], "the stand-in for the unreachable server did not run"
+    first = outcomes[0].submissions
+    assert [s["outcome"] for s in first] == ["lost", "completed"] and "restarted" in first[0]["detail"], \
+        f"job 1, queued before the server was seen away, was not submitted again: {first}"
+    assert outcomes[1].result is not None, f"job 2 did not complete: {outcomes[1]}"
