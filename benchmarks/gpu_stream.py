@@ -10,8 +10,8 @@ through the deployment/API path as UI users would:
 Each row: requests per hour (completed / wall, from the first submission to the last end), `busy_fraction`
 (the model calls' seconds, from the manifests, over that wall time), `idle_s` (the rest of the wall time: before
 the first model call, between calls waiting for the next task to begin or in that task before its model call,
-after the last), p50/p95 end-to-end latency (each flow run's
-creation to its end, from the API), the card's peak memory (nvidia-smi, sampled every second), the worker's
+after the last), p50/p95 end-to-end latency (each flow run's creation to its end, from the API), the card's peak
+memory (nvidia-smi, sampled every second), the worker's
 cold start, and `cpu_s`: the CPU seconds the stream cost the Prefect server, the process worker, the flow-run
 processes, the task worker and the whole host (where a stream waits when the card does not). Rows go into
 docs/performance.json with stage "stream".
