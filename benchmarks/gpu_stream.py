@@ -11,10 +11,9 @@ Each row: requests per hour (completed / wall, from the first submission to the 
 (the model calls' seconds, from the manifests, over that wall time), `idle_s` (the rest of the wall time: before
 the first model call, between calls waiting for the next task to begin or in that task before its model call,
 after the last), p50/p95 end-to-end latency (each flow run's creation to its end, from the API), the card's peak
-memory (nvidia-smi, sampled every second), the worker's
-cold start, and `cpu_s`: the CPU seconds the stream cost the Prefect server, the process worker, the flow-run
-processes, the task worker and the whole host (where a stream waits when the card does not). Rows go into
-docs/performance.json with stage "stream".
+memory (nvidia-smi, sampled every second), the worker's cold start, and `cpu_s`: the CPU seconds the stream cost
+the Prefect server, the process worker, the flow-run processes, the task worker and the whole host (where a
+stream waits when the card does not). Rows go into docs/performance.json with stage "stream".
 
     python gpu_stream.py --work /dev/shm/stream --clips 8 --edits 32 --out ../docs/performance.json
     python gpu_stream.py --tiny --work /tmp/stream --clips 2 --edits 3      # the code path on the CPU
