@@ -387,20 +387,26 @@ print(json.dumps({"graphs_at_ready": at_ready, "graphs_in_request": prepared.com
 """
 
 
+def _first_start_and_restart(script: str, astronaut, tmp_path) -> tuple[dict, dict]:
+    """`script` in two fresh processes sharing one model cache (a first start, then a restart): what each printed
+    last, as JSON; each saves its output to tmp_path/<first|restart>.npy."""
+    env = _env(tmp_path / "cache")
+    results = []
+    for start in ("first", "restart"):
+        proc = subprocess.run([sys.executable, "-c", script, str(astronaut), str(tmp_path / f"{start}.npy")],
+                              env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"the {start} start failed: {proc.stderr[-3000:]}"
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return results[0], results[1]
+
+
 def test_a_restart_loads_the_blocks_compiled_ahead_of_time_traces_nothing_and_makes_the_same_edit(tmp_path, astronaut):
     """Cold start (#22): dynamo's trace of the compiled block was ~6 s of a restart's warm-up on an H200. The first
     start compiles the blocks ahead of time and keeps the code beside the prepared weights; the next process loads it
     and traces nothing, at start or for a request of another size, and its edit is the eager pipeline's."""
     import numpy as np
 
-    env = _env(tmp_path / "cache")
-    results = []
-    for start in ("first", "restart"):
-        proc = subprocess.run([sys.executable, "-c", _AOT_START, str(astronaut), str(tmp_path / f"{start}.npy")],
-                              env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, f"the {start} start failed: {proc.stderr[-3000:]}"
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    first, restart = results
+    first, restart = _first_start_and_restart(_AOT_START, astronaut, tmp_path)
     assert list((tmp_path / "cache" / "prepared").glob("edit-*/compile/*.blocks")), \
         "the first start kept no compiled blocks beside its prepared weights"
     assert restart["graphs_at_ready"] == 0 and restart["graphs_in_request"] == 0, \
@@ -526,14 +532,7 @@ def test_a_video_worker_warmed_up_on_a_short_clip_compiles_nothing_for_a_longer_
     its clip is the eager pipeline's."""
     import numpy as np
 
-    env = _env(tmp_path / "cache")
-    results = []
-    for start in ("first", "restart"):
-        proc = subprocess.run([sys.executable, "-c", _VIDEO_AOT_START, str(astronaut), str(tmp_path / f"{start}.npy")],
-                              env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, f"the {start} start failed: {proc.stderr[-3000:]}"
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    first, restart = results
+    first, restart = _first_start_and_restart(_VIDEO_AOT_START, astronaut, tmp_path)
     assert first["graphs_in_request"] == 0 and first["calls"]["in_process"] == 0, \
         f"a clip longer than the warm-up's compiled again at the first start: {first}"
     assert restart["graphs_at_ready"] == 0 and restart["graphs_in_request"] == 0 \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -129,16 +130,44 @@ def test_a_stream_of_runs_on_one_worker_completes_with_each_manifest_right(serve
     assert len(list((tmp_path / "s").glob("runs/*/edits/*.png"))) == 6, "each edit once"
 
 
-def test_a_worker_takes_its_next_job_while_the_last_one_finishes(api_server):
-    """The worker's overlap itself: job 1 leaves the GPU, then waits (its 'CPU work') until job 2 has reached the
-    GPU. A worker that took one job at a time would never start job 2 while job 1 runs."""
+@contextlib.contextmanager
+def _worker_in_this_process(*tasks, limit: int):
+    """recast's task worker serving `tasks` on a thread of this process (so a test's tasks share its events),
+    stopped on leaving."""
     import asyncio
     import contextvars
     import threading
 
+    from recast.flows.workers import _overlapping_worker
+
+    serving: dict = {}
+
+    async def serve():
+        serving["loop"] = asyncio.get_running_loop()
+        serving["worker"] = _overlapping_worker()(*tasks, limit=limit)
+        try:
+            await serving["worker"].astart()
+        except BaseException:  # noqa: BLE001 - stopped on leaving
+            pass
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(asyncio.run, serve()), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        if "worker" in serving:
+            asyncio.run_coroutine_threadsafe(serving["worker"].astop(), serving["loop"])
+        thread.join(timeout=30)
+
+
+def test_a_worker_takes_its_next_job_while_the_last_one_finishes(api_server):
+    """The worker's overlap itself: job 1 leaves the GPU, then waits (its 'CPU work') until job 2 has reached the
+    GPU. A worker that took one job at a time would never start job 2 while job 1 runs."""
+    import threading
+
     from prefect import task
 
-    from recast.flows.workers import MAX_FINISHING, _overlapping_worker
+    from recast.flows.workers import MAX_FINISHING
     from recast.tasks import lifecycle
 
     first_started, second_on_gpu = threading.Event(), threading.Event()
@@ -151,27 +180,11 @@ def test_a_worker_takes_its_next_job_while_the_last_one_finishes(api_server):
             raise AssertionError("job 2 never reached the GPU while job 1 was finishing")
         return n
 
-    serving: dict = {}
-
-    async def serve():
-        serving["loop"] = asyncio.get_running_loop()
-        serving["worker"] = _overlapping_worker()(probe, limit=1 + MAX_FINISHING)
-        try:
-            await serving["worker"].astart()
-        except BaseException:  # noqa: BLE001 - stopped at the end of the test
-            pass
-
-    thread = threading.Thread(target=contextvars.copy_context().run, args=(asyncio.run, serve()), daemon=True)
-    thread.start()
-    try:
+    with _worker_in_this_process(probe, limit=1 + MAX_FINISHING):
         first = probe.delay(1)
         assert first_started.wait(120), "the worker did not take job 1"
         second = probe.delay(2)
         assert first.result(timeout=180) == 1 and second.result(timeout=180) == 2
-    finally:
-        if "worker" in serving:
-            asyncio.run_coroutine_threadsafe(serving["worker"].astop(), serving["loop"])
-        thread.join(timeout=30)
 
 
 def test_a_worker_taking_its_next_job_on_the_gpu_gets_it_ready_during_the_model_call(api_server, tmp_path,
@@ -180,14 +193,12 @@ def test_a_worker_taking_its_next_job_on_the_gpu_gets_it_ready_during_the_model_
     Job 1 holds the GPU until job 2's task has begun, so job 2's delivery and set-up overlap the model call; job 2
     then waits for the GPU and reaches it only once job 1 has left. A worker taking jobs after the GPU (the default)
     would not begin job 2 while job 1 holds it."""
-    import asyncio
-    import contextvars
     import threading
     from types import SimpleNamespace
 
     from prefect import task
 
-    from recast.flows.workers import _job_limit, _overlapping_worker
+    from recast.flows.workers import _job_limit
     from recast.tasks import lifecycle
 
     monkeypatch.setenv("RECAST_WORKER_TAKE_NEXT", "on_gpu")
@@ -208,27 +219,11 @@ def test_a_worker_taking_its_next_job_on_the_gpu_gets_it_ready_during_the_model_
                 order.append(f"{n} left the GPU")
         return n
 
-    serving: dict = {}
-
-    async def serve():
-        serving["loop"] = asyncio.get_running_loop()
-        serving["worker"] = _overlapping_worker()(probe, limit=_job_limit())
-        try:
-            await serving["worker"].astart()
-        except BaseException:  # noqa: BLE001 - stopped at the end of the test
-            pass
-
-    thread = threading.Thread(target=contextvars.copy_context().run, args=(asyncio.run, serve()), daemon=True)
-    thread.start()
-    try:
+    with _worker_in_this_process(probe, limit=_job_limit()):
         first = probe.delay(1, str(tmp_path / "job-1"))
         assert first_on_gpu.wait(120), "the worker did not take job 1"
         second = probe.delay(2, str(tmp_path / "job-2"))
         assert first.result(timeout=180) == 1 and second.result(timeout=180) == 2
-    finally:
-        if "worker" in serving:
-            asyncio.run_coroutine_threadsafe(serving["worker"].astop(), serving["loop"])
-        thread.join(timeout=30)
     assert order == ["1 on the GPU", "1 left the GPU", "2 on the GPU", "2 left the GPU"], \
         f"the GPU must still serve one job at a time: {order}"
 
