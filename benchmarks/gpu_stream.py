@@ -76,7 +76,8 @@ def cpu_seconds(root_pid: int) -> dict:
     """CPU seconds (user + system) so far of each service `recast serve` started, by role, and of the whole host.
 
     Flow-run processes are children of Prefect's process worker: once reaped, their time is in its children's
-    times, so `flow_runs` counts the finished ones. The difference of two readings is what a stream cost each role.
+    times; while they still run (a run reported done is often still exiting), in their own. `flow_runs` adds both,
+    so a run is counted once at every reading. The difference of two readings is what a stream cost each role.
     """
     import psutil
 
@@ -87,6 +88,7 @@ def cpu_seconds(root_pid: int) -> dict:
         processes = psutil.Process(root_pid).children(recursive=True)
     except psutil.NoSuchProcess:
         processes = []
+    flow_run_pids = set()
     for process in processes:
         try:
             command, times = " ".join(process.cmdline()), process.cpu_times()
@@ -97,6 +99,17 @@ def cpu_seconds(root_pid: int) -> dict:
             seconds[role] += times.user + times.system
         if role == "flow_worker":
             seconds["flow_runs"] += times.children_user + times.children_system
+            try:
+                flow_run_pids |= {child.pid for child in process.children(recursive=True)}
+            except psutil.Error:
+                pass
+    for process in processes:
+        if process.pid in flow_run_pids:
+            try:
+                times = process.cpu_times()
+            except psutil.Error:
+                continue  # it exited between the readings: its time is in the worker's children's now
+            seconds["flow_runs"] += times.user + times.system
     host = psutil.cpu_times()
     seconds["host"] = host.user + host.system
     return seconds
