@@ -20,6 +20,8 @@ Scenarios (`variant` in docs/performance.json), in this order, on the same card:
                       node whose image holds both
     restart           the same again on the same node: page cache and inductor folder warm, and the shards the
                       last start verified not hashed again (prepared.VERIFIED; `parts.hashed_gib` says what was)
+    respawn           a restart as `recast worker` makes one after its serving process died (recast.flows.respawn):
+                      forked from a parent that imported the libraries; timed from the fork (`imports_s` ~0)
 
 Before hub, prepared and prepared+compile every weight file is evicted from the page cache (posix_fadvise
 DONTNEED; /proc/sys/vm/drop_caches is tried too); `bytes_read_gib` shows whether the eviction took. A file on a
@@ -176,9 +178,22 @@ def start(args) -> None:
     from recast.tasks.settings import get_settings
 
     t0 = args.t0 or T0
-    imported = time.time()
     settings = get_settings()
     kinds = args.kinds.split(",")
+    if args.respawn:  # `recast worker`'s parent and serving process (recast.flows.respawn): the first one dies as
+        # soon as it serves, and the row is the one started again, timed from its fork
+        from recast.flows import respawn
+
+        pairs = [(kind, settings.get_profile(args.profile) if kind == "edit" else
+                  settings.get_video_profile(args.video_profile)) for kind in kinds]
+        respawn.supervise(lambda: loading.import_ahead(pairs), respawns=1)
+        if respawn.forked_at is None:
+            raise SystemExit("the worker's parent did not fork (its line above says why)")
+        if respawn.generation == 0:
+            respawn.serving()
+            os.kill(os.getpid(), 9)
+        t0 = respawn.forked_at
+    imported = time.time()
     loaded = {}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -272,12 +287,14 @@ def filesystem_of(path: Path) -> str:
     return kind
 
 
-def run_start(env: dict, kinds: tuple[str, ...], row: str, tiny: bool, log: Path, timeout: float) -> dict:
+def run_start(env: dict, kinds: tuple[str, ...], row: str, tiny: bool, log: Path, timeout: float,
+              respawn: bool = False) -> dict:
     edit_profile, video_profile = PROFILES[row]
     command = [sys.executable, str(HERE / "cold_start.py"), "start", "--kinds", ",".join(kinds)]
     command += ["--profile", edit_profile] if "edit" in kinds else []
     command += ["--video-profile", video_profile] if "video" in kinds else []
     command += ["--tiny"] if tiny else []
+    command += ["--respawn"] if respawn else []
     with open(log, "a") as out:
         proc = subprocess.run(command + ["--t0", str(time.time())], env=env, stdout=subprocess.PIPE, stderr=out,
                               text=True, timeout=timeout)
@@ -296,6 +313,7 @@ def main() -> int:
     one.add_argument("--video-profile", dest="video_profile")
     one.add_argument("--t0", type=float, default=None)
     one.add_argument("--tiny", action="store_true")
+    one.add_argument("--respawn", action="store_true")
     prep = sub.add_parser("make-prepared", help="prepared weights from random full-size weights")
     prep.add_argument("--kind", required=True, choices=["edit", "video"])
     prep.add_argument("--profile", required=True)
@@ -366,17 +384,18 @@ def parent(args) -> int:
             if scenario in ("hub", "prepared"):
                 for folder in folders:
                     shutil.rmtree(Path(folder) / "compile", ignore_errors=True)
-            if scenario != "restart":  # a new node has verified nothing: every shard is hashed as it is read
+            restart = scenario in ("restart", "respawn")
+            if not restart:  # a new node has verified nothing: every shard is hashed as it is read
                 for folder in folders:
                     Path(folder, "verified.json").unlink(missing_ok=True)
-            if scenario != "restart":  # a fresh node: nothing compiled yet in its inductor and triton folders
+            if not restart:  # a fresh node: nothing compiled yet in its inductor and triton folders
                 inductor = work / f"inductor-{row}-{scenario}"
                 shutil.rmtree(inductor, ignore_errors=True)
                 row_env.update(TORCHINDUCTOR_CACHE_DIR=str(inductor), TRITON_CACHE_DIR=str(inductor / "triton"))
             weights = [p for folder in folders for p in Path(folder).rglob("*.safetensors")] if scenario != "hub" \
                 else list(hub.rglob("*.safetensors"))
-            evicted = evict(weights) if scenario != "restart" else "none (a restart: page cache warm)"
-            result = run_start(row_env, kinds, row, args.tiny, log, args.timeout)
+            evicted = evict(weights) if not restart else "none (a restart: page cache warm)"
+            result = run_start(row_env, kinds, row, args.tiny, log, args.timeout, respawn=scenario == "respawn")
             place = filesystem_of(hub if scenario == "hub" else cache)
             measured = dict(
                 stage="cold_start", profile=row, variant=scenario, card=card, gpus=1, **result,

@@ -33,7 +33,7 @@ def serve_worker(kinds: list[str], gpu: int | None = None, profile_name: str | N
         raise BadInput("PREFECT_API_URL", None, "task workers need a Prefect server, not the ephemeral API",
                        "leave RECAST_CLI_SERVER unset (the worker then uses the CLI's background server), or start one "
                        "(`make serve` or `prefect server start`) and export PREFECT_API_URL=http://127.0.0.1:4200/api")
-    from recast.flows import fleet
+    from recast.flows import fleet, respawn
     from recast.tasks.animate import animate_task_for
     from recast.tasks.edit import edit_task_for
 
@@ -46,12 +46,16 @@ def serve_worker(kinds: list[str], gpu: int | None = None, profile_name: str | N
         profile = settings.get_video_profile(video_profile_name)
         served.append(("video", profile, animate_task_for(profile.name)))
     loading.serve_only({(kind, profile.name) for kind, profile, _ in served})
+    # From here on in a serving process its parent starts again when it dies (worker_respawns); this one returns.
+    pairs = [(kind, profile) for kind, profile, _ in served]
+    respawn.supervise(lambda: loading.import_ahead(pairs), settings.worker_respawns)
     # Load (and for compiled profiles, compile) before the first task can arrive.
     for kind, profile, _ in served:
         loaded, _ = loading.get_pipeline(kind, profile)
         print(f"recast worker: {kind} {profile.name} ({profile.model_id}) ready on {loading.describe_device(profile)} "
-              f"after a {loaded.cold_start_s:.1f}s cold start", flush=True)
+              f"after a {loaded.cold_start_s:.1f}s cold start" + _respawned(), flush=True)
     print(f"recast worker {' '.join(kinds)}: serving one task at a time on the GPU", flush=True)
+    respawn.serving()
     withdraw = fleet.advertise({kind: profile.name for kind, profile, _ in served})
 
     async def serve() -> None:
@@ -66,6 +70,15 @@ def serve_worker(kinds: list[str], gpu: int | None = None, profile_name: str | N
         _serve_until_stopped(serve)
     finally:
         withdraw()
+
+
+def _respawned() -> str:
+    """What a serving process its parent started again says of its start."""
+    from recast.flows import respawn
+
+    if not respawn.generation:
+        return ""
+    return f" ({time.time() - respawn.forked_at:.1f}s since it was started again, respawn {respawn.generation})"
 
 
 # What the idle stop watches: when the worker last started or finished a job, and how many it has now.
@@ -235,6 +248,8 @@ def serve_team(kinds: list[str], gpus: list[int], profile_name: str | None, vide
     import subprocess
     import sys
 
+    from recast.flows import respawn
+
     if len(kinds) != 1:
         raise BadInput("kinds", kinds, "a multi-GPU worker serves one stage", "start one worker for edit and one "
                        "for animate")
@@ -243,19 +258,13 @@ def serve_team(kinds: list[str], gpus: list[int], profile_name: str | None, vide
         master = f"127.0.0.1:{probe.getsockname()[1]}"
     command = [sys.executable, "-m", "recast.flows.workers", kinds[0], ",".join(map(str, gpus)), master,
                profile_name or "", video_profile_name or ""]
-    followers = [subprocess.Popen([*command, str(rank)], preexec_fn=_die_with_parent) for rank in range(1, len(gpus))]
+    followers = [subprocess.Popen([*command, str(rank)], preexec_fn=respawn.die_with_parent)
+                 for rank in range(1, len(gpus))]
     try:
         _team_member(0, kinds[0], gpus, master, profile_name, video_profile_name)
     finally:
         for follower in followers:
             follower.kill()
-
-
-def _die_with_parent() -> None:
-    import ctypes
-    import signal
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _team_member(rank: int, kind: str, gpus: list[int], master: str, profile_name: str | None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -320,6 +321,60 @@ def test_killed_worker_is_replaced_and_the_run_completes_with_each_edit_once(ser
                or len(e["submissions"][0]["workers"]) > 1]
     assert retried, "the manifest must record the edit the dead worker held: " + json.dumps(
         [e["submissions"] for e in manifest["edits"]])
+
+
+def test_a_worker_whose_serving_process_dies_starts_it_again_and_the_run_completes(server, astronaut, tmp_path):
+    """worker_respawns (#22): the process that serves dies mid-run (a CUDA fault, the OOM killer). The worker's
+    parent, which imported the libraries once, starts it again: the run completes with each edit once, on the same
+    worker. A second death beyond worker_respawns (1 here) ends the worker with exit 1 and nothing left running."""
+    env = dict(server, RECAST_WORKER_HEARTBEAT_TIMEOUT_S="15", RECAST_WORKER_RESPAWNS="1")
+    log = tmp_path / "worker.log"
+    worker = start_worker(env, log)
+    root = tmp_path / "store"
+    args = [str(BIN / "recast"), "edit", str(astronaut), "--prompt", "Neo, black leather trench coat",
+            "--steps", "25", "--width", "384", "--height", "384", "--storage", str(root), "--json",
+            "--seed", "21", "--seed", "22", "--seed", "23", "--seed", "24"]
+    run = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    serving = []
+    try:
+        serving.append(_serving_process(log, 1))
+        wait_for(lambda: list(root.glob("runs/*/edits/*.png")) and _busy_on(root), 180,
+                 "the worker to be on its second edit")
+        os.kill(serving[0], signal.SIGKILL)
+        serving.append(wait_for(lambda: _serving_process(log, 2, worker), 180, "the serving process to start again"))
+        out, err = run.communicate(timeout=300)
+        assert worker.poll() is None, f"the worker must live on: {log.read_text()[-2000:]}"
+        os.kill(serving[1], signal.SIGKILL)  # a second death: more than worker_respawns
+        code = worker.wait(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+        if worker.poll() is None:
+            stop(worker)
+    text = log.read_text()
+    assert run.returncode == 0, err[-2000:]
+    manifest = json.loads(out)
+    assert [e["seed"] for e in manifest["edits"]] == [21, 22, 23, 24], "each edit must be recorded exactly once"
+    assert all(e["status"] == "succeeded" for e in manifest["edits"]), [e["error"] for e in manifest["edits"]]
+    assert len(list(root.glob("runs/*/edits/*.png"))) == 4, "each edit once"
+    assert f"serving process {serving[0]} died (killed by SIGKILL)" in text and "starting it again" in text, text[-3000:]
+    assert text.count("libraries imported") == 1 and text.count("ready on") == 2, \
+        f"the libraries are imported once, the pipeline loaded by each serving process: {text[-3000:]}"
+    respawned = re.search(r"ready on .* after a ([\d.]+)s cold start \(([\d.]+)s since it was started again", text)
+    assert respawned, f"the serving process started again must say so: {text[-3000:]}"
+    print(f"the serving process was ready {respawned.group(2)}s after it was started again")  # a measurement
+    assert code == 1 and "giving up" in text, f"a death beyond worker_respawns must end the worker ({code}): {text}"
+    for pid in serving:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def _serving_process(log: Path, nth: int, worker: subprocess.Popen | None = None) -> int | None:
+    """The pid of the nth serving process the worker's parent started (None while there is none)."""
+    if worker is not None and worker.poll() is not None:
+        raise AssertionError(f"the worker exited ({worker.returncode}): {log.read_text()[-2000:]}")
+    started = re.findall(r"serving process (\d+) started", log.read_text())
+    return int(started[nth - 1]) if len(started) >= nth else None
 
 
 def _busy_on(root: Path) -> list[Path]:

@@ -332,6 +332,40 @@ def get_pipeline(kind: Kind, profile: ModelProfile | VideoProfile, *,
         return loaded, False
 
 
+# The pipeline class of each kind: what a source's loading imports when no prepared folder names its classes.
+PIPELINE_CLASSES = {"edit": "QwenImageEditPlusPipeline", "video": "WanImageToVideoPipeline"}
+
+
+def import_ahead(pairs: list[tuple[Kind, ModelProfile | VideoProfile]]) -> list[str]:
+    """Import what loading these profiles imports (torch, the recipes, their pipelines' classes as the prepared
+    folders' configs name them, torch.compile's machinery for compiled profiles) without reading a weight or
+    touching a device: the modules a worker's supervising parent holds, so a serving process it starts again
+    (recast.flows.respawn) skips seconds of imports. Returns the classes imported."""
+    import importlib
+    import json
+
+    import torch  # noqa: F401
+
+    from recast.tasks.models import prepared
+
+    imported = []
+    for kind, profile in pairs:
+        _recipe(kind)
+        try:
+            index = json.loads((prepared.folder_of(kind, profile) / "config" / "model_index.json").read_text())
+        except (OSError, ValueError):  # not prepared yet: the source's pipeline imports the same classes
+            index = {"_class_name": PIPELINE_CLASSES[kind]}
+        specs = [("diffusers", index["_class_name"])] + [tuple(spec) for name, spec in index.items() if not
+                                                         name.startswith("_") and isinstance(spec, list) and spec[0]]
+        for library, class_name in specs:
+            getattr(importlib.import_module(library), class_name)
+            imported.append(f"{library}.{class_name}")
+        if profile.compile:
+            import torch._dynamo  # noqa: F401 - loading kept code and compiling need both
+            import torch._inductor.codecache  # noqa: F401
+    return imported
+
+
 def preload(pairs: list[tuple[Kind, ModelProfile | VideoProfile]]) -> threading.Thread:
     """Load these pipelines on a background thread while the caller does something else (a CLI command: while its
     Prefect server starts and its flow run begins); the job that then asks for one waits for that load instead of

@@ -162,6 +162,10 @@ class Settings(Strict):
         "after_gpu", description="When a task worker takes its next job: after_gpu, once the current one has left "
         "the GPU (its CPU work overlaps the next model call); on_gpu, once it holds the GPU (the next job's delivery "
         "and set-up overlap its model call too, and wait for the GPU).")
+    worker_respawns: int = Field(3, ge=0, le=100, description="A `recast worker` (one GPU) is a parent that imports "
+        "the libraries once and a serving process it starts from them, again after it dies (a CUDA fault, the OOM "
+        "killer): in seconds, without importing torch, diffusers and transformers again. It gives up (exits 1) after "
+        "this many deaths within 10 minutes; 0: no parent, the worker is one process.")
     worker_resubmits: int = Field(2, ge=0, le=10, description="Resubmissions of a lost or timed-out job.")
     worker_in_flight: int = Field(8, ge=1, le=256, description="Jobs of one run submitted to task workers at once.")
     worker_wait_timeout_s: float = Field(600, gt=0, description="A job no worker has taken after this long fails, "
