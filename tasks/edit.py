@@ -57,7 +57,7 @@ def score_identity(reference, image) -> dict:
     from recast.tasks import identity
 
     try:
-        return identity.compare(identity.main_face(reference), image).as_dict()
+        return identity.compare(identity.reference_face(reference), image).as_dict()
     except identity.IdentityUnavailable as exc:
         return {"score": None, "grade": "unscorable", "notes": f"identity scorer unavailable: {exc}"}
 

@@ -89,3 +89,20 @@ def test_grade_bands_follow_the_documented_cutoffs():
         "Excellent", "Excellent", "Good", "Good", "Drifted", "Drifted", "Lost"]
     assert identity.meets("Excellent", "Good") and not identity.meets("Drifted", "Good")
     assert not identity.meets("unscorable", "Drifted")
+
+
+def test_a_reference_photo_is_searched_for_its_face_once_and_each_photo_keeps_its_own(monkeypatch):
+    """A worker scores every edit of a run against the same photo, loaded anew by each job: its face is found once
+    (a busy worker's CPU), by the photo's content, and another photo never gets that face."""
+    searched = []
+    find = identity.main_face
+    monkeypatch.setattr(identity, "_REFERENCE_FACES", {})  # what earlier tests' edits kept
+    monkeypatch.setattr(identity, "main_face", lambda image: searched.append(image.size) or find(image))
+    first, again, other = photo("obama.jpg"), photo("obama.jpg"), photo("biden.jpg")
+    assert identity.reference_face(first) is identity.reference_face(again), "the same photo's face is kept"
+    assert len(searched) == 1, f"the same photo was searched for its face {len(searched)} times"
+    theirs = identity.reference_face(other)
+    assert len(searched) == 2 and theirs.embedding.tolist() != identity.reference_face(first).embedding.tolist(), \
+        "another photo must get its own face"
+    scored = identity.compare(identity.reference_face(again), photo("obama2.jpg"))
+    assert scored.score == pytest.approx(grade("obama.jpg", "obama2.jpg").score), "kept faces score as found ones"
