@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from test_workers import BIN, free_port, healthy, start_worker, stop, wait_for
+from test_workers import BIN, free_port, healthy, serving_process, start_worker, stop, wait_for
 
 
 def start_server(home: Path, port: int, log_name: str, **extra_env: str) -> subprocess.Popen:
@@ -152,7 +152,7 @@ def test_a_resume_waits_for_edits_still_on_a_worker_instead_of_doing_them_again(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     manifest = json.loads(resumed.stdout)
     assert [e["seed"] for e in manifest["edits"]] == [31, 32, 33, 34, 35, 36]
-    the_worker = f"{socket.gethostname()}:{worker.pid}"
+    the_worker = f"{socket.gethostname()}:{serving_process(tmp_path / 'worker.log')}"
     for edit in manifest["edits"]:
         made = edit["submissions"][-1] if edit["submissions"] else {}
         assert edit["status"] == "succeeded" and made.get("outcome") in ("completed", "found finished"), \

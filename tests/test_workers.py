@@ -337,11 +337,11 @@ def test_a_worker_whose_serving_process_dies_starts_it_again_and_the_run_complet
     run = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     serving = []
     try:
-        serving.append(_serving_process(log, 1))
+        serving.append(serving_process(log, 1))
         wait_for(lambda: list(root.glob("runs/*/edits/*.png")) and _busy_on(root), 180,
                  "the worker to be on its second edit")
         os.kill(serving[0], signal.SIGKILL)
-        serving.append(wait_for(lambda: _serving_process(log, 2, worker), 180, "the serving process to start again"))
+        serving.append(wait_for(lambda: serving_process(log, 2, worker), 180, "the serving process to start again"))
         out, err = run.communicate(timeout=300)
         assert worker.poll() is None, f"the worker must live on: {log.read_text()[-2000:]}"
         os.kill(serving[1], signal.SIGKILL)  # a second death: more than worker_respawns
@@ -369,8 +369,9 @@ def test_a_worker_whose_serving_process_dies_starts_it_again_and_the_run_complet
             os.kill(pid, 0)
 
 
-def _serving_process(log: Path, nth: int, worker: subprocess.Popen | None = None) -> int | None:
-    """The pid of the nth serving process the worker's parent started (None while there is none)."""
+def serving_process(log: Path, nth: int = 1, worker: subprocess.Popen | None = None) -> int | None:
+    """The pid of the nth serving process the worker's parent started (None while there is none): the process that
+    runs the jobs, which manifests and advertisements name."""
     if worker is not None and worker.poll() is not None:
         raise AssertionError(f"the worker exited ({worker.returncode}): {log.read_text()[-2000:]}")
     started = re.findall(r"serving process (\d+) started", log.read_text())
