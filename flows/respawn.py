@@ -123,13 +123,15 @@ def serving() -> None:
 
 
 def _wait(pid: int) -> int:
+    """The serving process's wait status, once it ends. Any other child that ends meanwhile is reaped too: as a
+    container's first process this parent inherits what a dead serving process left (ffmpeg, compile workers)."""
     while True:
         try:
-            return os.waitpid(pid, 0)[1]
+            ended, status = os.waitpid(-1, 0)
         except ChildProcessError:
             return 0
-        except InterruptedError:  # pragma: no cover - PEP 475 retries, unless a handler raised
-            continue
+        if ended == pid:
+            return status
 
 
 def die_with_parent() -> None:
