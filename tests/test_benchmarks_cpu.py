@@ -120,3 +120,14 @@ def test_attention_benchmark_measures_what_runs_here_and_says_why_the_rest_canno
             assert "not installed" in rows[f"{shape}:{backend}"].get("error", "") or \
                 "not usable" in rows[f"{shape}:{backend}"].get("error", ""), rows[f"{shape}:{backend}"]
     assert rows["qwen-edit:native"]["compiles_fullgraph"] is True, "the compile check did not run on the first shape"
+
+
+def test_the_vae_probe_says_which_conditioning_latents_depend_on_the_photo():
+    """wan_vae.py --photo-dependence (#26: could the 80 zero frames' encode be kept from one clip to the next?):
+    every one of the 21 latent frames gets its measured dependence, and the verdict names the independent ones."""
+    proc = subprocess.run([sys.executable, "wan_vae.py", "--photo-dependence", "16x16"], cwd=BENCHMARKS,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    per_frame = [line for line in proc.stdout.splitlines() if line.startswith("  0: ")]
+    assert per_frame and per_frame[0].count(": ") == 21, f"one value per latent frame expected: {proc.stdout}"
+    assert "latent frames that do not depend on the photo: " in proc.stdout, proc.stdout
