@@ -41,6 +41,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -191,7 +192,7 @@ def start(args) -> None:
             raise SystemExit("the worker's parent did not fork (its line above says why)")
         if respawn.generation == 0:
             respawn.serving()
-            os.kill(os.getpid(), 9)
+            os.kill(os.getpid(), signal.SIGKILL)
         t0 = respawn.forked_at
     imported = time.time()
     loaded = {}
