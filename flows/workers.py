@@ -11,6 +11,7 @@ import logging
 import os
 import time
 
+from recast.flows import respawn
 from recast.tasks.errors import BadInput
 from recast.tasks.models import loading
 from recast.tasks.settings import get_settings
@@ -33,7 +34,7 @@ def serve_worker(kinds: list[str], gpu: int | None = None, profile_name: str | N
         raise BadInput("PREFECT_API_URL", None, "task workers need a Prefect server, not the ephemeral API",
                        "leave RECAST_CLI_SERVER unset (the worker then uses the CLI's background server), or start one "
                        "(`make serve` or `prefect server start`) and export PREFECT_API_URL=http://127.0.0.1:4200/api")
-    from recast.flows import fleet, respawn
+    from recast.flows import fleet
     from recast.tasks.animate import animate_task_for
     from recast.tasks.edit import edit_task_for
 
@@ -74,8 +75,6 @@ def serve_worker(kinds: list[str], gpu: int | None = None, profile_name: str | N
 
 def _respawned() -> str:
     """What a serving process its parent started again says of its start."""
-    from recast.flows import respawn
-
     if not respawn.generation:
         return ""
     return f" ({time.time() - respawn.forked_at:.1f}s since it was started again, respawn {respawn.generation})"
@@ -247,8 +246,6 @@ def serve_team(kinds: list[str], gpus: list[int], profile_name: str | None, vide
     import socket
     import subprocess
     import sys
-
-    from recast.flows import respawn
 
     if len(kinds) != 1:
         raise BadInput("kinds", kinds, "a multi-GPU worker serves one stage", "start one worker for edit and one "
