@@ -173,6 +173,10 @@ def make_prepared(kind: str, profile_name: str, tiny: bool) -> dict:
 
 def start(args) -> None:
     """The measured process: recast's loader for each stage, then one request per stage."""
+    from recast.flows import respawn
+
+    if args.respawn:
+        respawn.keep_cuda_forkable()  # as `recast worker`, before the imports below
     import torch
 
     from recast.tasks.models import loading, prepared, qwen_edit, wan_video
@@ -183,8 +187,6 @@ def start(args) -> None:
     kinds = args.kinds.split(",")
     if args.respawn:  # `recast worker`'s parent and serving process (recast.flows.respawn): the first one dies as
         # soon as it serves, and the row is the one started again, timed from its fork
-        from recast.flows import respawn
-
         pairs = [(kind, settings.get_profile(args.profile) if kind == "edit" else
                   settings.get_video_profile(args.video_profile)) for kind in kinds]
         respawn.supervise(lambda: loading.import_ahead(pairs), respawns=1)

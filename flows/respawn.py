@@ -46,11 +46,11 @@ def supervise(import_ahead, respawns: int) -> None:
     if respawns <= 0 or not hasattr(os, "fork") or not sys.platform.startswith("linux"):
         return
     started = time.perf_counter()
+    keep_cuda_forkable()
     import_ahead()
-    import torch
-
-    if torch.cuda.is_initialized():
-        print("recast worker: CUDA was initialised while importing; serving without a respawning parent", flush=True)
+    if not _cuda_survives_fork():
+        print("recast worker: the libraries touched CUDA while importing, so a forked process could not use the GPU; "
+              "serving without a respawning parent", flush=True)
         return
     others = [t.name for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
     if others:  # a thread that is not a daemon would be missing in the child, its locks perhaps held
@@ -111,6 +111,29 @@ def supervise(import_ahead, respawns: int) -> None:
         count += 1
         print(f"recast worker: the serving process {pid} died ({how}) after {time.time() - forked:.0f}s; starting it "
               f"again ({len(deaths)} of {respawns} in {RESPAWN_WINDOW_S / 60:.0f} min)", flush=True)
+
+
+def keep_cuda_forkable() -> None:
+    """torch.cuda.is_available() asks the CUDA runtime by default (cudaGetDeviceCount), after which torch refuses
+    CUDA in every process forked from this one ("Cannot re-initialize CUDA in forked subprocess"), and diffusers
+    calls it as it is imported. Asked through NVML instead it leaves CUDA alone (torch's documented switch, read at
+    each call); where NVML is missing torch falls back to the runtime, which _cuda_survives_fork then notices."""
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+
+
+def _cuda_survives_fork() -> bool:
+    """Whether a process forked from this one can still use CUDA: torch marks forks of a process whose CUDA was
+    touched (initialised, or only asked for its devices) as unable to, which the parent itself cannot see, so a probe
+    child reports it."""
+    import torch
+
+    if not torch.cuda.is_initialized():
+        pid = os.fork()
+        if pid == 0:
+            os._exit(1 if torch.cuda._is_in_bad_fork() else 0)
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status) == 0
+    return False
 
 
 def serving() -> None:

@@ -30,6 +30,7 @@ def serve_worker(kinds: list[str], gpu: int | None = None, profile_name: str | N
         return serve_team(kinds, gpus, profile_name, video_profile_name)
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before torch initialises CUDA
+    respawn.keep_cuda_forkable()  # before anything imported here asks CUDA for its devices
     if not os.environ.get("PREFECT_API_URL"):
         raise BadInput("PREFECT_API_URL", None, "task workers need a Prefect server, not the ephemeral API",
                        "leave RECAST_CLI_SERVER unset (the worker then uses the CLI's background server), or start one "

@@ -677,3 +677,28 @@ def test_deployment_handoff_runs_the_video_stage_on_its_own_workers(deployed, tm
     assert animation["status"] == "completed", animation
     clips = list(deployed["root"].glob("runs/*/clips/clip-01.mp4"))
     assert clips, "the animate deployment run wrote no clip"
+
+
+SERVE_AFTER_IMPORTS = """
+import sys, torch
+from recast.flows import respawn
+respawn.supervise(lambda: torch._C._cuda_getDeviceCount() if sys.argv[1] == "asks-cuda" else None, respawns=1)
+print("serving in", "a forked process" if respawn.forked_at else "the worker's first process", flush=True)
+sys.exit(3 if torch.cuda._is_in_bad_fork() else 0)
+"""
+
+
+@pytest.mark.parametrize("imports", ["asks-cuda", "leaves-cuda"])
+def test_the_serving_process_can_always_use_the_gpu_whatever_the_imports_touched(imports):
+    """On a card the libraries the worker's parent imports ask CUDA for its devices (cudaGetDeviceCount), and torch
+    then refuses CUDA in every process forked afterwards ("Cannot re-initialize CUDA in forked subprocess": the first
+    respawning worker on an H200 failed so). The worker must notice and serve from its first process; imports that
+    leave CUDA alone still give a forked, respawnable serving process."""
+    proc = subprocess.run([sys.executable, "-c", SERVE_AFTER_IMPORTS, imports], capture_output=True, text=True,
+                          timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"the serving process could not use CUDA (exit {proc.returncode}): {out[-2000:]}"
+    if imports == "asks-cuda":
+        assert "serving in the worker's first process" in out and "without a respawning parent" in out, out[-2000:]
+    else:
+        assert "serving in a forked process" in out and "serving process" in out, out[-2000:]
