@@ -189,7 +189,8 @@ def start(args) -> None:
         # soon as it serves, and the row is the one started again, timed from its fork
         pairs = [(kind, settings.get_profile(args.profile) if kind == "edit" else
                   settings.get_video_profile(args.video_profile)) for kind in kinds]
-        respawn.supervise(lambda: loading.import_ahead(pairs), respawns=1)
+        respawn.supervise(lambda: loading.import_ahead(pairs), respawns=1,
+                          uses_cuda=any(profile.device.startswith("cuda") for _, profile in pairs))
         if respawn.forked_at is None:
             raise SystemExit("the worker's parent did not fork (its line above says why)")
         if respawn.generation == 0:

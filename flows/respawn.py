@@ -38,17 +38,18 @@ forked_at: float | None = None
 _serving_pipe: int | None = None
 
 
-def supervise(import_ahead, respawns: int) -> None:
+def supervise(import_ahead, respawns: int, uses_cuda: bool = True) -> None:
     """Import ahead, then fork the serving process (which returns from here) and start it again each time it dies
     after it began serving, up to `respawns` times in RESPAWN_WINDOW_S. With respawns 0, on a system without fork,
-    or where the imports initialised CUDA (a forked CUDA context is unusable), returns at once in this process."""
+    or where the serving process will use CUDA (`uses_cuda`) and the imports touched it (torch then refuses CUDA in
+    a forked process), returns at once in this process."""
     global generation, forked_at, _serving_pipe
     if respawns <= 0 or not hasattr(os, "fork") or not sys.platform.startswith("linux"):
         return
     started = time.perf_counter()
     keep_cuda_forkable()
     import_ahead()
-    if not _cuda_survives_fork():
+    if uses_cuda and not _cuda_survives_fork():
         print("recast worker: the libraries touched CUDA while importing, so a forked process could not use the GPU; "
               "serving without a respawning parent", flush=True)
         return

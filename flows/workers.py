@@ -50,7 +50,8 @@ def serve_worker(kinds: list[str], gpu: int | None = None, profile_name: str | N
     loading.serve_only({(kind, profile.name) for kind, profile, _ in served})
     # From here on in a serving process its parent starts again when it dies (worker_respawns); this one returns.
     pairs = [(kind, profile) for kind, profile, _ in served]
-    respawn.supervise(lambda: loading.import_ahead(pairs), settings.worker_respawns)
+    respawn.supervise(lambda: loading.import_ahead(pairs), settings.worker_respawns,
+                      uses_cuda=any(profile.device.startswith("cuda") for _, profile in pairs))
     # Load (and for compiled profiles, compile) before the first task can arrive.
     for kind, profile, _ in served:
         loaded, _ = loading.get_pipeline(kind, profile)
@@ -121,8 +122,10 @@ def _serve_until_stopped(serve) -> None:
     import asyncio
 
     from prefect.exceptions import TerminationSignal
+    from prefect.task_worker import StopTaskWorker
 
-    stops = (KeyboardInterrupt, SystemExit, TerminationSignal, asyncio.CancelledError)
+    # StopTaskWorker: Prefect's handler of TERM stops the worker by raising it (Prefect's own `serve` expects it too)
+    stops = (KeyboardInterrupt, SystemExit, TerminationSignal, asyncio.CancelledError, StopTaskWorker)
     try:
         asyncio.run(serve())
     except stops:
@@ -191,6 +194,13 @@ def _overlapping_worker():
             super().__init__(*tasks, limit=limit)
             for copy, original in zip(self.tasks, tasks):  # TaskWorker serves copies: keep the profiles' task keys
                 copy.task_key = original.task_key
+
+        def handle_sigterm(self, signum, frame):
+            # A worker can be sent TERM twice (to its pid by an operator, then to its process group; its respawning
+            # parent passes one on): Prefect's handler raises "not yet started" on the second. Once is enough.
+            if self.stopping or not self.started:
+                return
+            super().handle_sigterm(signum, frame)
 
         async def _subscribe_to_task_scheduling(self):
             keys = " | ".join(f"{task.name}" for task in self.tasks)

@@ -682,7 +682,8 @@ def test_deployment_handoff_runs_the_video_stage_on_its_own_workers(deployed, tm
 SERVE_AFTER_IMPORTS = """
 import sys, torch
 from recast.flows import respawn
-respawn.supervise(lambda: torch._C._cuda_getDeviceCount() if sys.argv[1] == "asks-cuda" else None, respawns=1)
+respawn.supervise(lambda: torch._C._cuda_getDeviceCount() if sys.argv[1] == "asks-cuda" else None, respawns=1,
+                  uses_cuda=True)
 print("serving in", "a forked process" if respawn.forked_at else "the worker's first process", flush=True)
 sys.exit(3 if torch.cuda._is_in_bad_fork() else 0)
 """
@@ -702,3 +703,21 @@ def test_the_serving_process_can_always_use_the_gpu_whatever_the_imports_touched
         assert "serving in the worker's first process" in out and "without a respawning parent" in out, out[-2000:]
     else:
         assert "serving in a forked process" in out and "serving process" in out, out[-2000:]
+
+
+@pytest.mark.parametrize("to", ["the worker", "its process group"])
+def test_a_worker_asked_to_stop_ends_cleanly_with_exit_0(server, tmp_path, to):
+    """An operator, a container runtime or `recast serve` stops a worker with TERM, to its pid or its whole process
+    group: it stops serving and exits 0 without an error (a supervisor reads anything else as a crash and restarts
+    it, or reports it failed)."""
+    log = tmp_path / "worker.log"
+    worker = start_worker(server, log)
+    try:
+        (os.killpg if to == "its process group" else os.kill)(worker.pid, signal.SIGTERM)
+        code = worker.wait(timeout=120)
+    finally:
+        if worker.poll() is None:
+            kill(worker)
+    text = log.read_text()
+    assert code == 0 and "failed" not in text and "Traceback" not in text, \
+        f"TERM to {to} must end the worker cleanly (exit {code}): {text[-3000:]}"
