@@ -431,6 +431,36 @@ def test_a_restart_loads_the_blocks_compiled_ahead_of_time_traces_nothing_and_ma
             f"the {start} start's edit differs from the eager pipeline's by {np.abs(got - eager).max()}/255"
 
 
+_AOT_BACKEND_START = """
+import json, sys
+import torch._dynamo.config
+torch._dynamo.config.enable_aot_compile = False  # as torch 2.11 (the cards' torch) ships it; 2.14 turns it on
+from recast.tasks.models import loading
+from recast.tasks.settings import get_settings
+
+profile = get_settings().get_profile("tiny").model_copy(update={
+    "warmup": True, "compile": True, "device": "cpu", "compile_ahead_of_time": True, "attention_backend": sys.argv[1]})
+loaded, _ = loading.get_pipeline("edit", profile)
+print(json.dumps({"compiled_blocks": loaded.phases["load_parts"]["compiled_blocks"]}))
+"""
+
+
+def test_blocks_compiled_for_another_attention_backend_are_compiled_again_not_loaded(tmp_path):
+    """Compiled code keeps the attention it was traced with. A worker whose attention backend changed (SageAttention
+    installed after the first start, or missing on this machine, or the profile's setting changed) must not load
+    blocks compiled for the old one and run its attention: it compiles its own, which the next start loads."""
+    env = _env(tmp_path / "cache")
+    states = []
+    for backend in ("native", "_native_math", "_native_math"):
+        proc = subprocess.run([sys.executable, "-c", _AOT_BACKEND_START, backend], env=env, capture_output=True,
+                              text=True, timeout=900)
+        assert proc.returncode == 0, f"the start with {backend} failed: {proc.stderr[-3000:]}"
+        states.append(json.loads(proc.stdout.strip().splitlines()[-1])["compiled_blocks"])
+    assert states[1] == "ahead of time (compiled at the first call)", \
+        f"a start with another attention backend used the blocks compiled for the first one: {states}"
+    assert states[2] == "ahead of time (loaded)", f"the blocks compiled for the new backend were not kept: {states}"
+
+
 def test_blocks_compiled_ahead_of_time_serve_a_per_request_lora_as_the_eager_pipeline_does(tmp_path, monkeypatch,
                                                                                           astronaut):
     """A per-request adapter is state the compiled code cannot see (a LoRA branch's tensors): a call with one active

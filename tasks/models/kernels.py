@@ -314,10 +314,23 @@ def _block_signature(block):
             elif isinstance(value, dict) and "hooks" in attr:
                 simple[attr] = tuple(getattr(hook, "__qualname__", type(hook).__name__) for hook in value.values())
         processor = getattr(module, "processor", None)
+        if processor is not None:  # its settings too: the attention backend diffusers dispatches to is one of them
+            simple["processor"] = {attr: value for attr, value in vars(processor).items() if isinstance(value, _SIMPLE)}
         signature.append((name, type(module), type(processor) if processor is not None else None, simple,
                           [(n, tuple(t.shape), t.dtype, t.device) for n, t in module.named_parameters(recurse=False)],
                           [(n, tuple(t.shape), t.dtype, t.device) for n, t in module.named_buffers(recurse=False)]))
     return signature
+
+
+def _signature_digest(block) -> str:
+    """A digest of what `_block_signature` compares, stable across processes: kept with the compiled blocks, so a
+    process whose blocks differ (another attention backend, recast's sage installed or gone, other processors)
+    compiles its own instead of running code traced from other blocks."""
+    import hashlib
+    import re
+
+    text = re.sub(r" at 0x[0-9a-f]+", "", repr(_block_signature(block)))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _call_shape(value):
@@ -440,7 +453,8 @@ class BlocksAheadOfTime:
             return
         self.artifact.parent.mkdir(parents=True, exist_ok=True)
         staging = self.artifact.with_name(f".{self.artifact.name}.{uuid.uuid4().hex[:8]}.part")
-        staging.write_bytes(json.dumps({"call_shape": shape}).encode() + b"\n" + data)
+        header = {"call_shape": shape, "blocks": _signature_digest(self.blocks[0])}
+        staging.write_bytes(json.dumps(header).encode() + b"\n" + data)
         os.replace(staging, self.artifact)
         for older in self.artifact.parent.glob("*.blocks"):  # made by other code: never loaded again
             if older != self.artifact and older.name.rsplit("-", 1)[0] == self.artifact.name.rsplit("-", 1)[0]:
@@ -451,7 +465,10 @@ class BlocksAheadOfTime:
         from torch._dynamo.aot_compile import AOTCompiledFunction
 
         header, _, data = self.artifact.read_bytes().partition(b"\n")
-        shape = json.loads(header)["call_shape"]
+        kept = json.loads(header)
+        if kept.get("blocks") != _signature_digest(self.blocks[0]):
+            raise ValueError("compiled for blocks unlike these (another attention backend or attention processors)")
+        shape = kept["call_shape"]
         # Loading rebuilds the tensor guards in the current autograd mode: outside inference mode, torch 2.11's
         # guards then expect tensors that carry ADInplaceOrView, and every call (all run in inference mode, as
         # the compile did) failed them and compiled in the process. torch 2.14's do not depend on it.
