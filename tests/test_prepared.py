@@ -387,17 +387,25 @@ print(json.dumps({"graphs_at_ready": at_ready, "graphs_in_request": prepared.com
 """
 
 
+def _starts(script: str, tmp_path, starts: dict[str, list[str]]) -> list[dict]:
+    """`script` in fresh processes, one after the other, sharing one model cache: for each start (its name, its
+    arguments) what it printed last, as JSON."""
+    env = _env(tmp_path / "cache")
+    results = []
+    for start, args in starts.items():
+        proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode == 0, f"the {start} start failed: {proc.stderr[-3000:]}"
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return results
+
+
 def _first_start_and_restart(script: str, astronaut, tmp_path) -> tuple[dict, dict]:
     """`script` in two fresh processes sharing one model cache (a first start, then a restart): what each printed
     last, as JSON; each saves its output to tmp_path/<first|restart>.npy."""
-    env = _env(tmp_path / "cache")
-    results = []
-    for start in ("first", "restart"):
-        proc = subprocess.run([sys.executable, "-c", script, str(astronaut), str(tmp_path / f"{start}.npy")],
-                              env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, f"the {start} start failed: {proc.stderr[-3000:]}"
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    return results[0], results[1]
+    first, restart = _starts(script, tmp_path, {start: [str(astronaut), str(tmp_path / f"{start}.npy")]
+                                                for start in ("first", "restart")})
+    return first, restart
 
 
 def test_a_restart_loads_the_blocks_compiled_ahead_of_time_traces_nothing_and_makes_the_same_edit(tmp_path, astronaut):
@@ -449,13 +457,9 @@ def test_blocks_compiled_for_another_attention_backend_are_compiled_again_not_lo
     """Compiled code keeps the attention it was traced with. A worker whose attention backend changed (SageAttention
     installed after the first start, or missing on this machine, or the profile's setting changed) must not load
     blocks compiled for the old one and run its attention: it compiles its own, which the next start loads."""
-    env = _env(tmp_path / "cache")
-    states = []
-    for backend in ("native", "_native_math", "_native_math"):
-        proc = subprocess.run([sys.executable, "-c", _AOT_BACKEND_START, backend], env=env, capture_output=True,
-                              text=True, timeout=900)
-        assert proc.returncode == 0, f"the start with {backend} failed: {proc.stderr[-3000:]}"
-        states.append(json.loads(proc.stdout.strip().splitlines()[-1])["compiled_blocks"])
+    starts = {"first (native)": ["native"], "second (_native_math)": ["_native_math"],
+              "third (_native_math)": ["_native_math"]}
+    states = [result["compiled_blocks"] for result in _starts(_AOT_BACKEND_START, tmp_path, starts)]
     assert states[1] == "ahead of time (compiled at the first call)", \
         f"a start with another attention backend used the blocks compiled for the first one: {states}"
     assert states[2] == "ahead of time (loaded)", f"the blocks compiled for the new backend were not kept: {states}"
