@@ -28,7 +28,9 @@ no clips; `--compare-poll S` runs the edit stream a second time with the flows a
 PostgreSQL through deployments/postgres.sh, then on SQLite as `recast serve` runs by default): under a burst of
 run starts SQLite answers colliding writes with 503, which Prefect's client retries after 2..32 s.
 `--take-next after_gpu,on_gpu` does the same for the task worker's `worker_take_next` (rows
-`postgres+take-next-on_gpu`).
+`postgres+take-next-on_gpu`), and `--flow-run-starts fork,process` for how flow runs start (`recast serve
+--flow-run-start`: forked from a process that has imported Prefect and the flows, rows `...+forked-runs`, or a new
+Python process per run as Prefect's process worker does by default).
 """
 
 from __future__ import annotations
@@ -75,41 +77,41 @@ class GpuMemory(threading.Thread):
 def cpu_seconds(root_pid: int) -> dict:
     """CPU seconds (user + system) so far of each service `recast serve` started, by role, and of the whole host.
 
-    Flow-run processes are children of Prefect's process worker: once reaped, their time is in its children's
-    times; while they still run (a run reported done is often still exiting), in their own. `flow_runs` adds both,
-    so a run is counted once at every reading. The difference of two readings is what a stream cost each role.
+    Flow-run processes are children of Prefect's process worker (`--flow-run-start process`) or of the fork server
+    (`fork`; the worker's children are then the forks' small clients): once reaped, their time is in their parent's
+    children's times; while they still run (a run reported done is often still exiting), in their own. `flow_runs`
+    adds both, so a run is counted once at every reading. The difference of two readings is what a stream cost
+    each role.
     """
     import psutil
 
-    roles = {"server": "server start", "flow_worker": "worker start", "task_worker": "recast.flows.cli worker",
-             "gallery": "recast.flows.cli gallery"}
+    roles = {"server": "server start", "flow_worker": "worker start", "flow_run_forks": "recast.flows.forks serve",
+             "task_worker": "recast.flows.cli worker", "gallery": "recast.flows.cli gallery"}
     seconds = dict.fromkeys([*roles, "flow_runs"], 0.0)
     try:
-        processes = psutil.Process(root_pid).children(recursive=True)
+        services = psutil.Process(root_pid).children()  # each started by `recast serve` itself
     except psutil.NoSuchProcess:
-        processes = []
-    flow_run_pids = set()
-    for process in processes:
+        services = []
+    for service in services:
         try:
-            command, times = " ".join(process.cmdline()), process.cpu_times()
+            command, times, descendants = " ".join(service.cmdline()), service.cpu_times(), \
+                service.children(recursive=True)
         except psutil.Error:
             continue
         role = next((name for name, text in roles.items() if text in command), None)
-        if role:
-            seconds[role] += times.user + times.system
-        if role == "flow_worker":
-            seconds["flow_runs"] += times.children_user + times.children_system
-            try:
-                flow_run_pids |= {child.pid for child in process.children(recursive=True)}
-            except psutil.Error:
-                pass
-    for process in processes:
-        if process.pid in flow_run_pids:
+        if not role:
+            continue
+        seconds[role] += times.user + times.system
+        # Its descendants: flow runs under the flow worker and the fork server, the serving process under a
+        # task worker; those reaped, then those still running.
+        below = "flow_runs" if role in ("flow_worker", "flow_run_forks") else role
+        seconds[below] += times.children_user + times.children_system
+        for process in descendants:
             try:
                 times = process.cpu_times()
             except psutil.Error:
-                continue  # it exited between the readings: its time is in the worker's children's now
-            seconds["flow_runs"] += times.user + times.system
+                continue  # it exited between the readings: its time is in its parent's children's now
+            seconds[below] += times.user + times.system
     host = psutil.cpu_times()
     seconds["host"] = host.user + host.system
     return seconds
@@ -207,10 +209,11 @@ def stream_row(name: str, runs, found: list[dict], peak_mib: int, card: str, ext
                 gpu_peak_gib=round(peak_mib / 1024, 2) if peak_mib else None, seconds=wall, **extra)
 
 
-def serve_and_stream(args, database: str, take_next: str, env: dict, work: Path, photo: Path, memory: GpuMemory,
-                     card: str, run: dict, prepared: list, edit_profile: str, video_profile: str) -> list[dict]:
-    """`recast serve` with the Prefect server on `database` (its own Prefect home) and the task worker taking its
-    next job `take_next` (worker_take_next), the streams, then stop it."""
+def serve_and_stream(args, database: str, take_next: str, flow_run_start: str, env: dict, work: Path, photo: Path,
+                     memory: GpuMemory, card: str, run: dict, prepared: list, edit_profile: str,
+                     video_profile: str) -> list[dict]:
+    """`recast serve` with the Prefect server on `database` (its own Prefect home), the task worker taking its
+    next job `take_next` (worker_take_next) and flow runs started by `flow_run_start`, the streams, then stop it."""
     import common
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -224,7 +227,8 @@ def serve_and_stream(args, database: str, take_next: str, env: dict, work: Path,
     store = Path(env["RECAST_STORAGE_ROOT"])
     serve_started = time.monotonic()
     serve = subprocess.Popen([sys.executable, "-m", "recast.flows.cli", "serve", "--profile", edit_profile,
-                              "--video-profile", video_profile, "--one-worker"], cwd=REPO, env=env,
+                              "--video-profile", video_profile, "--one-worker", "--flow-run-start", flow_run_start],
+                             cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     rows = []
     stack = contextlib.ExitStack()
@@ -260,10 +264,13 @@ def serve_and_stream(args, database: str, take_next: str, env: dict, work: Path,
             cpu_after = cpu_seconds(serve.pid)
             cpu = {role: round(cpu_after[role] - cpu_before[role], 1) for role in cpu_before}
             poll_s = (job_env or {}).get("RECAST_WORKER_POLL_S", "default")
+            # Named as before forked runs existed (process starts, after_gpu: no suffix), so rows compare.
+            variant = database + ("" if take_next == "after_gpu" else f"+take-next-{take_next}") + \
+                ("+forked-runs" if flow_run_start == "fork" else "")
             row = stream_row(name, runs, manifests(store, runs), memory.peak_mib, card,
                              dict(common_extra, cpu_s=cpu, host_cpus=os.cpu_count(), worker_poll_s=poll_s,
-                                  variant=database if take_next == "after_gpu" else f"{database}+take-next-{take_next}",
-                                  worker_take_next=take_next, server_503s=retryable_errors() - busy_before))
+                                  variant=variant, worker_take_next=take_next, flow_run_start=flow_run_start,
+                                  server_503s=retryable_errors() - busy_before))
             rows.append(row)
             common.record(row, args.results, args.out)
     finally:
@@ -291,6 +298,9 @@ def main() -> int:
     ap.add_argument("--take-next", default="after_gpu",
                     help="when the task worker takes its next job (worker_take_next), one serve-and-stream per entry "
                          "after each database's: after_gpu (the default), on_gpu, e.g. after_gpu,on_gpu")
+    ap.add_argument("--flow-run-starts", default="fork",
+                    help="how `recast serve` starts flow runs (--flow-run-start), one serve-and-stream per entry "
+                         "inside each take-next's: fork (the default), process, e.g. fork,process")
     ap.add_argument("--out", default=None)
     ap.add_argument("--results", default=None, help="also write each row here as it ends (JSON lines)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds a stream may take")
@@ -312,6 +322,9 @@ def main() -> int:
     take_nexts = args.take_next.split(",")
     if set(take_nexts) - {"after_gpu", "on_gpu"}:
         ap.error(f"--take-next {args.take_next!r}: use after_gpu, on_gpu or both, comma-separated")
+    flow_run_starts = args.flow_run_starts.split(",")
+    if set(flow_run_starts) - {"fork", "process"}:
+        ap.error(f"--flow-run-starts {args.flow_run_starts!r}: use fork, process or both, comma-separated")
     edit_profile, video_profile = ("tiny", "tiny") if args.tiny else ("lightning", "wan22-lightning")
     if args.edits_only:
         video_profile, args.clips = "tiny", 0
@@ -338,8 +351,9 @@ def main() -> int:
     try:
         for database in databases:
             for take_next in take_nexts:
-                rows += serve_and_stream(args, database, take_next, env, work, photo, memory, card, run, prepared,
-                                         edit_profile, video_profile)
+                for flow_run_start in flow_run_starts:
+                    rows += serve_and_stream(args, database, take_next, flow_run_start, env, work, photo, memory, card,
+                                             run, prepared, edit_profile, video_profile)
     finally:
         memory.stopped.set()
     return 0 if all(row["completed"] == row["requests"] for row in rows) else 1

@@ -431,7 +431,7 @@ def _gallery(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from recast.flows.serve import serve
 
-    return serve(args.port, args.profile, args.video_profile, args.one_worker)
+    return serve(args.port, args.profile, args.video_profile, args.one_worker, args.flow_run_start)
 
 
 class _Progress:
@@ -555,6 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="video profile the animate worker loads (default from config)")
     serve.add_argument("--one-worker", action="store_true",
                        help="one task worker for both stages (one card: the memory policy keeps both when they fit)")
+    serve.add_argument("--flow-run-start", dest="flow_run_start", default="fork", choices=["fork", "process"],
+                       help="fork (default): each flow run is forked from a process that has already imported Prefect "
+                       "and the flows (~3 CPU-s less a run; restart after changing the flows); process: Prefect's "
+                       "own, a new Python process per run")
     serve.set_defaults(handler=_serve, model=None)
 
     server = sub.add_parser(

@@ -17,6 +17,7 @@ STOP_GRACE_S.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -26,11 +27,12 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recast.flows import local_server
+from recast.flows import forks, local_server
 from recast.tasks.errors import BadInput
 
 MARK = "RECAST_SERVE_SESSION"
 STOP_GRACE_S = 6.0  # TERM, then KILL: Prefect's process worker turns TERM into INT and may keep going
+FLOW_RUN_STARTS = ("fork", "process")
 READY_TIMEOUT_S = 600.0  # a busy machine: the server migrates its database, the workers build the tiny models
 
 
@@ -175,9 +177,14 @@ def _repo() -> Path:
 
 
 def serve(port: int | None = None, profile: str | None = None, video_profile: str | None = None,
-          one_worker: bool = False) -> int:
+          one_worker: bool = False, flow_run_start: str = "fork") -> int:
     """Start, announce, wait for a stop, stop everything; the exit code (0 when stopped by a signal). `profile`
-    and `video_profile` choose what the task workers load; `one_worker`: one process serves both stages (one card)."""
+    and `video_profile` choose what the task workers load; `one_worker`: one process serves both stages (one card);
+    `flow_run_start`: "fork" (each flow run forked from a process that has imported Prefect and the flows,
+    recast.flows.forks) or "process" (Prefect's own: a new Python process per run)."""
+    if flow_run_start not in FLOW_RUN_STARTS:
+        raise BadInput("--flow-run-start", flow_run_start, "is not a way to start flow runs",
+                       f"use one of {', '.join(FLOW_RUN_STARTS)}")
     repo = _repo()
     port = port or int(os.environ.get("RECAST_SERVE_PORT", "4200"))
     home = Path(os.environ.get("PREFECT_HOME") or repo / ".prefect-server")
@@ -198,6 +205,8 @@ def serve(port: int | None = None, profile: str | None = None, video_profile: st
         # poll) first asks for one and is answered 422, 307 of ~500 requests in a burst of 24 runs.
         env.setdefault("PREFECT_CLIENT_CSRF_SUPPORT_ENABLED", "false")
     env[MARK] = uuid.uuid4().hex
+    if flow_run_start == "fork":
+        env[forks.ADDRESS_ENV] = forks.name(env[MARK])
     supervisor = Supervisor(repo=repo, env=env, logs=logs)
 
     def on_signal(signum, _frame):
@@ -226,7 +235,9 @@ def serve(port: int | None = None, profile: str | None = None, video_profile: st
         if supervisor.wait_until("the Prefect server", lambda: local_server.healthy(api)):
             # CLI commands with this PREFECT_HOME use this server, not a second one on the same database
             local_server.announce(home, api, owner="recast serve")
-            supervisor.run_once("work-pool", [*prefect, "work-pool", "create", "recast-flows", "--type", "process"])
+            template = _pool_template(home, flow_run_start)
+            supervisor.run_once("work-pool", [*prefect, "work-pool", "create", "recast-flows", "--type", "process",
+                                              "--base-job-template", str(template), "--overwrite"])
             deployed = supervisor.run_once("deploy", [*prefect, "--no-prompt", "deploy", "--all", "--prefect-file",
                                                       "deployments/prefect.yaml"])
             if deployed.returncode != 0 and not supervisor.stopping.is_set():
@@ -238,8 +249,12 @@ def serve(port: int | None = None, profile: str | None = None, video_profile: st
                       *(["--video-profile", video_profile] if video_profile else [])]
             task_workers = [("worker", ["edit", "animate"])] if one_worker else [("edit-worker", ["edit"]),
                                                                                  ("animate-worker", ["animate"])]
-            workers = [supervisor.start(Service("flow-worker", [*prefect, "worker", "start", "--pool", "recast-flows"],
-                                                ready_text="started"))]
+            workers = []
+            if flow_run_start == "fork":  # before the flow worker: its first run's client connects to it
+                workers.append(supervisor.start(Service("flow-run-forks", [sys.executable, "-m", "recast.flows.forks",
+                                                                           "serve"], ready_text=forks.READY)))
+            workers.append(supervisor.start(Service("flow-worker", [*prefect, "worker", "start", "--pool",
+                                                                    "recast-flows"], ready_text="started")))
             workers += [supervisor.start(Service(name, [*recast, "worker", *kinds, *chosen],
                                                  ready_text="Subscribing to runs")) for name, kinds in task_workers]
             workers.append(supervisor.start(Service("gallery", [*recast, "gallery", "--port", str(gallery_port)],
@@ -264,6 +279,21 @@ def serve(port: int | None = None, profile: str | None = None, video_profile: st
         print(f"recast serve: stopped{f' ({len(killed)} killed after {STOP_GRACE_S:.0f}s)' if killed else ''}",
               file=sys.stderr, flush=True)
     return 0 if supervisor.stop_reason.startswith("stopped by") else 1
+
+
+def _pool_template(home: Path, flow_run_start: str) -> Path:
+    """The process pool's job template: Prefect's default, with the flow-run command recast.flows.forks' client
+    when runs are forked (it starts Prefect's engine itself where no fork server answers)."""
+    import json
+
+    from prefect.workers.process import ProcessWorker
+
+    template = ProcessWorker.get_default_base_job_template()
+    if flow_run_start == "fork":
+        template["variables"]["properties"]["command"]["default"] = shlex.join([sys.executable, "-m", "recast.flows.forks"])
+    path = home / "recast-flows-pool.json"
+    path.write_text(json.dumps(template, indent=2))
+    return path
 
 
 def _start_postgres(repo: Path, folder: Path):

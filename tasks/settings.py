@@ -39,6 +39,7 @@ NOT_SETTINGS = {
     "RECAST_SERVE_LOG_LEVEL": "the log level of `make serve`'s workers and runs (default INFO)",
     "RECAST_SERVE_GALLERY_PORT": "the port `make serve` starts the gallery on (default: the server's + 100)",
     "RECAST_SERVE_SESSION": "set by `make serve` on everything it starts, so that stopping it finds them all",
+    "RECAST_FLOW_RUN_FORKS": "set by `make serve`: the server its flow runs are forked from (recast.flows.forks)",
 }
 
 

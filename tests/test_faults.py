@@ -231,11 +231,14 @@ def test_make_serve_stops_every_process_it_started_with_a_run_in_progress(signal
                                 capture_output=True, text=True, timeout=120)
         assert f"running at http://127.0.0.1:{port}/api" in status.stdout and "recast serve" in status.stdout, \
             status.stdout + status.stderr[-1000:]
-        # The flow-run process (started by the process worker, in a session of its own) is working on the run.
+        # The flow-run process (forked by recast.flows.forks' server into a session of its own, for the process
+        # worker's client) is working on the run.
         wait_for(lambda: list(root.glob("runs/*/.jobs/*.submitted")), 300, "the run to submit its edits")
         processes = _descendants(serve.pid)
-        flow_runs = [pid for pid in processes if "prefect.engine" in _cmdline(pid)]
-        assert flow_runs, f"no flow-run process among make serve's: {[_cmdline(p) for p in processes]}"
+        forks = [pid for pid in processes if "recast.flows.forks serve" in _cmdline(pid)]
+        clients = [pid for pid in processes if _cmdline(pid).rstrip().endswith("-m recast.flows.forks")]
+        assert len(forks) >= 2 and clients, f"no forked flow run with its client among make serve's processes: " \
+            f"{[_cmdline(p) for p in processes]}"
         stopped_at = time.monotonic()
         for sig in signals:
             os.killpg(serve.pid, sig)  # as a terminal does: make and everything in its foreground group

@@ -1,0 +1,100 @@
+"""Flow runs forked from a process that has imported Prefect and the flows (recast.flows.forks, `recast serve`'s
+default): to Prefect's process worker each is an ordinary process (its output, its exit code, TERM and KILL), and
+without a fork server a run still starts, in a process of its own. The whole path (`recast serve`, runs from the API,
+their environment) is run by tests/test_benchmarks_cpu.py's stream and tests/test_faults.py's stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from recast.flows import forks
+from test_workers import wait_for
+
+BAD_RUN_ID = "not-a-flow-run-id"
+
+
+@pytest.fixture
+def fork_server(tmp_path):
+    """`python -m recast.flows.forks serve` under its own name, ready; stopped afterwards."""
+    env = dict(os.environ, **{forks.ADDRESS_ENV: forks.name(uuid.uuid4().hex)})
+    log = tmp_path / "forks.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "recast.flows.forks", "serve"], env=env, stdout=out,
+                                  stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: forks.READY in log.read_text() or server.poll() is not None, 300, "the fork server")
+        assert server.poll() is None, f"the fork server ended: {log.read_text()[-2000:]}"
+        yield server, env
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def _client(env: dict, *argv: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "recast.flows.forks", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != b"Z":
+                found.append(int(entry.name))
+    return found
+
+
+def test_a_forked_run_prints_to_its_clients_output_and_exits_with_prefects_engines_code(fork_server):
+    server, env = fork_server
+    client = _client(env, BAD_RUN_ID)
+    out, err = client.communicate(timeout=300)
+    assert "no flow-run fork" not in err, f"the client did not get a fork: {err[-1500:]}"
+    # Prefect's engine, run in the fork, refuses the id on the client's stderr and exits 1, which the client relays.
+    assert "Invalid flow run id" in out + err and BAD_RUN_ID in out + err, \
+        f"the fork's output did not reach the client's: {(out + err)[-1500:]}"
+    assert client.returncode == 1, f"the engine's exit code 1 was not relayed: {client.returncode}"
+    assert server.poll() is None, "one run's end must not end the fork server"
+
+
+def test_without_a_fork_server_the_run_starts_in_a_process_of_its_own(tmp_path):
+    env = dict(os.environ, **{forks.ADDRESS_ENV: forks.name("nobody-listens-" + uuid.uuid4().hex)})
+    client = _client(env, BAD_RUN_ID)
+    out, err = client.communicate(timeout=300)
+    assert "no flow-run fork" in err and "starting Prefect's engine in a new process" in err, err[-1500:]
+    assert "Invalid flow run id" in out + err and client.returncode == 1, \
+        f"Prefect's engine did not run in the client's place: {client.returncode}: {(out + err)[-1500:]}"
+
+
+@pytest.mark.parametrize("how", ["TERM", "KILL"])
+def test_a_forked_run_ends_with_its_client_however_the_worker_stops_it(fork_server, how):
+    """Prefect cancels a run by TERM, then KILL, to the process it started: the client. TERM is relayed to the fork
+    (the client then ends as the fork did); a killed client cannot relay anything, so the server kills its fork."""
+    server, env = fork_server
+    with socket.socket() as silent_api:  # accepts connections, never answers: the run waits on its first request
+        silent_api.bind(("127.0.0.1", 0))
+        silent_api.listen(8)
+        env = dict(env, PREFECT_API_URL=f"http://127.0.0.1:{silent_api.getsockname()[1]}/api",
+                   PREFECT__FLOW_RUN_ID=str(uuid.uuid4()))
+        client = _client(env)
+        wait_for(lambda: _children(server.pid) or client.poll() is not None, 300, "the run's fork")
+        assert client.poll() is None, f"the client ended early: {client.communicate()}"
+        (fork,) = _children(server.pid)
+        client.send_signal(signal.SIGTERM if how == "TERM" else signal.SIGKILL)
+        client.wait(timeout=120)
+        wait_for(lambda: fork not in _children(server.pid), 120, f"the fork to end after its client's {how}")
+    if how == "TERM":
+        assert client.returncode == -signal.SIGTERM, \
+            f"the fork, ended by the relayed TERM, was not reported as such: {client.returncode}"
+    assert server.poll() is None, "the fork server must outlive a run that was stopped"
