@@ -29,7 +29,8 @@ import sys
 ADDRESS_ENV = "RECAST_FLOW_RUN_FORKS"  # the server's name (an abstract unix socket's); unset: no server
 READY = "recast flow-run forks: ready"
 # What a fork needs that a new process would import: Prefect's engine and recast's deployed flows.
-PRELOAD = ("prefect.engine", "prefect.flow_engine", "prefect.client.orchestration", "recast.flows.edit",
+# (`prefect.engine` itself is left out: it runs as `__main__` in each fork, as `python -m prefect.engine` runs it.)
+PRELOAD = ("prefect.flow_engine", "prefect.client.orchestration", "recast.flows.edit",
            "recast.flows.animate", "recast.flows.batch", "recast.flows.storyboard")
 MAX_REQUEST = 1 << 20  # the environment and arguments of one run (a few KiB)
 
@@ -187,6 +188,9 @@ def _run_engine(request: dict, fds: list[int]) -> int:
 
     refresh_global_settings_context()  # Prefect read its settings from the server's environment at import
     sys.argv = ["prefect.engine", *request["argv"]]
+    # As in a new `python -m prefect.engine`: the module runs as `__main__`, not as an imported `prefect.engine`
+    # (runpy warns of "unpredictable behaviour" when both exist).
+    sys.modules.pop("prefect.engine", None)
     code = 0
     try:
         runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)

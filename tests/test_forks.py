@@ -65,6 +65,8 @@ def test_a_forked_run_prints_to_its_clients_output_and_exits_with_prefects_engin
     assert "Invalid flow run id" in out + err and BAD_RUN_ID in out + err, \
         f"the fork's output did not reach the client's: {(out + err)[-1500:]}"
     assert client.returncode == 1, f"the engine's exit code 1 was not relayed: {client.returncode}"
+    # As in `python -m prefect.engine`: nothing in a run's log that a new process would not print.
+    assert "RuntimeWarning" not in err, f"the fork printed a warning a new process does not: {err[-1500:]}"
     assert server.poll() is None, "one run's end must not end the fork server"
 
 
