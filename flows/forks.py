@@ -11,7 +11,8 @@ client's environment, working folder, stdin/stdout/stderr and arguments. The wor
     TERM, INT   relayed to the fork (Prefect's cancellation and `recast serve`'s stop)
     KILL        the client's connection closes, and the server kills the fork
 
-Where no server answers (not started, stopped, another machine), the client runs `python -m prefect.engine` itself,
+Only the server's own user is served (checked by the connection's credentials: an abstract socket has no file
+permissions). Where no server answers (not started, stopped, another machine, another user), the client runs `python -m prefect.engine` itself,
 with a line saying so: a run is never lost to this shortcut. The forks run the code imported when the server
 started: restart `recast serve` after changing recast's flows (its task workers need that anyway).
 
@@ -24,6 +25,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import sys
 
 ADDRESS_ENV = "RECAST_FLOW_RUN_FORKS"  # the server's name (an abstract unix socket's); unset: no server
@@ -144,6 +146,14 @@ def serve(where: str) -> int:
 
 
 def _fork_run(conn: socket.socket, listener: socket.socket, selector) -> int | None:
+    # An abstract socket has no file permissions: any local user can connect. A fork runs whatever flow the
+    # request's environment leads Prefect's engine to, as this server's user, so only that user may ask.
+    _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    if uid != os.getuid():
+        print(f"recast flow-run forks: refused a request from uid {uid} (only uid {os.getuid()} may start runs)",
+              file=sys.stderr, flush=True)
+        conn.close()
+        return None
     message, fds, _flags, _addr = socket.recv_fds(conn, MAX_REQUEST, 3)
     if len(fds) != 3 or not message:
         for fd in fds:

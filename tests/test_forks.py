@@ -5,6 +5,7 @@ their environment) is run by tests/test_benchmarks_cpu.py's stream and tests/tes
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -100,3 +101,31 @@ def test_a_forked_run_ends_with_its_client_however_the_worker_stops_it(fork_serv
         assert client.returncode == -signal.SIGTERM, \
             f"the fork, ended by the relayed TERM, was not reported as such: {client.returncode}"
     assert server.poll() is None, "the fork server must outlive a run that was stopped"
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root, to ask as another user")
+def test_another_user_cannot_have_a_run_forked(fork_server, tmp_path):
+    """Any local user can reach an abstract socket; a fork runs, as the server's user, whatever flow the request's
+    environment leads Prefect to. So the server forks only for its own user; another one's request is closed
+    unanswered (its client then runs Prefect's engine itself, as that user)."""
+    server, env = fork_server
+    pid = os.fork()
+    if pid == 0:  # as the nobody user, this client's request, as forks.client sends it
+        code = 3
+        try:
+            os.setuid(65534)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+                conn.connect("\0" + env[forks.ADDRESS_ENV])
+                request = {"argv": [BAD_RUN_ID], "cwd": "/", "env": {"PREFECT__FLOW_RUN_ID": str(uuid.uuid4())}}
+                try:
+                    socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])
+                    code = 0 if conn.recv(forks.MAX_REQUEST) == b"" else 1
+                except (BrokenPipeError, ConnectionResetError):  # closed before or after the request was sent
+                    code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    log = (tmp_path / "forks.log").read_text()
+    assert os.waitstatus_to_exitcode(status) == 0, f"another user's request was answered (a fork started): {log}"
+    assert "refused a request from uid 65534" in log, f"the server did not say it refused another user: {log[-1500:]}"
+    assert not _children(server.pid), "the server forked a run for another user"
