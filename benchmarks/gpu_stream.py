@@ -18,6 +18,8 @@ stream waits when the card does not). Rows go into docs/performance.json with st
     python gpu_stream.py --work /dev/shm/stream --clips 8 --edits 32 --out ../docs/performance.json
     python gpu_stream.py --tiny --work /tmp/stream --clips 2 --edits 3      # the code path on the CPU
 
+Each serve's logs (the server's, the workers', the flow runs') are kept in WORK/logs/DATABASE-TAKE_NEXT-START.
+
 `--edits-only` serves `lightning` beside the tiny video profile (on the CPU: no Wan weights to prepare) and runs
 no clips; `--compare-poll S` runs the edit stream a second time with the flows asking the server every S seconds
 (`worker_poll_s`), so the two rows compare within one run:
@@ -40,6 +42,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -280,6 +283,10 @@ def serve_and_stream(args, database: str, take_next: str, flow_run_start: str, e
             serve.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(serve.pid, signal.SIGKILL)
+        # The next serve writes the same logs/: keep this one's beside the work (where the card waited, per run).
+        kept = work / "logs" / f"{database}-{take_next}-{flow_run_start}"
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.copytree(REPO / "logs", kept, dirs_exist_ok=True)
     return rows
 
 

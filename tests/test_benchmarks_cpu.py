@@ -53,9 +53,16 @@ def test_stream_benchmark_serves_runs_through_the_deployment_on_one_worker(tmp_p
                                "--edits", "2", "--databases", ",".join(databases), "--take-next", "after_gpu,on_gpu",
                                "--results", str(results)],
                               cwd=BENCHMARKS, capture_output=True, text=True, timeout=1200)
+        kept_logs = {folder.name: {log.name for log in folder.iterdir()} for folder in (work / "logs").iterdir()} \
+            if (work / "logs").is_dir() else {}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    # Each serve's logs stay (the next serve writes the same logs/ folder), the forked runs' server's among them.
+    assert set(kept_logs) == {f"{database}-{take_next}-fork" for database in databases
+                              for take_next in ("after_gpu", "on_gpu")}, f"each serve's logs were not kept: {kept_logs}"
+    assert all({"flow-worker.log", "flow-run-forks.log", "worker.log"} <= logs for logs in kept_logs.values()), \
+        kept_logs
     rows = {(row["variant"], row["profile"]): row for row in _rows(results)}
     # Flow runs forked from a process that has imported Prefect and the flows (`recast serve`'s default).
     variants = [f"{variant}+forked-runs" for database in databases
