@@ -208,24 +208,11 @@ def test_make_serve_stops_every_process_it_started_with_a_run_in_progress(signal
     """TERM or Ctrl-C (once or twice) on `make serve`'s process group, while a run from the API is on the workers:
     the server, every worker and the flow-run process all stop, and nothing is left listening."""
     repo = Path(__file__).resolve().parent.parent
-    port = free_port()
-    root = tmp_path / "artifacts"
-    (root / "uploads").mkdir(parents=True)
-    (root / "uploads" / "me.png").write_bytes(astronaut.read_bytes())
-    env = dict(os.environ, RECAST_SERVE_PORT=str(port), PREFECT_HOME=str(tmp_path / "home"),
-               RECAST_STORAGE_ROOT=str(root))
-    env.pop("PREFECT_API_URL", None)
-    serve = subprocess.Popen(["make", "--no-print-directory", "serve"], cwd=repo, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    serve, env, root = start_serving(["make", "--no-print-directory", "serve"], repo, astronaut, tmp_path)
+    port = int(env["RECAST_SERVE_PORT"])
     try:
         wait_for(lambda: "recast is serving" in _read(serve), 600, "make serve to be up")
-        api = dict(env, PREFECT_API_URL=f"http://127.0.0.1:{port}/api")
-        started = subprocess.run([sys.executable, "-c", (
-            "from prefect.deployments import run_deployment; import sys; "
-            "run_deployment('recast-edit/edit', timeout=0, parameters={'request': {'images': [sys.argv[1]], "
-            "'prompts': ['Neo, black leather trench coat'], 'steps': 100, 'seeds': [1, 2, 3, 4, 5, 6]}})"),
-            str(root / "uploads" / "me.png")], env=api, capture_output=True, text=True, timeout=300)
-        assert started.returncode == 0, started.stderr[-2000:]
+        start_long_run(env, root)
         # A CLI command with the same PREFECT_HOME uses make serve's server, not a second one on its database.
         status = subprocess.run([str(Path(sys.executable).parent / "recast"), "server", "status"], env=env,
                                 capture_output=True, text=True, timeout=120)
@@ -253,6 +240,32 @@ def test_make_serve_stops_every_process_it_started_with_a_run_in_progress(signal
     finally:
         if serve.poll() is None:
             os.killpg(serve.pid, signal.SIGKILL)
+
+
+def start_serving(command: list[str], cwd: Path, astronaut: Path, tmp_path: Path):
+    """`recast serve` (or `make serve`) on a free port with its own Prefect home and a storage root holding one
+    photo; (the process, its environment, the root)."""
+    root = tmp_path / "artifacts"
+    (root / "uploads").mkdir(parents=True)
+    (root / "uploads" / "me.png").write_bytes(astronaut.read_bytes())
+    env = dict(os.environ, RECAST_SERVE_PORT=str(free_port()), PREFECT_HOME=str(tmp_path / "home"),
+               RECAST_STORAGE_ROOT=str(root))
+    env.pop("PREFECT_API_URL", None)
+    serve = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    return serve, env, root
+
+
+def start_long_run(env: dict, root: Path) -> str:
+    """A 6-edit run of 100 steps from the API, as the UI starts one, on the served deployment; its flow run's id."""
+    api = dict(env, PREFECT_API_URL=f"http://127.0.0.1:{env['RECAST_SERVE_PORT']}/api")
+    started = subprocess.run([sys.executable, "-c", (
+        "from prefect.deployments import run_deployment; import sys; "
+        "print(run_deployment('recast-edit/edit', timeout=0, parameters={'request': {'images': [sys.argv[1]], "
+        "'prompts': ['Neo, black leather trench coat'], 'steps': 100, 'seeds': [1, 2, 3, 4, 5, 6]}}).id)"),
+        str(root / "uploads" / "me.png")], env=api, capture_output=True, text=True, timeout=300)
+    assert started.returncode == 0, started.stderr[-2000:]
+    return started.stdout.split()[-1]
 
 
 def _cmdline(pid: int) -> str:

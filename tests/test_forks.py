@@ -14,6 +14,7 @@ import sys
 import uuid
 
 import pytest
+from conftest import end_process_group
 
 from recast.flows import forks
 from test_workers import wait_for
@@ -134,29 +135,15 @@ def test_another_user_cannot_have_a_run_forked(fork_server, tmp_path):
 def test_a_forked_run_cancelled_from_the_ui_ends_cancelled_under_recast_serve(astronaut, tmp_path):
     """`recast serve` forks its flow runs; cancelling one (the UI's Cancel: the run's state set to Cancelling) must
     still end it as Cancelled, its fork gone, as with Prefect's own flow-run processes."""
-    from test_faults import _alive, _descendants, _read
-    from test_workers import BIN, free_port
+    from test_faults import _alive, _cmdline, _descendants, _read, start_long_run, start_serving
+    from test_workers import BIN
 
-    port = free_port()
-    root = tmp_path / "artifacts"
-    (root / "uploads").mkdir(parents=True)
-    (root / "uploads" / "me.png").write_bytes(astronaut.read_bytes())
-    env = dict(os.environ, RECAST_SERVE_PORT=str(port), PREFECT_HOME=str(tmp_path / "home"),
-               RECAST_STORAGE_ROOT=str(root))
-    env.pop("PREFECT_API_URL", None)
-    serve = subprocess.Popen([str(BIN / "recast"), "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, start_new_session=True)
-    api = dict(env, PREFECT_API_URL=f"http://127.0.0.1:{port}/api")
+    serve, env, root = start_serving([str(BIN / "recast"), "serve"], tmp_path, astronaut, tmp_path)
+    api = dict(env, PREFECT_API_URL=f"http://127.0.0.1:{env['RECAST_SERVE_PORT']}/api")
     try:
         wait_for(lambda: "recast is serving" in _read(serve) or serve.poll() is not None, 600, "recast serve")
         assert serve.poll() is None, _read(serve)[-3000:]
-        started = subprocess.run([sys.executable, "-c", (
-            "from prefect.deployments import run_deployment; import sys; "
-            "print(run_deployment('recast-edit/edit', timeout=0, parameters={'request': {'images': [sys.argv[1]], "
-            "'prompts': ['Neo, black leather trench coat'], 'steps': 100, 'seeds': [1, 2, 3, 4, 5, 6]}}).id)"),
-            str(root / "uploads" / "me.png")], env=api, capture_output=True, text=True, timeout=300)
-        assert started.returncode == 0, started.stderr[-2000:]
-        run_id = started.stdout.split()[-1]
+        run_id = start_long_run(env, root)
         wait_for(lambda: list(root.glob("runs/*/.jobs/*.submitted")), 300, "the run to submit its edits")
         fork_server = next(pid for pid in _descendants(serve.pid) if "recast.flows.forks serve" in _cmdline(pid))
         forks = _children(fork_server)
@@ -168,19 +155,7 @@ def test_a_forked_run_cancelled_from_the_ui_ends_cancelled_under_recast_serve(as
         wait_for(lambda: not _alive(forks[0]), 120, "the cancelled run's fork to end")
         assert serve.poll() is None, "cancelling a run must not stop recast serve"
     finally:
-        os.killpg(serve.pid, signal.SIGTERM)
-        try:
-            serve.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
+        end_process_group(serve, grace_s=120)  # recast serve stops everything it started, flow runs included
 
 
 def _prefect(env: dict, run_id: str, code: str) -> str:
