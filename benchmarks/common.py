@@ -159,12 +159,14 @@ def record(row: dict, results: str | None, out: str | None) -> None:
 # instead of ahead of time, to compare the two in one run.
 REGIONAL = "regional"
 STATIC = "static"  # a video row with its blocks compiled for one shape (profile@static)
+AUTOTUNE = "autotune"  # the profile with inductor's max-autotune for its blocks (profile@autotune: compile_autotune)
 
 
 def with_backend(row_name: str) -> tuple[str, str | None]:
     """A row named `profile@backend` is the profile with another attention backend (e.g. `lightning@sage`), or
     `profile@regional` with its blocks compiled in the process, `video-profile@static` with its blocks compiled for
-    one shape (warmed up on a whole clip), so two kernels are compared in one run on the same
+    one shape (warmed up on a whole clip), `profile@autotune` with inductor's max-autotune (`compile_autotune`),
+    so two kernels are compared in one run on the same
     weights: (profile, backend or None)."""
     profile, _, backend = row_name.partition("@")
     return profile, backend or None
@@ -176,6 +178,8 @@ def profile_overrides(backend: str | None) -> dict:
         return {"compile_ahead_of_time": False}
     if backend == STATIC:
         return {"compile_dynamic": False}
+    if backend == AUTOTUNE:
+        return {"compile_autotune": True}
     return {"attention_backend": backend} if backend else {}
 
 

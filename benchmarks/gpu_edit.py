@@ -10,7 +10,8 @@ so each profile starts from the same weights. Rows, all in one run on one card:
     <profile>           the same weights through recast's own code: tasks.qwen_edit.prepare
                         (the loader's recipe step), warm_up, and run_edit
     <profile>@<backend> the same with another attention backend (e.g. lightning@sage): kernels side by side;
-                        <profile>@regional: its blocks compiled in the process instead of ahead of time
+                        <profile>@regional: its blocks compiled in the process instead of ahead of time;
+                        <profile>@autotune: with inductor's max-autotune (compile_autotune)
 
 Each row: median s/image over --runs timed calls after warm-up, ratio to the baseline, peak GPU memory
 during the timed calls, and the PSNR of the output image against the baseline's on the same weights and seed

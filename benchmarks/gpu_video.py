@@ -93,7 +93,7 @@ class Bench:
         """The named video profile exactly as the settings give it, so the flows of the chain row find the very
         pipelines the rows installed (sizes, device and the stand-in LoRA files are set through RECAST_*); a
         `profile@backend` row: the profile with that attention backend (`@regional`: blocks compiled in the
-        process)."""
+        process; `@autotune`: inductor's max-autotune)."""
         name, backend = common.with_backend(name)
         if get_settings().get_video_profile(name).lightning is not None and self.args.weights == "random":
             self.random_loras()

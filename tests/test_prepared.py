@@ -439,7 +439,7 @@ def test_a_restart_loads_the_blocks_compiled_ahead_of_time_traces_nothing_and_ma
             f"the {start} start's edit differs from the eager pipeline's by {np.abs(got - eager).max()}/255"
 
 
-_AOT_BACKEND_START = """
+_AOT_SETTINGS_START = """
 import json, sys
 import torch._dynamo.config
 torch._dynamo.config.enable_aot_compile = False  # as torch 2.11 (the cards' torch) ships it; 2.14 turns it on
@@ -447,7 +447,7 @@ from recast.tasks.models import loading
 from recast.tasks.settings import get_settings
 
 profile = get_settings().get_profile("tiny").model_copy(update={
-    "warmup": True, "compile": True, "device": "cpu", "compile_ahead_of_time": True, "attention_backend": sys.argv[1]})
+    "warmup": True, "compile": True, "device": "cpu", "compile_ahead_of_time": True, **json.loads(sys.argv[1])})
 loaded, _ = loading.get_pipeline("edit", profile)
 print(json.dumps({"compiled_blocks": loaded.phases["load_parts"]["compiled_blocks"]}))
 """
@@ -457,12 +457,24 @@ def test_blocks_compiled_for_another_attention_backend_are_compiled_again_not_lo
     """Compiled code keeps the attention it was traced with. A worker whose attention backend changed (SageAttention
     installed after the first start, or missing on this machine, or the profile's setting changed) must not load
     blocks compiled for the old one and run its attention: it compiles its own, which the next start loads."""
-    starts = {"first (native)": ["native"], "second (_native_math)": ["_native_math"],
-              "third (_native_math)": ["_native_math"]}
-    states = [result["compiled_blocks"] for result in _starts(_AOT_BACKEND_START, tmp_path, starts)]
+    native, math = json.dumps({"attention_backend": "native"}), json.dumps({"attention_backend": "_native_math"})
+    starts = {"first (native)": [native], "second (_native_math)": [math], "third (_native_math)": [math]}
+    states = [result["compiled_blocks"] for result in _starts(_AOT_SETTINGS_START, tmp_path, starts)]
     assert states[1] == "ahead of time (compiled at the first call)", \
         f"a start with another attention backend used the blocks compiled for the first one: {states}"
     assert states[2] == "ahead of time (loaded)", f"the blocks compiled for the new backend were not kept: {states}"
+
+
+def test_blocks_compiled_without_autotuning_are_compiled_again_when_a_profile_turns_it_on(tmp_path):
+    """`compile_autotune` (#26: inductor's max-autotune, FP8 GEMM templates with fused epilogues) changes the
+    compiled code: a start that turns it on must compile its own blocks, autotuned, not load those compiled without;
+    the next start with it on loads them."""
+    plain, tuned = json.dumps({"compile_autotune": False}), json.dumps({"compile_autotune": True})
+    starts = {"first (plain)": [plain], "second (autotune)": [tuned], "third (autotune)": [tuned]}
+    states = [result["compiled_blocks"] for result in _starts(_AOT_SETTINGS_START, tmp_path, starts)]
+    assert states[1] == "ahead of time (compiled at the first call)", \
+        f"a start with compile_autotune on loaded the blocks compiled without it: {states}"
+    assert states[2] == "ahead of time (loaded)", f"the autotuned blocks were not kept: {states}"
 
 
 def test_blocks_compiled_ahead_of_time_serve_a_per_request_lora_as_the_eager_pipeline_does(tmp_path, monkeypatch,

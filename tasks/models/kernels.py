@@ -236,8 +236,14 @@ def use_real_rotary(transformer) -> None:
     transformer.pos_embed.register_forward_hook(as_real_pairs)
 
 
+# inductor's settings for `compile_autotune` (torch's "max-autotune-no-cudagraphs" mode, as options: a mode cannot
+# be given beside the options the compiled blocks need). CUDA graphs stay off: a pass is long enough that launching
+# its kernels costs little, and graphs would pin the memory of every shape served.
+AUTOTUNE = {"max_autotune": True, "coordinate_descent_tuning": True}
+
+
 def compile_blocks(*models, fullgraph: bool, dynamic: bool | None = None, ahead_of_time: bool = False,
-                   artifact: Path | None = None) -> str:
+                   artifact: Path | None = None, autotune: bool = False) -> str:
     """The models' identical blocks compile once and share the compiled code. Returns how: "ahead of time (loaded)",
     "ahead of time (compiled at the first call)" or "regional" (torch.compile's regional compilation).
 
@@ -250,20 +256,23 @@ def compile_blocks(*models, fullgraph: bool, dynamic: bool | None = None, ahead_
     symbols, the tensorify pass gives up on them after the whole block was traced and dynamo restarts its analysis
     with them specialized anyway: every cold start traced each block twice, and the restarted graph missed
     AOTAutograd's cache (measured on the tiny edit model, CPU: the first warm-up call 8.5 s -> 3.7-4.5 s with
-    every graph a cache hit; requests with other steps, CFG, sizes or prompts compiled nothing either way)."""
+    every graph a cache hit; requests with other steps, CFG, sizes or prompts compiled nothing either way).
+
+    autotune: inductor's max-autotune (`AUTOTUNE`), wherever the blocks compile."""
     import torch
 
     torch._dynamo.config.specialize_float = True  # process-wide: recast's worker owns the process's compilation
+    options = dict(AUTOTUNE) if autotune else {}
     if ahead_of_time:
         for model in models:  # a served model is never trained: its tensors' guards then match whatever loaded it
             model.requires_grad_(False)
         blocks = [block for model in models for block in repeated_blocks(model)]
         reason = "a graph may break (a GPU team's exchange)" if not fullgraph else unshareable(blocks)
         if reason is None:
-            return BlocksAheadOfTime(blocks, artifact, dynamic=dynamic).install()
+            return BlocksAheadOfTime(blocks, artifact, dynamic=dynamic, options=options).install()
         log.info("blocks compiled in this process, not ahead of time: %s", reason)
     for model in models:
-        model.compile_repeated_blocks(fullgraph=fullgraph, dynamic=dynamic)
+        model.compile_repeated_blocks(fullgraph=fullgraph, dynamic=dynamic, options=dict(options) or None)
     return "regional"
 
 
@@ -370,8 +379,9 @@ class BlocksAheadOfTime:
     guards, or with a per-request LoRA adapter active runs through torch.compile in the process instead (it traces
     once per new case, as before)."""
 
-    def __init__(self, blocks, artifact: Path | None, *, dynamic: bool | None):
+    def __init__(self, blocks, artifact: Path | None, *, dynamic: bool | None, options: dict | None = None):
         self.blocks, self.artifact, self.dynamic = blocks, artifact, dynamic
+        self.options = dict(options or {})  # inductor's, e.g. AUTOTUNE
         self.compiled = None
         self.call_shape: str | None = None
         self.failed: str | None = None  # why compiling ahead of time failed: every call compiles in the process
@@ -425,7 +435,8 @@ class BlocksAheadOfTime:
 
         block = self.blocks[index]
         if index not in self.in_process:
-            self.in_process[index] = torch.compile(block._call_impl, dynamic=self.dynamic)
+            self.in_process[index] = torch.compile(block._call_impl, dynamic=self.dynamic,
+                                                   options=dict(self.options) or None)
         self.calls["in_process"] += 1
         return self.in_process[index](*args, **kwargs)
 
@@ -438,7 +449,7 @@ class BlocksAheadOfTime:
                 # Only tensor, shape and global-state guards: the rest would pin block 0 itself (its identity, its
                 # attributes), which no other block or process matches; `unshareable` and _call check what they
                 # leave.
-                "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe,
+                "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe, **self.options,
             }).aot_compile(((self.blocks[0], *args), kwargs))
         compiled.disable_guard_check()  # _call checks them
         self.compiled, self.call_shape = compiled, shape
@@ -453,7 +464,7 @@ class BlocksAheadOfTime:
             return
         self.artifact.parent.mkdir(parents=True, exist_ok=True)
         staging = self.artifact.with_name(f".{self.artifact.name}.{uuid.uuid4().hex[:8]}.part")
-        header = {"call_shape": shape, "blocks": _signature_digest(self.blocks[0])}
+        header = {"call_shape": shape, "blocks": _signature_digest(self.blocks[0]), "options": self.options}
         staging.write_bytes(json.dumps(header).encode() + b"\n" + data)
         os.replace(staging, self.artifact)
         for older in self.artifact.parent.glob("*.blocks"):  # made by other code: never loaded again
@@ -468,6 +479,8 @@ class BlocksAheadOfTime:
         kept = json.loads(header)
         if kept.get("blocks") != _signature_digest(self.blocks[0]):
             raise ValueError("compiled for blocks unlike these (another attention backend or attention processors)")
+        if kept.get("options", {}) != self.options:
+            raise ValueError(f"compiled with other inductor options ({kept.get('options', {})}, not {self.options})")
         shape = kept["call_shape"]
         # Loading rebuilds the tensor guards in the current autograd mode: outside inference mode, torch 2.11's
         # guards then expect tensors that carry ADInplaceOrView, and every call (all run in inference mode, as

@@ -134,7 +134,10 @@ def place(pipe, profile: ModelProfile) -> dict:
         # (and so sequence lengths) differ between cond, uncond and requests.
         decisions["compiled_blocks"] = kernels.compile_blocks(
             pipe.transformer, fullgraph=parallel.fullgraph(), dynamic=True,
-            ahead_of_time=profile.compile_ahead_of_time, artifact=compiled_blocks_path("edit", profile))
+            ahead_of_time=profile.compile_ahead_of_time, artifact=compiled_blocks_path("edit", profile),
+            autotune=profile.compile_autotune)
+        if profile.compile_autotune:
+            decisions["compile_autotune"] = True
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # a worker pinned to N cores says so there
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     return decisions

@@ -142,7 +142,10 @@ def place(pipe, profile: VideoProfile) -> dict:
         # request for another length compiles nothing.
         decisions["compiled_blocks"] = kernels.compile_blocks(
             *experts(pipe), fullgraph=parallel.fullgraph(), dynamic=profile.compile_dynamic or None,
-            ahead_of_time=profile.compile_ahead_of_time, artifact=compiled_blocks_path("video", profile))
+            ahead_of_time=profile.compile_ahead_of_time, artifact=compiled_blocks_path("video", profile),
+            autotune=profile.compile_autotune)
+        if profile.compile_autotune:
+            decisions["compile_autotune"] = True
     return decisions
 
 

@@ -46,6 +46,10 @@ class ModelProfile(Strict):
     compile_ahead_of_time: bool = Field(True, description="With compile: the repeated blocks compile once, ahead of "
                                         "time, into code kept beside the prepared weights, which a restart loads "
                                         "without tracing; false (or a GPU team): torch.compile in the process.")
+    compile_autotune: bool = Field(False, description="With compile: inductor's max-autotune for the blocks (its "
+                                   "GEMM templates, FP8 ones included, with the work around them fused in, timed "
+                                   "against cuBLAS at the first compile: minutes more on a new node; the compiled "
+                                   "code is kept as without).")
     quantize: Literal["none", "fp8", "int4"] = Field("none", description="Transformer block linears precision.")
     quantize_text_encoder: bool = Field(False, description="Apply `quantize` to the text encoder's LLM too.")
     offload_text_encoder: bool = Field(False, description="Keep the text encoder in CPU RAM, stream it per call.")
@@ -82,6 +86,10 @@ class VideoProfile(Strict):
     compile_ahead_of_time: bool = Field(True, description="With compile: the repeated blocks compile once, ahead of "
                                         "time, into code kept beside the prepared weights, which a restart loads "
                                         "without tracing; false (or a GPU team): torch.compile in the process.")
+    compile_autotune: bool = Field(False, description="With compile: inductor's max-autotune for the blocks (its "
+                                   "GEMM templates, FP8 ones included, with the work around them fused in, timed "
+                                   "against cuBLAS at the first compile: minutes more on a new node; the compiled "
+                                   "code is kept as without).")
     compile_dynamic: bool = Field(True, description="With compile: the blocks take dynamic shapes, so one compile "
                                   "serves every frame count and size and the warm-up is a short clip; false: they "
                                   "are compiled for one shape and the warm-up renders a whole 81-frame clip.")
