@@ -12,9 +12,10 @@ client's environment, working folder, stdin/stdout/stderr and arguments. The wor
     KILL        the client's connection closes, and the server kills the fork
 
 Only the server's own user is served (checked by the connection's credentials: an abstract socket has no file
-permissions). Where no server answers (not started, stopped, another machine, another user), the client runs `python -m prefect.engine` itself,
-with a line saying so: a run is never lost to this shortcut. The forks run the code imported when the server
-started: restart `recast serve` after changing recast's flows (its task workers need that anyway).
+permissions). Where no server answers (not started, stopped, another machine, another user), the client runs
+`python -m prefect.engine` itself, with a line saying so: a run is never lost to this shortcut. The forks run the
+code imported when the server started: restart `recast serve` after changing recast's flows (its task workers need
+that anyway).
 
 The client imports nothing beyond the standard library, so that starting it costs ~0.05 s.
 """
@@ -138,7 +139,10 @@ def serve(where: str) -> int:
             else:  # the client's connection closed (killed): its run must not outlive it
                 pidfd = key.data[1]
                 if pidfd in runs:
-                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                    try:
+                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                    except ProcessLookupError:  # it ended meanwhile: reaped with the next event
+                        pass
                     selector.unregister(key.fileobj)  # its exit, reaped above, is then reported to nobody
     for conn, _pid in runs.values():  # stopping: `recast serve` ends the runs themselves
         conn.close()
@@ -148,7 +152,8 @@ def serve(where: str) -> int:
 def _fork_run(conn: socket.socket, listener: socket.socket, selector) -> int | None:
     # An abstract socket has no file permissions: any local user can connect. A fork runs whatever flow the
     # request's environment leads Prefect's engine to, as this server's user, so only that user may ask.
-    _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    credentials = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", credentials)
     if uid != os.getuid():
         print(f"recast flow-run forks: refused a request from uid {uid} (only uid {os.getuid()} may start runs)",
               file=sys.stderr, flush=True)
@@ -177,6 +182,10 @@ def _fork_run(conn: socket.socket, listener: socket.socket, selector) -> int | N
         conn.close()
         selector.close()
         code = _run_engine(request, fds)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()  # on the run's stderr once its descriptors are in place, else in the server's log
     finally:
         os._exit(code)
 

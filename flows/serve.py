@@ -290,7 +290,8 @@ def _pool_template(home: Path, flow_run_start: str) -> Path:
 
     template = ProcessWorker.get_default_base_job_template()
     if flow_run_start == "fork":
-        template["variables"]["properties"]["command"]["default"] = shlex.join([sys.executable, "-m", "recast.flows.forks"])
+        command = template["variables"]["properties"]["command"]
+        command["default"] = shlex.join([sys.executable, "-m", "recast.flows.forks"])
     path = home / "recast-flows-pool.json"
     path.write_text(json.dumps(template, indent=2))
     return path
