@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from conftest import end_process_group
@@ -167,3 +168,14 @@ def _prefect(env: dict, run_id: str, code: str) -> str:
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.strip().splitlines()
     return lines[-1] if lines else ""
+
+
+def test_the_fork_server_imports_every_deployed_flow_ahead():
+    """A deployment whose flow module the server has not imported still runs, but each fork then imports it (and
+    what it imports) again: the cost forking saves. deployments/prefect.yaml and forks.PRELOAD must agree."""
+    import yaml
+
+    deployments = yaml.safe_load((Path(__file__).resolve().parent.parent / "deployments" / "prefect.yaml").read_text())
+    modules = {deployment["entrypoint"].split(":")[0] for deployment in deployments["deployments"]}
+    missing = modules - set(forks.PRELOAD)
+    assert not missing, f"flows deployed but not imported by the fork server: {missing}"
