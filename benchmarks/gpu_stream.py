@@ -329,8 +329,10 @@ def main() -> int:
     take_nexts = args.take_next.split(",")
     if set(take_nexts) - {"after_gpu", "on_gpu"}:
         ap.error(f"--take-next {args.take_next!r}: use after_gpu, on_gpu or both, comma-separated")
+    from recast.flows.forks import FLOW_RUN_STARTS
+
     flow_run_starts = args.flow_run_starts.split(",")
-    if set(flow_run_starts) - {"fork", "process"}:
+    if set(flow_run_starts) - set(FLOW_RUN_STARTS):
         ap.error(f"--flow-run-starts {args.flow_run_starts!r}: use fork, process or both, comma-separated")
     edit_profile, video_profile = ("tiny", "tiny") if args.tiny else ("lightning", "wan22-lightning")
     if args.edits_only:

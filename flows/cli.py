@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from recast.flows.cli_models import (add_model_arguments, describe_file_error, describe_validation_error,
                                      model_from_args, yaml_keys_help)
+from recast.flows.forks import FLOW_RUN_STARTS  # the standard library only: the CLI stays quick to start
 from recast.tasks.errors import BadInput, ModelUnavailable
 from recast.tasks.schemas.requests import AnimateRequest, EditRequest, Storyboard
 from recast.tasks.settings import ConfigError, get_settings
@@ -555,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="video profile the animate worker loads (default from config)")
     serve.add_argument("--one-worker", action="store_true",
                        help="one task worker for both stages (one card: the memory policy keeps both when they fit)")
-    serve.add_argument("--flow-run-start", dest="flow_run_start", default="fork", choices=["fork", "process"],
+    serve.add_argument("--flow-run-start", dest="flow_run_start", default="fork", choices=FLOW_RUN_STARTS,
                        help="fork (default): each flow run is forked from a process that has already imported Prefect "
                        "and the flows (~3 CPU-s less a run; restart after changing the flows); process: Prefect's "
                        "own, a new Python process per run")

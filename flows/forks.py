@@ -29,6 +29,8 @@ import socket
 import struct
 import sys
 
+# How `recast serve` starts flow runs: forked from this module's server, or as Prefect's process worker does itself.
+FLOW_RUN_STARTS = ("fork", "process")
 ADDRESS_ENV = "RECAST_FLOW_RUN_FORKS"  # the server's name (an abstract unix socket's); unset: no server
 READY = "recast flow-run forks: ready"
 # What a fork needs that a new process would import: Prefect's engine and recast's deployed flows.

@@ -32,7 +32,6 @@ from recast.tasks.errors import BadInput
 
 MARK = "RECAST_SERVE_SESSION"
 STOP_GRACE_S = 6.0  # TERM, then KILL: Prefect's process worker turns TERM into INT and may keep going
-FLOW_RUN_STARTS = ("fork", "process")
 READY_TIMEOUT_S = 600.0  # a busy machine: the server migrates its database, the workers build the tiny models
 
 
@@ -182,9 +181,9 @@ def serve(port: int | None = None, profile: str | None = None, video_profile: st
     and `video_profile` choose what the task workers load; `one_worker`: one process serves both stages (one card);
     `flow_run_start`: "fork" (each flow run forked from a process that has imported Prefect and the flows,
     recast.flows.forks) or "process" (Prefect's own: a new Python process per run)."""
-    if flow_run_start not in FLOW_RUN_STARTS:
+    if flow_run_start not in forks.FLOW_RUN_STARTS:
         raise BadInput("--flow-run-start", flow_run_start, "is not a way to start flow runs",
-                       f"use one of {', '.join(FLOW_RUN_STARTS)}")
+                       f"use one of {', '.join(forks.FLOW_RUN_STARTS)}")
     repo = _repo()
     port = port or int(os.environ.get("RECAST_SERVE_PORT", "4200"))
     home = Path(os.environ.get("PREFECT_HOME") or repo / ".prefect-server")
