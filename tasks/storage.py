@@ -598,14 +598,27 @@ class Mp4Stream:
         self._close()
 
     def finish(self, frames) -> bytes:
-        import numpy as np
-
         self._close()
-        streamed = (self._usable and self._error is None and self._result is not None
-                    and sum(len(c) for c in self._chunks) == len(frames)
-                    and np.array_equal(np.concatenate(self._chunks) if self._chunks else frames[:0], frames))
+        streamed = self._usable and self._error is None and self._result is not None and self._fed(frames)
         self._chunks, self.streamed = [], bool(streamed)
         return self._result if streamed else mp4_bytes(frames, self._fps)
+
+    def _fed(self, frames) -> bool:
+        """Whether the chunks fed are `frames`, frame for frame. Chunk by chunk, as 8-byte words where the layout
+        allows: the whole clip at once (a concatenated copy and an equality mask, 97 MB each for a 480p 81-frame
+        clip) took 0.4 s on this repository's CPU, on the photo-to-clip chain's critical path; this takes ~10 ms."""
+        import numpy as np
+
+        start = 0
+        for chunk in self._chunks:
+            part, start = frames[start:start + len(chunk)], start + len(chunk)
+            if chunk.shape != part.shape or chunk.dtype != part.dtype:
+                return False
+            if chunk.flags.c_contiguous and part.flags.c_contiguous and chunk.nbytes % 8 == 0:
+                chunk, part = chunk.reshape(-1).view(np.uint64), part.reshape(-1).view(np.uint64)
+            if not np.array_equal(chunk, part):
+                return False
+        return start == len(frames)
 
 
 def iter_video(uri: str):

@@ -198,3 +198,9 @@ def test_a_stream_fed_other_frames_falls_back_to_the_clips_own_mp4():
     cut_short.feed(None)  # e.g. a team's split decode: the rest is not streamed
     cut_short.feed(lambda: clip[1:])
     assert cut_short.finish(clip) == storage.mp4_bytes(clip, 8) and not cut_short.streamed
+    for fed in (clip[:-1], np.concatenate([clip, clip[-1:]])):  # a frame missing, a frame too many
+        stream = storage.Mp4Stream(8)
+        stream.feed(lambda fed=fed: fed[:1])
+        stream.feed(lambda fed=fed: fed[1:])
+        assert stream.finish(clip) == storage.mp4_bytes(clip, 8) and not stream.streamed, \
+            f"a stream fed {len(fed)} frames was taken for the clip's {len(clip)}"
