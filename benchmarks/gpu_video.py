@@ -84,9 +84,10 @@ class Bench:
         self.reference_dir = Path(args.references) if getattr(args, "references", None) else None
         self.lora_dir = Path(tempfile.mkdtemp(prefix="recast-bench-lora-"))
         self.loras: tuple[LoraSpec, LoraSpec] | None = None
-        size = (64, 96) if args.tiny else (480, 832)
+        small = args.tiny and not args.full_frames
+        size = (64, 96) if small else (480, 832)
         self.height, self.width = size
-        self.frames = 9 if args.tiny else (17 if args.smoke else 81)
+        self.frames = 9 if small else (17 if args.smoke else 81)
         self.image = _photo(self.width, self.height)
 
     def profile(self, name: str):
@@ -524,6 +525,9 @@ def main() -> int:
     ap.add_argument("--weights", choices=["random", "real"], default="random")
     ap.add_argument("--smoke", action="store_true", help="2 blocks per expert, 17 frames, 2 steps: a quick GPU check")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes, for a CPU check of the code path")
+    ap.add_argument("--full-frames", action="store_true",
+                    help="with --tiny: the tiny models at the real sizes (1024x1024 edits, 832x480 81-frame clips), so "
+                         "the chain's non-model work (PNG, mp4, frames, Prefect) is measured at full size on a CPU")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--check", action="store_true", help="GPU tests: every row runs, finite, PSNR within bounds")
     ap.add_argument("--out", default=None, help="merge the rows into this JSON file as each row ends")
@@ -643,6 +647,13 @@ def _environment(args) -> dict[str, str]:
             env[prefix + ("OUTPUT_AREA" if section == "PROFILES" else "AREA")] = "6144" if args.tiny else "16384"
         env.update(RECAST_PROFILES__LIGHTNING__VAE_IMAGE_AREA="16384", RECAST_PROFILES__LIGHTNING__HANDOFF_AREA="6144",
                    RECAST_PROFILES__LIGHTNING__ATTENTION_BACKEND="null", RECAST_HANDOFF__NUM_FRAMES="9")
+        if args.full_frames:  # the configured profiles' sizes (configs/profiles.yaml, video_profiles.yaml)
+            env.update({"RECAST_PROFILES__LIGHTNING__OUTPUT_AREA": str(1024 * 1024),
+                        "RECAST_PROFILES__LIGHTNING__VAE_IMAGE_AREA": str(1024 * 1024),
+                        "RECAST_PROFILES__LIGHTNING__HANDOFF_AREA": str(832 * 480),
+                        "RECAST_HANDOFF__NUM_FRAMES": "81",
+                        **{f"RECAST_VIDEO_PROFILES__{name}__AREA": str(832 * 480)
+                           for name in ("WAN22", "WAN22_FP8", "WAN22_LIGHTNING", "WAN22_OFFLOAD")}})
     elif args.smoke:
         env["RECAST_HANDOFF__NUM_FRAMES"] = "17"
     return env
