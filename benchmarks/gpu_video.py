@@ -364,7 +364,7 @@ CHAIN_PARTS = {
     "write_json": ("recast.tasks.storage", "write_json"),
     "load_image": ("recast.tasks.storage", "load_image"),
     "identity_compare": ("recast.tasks.identity", "compare"),
-    "score_clip": ("recast.tasks.identity", "score_clip"),
+    "score_clip": [("recast.tasks.identity", "score_clip"), ("recast.tasks.identity", "ClipScoring.finish")],
     "plan_run": ("recast.flows.edit", "plan_run"),
     "plan_animation": ("recast.flows.animate", "plan_animation"),
     "contact_sheet": ("recast.flows.edit", "contact_sheet"),

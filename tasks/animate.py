@@ -32,8 +32,11 @@ def animate_clip(job: AnimateJob) -> ClipResult:
         loaded, cache_hit = loading.get_pipeline("video", profile)
         # Wan stretches the image to height x width; the flow chose a size with the frame's aspect ratio.
         frame = storage.load_image(job.frame).resize((job.width, job.height), Image.Resampling.LANCZOS)
-        # The mp4 is encoded while the VAE decodes the clip, off the clip's critical path (storage.Mp4Stream)
+        # The mp4 is encoded and the clip's identity scored while the VAE decodes it, off the clip's critical path
+        # (storage.Mp4Stream, identity.ClipScoring)
         encoding = storage.Mp4Stream(job.fps)
+        scoring = _clip_scoring(job)
+        feeds = [encoding.feed] + ([scoring.feed] if scoring is not None else [])
         with lifecycle.on_gpu():
             model_started, started = time.time(), time.perf_counter()
             try:
@@ -41,9 +44,11 @@ def animate_clip(job: AnimateJob) -> ClipResult:
                     loaded, frame, prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed,
                     steps=job.steps, guidance_scale=job.guidance_scale, num_frames=job.num_frames, width=job.width,
                     height=job.height, max_sequence_length=profile.max_sequence_length, should_stop=should_stop,
-                    on_frames=encoding.feed)
+                    on_frames=lambda fetch: [feed(fetch) for feed in feeds])
             except BaseException:
                 encoding.abandon()
+                if scoring is not None:
+                    scoring.abandon()
                 raise
             seconds = time.perf_counter() - started
         result = ClipResult(clip_id=job.clip_id, output=job.output, last_frame=job.last_frame, seed=job.seed,
@@ -53,13 +58,13 @@ def animate_clip(job: AnimateJob) -> ClipResult:
                             device=loading.describe_device(profile),
                             timeline=Timeline.of(task_started, model_started, model_started + seconds))
         # The CPU work, side by side (x264 runs in its own process, PNG and OpenCV free the GIL): the mp4's last
-        # chunk, the last frame (written losslessly: the next scene's starting image) and, on the CPU after the
-        # clip, its identity (one frame per second by default, a fraction of the clip's time).
+        # chunk, the last frame (written losslessly: the next scene's starting image) and the clip's identity (one
+        # frame per second by default; all but the last sampled frame scored during the decode).
         with ThreadPoolExecutor(max_workers=3, thread_name_prefix="recast-clip") as pool:
             writes = [pool.submit(lambda: storage.write_bytes(job.output, encoding.finish(frames))),
                       pool.submit(lambda: storage.write_bytes(job.last_frame,
                                                               storage.png_bytes(Image.fromarray(frames[-1]))))]
-            scored = pool.submit(score_clip_identity, job, frames) if job.identity_reference else None
+            scored = pool.submit(score_clip_identity, job, frames, scoring) if job.identity_reference else None
             for write in writes:
                 write.result()
             if scored is not None:
@@ -68,13 +73,23 @@ def animate_clip(job: AnimateJob) -> ClipResult:
     return result
 
 
-def score_clip_identity(job: AnimateJob, frames) -> tuple[dict, str | None]:
-    """The clip's frames scored against the reference photo, and its drift strip; a scorer problem is noted."""
+def _clip_scoring(job: AnimateJob):
+    """The clip's identity scoring, fed as the clip decodes; None when the job scores no identity."""
+    if not job.identity_reference:
+        return None
+    from recast.tasks import identity
+
+    return identity.ClipScoring(storage.load_image(job.identity_reference), job.num_frames, job.fps,
+                                job.identity_every)
+
+
+def score_clip_identity(job: AnimateJob, frames, scoring) -> tuple[dict, str | None]:
+    """The clip's frames scored against the reference photo (`scoring`, fed during the decode), and its drift
+    strip; a scorer problem is noted."""
     from recast.tasks import identity
 
     try:
-        scored, picked = identity.score_clip(storage.load_image(job.identity_reference), frames, job.fps,
-                                             job.identity_every)
+        scored, picked = scoring.finish(frames)
     except identity.IdentityUnavailable as exc:
         return {"grade": "unscorable", "notes": f"identity scorer unavailable: {exc}", "frames": []}, None
     strip = None

@@ -230,15 +230,29 @@ def score_clip(reference: Image.Image | bytes, frames, fps: float, every: int | 
     import time
 
     started = time.perf_counter()
-    step = every or max(1, int(round(fps)))
+    step = _step(fps, every)
     picked = sample_frames(frames, step)
     ref = main_face(reference)
+    faces = [_frame_face(frame) for _, frame in picked] if ref is not None else []
+    return _clip_identity(ref, picked, faces, step, time.perf_counter() - started), picked
+
+
+def _step(fps: float, every: int | None) -> int:
+    return every or max(1, int(round(fps)))
+
+
+def _frame_face(frame) -> Face | None:
+    return main_face(Image.fromarray(np.asarray(frame)))
+
+
+def _clip_identity(ref: Face | None, picked: list[tuple[int, np.ndarray]], faces: list[Face | None], step: int,
+                   seconds: float) -> ClipIdentity:
+    seconds = round(seconds, 3)
     if ref is None:
-        return ClipIdentity([], "unscorable", None, 0, len(picked), step, round(time.perf_counter() - started, 3),
-                            "no face found in the identity reference"), picked
+        return ClipIdentity([], "unscorable", None, 0, len(picked), step, seconds,
+                            "no face found in the identity reference")
     rows = []
-    for index, frame in picked:
-        face = main_face(Image.fromarray(np.asarray(frame)))
+    for (index, _), face in zip(picked, faces, strict=True):
         if face is None:
             rows.append({"index": index, "score": None, "grade": "no face", "face_px": None})
             continue
@@ -246,15 +260,95 @@ def score_clip(reference: Image.Image | bytes, frames, fps: float, every: int | 
         rows.append({"index": index, "score": round(score, 4), "grade": grade_for(score), "face_px": face.size_px})
     scored = [row for row in rows if row["score"] is not None]
     no_face = len(rows) - len(scored)
-    seconds = round(time.perf_counter() - started, 3)
     if not scored:
-        return ClipIdentity(rows, "Lost", None, no_face, len(rows), step, seconds,
-                            "no face in any sampled frame"), picked
+        return ClipIdentity(rows, "Lost", None, no_face, len(rows), step, seconds, "no face in any sampled frame")
     worst = min(scored, key=lambda row: GRADE_ORDER.index(row["grade"]))["grade"]
     first = GRADE_ORDER.index(scored[0]["grade"])
     drift = next((row["index"] for row in scored if GRADE_ORDER.index(row["grade"]) < first), None)
     notes = f"{no_face} of {len(rows)} sampled frames show no face" if no_face else ""
-    return ClipIdentity(rows, worst, drift, no_face, len(rows), step, seconds, notes), picked
+    return ClipIdentity(rows, worst, drift, no_face, len(rows), step, seconds, notes)
+
+
+class ClipScoring:
+    """score_clip while the clip is still being decoded: the sampled frames are scored on a thread of their own as
+    their chunks arrive (the Wan VAE decodes a few frames at a time), so after the decode only the last sampled
+    frame is left, not all of them (one per second of video, ~60 ms each on a CPU core, after the clip).
+
+        scoring = ClipScoring(reference, num_frames, fps, every)
+        frames = run_video(..., on_frames=scoring.feed)    # as storage.Mp4Stream is fed
+        identity, picked = scoring.finish(frames)          # exactly score_clip(reference, frames, fps, every)
+
+    finish() checks that each sampled frame it scored is the clip's frame at that index; if not (another frame
+    count, a chunk missed, a split decode) the clip is scored whole by score_clip: the result is the same either
+    way (tested). A failure of the models surfaces from finish(), as from score_clip."""
+
+    _END = object()
+
+    def __init__(self, reference: Image.Image | bytes, num_frames: int, fps: float, every: int | None = None):
+        import queue
+
+        self._reference, self._fps, self._every = reference, fps, every
+        self._step = _step(fps, every)
+        self._wanted = set(sample_indices(num_frames, self._step))
+        self._num_frames = num_frames
+        self._queue: queue.Queue = queue.Queue()
+        self._usable, self._ended, self._seen = True, False, 0
+        self._ref: Face | None = None
+        self._scored: dict[int, tuple[np.ndarray, Face | None]] = {}
+        self._error: BaseException | None = None
+        self._busy_s = 0.0  # the scoring's own seconds (ClipIdentity.seconds), not the clip's
+        self.streamed = False  # after finish(): whether the frames were scored as they came
+        self._thread = threading.Thread(target=self._score, name="recast-overlap-identity", daemon=True)
+        self._thread.start()
+
+    def feed(self, fetch) -> None:
+        """As storage.Mp4Stream.feed: fetch() gives the next chunk (n, H, W, 3); None: the rest cannot be fed."""
+        if fetch is None:
+            self._usable = False
+        elif self._usable:
+            self._queue.put(fetch)
+
+    def _score(self) -> None:
+        import time
+
+        try:
+            started = time.perf_counter()
+            self._ref = main_face(self._reference)
+            self._busy_s += time.perf_counter() - started
+            while (fetch := self._queue.get()) is not self._END:
+                chunk = fetch()
+                started = time.perf_counter()
+                for offset in range(len(chunk)):
+                    index = self._seen + offset
+                    if index in self._wanted and self._ref is not None:
+                        frame = np.array(chunk[offset])  # a copy: the chunk's buffer is not this thread's to keep
+                        self._scored[index] = (frame, _frame_face(frame))
+                self._seen += len(chunk)
+                self._busy_s += time.perf_counter() - started
+        except BaseException as exc:  # noqa: BLE001 - finish() scores the clip whole instead, which raises it again
+            self._error = exc
+            while self._queue.get() is not self._END:  # drain up to the end, so finish() returns
+                pass
+
+    def abandon(self) -> None:
+        """The clip failed: end the scoring thread."""
+        self._usable = False
+        self._queue.put(self._END)
+        self._thread.join()
+
+    def finish(self, frames) -> tuple[ClipIdentity, list[tuple[int, np.ndarray]]]:
+        self._queue.put(self._END)
+        self._thread.join()
+        picked_indices = sample_indices(len(frames), self._step)
+        whole = (self._usable and self._error is None and self._seen == len(frames) == self._num_frames
+                 and (self._ref is None or (set(self._scored) == set(picked_indices) and all(
+                     np.array_equal(self._scored[i][0], frames[i]) for i in picked_indices))))
+        self.streamed = bool(whole)
+        if not whole:
+            return score_clip(self._reference, frames, self._fps, self._every)
+        picked = [(i, frames[i]) for i in picked_indices]
+        faces = [self._scored[i][1] for i in picked_indices] if self._ref is not None else []
+        return _clip_identity(self._ref, picked, faces, self._step, self._busy_s), picked
 
 
 def last_frame_grade(identity: ClipIdentity) -> str:

@@ -64,6 +64,54 @@ def test_a_clip_without_a_face_is_reported_as_such(videos):
     assert scored.grade == "Lost" and "no face in any sampled frame" in scored.notes
 
 
+def _fed(scoring, frames, chunks=(1, 4, 4, 4, 4)) -> None:
+    """Feed `frames` in chunks, as the Wan VAE's decode does (1 frame, then 4 at a time)."""
+    start = 0
+    for size in chunks:
+        chunk = frames[start:start + size]
+        scoring.feed(lambda chunk=chunk: chunk)
+        start += size
+
+
+def test_a_clip_scored_while_it_decodes_scores_as_the_finished_clip():
+    """The chain scores a clip's sampled frames as the VAE decodes them (identity.ClipScoring, off the critical
+    path): the result must be score_clip's on the finished clip, frame for frame, and the streamed path taken."""
+    frames = np.stack(_frames("obama.jpg", 9) + _frames("biden.jpg", 8))
+    with Image.open(FACES / "obama.jpg") as img:
+        ref = img.convert("RGB")
+    whole, whole_picked = identity.score_clip(ref, frames, 8, 4)
+    scoring = identity.ClipScoring(ref, len(frames), 8, 4)
+    _fed(scoring, frames)
+    streamed, picked = scoring.finish(frames)
+    assert scoring.streamed, "finish() scored the clip whole: the frames fed during the decode were not used"
+    assert streamed.frames == whole.frames and (streamed.grade, streamed.drift_from) == ("Lost", 12), streamed
+    assert {k: v for k, v in streamed.as_dict().items() if k != "seconds"} == \
+        {k: v for k, v in whole.as_dict().items() if k != "seconds"}, "the streamed identity differs from the clip's"
+    assert [i for i, _ in picked] == [i for i, _ in whole_picked] and all(
+        np.array_equal(a, b) for (_, a), (_, b) in zip(picked, whole_picked)), "the drift strip's frames differ"
+
+
+def test_a_clip_scored_from_other_frames_is_scored_again_whole():
+    """Frames fed that are not the clip's (a frame changed, one missing, a split decode): the clip is scored as
+    score_clip scores it, never from the frames fed."""
+    frames = np.stack(_frames("obama.jpg", 17))
+    other = np.stack(_frames("obama.jpg", 8) + _frames("biden.jpg", 9))
+    with Image.open(FACES / "obama.jpg") as img:
+        ref = img.convert("RGB")
+    whole, _ = identity.score_clip(ref, frames, 8, 4)
+    for fed, label in ((other, "other frames"), (frames[:-1], "a frame missing")):
+        scoring = identity.ClipScoring(ref, len(frames), 8, 4)
+        _fed(scoring, fed)
+        streamed, _ = scoring.finish(frames)
+        assert not scoring.streamed and streamed.frames == whole.frames, f"{label}: {streamed.frames}"
+    split = identity.ClipScoring(ref, len(frames), 8, 4)
+    split.feed(lambda: frames[:1])
+    split.feed(None)
+    split.feed(lambda: other[1:])
+    streamed, _ = split.finish(frames)
+    assert not split.streamed and streamed.frames == whole.frames
+
+
 def test_by_default_at_most_one_frame_per_second_is_scored():
     assert identity.sample_indices(81, 16) == [0, 16, 32, 48, 64, 80]
     assert [i for i, _ in identity.sample_frames(iter(range(17)), 8)] == [0, 8, 16]
