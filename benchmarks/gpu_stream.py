@@ -38,6 +38,7 @@ Python process per run as Prefect's process worker does by default).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -132,11 +133,8 @@ def submit_and_wait(requests: list[dict], job_env: dict | None, timeout: float) 
     """Create every run at once through the edit deployment, then wait for all; their final flow runs."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.deployments import run_deployment
 
-    variables = {"env": job_env} if job_env else None
-    ids = [run_deployment("recast-edit/edit", parameters={"request": request}, timeout=0, job_variables=variables).id
-           for request in requests]
+    ids = asyncio.run(create_runs(requests, {"env": job_env} if job_env else None))
     deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
         while True:
@@ -149,6 +147,18 @@ def submit_and_wait(requests: list[dict], job_env: dict | None, timeout: float) 
                     or time.monotonic() > deadline:
                 return runs
             time.sleep(1.0)
+
+
+async def create_runs(requests: list[dict], job_variables: dict | None) -> list:
+    """The edit deployment's runs, created together (as many users of the UI or the API would): one after another
+    through run_deployment took 12 s for 32 on an H200's host, beside the first run's start."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        deployment = await client.read_deployment_by_name("recast-edit/edit")
+        runs = await asyncio.gather(*(client.create_flow_run_from_deployment(
+            deployment.id, parameters={"request": request}, job_variables=job_variables) for request in requests))
+    return [run.id for run in runs]
 
 
 def manifests(store: Path, runs) -> list[dict]:
