@@ -208,3 +208,44 @@ def test_a_link_under_a_root_that_points_outside_is_outside(astronaut, tmp_path,
     monkeypatch.setenv("RECAST_STORAGE_ROOT", str(root))
     with pytest.raises(BadInput, match="configured storage roots"):
         edit_module.plan_run(EditRequest(images=[str(root / "uploads" / "me.png")], prompts=["x"]))
+
+
+def test_a_run_from_a_deployment_and_the_subflow_it_runs_are_remote_and_a_local_run_is_not():
+    """Where a run may read and write (the configured roots) depends on who started it: a deployment (the UI, the
+    API, a schedule) or a local user. A run created from a deployment knows it, and so does the video stage it runs
+    inline as a subflow; a run the CLI starts knows it is local (without asking the server)."""
+    import asyncio
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow as run_flow_run
+
+    from recast.flows import runs
+
+    seen = {}
+
+    @flow(name="recast-test-stage")
+    async def stage(label: str):
+        await runs.blocking(lambda: seen.__setitem__(f"{label}: subflow", runs.started_remotely()))
+
+    @flow(name="recast-test-run")
+    async def started(label: str):
+        def body():
+            seen[label] = runs.started_remotely()
+            run_flow(stage, label)
+
+        await runs.blocking(body)
+
+    run_flow(started, "local")
+
+    async def from_deployment():
+        async with get_client() as client:
+            deployment = await client.create_deployment(flow_id=await client.create_flow(started),
+                                                        name="started-remotely")
+            return await client.create_flow_run_from_deployment(deployment, parameters={"label": "deployed"})
+
+    # As a worker runs a deployment's flow run: the run created from the deployment, its flow run here
+    flow_run = asyncio.run(from_deployment())
+    asyncio.run(run_flow_run(started, flow_run=flow_run, parameters={"label": "deployed"}))
+    assert seen == {"local": False, "local: subflow": False, "deployed": True, "deployed: subflow": True}, \
+        f"who started each run, as the runs saw it: {seen}"
