@@ -211,5 +211,9 @@ class Beside:
 def run_flow(flow_fn, *args, **kwargs):
     """Call a flow from blocking code (the CLI, a parent flow's body, a test) and return what it returns, whether
     the flow is sync or async."""
-    result = flow_fn(*args, **kwargs)
-    return asyncio.run(result) if inspect.isawaitable(result) else result
+    from prefect.context import SyncClientContext
+
+    # One client for what the engine asks synchronously (the result storage, twice a run), as in a flow's body
+    with SyncClientContext.get_or_create():
+        result = flow_fn(*args, **kwargs)
+        return asyncio.run(result) if inspect.isawaitable(result) else result
