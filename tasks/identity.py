@@ -22,6 +22,7 @@ import hashlib
 import importlib.util
 import io
 import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -95,19 +96,31 @@ def _verified_model_paths() -> dict[str, str]:
     return paths
 
 
-_LOCAL = threading.local()  # OpenCV's DNN objects are not thread-safe: one pair per thread
+# OpenCV's DNN objects are not thread-safe: a pair is used by one thread at a time. Idle pairs are kept for the next
+# call, whichever thread makes it: a job's scoring runs on threads made for that job, and loading a pair anew for
+# each (~70 ms on this repository's CPU) was most of the identity work on the photo-to-clip chain's critical path.
+_IDLE_MODELS: list = []
+_IDLE_LOCK = threading.Lock()
 
 
+@contextmanager
 def _models():
+    """A (detector, recognizer) pair for this thread's use until the block ends."""
     import cv2
 
-    if not hasattr(_LOCAL, "models"):
+    with _IDLE_LOCK:
+        pair = _IDLE_MODELS.pop() if _IDLE_MODELS else None
+    if pair is None:
         paths = _verified_model_paths()
         detector = cv2.FaceDetectorYN.create(paths["face_detection_yunet_2023mar.onnx"], "", (320, 320), 0.7, 0.3,
                                              5000)
         recognizer = cv2.FaceRecognizerSF.create(paths["face_recognition_sface_2021dec.onnx"], "")
-        _LOCAL.models = (detector, recognizer)
-    return _LOCAL.models
+        pair = (detector, recognizer)
+    try:
+        yield pair
+    finally:
+        with _IDLE_LOCK:
+            _IDLE_MODELS.append(pair)
 
 
 def to_bgr(image: Image.Image | bytes) -> np.ndarray:
@@ -125,15 +138,15 @@ def main_face(image: Image.Image | bytes) -> Face | None:
     height, width = bgr.shape[:2]
     scale = min(1.0, DETECT_MAX_SIDE / max(height, width))
     small = cv2.resize(bgr, (max(1, round(width * scale)), max(1, round(height * scale)))) if scale < 1 else bgr
-    detector, recognizer = _models()
-    detector.setInputSize((small.shape[1], small.shape[0]))
-    _, faces = detector.detect(small)
-    if faces is None or len(faces) == 0:
-        return None
-    best = max(faces, key=lambda f: f[2] * f[3]).copy()
-    best[:14] /= scale  # box and the 5 landmarks back to full resolution
-    aligned = recognizer.alignCrop(bgr, best)
-    feature = recognizer.feature(aligned).flatten().astype(np.float64)
+    with _models() as (detector, recognizer):
+        detector.setInputSize((small.shape[1], small.shape[0]))
+        _, faces = detector.detect(small)
+        if faces is None or len(faces) == 0:
+            return None
+        best = max(faces, key=lambda f: f[2] * f[3]).copy()
+        best[:14] /= scale  # box and the 5 landmarks back to full resolution
+        aligned = recognizer.alignCrop(bgr, best)
+        feature = recognizer.feature(aligned).flatten().astype(np.float64)
     x, y, w, h = (int(round(v)) for v in best[:4])
     return Face(box=(x, y, w, h), size_px=int(min(w, h)), detector_score=float(best[14]),
                 embedding=feature / max(np.linalg.norm(feature), 1e-12))

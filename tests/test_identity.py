@@ -106,3 +106,21 @@ def test_a_reference_photo_is_searched_for_its_face_once_and_each_photo_keeps_it
         "another photo must get its own face"
     scored = identity.compare(identity.reference_face(again), photo("obama2.jpg"))
     assert scored.score == pytest.approx(grade("obama.jpg", "obama2.jpg").score), "kept faces score as found ones"
+
+
+def test_faces_found_on_many_threads_at_once_are_those_found_one_at_a_time():
+    """A worker scores edits and clips on threads of their own, several at once, and OpenCV's face models are not
+    thread-safe: the models are shared between threads only one call at a time, so what each thread finds is what
+    a single thread finds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    names = ["obama.jpg", "obama2.jpg", "biden.jpg", "obama3.jpg"] * 3
+    photos = [photo(name) for name in names]
+    alone = [identity.main_face(photo) for photo in photos]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        together = list(pool.map(identity.main_face, photos))
+    for name, one, many in zip(names, alone, together):
+        assert one is not None and many is not None and one.box == many.box and \
+            np.allclose(one.embedding, many.embedding), f"{name}: another face found on a busy thread"
