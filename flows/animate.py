@@ -15,7 +15,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field, ValidationError
 
 from recast.flows.execution import run_task
-from recast.flows.runs import (Beside, blocking, check_inputs_allowed, check_storage_root, first_set, flow_run_info,
+from recast.flows.runs import (blocking, check_inputs_allowed, check_storage_root, first_set, flow_run_info,
                                new_run_id, now, started_remotely, take_plan, timestamp, versions)
 from recast.tasks import storage
 from recast.tasks.animate import animate_task_for
@@ -169,11 +169,6 @@ async def animate_flow(request: AnimateRequest):
 
 
 def _animate_run(request: AnimateRequest):
-    with Beside() as ui:  # the run's artifacts, made beside its work
-        return _animate_steps(request, ui)
-
-
-def _animate_steps(request: AnimateRequest, ui: Beside):
     logger = get_run_logger()
     # 1. Plan (the CLI may have planned it already)
     planned_by_cli = take_plan("animate", request)
@@ -204,8 +199,7 @@ def _animate_steps(request: AnimateRequest, ui: Beside):
     manifest_uri = plan.layout.video_manifest_uri if request.into_edit_run else plan.layout.manifest_uri
     dump = dict(storage.redact_all(manifest.model_dump()), manifest=storage.redact(manifest_uri))
     storage.write_json(manifest_uri, dump)
-    # The two at once: the table beside the summary
-    ui.submit(create_table_artifact, key="recast-animate-clips", table=[
+    create_table_artifact(key="recast-animate-clips", table=[
         {"clip": r.clip_id, "prompt": r.prompt, "identity": (r.identity or {}).get("grade"),
          "drift from frame": (r.identity or {}).get("drift_from"), "seed": r.seed, "frames": r.num_frames,
          "fps": r.fps, "size": f"{r.width}x{r.height}", "seconds": r.seconds, "output": r.output}

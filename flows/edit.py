@@ -27,7 +27,7 @@ from prefect.states import Completed, Failed
 from pydantic import ValidationError
 
 from recast.flows.execution import Outcome, run_chains
-from recast.flows.runs import (Beside, blocking, check_inputs_allowed, check_storage_root, first_set, flow_run_info,
+from recast.flows.runs import (blocking, check_inputs_allowed, check_storage_root, first_set, flow_run_info,
                                new_run_id, now, run_flow, slug, started_remotely, take_plan, theme, timestamp,
                                versions)
 from recast.tasks import identity, storage
@@ -187,18 +187,14 @@ def handoff_size(width: int, height: int, area: int) -> tuple[int, int]:
     return output_size(None, None, width / height, area)
 
 
-def _report_progress(ui: Beside, progress, done: int, total: int) -> None:
-    """The CLI's listeners now; the UI's progress artifact (`progress`: the Future of its id) beside the run."""
+def _report_progress(progress_id, done: int, total: int) -> None:
     for listener in progress_listeners:
         listener(done, total)
-
-    def update() -> None:
+    if progress_id is not None:
         try:
-            update_progress_artifact(progress.result(), progress=100.0 * done / total, _sync=True)
+            update_progress_artifact(progress_id, progress=100.0 * done / total, _sync=True)
         except Exception as exc:  # noqa: BLE001 - the UI's progress bar must never stop the run (server restarting)
             get_run_logger().warning("could not update the progress artifact: %s", exc)
-
-    ui.submit(update)
 
 
 def _flow_run_name() -> str:
@@ -220,11 +216,6 @@ async def edit_flow(request: EditRequest, resume: str | None = None):
 
 
 def _edit_run(request: EditRequest, resume: str | None):
-    with Beside() as ui:  # the run's progress and artifacts, made beside its work
-        return _edit_steps(request, resume, ui)
-
-
-def _edit_steps(request: EditRequest, resume: str | None, ui: Beside):
     logger = get_run_logger()
 
     # 1. Plan (validates everything; nothing is written if it raises). The CLI may have planned it already.
@@ -250,13 +241,13 @@ def _edit_steps(request: EditRequest, resume: str | None, ui: Beside):
     # 3. Edits, fanned out; each chain of attempts kept with its job, in request order
     jobs = plan.jobs(input_uris)
     # _sync: the flow is async (recast.flows.runs.blocking), its body is not; Prefect would hand back coroutines.
-    progress = ui.submit(create_progress_artifact, progress=0.0, description=f"recast run {plan.run_id}: edits done",
-                         _sync=True)
+    progress_id = create_progress_artifact(progress=0.0, description=f"recast run {plan.run_id}: edits done",
+                                           _sync=True)
     chains: list[list[EditRecord]] = [[] for _ in jobs]
     attempts = [_edit_chain(job, plan) for job in jobs]
     for done, (index, chain) in enumerate(run_chains(edit_task_for(profile.name), attempts, stage="edit"), start=1):
         chains[index] = chain
-        _report_progress(ui, progress, done, len(jobs))
+        _report_progress(progress_id, done, len(jobs))
     records = [record for chain in chains for record in chain]
 
     # 4. Handoff: the best identity among the edits that met the target
@@ -291,7 +282,7 @@ def _edit_steps(request: EditRequest, resume: str | None, ui: Beside):
     storage.remove_tree(storage.join(layout.folder, ".jobs"))  # heartbeats and records: the manifest holds it all
 
     # 7. UI
-    _publish(ui, manifest, layout.manifest_uri, plan.settings)
+    _publish(manifest, layout.manifest_uri, plan.settings)
     dump = storage.redact_all(manifest.model_dump())
     if manifest.status == "failed":
         reason = next((r.error for r in records if r.error), "no edit succeeded")
@@ -444,7 +435,7 @@ def _manifest(plan: RunPlan, records: list[EditRecord], handoff: str | None, tar
     )
 
 
-def _publish(ui: Beside, manifest: Manifest, manifest_uri: str, settings: Settings) -> None:
+def _publish(manifest: Manifest, manifest_uri: str, settings: Settings) -> None:
     def shown(uri: str | None) -> str:
         """An output as the UI shows it: its gallery address when there is a gallery, else its (redacted) URI."""
         if not uri:
@@ -462,9 +453,8 @@ def _publish(ui: Beside, manifest: Manifest, manifest_uri: str, settings: Settin
                                   default=None), "seed": None, "seconds": clip.get("seconds"),
                      "status": "succeeded" if clip.get("output") else "failed",
                      "output": shown(clip.get("output"))})
-    # Beside the summary below: the two requests at once
-    ui.submit(create_table_artifact, table=rows, key="recast-edit-results", description=f"recast run {manifest.run_id}",
-              _sync=True)
+    create_table_artifact(table=rows, key="recast-edit-results", description=f"recast run {manifest.run_id}",
+                          _sync=True)
     ok = sum(e.status == "succeeded" for e in manifest.edits)
     model = manifest.model
     revision = f"@ `{model.revision}`" if model.revision else "(built locally, no revision)" \

@@ -177,37 +177,6 @@ def _with_one_client(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-class Beside:
-    """Prefect API calls a flow body makes beside its work (the run's progress and artifacts in the UI), one after
-    another on a thread of their own carrying the flow run's context, so the body does not wait 10-20 ms on each
-    (the server's answer). Used as a context: leaving it waits for every call, and raises the first call's error
-    when the body itself did not raise.
-
-        with Beside() as ui:
-            progress = ui.submit(create_progress_artifact, progress=0.0, _sync=True)   # a Future
-    """
-
-    def __init__(self):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recast-overlap-ui")
-        self._calls = []
-
-    def submit(self, fn, *args, **kwargs):
-        call = self._pool.submit(contextvars.copy_context().run, fn, *args, **kwargs)
-        self._calls.append(call)
-        return call
-
-    def __enter__(self) -> Beside:
-        return self
-
-    def __exit__(self, kind, error, traceback) -> None:
-        self._pool.shutdown(wait=True)
-        if kind is None:
-            for call in self._calls:
-                call.result()
-
-
 def run_flow(flow_fn, *args, **kwargs):
     """Call a flow from blocking code (the CLI, a parent flow's body, a test) and return what it returns, whether
     the flow is sync or async."""
