@@ -635,8 +635,14 @@ def _baseline_seconds(rows: list[dict], earlier: Path | None, device) -> float |
 def _environment(args) -> dict[str, str]:
     """Settings for this run: the chain's flows inline and quiet; on CPU (--tiny) every profile it uses on the CPU
     at tiny sizes, uncompiled."""
+    from recast.flows import local_server
+
     env = {"RECAST_HANDOFF__MODE": "inline", "PREFECT_LOGGING_LEVEL": "WARNING",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false"}
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false",
+           # The chain's Prefect server is plain HTTP on the loopback, as `recast serve`'s and the CLI's are, and its
+           # clients are set up as theirs are (local_server.loopback_ca_bundle says why)
+           "PREFECT_API_SSL_CERT_FILE": str(local_server.loopback_ca_bundle(Path(tempfile.mkdtemp(
+               prefix="recast-bench-prefect-"))))}
     if args.tiny or args.device == "cpu":
         profiles = [("PROFILES", "LIGHTNING")] + [("VIDEO_PROFILES", name) for name in
                                                   ("WAN22", "WAN22_FP8", "WAN22_LIGHTNING", "WAN22_OFFLOAD")]

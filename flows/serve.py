@@ -175,22 +175,6 @@ def _repo() -> Path:
                    "in a recast checkout")
 
 
-def _loopback_ca_bundle(home: Path) -> Path:
-    """A CA bundle of one certificate (certifi's first) for the Prefect clients of `recast serve`'s own plain-HTTP
-    API (see serve)."""
-    import certifi
-
-    bundle = home / "loopback-ca.pem"
-    if not bundle.is_file():
-        text = Path(certifi.where()).read_text()
-        begin = text.index("-----BEGIN CERTIFICATE-----")
-        end = text.index("-----END CERTIFICATE-----", begin) + len("-----END CERTIFICATE-----")
-        staging = bundle.with_suffix(f".{os.getpid()}.tmp")
-        staging.write_text(text[begin:end] + "\n")
-        staging.replace(bundle)
-    return bundle
-
-
 def serve(port: int | None = None, profile: str | None = None, video_profile: str | None = None,
           one_worker: bool = False, flow_run_start: str = "fork") -> int:
     """Start, announce, wait for a stop, stop everything; the exit code (0 when stopped by a signal). `profile`
@@ -221,11 +205,7 @@ def serve(port: int | None = None, profile: str | None = None, video_profile: st
         # The server asks for no CSRF token: without this every new client (each flow-run process, each status
         # poll) first asks for one and is answered 422, 307 of ~500 requests in a burst of 24 runs.
         env.setdefault("PREFECT_CLIENT_CSRF_SUPPORT_ENABLED", "false")
-    # Every Prefect client loads certifi's CA bundle (117 certificates: ~16 ms) into an SSL context of its own, even
-    # for a plain-HTTP API; a forked flow run makes ~8 clients, ~15% of its CPU on this repository's machine. This
-    # API is plain HTTP on the loopback: no certificate is ever checked, so its processes load one (were TLS ever
-    # used, a one-certificate bundle would fail the connection, never accept another server).
-    env.setdefault("PREFECT_API_SSL_CERT_FILE", str(_loopback_ca_bundle(home)))
+    env.setdefault("PREFECT_API_SSL_CERT_FILE", str(local_server.loopback_ca_bundle(home)))
     env[MARK] = uuid.uuid4().hex
     if flow_run_start == "fork":
         env[forks.ADDRESS_ENV] = forks.name(env[MARK])
