@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from recast.tasks.storage import ChunkConsumer
+
 MODELS = {
     "face_detection_yunet_2023mar.onnx": "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4",
     "face_recognition_sface_2021dec.onnx": "0ba9fbfa01b5270c96627c4ef784da859931e02f04419c829e83484087c34e79",
@@ -282,10 +284,10 @@ def _clip_identity(ref: Face | None, picked: list[tuple[int, np.ndarray]], faces
     return ClipIdentity(rows, worst, drift, no_face, len(rows), step, seconds, notes)
 
 
-class ClipScoring:
-    """score_clip while the clip is still being decoded: the sampled frames are scored on a thread of their own as
-    their chunks arrive (the Wan VAE decodes a few frames at a time), so after the decode only the last sampled
-    frame is left, not all of them (one per second of video, ~60 ms each on a CPU core, after the clip).
+class ClipScoring(ChunkConsumer):
+    """score_clip while the clip is still being decoded: the sampled frames are scored as their chunks arrive, so
+    after the decode only the last sampled frame is left, not all of them (one per second of video, ~35-60 ms each
+    on a CPU core, after the clip).
 
         scoring = ClipScoring(reference, num_frames, fps, every)
         frames = run_video(..., on_frames=scoring.feed)    # as storage.Mp4Stream is fed
@@ -295,63 +297,34 @@ class ClipScoring:
     count, a chunk missed, a split decode) the clip is scored whole by score_clip: the result is the same either
     way (tested). A failure of the models surfaces from finish(), as from score_clip."""
 
-    _END = object()
-
     def __init__(self, reference: Image.Image | bytes, num_frames: int, fps: float, every: int | None = None):
-        import queue
-
         self._reference, self._fps, self._every = reference, fps, every
         self._step = _step(fps, every)
         self._wanted = set(sample_indices(num_frames, self._step))
-        self._num_frames = num_frames
-        self._queue: queue.Queue = queue.Queue()
-        self._usable, self._ended, self._seen = True, False, 0
+        self._num_frames, self._seen = num_frames, 0
         self._ref: Face | None = None
         self._scored: dict[int, tuple[np.ndarray, Face | None]] = {}
-        self._error: BaseException | None = None
         self._busy_s = 0.0  # the scoring's own seconds (ClipIdentity.seconds), not the clip's
-        self.streamed = False  # after finish(): whether the frames were scored as they came
-        self._thread = threading.Thread(target=self._score, name="recast-overlap-identity", daemon=True)
-        self._thread.start()
+        super().__init__("recast-overlap-identity")
 
-    def feed(self, fetch) -> None:
-        """As storage.Mp4Stream.feed: fetch() gives the next chunk (n, H, W, 3); None: the rest cannot be fed."""
-        if fetch is None:
-            self._usable = False
-        elif self._usable:
-            self._queue.put(fetch)
-
-    def _score(self) -> None:
+    def consume(self, chunks) -> None:
         import time
 
-        try:
+        started = time.perf_counter()
+        self._ref = main_face(self._reference)
+        self._busy_s += time.perf_counter() - started
+        for chunk in chunks:
             started = time.perf_counter()
-            self._ref = main_face(self._reference)
+            for offset in range(len(chunk)):
+                index = self._seen + offset
+                if index in self._wanted and self._ref is not None:
+                    frame = np.array(chunk[offset])  # a copy: the chunk's buffer is not this thread's to keep
+                    self._scored[index] = (frame, _frame_face(frame))
+            self._seen += len(chunk)
             self._busy_s += time.perf_counter() - started
-            while (fetch := self._queue.get()) is not self._END:
-                chunk = fetch()
-                started = time.perf_counter()
-                for offset in range(len(chunk)):
-                    index = self._seen + offset
-                    if index in self._wanted and self._ref is not None:
-                        frame = np.array(chunk[offset])  # a copy: the chunk's buffer is not this thread's to keep
-                        self._scored[index] = (frame, _frame_face(frame))
-                self._seen += len(chunk)
-                self._busy_s += time.perf_counter() - started
-        except BaseException as exc:  # noqa: BLE001 - finish() scores the clip whole instead, which raises it again
-            self._error = exc
-            while self._queue.get() is not self._END:  # drain up to the end, so finish() returns
-                pass
-
-    def abandon(self) -> None:
-        """The clip failed: end the scoring thread."""
-        self._usable = False
-        self._queue.put(self._END)
-        self._thread.join()
 
     def finish(self, frames) -> tuple[ClipIdentity, list[tuple[int, np.ndarray]]]:
-        self._queue.put(self._END)
-        self._thread.join()
+        self._close()
         picked_indices = sample_indices(len(frames), self._step)
         whole = (self._usable and self._error is None and self._seen == len(frames) == self._num_frames
                  and (self._ref is None or (set(self._scored) == set(picked_indices) and all(

@@ -597,55 +597,46 @@ def mp4_bytes(frames, fps: int) -> bytes:
             return f.read()
 
 
-class Mp4Stream:
-    """mp4_bytes fed while the frames are still being made: the Wan VAE decodes a clip a few frames at a time, and
-    x264 encodes each chunk on its own thread as it arrives, so the clip's encode ends about when its decode does.
-
-        stream = Mp4Stream(fps)
-        frames = run_video(..., on_frames=stream.feed)   # feed(fetch): fetch() gives a chunk (n, H, W, 3) uint8
-        data = stream.finish(frames)                      # the mp4 of exactly `frames`
-
-    finish() checks that what was fed is exactly `frames`, frame for frame; if it is not (a split decode, a chunk
-    missed) the streamed encode is thrown away and `frames` are encoded as mp4_bytes would: the bytes are the same
-    either way (tested). abandon() ends the encode when the clip failed.
-    """
+class ChunkConsumer:
+    """Work on a clip's frames while the Wan VAE is still decoding it, a few frames at a time (diffusers' decoder:
+    1 frame, then 4 at a time), on a thread of its own (`name`): feed(fetch) hands it the next chunk, fetch() giving
+    it as (n, H, W, 3) uint8, or None once the rest cannot be fed (a team's split decode); `consume(chunks)` (the
+    subclass's) takes the chunks in order on that thread. `_close()` waits for the thread; an error it met is kept
+    in `_error` for the subclass to fall back on the whole clip. abandon() ends the work when the clip failed."""
 
     _END = object()
 
-    def __init__(self, fps: int):
+    def __init__(self, name: str):
         import queue
 
-        self._fps = fps
-        self._chunks: list = []
         self._queue: queue.Queue = queue.Queue()
         self._usable = True
         self._ended = False
-        self.streamed = False  # after finish(): whether the bytes came from the stream (not a whole encode)
-        self._result: bytes | None = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._encode, name="recast-overlap-mp4", daemon=True)
+        self.streamed = False  # after finish(): whether the result came from the chunks fed (not the whole clip)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def feed(self, fetch) -> None:
-        """fetch() gives the next chunk of frames; None: the rest cannot be streamed (finish() encodes the clip)."""
         if fetch is None:
             self._usable = False
         elif self._usable:
             self._queue.put(fetch)
 
-    def _frames(self):
+    def consume(self, chunks) -> None:
+        raise NotImplementedError
+
+    def _chunks(self):
         while (fetch := self._queue.get()) is not self._END:
-            chunk = fetch()
-            self._chunks.append(chunk)
-            yield from chunk
+            yield fetch()
         self._ended = True
 
-    def _encode(self) -> None:
+    def _run(self) -> None:
         try:
-            self._result = mp4_bytes(self._frames(), self._fps)
-        except BaseException as exc:  # noqa: BLE001 - surfaced (or replaced by the whole encode) in finish()
+            self.consume(self._chunks())
+        except BaseException as exc:  # noqa: BLE001 - the subclass falls back on the whole clip, which raises it again
             self._error = exc
-            while not self._ended and self._queue.get() is not self._END:  # drain up to the end, so close() returns
+            while not self._ended and self._queue.get() is not self._END:  # drain up to the end, so _close() returns
                 pass
 
     def _close(self) -> None:
@@ -656,10 +647,38 @@ class Mp4Stream:
         self._usable = False
         self._close()
 
+
+class Mp4Stream(ChunkConsumer):
+    """mp4_bytes fed while the frames are still being made: x264 encodes each chunk as it arrives, so the clip's
+    encode ends about when its decode does.
+
+        stream = Mp4Stream(fps)
+        frames = run_video(..., on_frames=stream.feed)   # feed(fetch): fetch() gives a chunk (n, H, W, 3) uint8
+        data = stream.finish(frames)                      # the mp4 of exactly `frames`
+
+    finish() checks that what was fed is exactly `frames`, frame for frame; if it is not (a split decode, a chunk
+    missed) the streamed encode is thrown away and `frames` are encoded as mp4_bytes would: the bytes are the same
+    either way (tested).
+    """
+
+    def __init__(self, fps: int):
+        self._fps = fps
+        self._fed_chunks: list = []
+        self._result: bytes | None = None
+        super().__init__("recast-overlap-mp4")
+
+    def consume(self, chunks) -> None:
+        def frames():
+            for chunk in chunks:
+                self._fed_chunks.append(chunk)
+                yield from chunk
+
+        self._result = mp4_bytes(frames(), self._fps)
+
     def finish(self, frames) -> bytes:
         self._close()
         streamed = self._usable and self._error is None and self._result is not None and self._fed(frames)
-        self._chunks, self.streamed = [], bool(streamed)
+        self._fed_chunks, self.streamed = [], bool(streamed)
         return self._result if streamed else mp4_bytes(frames, self._fps)
 
     def _fed(self, frames) -> bool:
@@ -669,7 +688,7 @@ class Mp4Stream:
         import numpy as np
 
         start = 0
-        for chunk in self._chunks:
+        for chunk in self._fed_chunks:
             part, start = frames[start:start + len(chunk)], start + len(chunk)
             if chunk.shape != part.shape or chunk.dtype != part.dtype:
                 return False
