@@ -84,7 +84,7 @@ class Bench:
         self.reference_dir = Path(args.references) if getattr(args, "references", None) else None
         self.lora_dir = Path(tempfile.mkdtemp(prefix="recast-bench-lora-"))
         self.loras: tuple[LoraSpec, LoraSpec] | None = None
-        small = args.tiny and not args.full_frames
+        small = args.tiny and not getattr(args, "full_frames", False)  # gpu_parallel's arguments have no --full-frames
         size = (64, 96) if small else (480, 832)
         self.height, self.width = size
         self.frames = 9 if small else (17 if args.smoke else 81)
@@ -653,7 +653,7 @@ def _environment(args) -> dict[str, str]:
             env[prefix + ("OUTPUT_AREA" if section == "PROFILES" else "AREA")] = "6144" if args.tiny else "16384"
         env.update(RECAST_PROFILES__LIGHTNING__VAE_IMAGE_AREA="16384", RECAST_PROFILES__LIGHTNING__HANDOFF_AREA="6144",
                    RECAST_PROFILES__LIGHTNING__ATTENTION_BACKEND="null", RECAST_HANDOFF__NUM_FRAMES="9")
-        if args.full_frames:  # the configured profiles' sizes (configs/profiles.yaml, video_profiles.yaml)
+        if getattr(args, "full_frames", False):  # the configured profiles' sizes (configs/*profiles.yaml)
             env.update({"RECAST_PROFILES__LIGHTNING__OUTPUT_AREA": str(1024 * 1024),
                         "RECAST_PROFILES__LIGHTNING__VAE_IMAGE_AREA": str(1024 * 1024),
                         "RECAST_PROFILES__LIGHTNING__HANDOFF_AREA": str(832 * 480),
