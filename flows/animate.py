@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from recast.flows.execution import run_task
 from recast.flows.runs import (blocking, check_inputs_allowed, check_storage_root, first_set, flow_run_info,
-                               new_run_id, now, started_remotely, take_plan, timestamp, versions)
+                               new_run_id, now, one_client, started_remotely, take_plan, timestamp, versions)
 from recast.tasks import storage
 from recast.tasks.animate import animate_task_for
 from recast.tasks.errors import BadInput, first_error
@@ -199,6 +199,15 @@ def _animate_run(request: AnimateRequest):
     manifest_uri = plan.layout.video_manifest_uri if request.into_edit_run else plan.layout.manifest_uri
     dump = dict(storage.redact_all(manifest.model_dump()), manifest=storage.redact(manifest_uri))
     storage.write_json(manifest_uri, dump)
+    with one_client():
+        _publish(plan, manifest, record, job)
+    if not result:
+        return Failed(message=f"the clip failed: {message}; see {storage.redact(manifest_uri)}", data=dump)
+    return Completed(message="the clip is written", data=dump)
+
+
+def _publish(plan: AnimatePlan, manifest: AnimateManifest, record: ClipRecord, job: AnimateJob) -> None:
+    """The run's results table and summary in the Prefect UI."""
     create_table_artifact(key="recast-animate-clips", table=[
         {"clip": r.clip_id, "prompt": r.prompt, "identity": (r.identity or {}).get("grade"),
          "drift from frame": (r.identity or {}).get("drift_from"), "seed": r.seed, "frames": r.num_frames,
@@ -208,6 +217,3 @@ def _animate_run(request: AnimateRequest):
         f"# recast animate `{plan.run_id}`: {manifest.status}\n- from `{storage.redact(job.frame)}`\n"
         f"- clip `{record.output}` ({job.num_frames} frames, {job.fps} fps)\n"
         + "".join(f"- warning: {w}\n" for w in plan.warnings)), _sync=True)
-    if not result:
-        return Failed(message=f"the clip failed: {message}; see {storage.redact(manifest_uri)}", data=dump)
-    return Completed(message="the clip is written", data=dump)

@@ -28,8 +28,8 @@ from pydantic import ValidationError
 
 from recast.flows.execution import Outcome, run_chains
 from recast.flows.runs import (blocking, check_inputs_allowed, check_storage_root, first_set, flow_run_info,
-                               new_run_id, now, run_flow, slug, started_remotely, take_plan, theme, timestamp,
-                               versions)
+                               new_run_id, now, one_client, run_flow, slug, started_remotely, take_plan, theme,
+                               timestamp, versions)
 from recast.tasks import identity, storage
 from recast.tasks import prompts as prompt_checks
 from recast.tasks.edit import edit_task_for
@@ -282,7 +282,8 @@ def _edit_run(request: EditRequest, resume: str | None):
     storage.remove_tree(storage.join(layout.folder, ".jobs"))  # heartbeats and records: the manifest holds it all
 
     # 7. UI
-    _publish(manifest, layout.manifest_uri, plan.settings)
+    with one_client():
+        _publish(manifest, layout.manifest_uri, plan.settings)
     dump = storage.redact_all(manifest.model_dump())
     if manifest.status == "failed":
         reason = next((r.error for r in records if r.error), "no edit succeeded")

@@ -164,25 +164,21 @@ async def blocking(fn, *args, **kwargs):
 
 def _in_flow_body(fn, *args, **kwargs):
     _STARTED_REMOTELY.set(started_remotely())  # asked once per run, kept for its body and its subflows
-    return _with_one_client(fn, *args, **kwargs)
+    return fn(*args, **kwargs)
 
 
-def _with_one_client(fn, *args, **kwargs):
-    """fn with one Prefect API client for all it asks the server (artifacts, progress): without it each call makes
-    its own client, which loads certifi's CA bundle into a new SSL context and asks for a CSRF token first, ~25 ms
-    before its request (six such calls were 0.21 s of the photo-to-clip chain, on an H200 host and here alike)."""
+def one_client():
+    """A context in which Prefect's calls share one API client (a run's closing artifacts): each call would make
+    its own, which loads its CA bundle into a new SSL context and asks for a CSRF token first (~25 ms a call with
+    certifi's bundle). Only around calls made back to back: a kept connection must not outlive a server restart
+    that the run's job submissions and polls recover from."""
     from prefect.context import SyncClientContext
 
-    with SyncClientContext.get_or_create():
-        return fn(*args, **kwargs)
+    return SyncClientContext.get_or_create()
 
 
 def run_flow(flow_fn, *args, **kwargs):
     """Call a flow from blocking code (the CLI, a parent flow's body, a test) and return what it returns, whether
     the flow is sync or async."""
-    from prefect.context import SyncClientContext
-
-    # One client for what the engine asks synchronously (the result storage, twice a run), as in a flow's body
-    with SyncClientContext.get_or_create():
-        result = flow_fn(*args, **kwargs)
-        return asyncio.run(result) if inspect.isawaitable(result) else result
+    result = flow_fn(*args, **kwargs)
+    return asyncio.run(result) if inspect.isawaitable(result) else result
