@@ -335,11 +335,8 @@ def _poll_all(watches: list[_Watch]) -> None:
 
     pending = [w for w in watches if w.outcome is None]
     try:
-        # No client-side retries: a server that went away must show here, or its lost queue goes unnoticed. And a
-        # client of its own (httpx_settings={}: not the flow body's shared one), so a fresh connection: a kept one
-        # the server has closed would fail once, unretried, as if the server had gone, and a queued job be resent.
-        with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}), \
-                get_client(sync_client=True, httpx_settings={}) as client:
+        # No client-side retries: a server that went away must show here, or its lost queue goes unnoticed.
+        with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}), get_client(sync_client=True) as client:
             # One request for every job's state, however many are in flight: the server is shared by all runs.
             ids = [w.run_id for w in pending if w.run_id]
             runs = client.read_task_runs(task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=ids)),
