@@ -587,15 +587,10 @@ def mp4_bytes(frames, fps: int) -> bytes:
         # is on the photo-to-clip chain's critical path (2.47 s of 19 s on an H200 with x264's default, medium);
         # on a 480p 81-frame test clip (2 threads, this repository's CPU) medium took 7.8 s, veryfast 1.5 s, for a
         # smaller file (12.3 vs 13.9 MiB) at the same PSNR (33.9 vs 34.0 dB).
-        # Slices, not frames, across the threads, and a lookahead of 2 frames with one B-frame: x264 holds back
-        # fewer frames, so a clip fed while the VAE decodes (Mp4Stream) ends sooner after its last chunk (0.18 s of
-        # the chain's critical path on an H200 with veryfast's defaults; on a 480p 81-frame clip here 0.14-0.16 s
-        # -> 0.07-0.08 s, 6% smaller at 0.16 dB less; zerolatency's 0.04 s cost a 37% larger file).
-        x264 = "sliced-threads=1:sync-lookahead=0:rc-lookahead=2:bframes=1"
         with imageio.get_writer(path, fps=fps, codec="libx264", quality=8, macro_block_size=16, pixelformat="yuv420p",
                                 # faststart: the index first, so a browser plays (and seeks) while it loads
-                                ffmpeg_params=["-threads", "8", "-preset", "veryfast", "-x264-params", x264,
-                                               "-movflags", "+faststart"]) as writer:
+                                ffmpeg_params=["-threads", "8", "-preset", "veryfast", "-movflags", "+faststart"]
+                                ) as writer:
             for frame in frames:
                 writer.append_data(frame)
         with open(path, "rb") as f:
