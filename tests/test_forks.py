@@ -179,3 +179,51 @@ def test_the_fork_server_imports_every_deployed_flow_ahead():
     modules = {deployment["entrypoint"].split(":")[0] for deployment in deployments["deployments"]}
     missing = modules - set(forks.PRELOAD)
     assert not missing, f"flows deployed but not imported by the fork server: {missing}"
+
+
+def test_the_clients_recast_serve_starts_ask_its_server_nothing_they_know(tmp_path):
+    """`recast serve`'s processes talk to the server it started from this same install: their Prefect clients skip
+    the version handshake (a request to the one API process at each client's start, which a burst of runs queues
+    behind) and the CSRF token the server does not ask for."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from recast.flows import serve
+
+    paths: list[str] = []
+
+    class Recording(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            paths.append(self.path)
+            body = b'"3.9.1"' if self.path.endswith("/admin/version") else b'"hello"'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recording)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    api = f"http://127.0.0.1:{server.server_address[1]}/api"
+    # As Prefect's engine opens its clients in a flow run (a client context checks the version once a process)
+    script = ("from prefect.context import SyncClientContext\n"
+              "with SyncClientContext.get_or_create() as context:\n    context.client.hello()\n")
+    base = dict(os.environ, PREFECT_API_URL=api, PREFECT_HOME=str(tmp_path / "prefect"))
+    try:
+        seen = {}
+        for name, env in (("plain", base), ("serve", dict(base, **serve.own_server_clients(base, tmp_path)))):
+            paths.clear()
+            done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                                  timeout=120)
+            assert done.returncode == 0, f"{name}: a Prefect client could not talk to the server: {done.stderr[-2000:]}"
+            seen[name] = list(paths)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "/api/admin/version" in seen["plain"], f"a plain client should ask the version (the control): {seen}"
+    assert "/api/hello" in seen["serve"], f"serve's client never reached the server: {seen}"
+    assert not [p for p in seen["serve"] if p.endswith(("/admin/version", "/csrf-token"))], \
+        f"recast serve's clients still ask its server what they know: {seen['serve']}"
