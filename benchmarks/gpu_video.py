@@ -443,6 +443,7 @@ def _chain_split(call, profile_dir: str | None) -> dict:
 
         patched.append((flow_engine, "_send_heartbeats", heartbeats))
         flow_engine._send_heartbeats = timed_heartbeats
+    marks = _mark_mp4_tail(patched)
     started = time.perf_counter()
     try:
         call()
@@ -453,6 +454,11 @@ def _chain_split(call, profile_dir: str | None) -> dict:
     split = {"total": round(total, 3), **{label: round(seconds, 3) for label, seconds in spent.items()}}
     split["flows_and_prefect"] = round(total - sum(spent.values()), 3)
     split.update({f"{label}_overlapped": round(seconds, 3) for label, seconds in overlapped.items()})
+    if {"finish_called", "last_frame_in", "close_started", "closed"} <= marks.keys():
+        split["mp4_tail"] = {  # not a part of the sum: mp4_finish taken apart
+            "last_frame_in_after_finish": round(marks["last_frame_in"] - marks["finish_called"], 3),
+            "close": round(marks["closed"] - marks["close_started"], 3),
+            "after_close": round(marks["finish_returned"] - marks["closed"], 3)}
     if profile_dir:
         import cProfile
         import pstats
@@ -463,6 +469,49 @@ def _chain_split(call, profile_dir: str | None) -> dict:
         with open(Path(profile_dir) / "chain_profile.txt", "w") as out:
             pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(80)
     return split
+
+
+def _mark_mp4_tail(patched: list) -> dict:
+    """When the chain asks for the mp4 (Mp4Stream.finish) and when it has it, when the clip's last frame reached the
+    encoder (imageio's writer, on the overlap thread), and when x264's flush and the file's close began and ended:
+    the card's 0.18 s of `mp4_finish` (2026-12-05) did not move with x264's held-back frames, so where it goes is
+    recorded. Patches are added to `patched`, which the caller restores."""
+    import imageio.v2 as imageio
+
+    from recast.tasks import storage
+
+    marks: dict[str, float] = {}
+    get_writer, finish = imageio.get_writer, storage.Mp4Stream.finish
+
+    def marked_writer(*args, **kwargs):
+        writer = get_writer(*args, **kwargs)
+        append, close = writer.append_data, writer.close
+
+        def append_data(*a, **k):
+            result = append(*a, **k)
+            marks["last_frame_in"] = time.perf_counter()
+            return result
+
+        def marked_close():
+            marks["close_started"] = time.perf_counter()
+            try:
+                return close()
+            finally:
+                marks["closed"] = time.perf_counter()
+
+        writer.append_data, writer.close = append_data, marked_close
+        return writer
+
+    def marked_finish(self, frames):
+        marks["finish_called"] = time.perf_counter()
+        try:
+            return finish(self, frames)
+        finally:
+            marks["finish_returned"] = time.perf_counter()
+
+    patched += [(imageio, "get_writer", get_writer), (storage.Mp4Stream, "finish", finish)]
+    imageio.get_writer, storage.Mp4Stream.finish = marked_writer, marked_finish
+    return marks
 
 
 class _first_pass:

@@ -207,6 +207,9 @@ def test_video_benchmark_runs_every_row_and_the_chain_on_tiny_models(tmp_path, a
         and split["flows_and_prefect"] > 0, f"the chain's time split misses a part: {split}"
     assert split.get("mp4_bytes_overlapped", 0) > 0 and split["mp4_bytes"] == 0, \
         f"the mp4 should be encoded beside the decode, off the chain's critical path: {split}"
+    tail = split.pop("mp4_tail", None)
+    assert tail and tail["close"] > 0 and tail["after_close"] >= 0, \
+        f"the mp4's tail is not taken apart (when its last frame reached x264, its close): {split}"
     parts = sum(v for k, v in split.items() if k != "total" and not k.endswith("_overlapped"))
     assert abs(parts - split["total"]) < 0.01, f"the parts of the chain's split do not add up to its total: {split}"
     assert 0 < chain["non_model_s"] < chain["seconds"], f"the chain's time beside its model calls: {chain}"
