@@ -178,10 +178,10 @@ def _repo() -> Path:
 def own_server_clients(env: dict, home: Path) -> dict[str, str]:
     """Prefect client settings for the processes `recast serve` starts, whose server is the one it started from the
     same install (what `env` already sets wins). Each saves requests to the one API process that a burst of flow runs
-    queues behind (~20 a forked run on the card, 2026-12-05)."""
+    queues behind (a forked flow run made 25, traced on this repository's CPU)."""
     settings = {
-        # Each client's start asks the server's version (GET /admin/version: twice a forked flow run, once per task
-        # worker client); the server is this install's own Prefect, so the answer is known.
+        # Prefect's client contexts ask the server's version (GET /admin/version, twice in a forked flow run); the
+        # server is this install's own Prefect, so the answer is known.
         "PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED": "false",
         "PREFECT_API_SSL_CERT_FILE": str(local_server.loopback_ca_bundle(home)),
     }
