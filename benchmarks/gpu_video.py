@@ -454,7 +454,7 @@ def _chain_split(call, profile_dir: str | None) -> dict:
     split = {"total": round(total, 3), **{label: round(seconds, 3) for label, seconds in spent.items()}}
     split["flows_and_prefect"] = round(total - sum(spent.values()), 3)
     split.update({f"{label}_overlapped": round(seconds, 3) for label, seconds in overlapped.items()})
-    if {"finish_called", "last_frame_in", "close_started", "closed"} <= marks.keys():
+    if {"finish_called", "last_frame_in", "close_started", "closed", "finish_returned"} <= marks.keys():
         split["mp4_tail"] = {  # not a part of the sum: mp4_finish taken apart
             "last_frame_in_after_finish": round(marks["last_frame_in"] - marks["finish_called"], 3),
             "close": round(marks["closed"] - marks["close_started"], 3),
