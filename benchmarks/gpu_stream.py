@@ -18,7 +18,8 @@ stream waits when the card does not). Rows go into docs/performance.json with st
     python gpu_stream.py --work /dev/shm/stream --clips 8 --edits 32 --out ../docs/performance.json
     python gpu_stream.py --tiny --work /tmp/stream --clips 2 --edits 3      # the code path on the CPU
 
-Each serve's logs (the server's, the workers', the flow runs') are kept in WORK/logs/DATABASE-TAKE_NEXT-START.
+Each serve's logs (the server's, the workers', the flow runs') are kept in WORK/logs/DATABASE-TAKE_NEXT-START
+(with -N-at-once where flow runs are limited).
 
 `--edits-only` serves `lightning` beside the tiny video profile (on the CPU: no Wan weights to prepare) and runs
 no clips; `--compare-poll S` runs the edit stream a second time with the flows asking the server every S seconds
@@ -32,7 +33,8 @@ run starts SQLite answers colliding writes with 503, which Prefect's client retr
 `--take-next after_gpu,on_gpu` does the same for the task worker's `worker_take_next` (rows
 `postgres+take-next-on_gpu`), and `--flow-run-starts fork,process` for how flow runs start (`recast serve
 --flow-run-start`: forked from a process that has imported Prefect and the flows, rows `...+forked-runs`, or a new
-Python process per run as Prefect's process worker does by default).
+Python process per run as Prefect's process worker does by default), and `--flow-runs-at-once 0,8` for how many
+flow runs the flow worker runs at once (`recast serve --flow-runs-at-once`; 0: no limit; rows `...+8-at-once`).
 """
 
 from __future__ import annotations
@@ -222,11 +224,12 @@ def stream_row(name: str, runs, found: list[dict], peak_mib: int, card: str, ext
                 gpu_peak_gib=round(peak_mib / 1024, 2) if peak_mib else None, seconds=wall, **extra)
 
 
-def serve_and_stream(args, database: str, take_next: str, flow_run_start: str, env: dict, work: Path, photo: Path,
-                     memory: GpuMemory, card: str, run: dict, prepared: list, edit_profile: str,
+def serve_and_stream(args, database: str, take_next: str, flow_run_start: str, at_once: int, env: dict, work: Path,
+                     photo: Path, memory: GpuMemory, card: str, run: dict, prepared: list, edit_profile: str,
                      video_profile: str) -> list[dict]:
     """`recast serve` with the Prefect server on `database` (its own Prefect home), the task worker taking its
-    next job `take_next` (worker_take_next) and flow runs started by `flow_run_start`, the streams, then stop it."""
+    next job `take_next` (worker_take_next), flow runs started by `flow_run_start`, at most `at_once` of them at
+    once (0: no limit), the streams, then stop it."""
     import common
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -240,7 +243,8 @@ def serve_and_stream(args, database: str, take_next: str, flow_run_start: str, e
     store = Path(env["RECAST_STORAGE_ROOT"])
     serve_started = time.monotonic()
     serve = subprocess.Popen([sys.executable, "-m", "recast.flows.cli", "serve", "--profile", edit_profile,
-                              "--video-profile", video_profile, "--one-worker", "--flow-run-start", flow_run_start],
+                              "--video-profile", video_profile, "--one-worker", "--flow-run-start", flow_run_start,
+                              *(["--flow-runs-at-once", str(at_once)] if at_once else [])],
                              cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     rows = []
@@ -279,10 +283,11 @@ def serve_and_stream(args, database: str, take_next: str, flow_run_start: str, e
             poll_s = (job_env or {}).get("RECAST_WORKER_POLL_S", "default")
             # Named as before forked runs existed (process starts, after_gpu: no suffix), so rows compare.
             variant = database + ("" if take_next == "after_gpu" else f"+take-next-{take_next}") + \
-                ("+forked-runs" if flow_run_start == "fork" else "")
+                ("+forked-runs" if flow_run_start == "fork" else "") + (f"+{at_once}-at-once" if at_once else "")
             row = stream_row(name, runs, manifests(store, runs), memory.peak_mib, card,
                              dict(common_extra, cpu_s=cpu, host_cpus=os.cpu_count(), worker_poll_s=poll_s,
                                   variant=variant, worker_take_next=take_next, flow_run_start=flow_run_start,
+                                  flow_runs_at_once=at_once or None,
                                   server_503s=retryable_errors() - busy_before))
             rows.append(row)
             common.record(row, args.results, args.out)
@@ -294,7 +299,7 @@ def serve_and_stream(args, database: str, take_next: str, flow_run_start: str, e
         except subprocess.TimeoutExpired:
             os.killpg(serve.pid, signal.SIGKILL)
         # The next serve writes the same logs/: keep this one's beside the work (where the card waited, per run).
-        kept = work / "logs" / f"{database}-{take_next}-{flow_run_start}"
+        kept = work / "logs" / (f"{database}-{take_next}-{flow_run_start}" + (f"-{at_once}-at-once" if at_once else ""))
         shutil.rmtree(kept, ignore_errors=True)
         shutil.copytree(REPO / "logs", kept, dirs_exist_ok=True)
     return rows
@@ -318,6 +323,9 @@ def main() -> int:
     ap.add_argument("--flow-run-starts", default="fork",
                     help="how `recast serve` starts flow runs (--flow-run-start), one serve-and-stream per entry "
                          "inside each take-next's: fork (the default), process, e.g. fork,process")
+    ap.add_argument("--flow-runs-at-once", default="0",
+                    help="the most flow runs `recast serve` runs at once (--flow-runs-at-once; 0: no limit), one "
+                         "serve-and-stream per entry inside each flow-run start's, e.g. 0,8")
     ap.add_argument("--out", default=None)
     ap.add_argument("--results", default=None, help="also write each row here as it ends (JSON lines)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds a stream may take")
@@ -344,6 +352,12 @@ def main() -> int:
     flow_run_starts = args.flow_run_starts.split(",")
     if set(flow_run_starts) - set(FLOW_RUN_STARTS):
         ap.error(f"--flow-run-starts {args.flow_run_starts!r}: use fork, process or both, comma-separated")
+    try:
+        at_onces = [int(entry) for entry in args.flow_runs_at_once.split(",")]
+    except ValueError:
+        at_onces = [-1]
+    if min(at_onces) < 0:
+        ap.error(f"--flow-runs-at-once {args.flow_runs_at_once!r}: use whole numbers, 0 for no limit, comma-separated")
     edit_profile, video_profile = ("tiny", "tiny") if args.tiny else ("lightning", "wan22-lightning")
     if args.edits_only:
         video_profile, args.clips = "tiny", 0
@@ -371,8 +385,9 @@ def main() -> int:
         for database in databases:
             for take_next in take_nexts:
                 for flow_run_start in flow_run_starts:
-                    rows += serve_and_stream(args, database, take_next, flow_run_start, env, work, photo, memory, card,
-                                             run, prepared, edit_profile, video_profile)
+                    for at_once in at_onces:
+                        rows += serve_and_stream(args, database, take_next, flow_run_start, at_once, env, work, photo,
+                                                 memory, card, run, prepared, edit_profile, video_profile)
     finally:
         memory.stopped.set()
     return 0 if all(row["completed"] == row["requests"] for row in rows) else 1

@@ -434,7 +434,8 @@ def _gallery(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from recast.flows.serve import serve
 
-    return serve(args.port, args.profile, args.video_profile, args.one_worker, args.flow_run_start)
+    return serve(args.port, args.profile, args.video_profile, args.one_worker, args.flow_run_start,
+                 args.flow_runs_at_once)
 
 
 class _Progress:
@@ -562,6 +563,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fork (default): each flow run is forked from a process that has already imported Prefect "
                        "and the flows (~3 CPU-s less a run; restart after changing the flows); process: Prefect's "
                        "own, a new Python process per run")
+    serve.add_argument("--flow-runs-at-once", dest="flow_runs_at_once", type=int, default=None,
+                       help="the most flow runs the flow worker runs at once (default: no limit); the others wait as "
+                       "scheduled runs. A burst of runs starting together queues on the one Prefect API process, "
+                       "and a limit lets the first ones reach the GPU sooner")
     serve.set_defaults(handler=_serve, model=None)
 
     server = sub.add_parser(

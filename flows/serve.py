@@ -193,14 +193,19 @@ def own_server_clients(env: dict, home: Path) -> dict[str, str]:
 
 
 def serve(port: int | None = None, profile: str | None = None, video_profile: str | None = None,
-          one_worker: bool = False, flow_run_start: str = "fork") -> int:
+          one_worker: bool = False, flow_run_start: str = "fork", flow_runs_at_once: int | None = None) -> int:
     """Start, announce, wait for a stop, stop everything; the exit code (0 when stopped by a signal). `profile`
     and `video_profile` choose what the task workers load; `one_worker`: one process serves both stages (one card);
     `flow_run_start`: "fork" (each flow run forked from a process that has imported Prefect and the flows,
-    recast.flows.forks) or "process" (Prefect's own: a new Python process per run)."""
+    recast.flows.forks) or "process" (Prefect's own: a new Python process per run); `flow_runs_at_once`: how many
+    flow runs the flow worker starts and keeps running at once (None: no limit, Prefect's default); the others wait
+    as scheduled runs and start as runs end."""
     if flow_run_start not in forks.FLOW_RUN_STARTS:
         raise BadInput("--flow-run-start", flow_run_start, "is not a way to start flow runs",
                        f"use one of {', '.join(forks.FLOW_RUN_STARTS)}")
+    if flow_runs_at_once is not None and flow_runs_at_once < 1:
+        raise BadInput("--flow-runs-at-once", flow_runs_at_once, "must be at least 1",
+                       "give the number of flow runs to run at once, or leave it out for no limit")
     repo = _repo()
     port = port or int(os.environ.get("RECAST_SERVE_PORT", "4200"))
     home = Path(os.environ.get("PREFECT_HOME") or repo / ".prefect-server")
@@ -268,8 +273,9 @@ def serve(port: int | None = None, profile: str | None = None, video_profile: st
             if flow_run_start == "fork":  # before the flow worker: its first run's client connects to it
                 workers.append(supervisor.start(Service("flow-run-forks", [sys.executable, "-m", "recast.flows.forks",
                                                                            "serve"], ready_text=forks.READY)))
+            limit = ["--limit", str(flow_runs_at_once)] if flow_runs_at_once else []
             workers.append(supervisor.start(Service("flow-worker", [*prefect, "worker", "start", "--pool",
-                                                                    "recast-flows"], ready_text="started")))
+                                                                    "recast-flows", *limit], ready_text="started")))
             workers += [supervisor.start(Service(name, [*recast, "worker", *kinds, *chosen],
                                                  ready_text="Subscribing to runs")) for name, kinds in task_workers]
             workers.append(supervisor.start(Service("gallery", [*recast, "gallery", "--port", str(gallery_port)],

@@ -74,3 +74,17 @@ def test_console_script_exit_code_and_clean_stderr(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_serve_refuses_a_flow_run_limit_below_one_before_starting_anything(tmp_path, monkeypatch, capsys):
+    """`recast serve --flow-runs-at-once 0` would leave every run scheduled forever: one line, exit 2, and no server,
+    Prefect home or log folder made."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    code = main(["serve", "--flow-runs-at-once", "0"])
+    out, err = capsys.readouterr()
+    assert code == 2, f"expected exit 2 (bad input), got {code}; stderr: {err}"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "--flow-runs-at-once=0" in lines[0] and "fix:" in lines[0], \
+        f"expected one line naming the option, the value and the fix: {err!r}"
+    assert not home.exists(), "serve made its Prefect home before refusing its options"

@@ -133,13 +133,15 @@ def test_another_user_cannot_have_a_run_forked(fork_server, tmp_path):
     assert not _children(server.pid), "the server forked a run for another user"
 
 
-def test_a_forked_run_cancelled_from_the_ui_ends_cancelled_under_recast_serve(astronaut, tmp_path):
+def test_a_forked_run_cancelled_from_the_ui_ends_cancelled_and_the_next_run_takes_its_place(astronaut, tmp_path):
     """`recast serve` forks its flow runs; cancelling one (the UI's Cancel: the run's state set to Cancelling) must
-    still end it as Cancelled, its fork gone, as with Prefect's own flow-run processes."""
+    still end it as Cancelled, its fork gone, as with Prefect's own flow-run processes. With `--flow-runs-at-once
+    1` a second run waits, scheduled, while the first runs, and starts once the first has ended."""
     from test_faults import _alive, _cmdline, _descendants, _read, start_long_run, start_serving
     from test_workers import BIN
 
-    serve, env, root = start_serving([str(BIN / "recast"), "serve"], tmp_path, astronaut, tmp_path)
+    serve, env, root = start_serving([str(BIN / "recast"), "serve", "--flow-runs-at-once", "1"], tmp_path, astronaut,
+                                     tmp_path)
     api = dict(env, PREFECT_API_URL=f"http://127.0.0.1:{env['RECAST_SERVE_PORT']}/api")
     try:
         wait_for(lambda: "recast is serving" in _read(serve) or serve.poll() is not None, 600, "recast serve")
@@ -149,12 +151,19 @@ def test_a_forked_run_cancelled_from_the_ui_ends_cancelled_under_recast_serve(as
         fork_server = next(pid for pid in _descendants(serve.pid) if "recast.flows.forks serve" in _cmdline(pid))
         forks = _children(fork_server)
         assert len(forks) == 1, f"one forked run expected: {forks}"
+        waiting_id = start_long_run(env, root)
         _prefect(api, run_id, "from prefect.states import Cancelling; "
                                "print(client.set_flow_run_state(run_id, Cancelling(), force=True).status)")
         wait_for(lambda: _prefect(api, run_id, "print(client.read_flow_run(run_id).state.type.value)") == "CANCELLED",
                  300, "the run to be cancelled")
         wait_for(lambda: not _alive(forks[0]), 120, "the cancelled run's fork to end")
         assert serve.poll() is None, "cancelling a run must not stop recast serve"
+        wait_for(lambda: _prefect(api, waiting_id, "print(client.read_flow_run(run_id).state.type.value)")
+                 == "RUNNING", 300, "the waiting run to start once the first ended")
+        first_end, second_start = (_prefect(api, flow_run, f"print(client.read_flow_run(run_id).{field}.timestamp())")
+                                   for flow_run, field in ((run_id, "end_time"), (waiting_id, "start_time")))
+        assert float(second_start) >= float(first_end), \
+            f"--flow-runs-at-once 1: the second run started at {second_start}, before the first ended ({first_end})"
     finally:
         end_process_group(serve, grace_s=120)  # recast serve stops everything it started, flow runs included
 
