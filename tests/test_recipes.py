@@ -210,6 +210,12 @@ def test_video_benchmark_runs_every_row_and_the_chain_on_tiny_models(tmp_path, a
     tail = split.pop("mp4_tail", None)
     assert tail and tail["close"] > 0 and tail["after_close"] >= 0, \
         f"the mp4's tail is not taken apart (when its last frame reached x264, its close): {split}"
+    edit_parts = split.pop("edit_parts", None)
+    assert edit_parts and edit_parts["transformer_calls"] >= 1 and edit_parts["transformer"] > 0 \
+        and edit_parts["text_encoder"] > 0 and edit_parts["vae_decode"] > 0 and edit_parts["other"] >= 0, \
+        f"the chain's edit call is not taken apart (text encoder, transformer, VAE, the pipeline's own work): {split}"
+    assert edit_parts["total"] <= split["run_edit"] + 0.01, \
+        f"the edit's parts were timed outside the chain's run_edit: {edit_parts} against {split['run_edit']}"
     parts = sum(v for k, v in split.items() if k != "total" and not k.endswith("_overlapped"))
     assert abs(parts - split["total"]) < 0.01, f"the parts of the chain's split do not add up to its total: {split}"
     assert 0 < chain["non_model_s"] < chain["seconds"], f"the chain's time beside its model calls: {chain}"
