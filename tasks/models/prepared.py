@@ -585,9 +585,14 @@ class _Reader:
             self._queue.get_nowait()
 
 
-def skeleton(config: Path, dtype):
+def skeleton(config: Path, dtype, parts: dict | None = None):
     """The pipeline of the prepared folder's configs: tokenizer, processor and scheduler loaded, every torch
-    module built empty (meta parameters; real buffers, as their constructors compute them)."""
+    module built empty (meta parameters; real buffers, as their constructors compute them). `parts` receives the
+    seconds of its steps: the imports of the classes the configs name, the empty modules, the pipeline's own
+    loading (tokenizer, processor, scheduler)."""
+    parts = {} if parts is None else parts
+    started = time.perf_counter()
+    import torch
     from accelerate import init_empty_weights
     from transformers.initialization import no_init_weights
 
@@ -596,14 +601,15 @@ def skeleton(config: Path, dtype):
     diffusers.utils.logging.disable_progress_bar()  # per-component bars are noise in a worker's log
     index = json.loads((config / "model_index.json").read_text())
     pipeline_class = getattr(importlib.import_module("diffusers"), index["_class_name"])
+    classes = {name: getattr(importlib.import_module(spec[0]), spec[1]) for name, spec in index.items()
+               if not name.startswith("_") and isinstance(spec, list) and spec[0] is not None}
+    # Timed apart: in a new process most of the structure's time is these imports (a process forked from one that
+    # has them, recast.flows.respawn, skips them)
+    parts["structure_imports"] = round(time.perf_counter() - started, 2)
+    started = time.perf_counter()
     modules = {}
-    for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
-            continue
-        library, class_name = spec
-        cls = getattr(importlib.import_module(library), class_name)
-        import torch
-
+    for name, cls in classes.items():
+        library = index[name][0]
         if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
             continue
         # No initialization either: on meta tensors torch runs its init functions as Python decompositions (~0.6 s
@@ -619,7 +625,11 @@ def skeleton(config: Path, dtype):
         # No cast: the parameters are meta until the prepared tensors (in the recipe's dtypes) replace them, and the
         # buffers are replaced by the saved ones too.
         modules[name] = module.eval().requires_grad_(False)
-    return pipeline_class.from_pretrained(config, dtype=dtype, **modules)
+    parts["structure_modules"] = round(time.perf_counter() - started, 2)
+    started = time.perf_counter()
+    pipe = pipeline_class.from_pretrained(config, dtype=dtype, **modules)
+    parts["structure_pipeline"] = round(time.perf_counter() - started, 2)
+    return pipe
 
 
 def load(folder: Path, key: str, profile, recipe, parts: dict | None = None):
@@ -646,8 +656,10 @@ def load(folder: Path, key: str, profile, recipe, parts: dict | None = None):
     files = {name: dict(manifest["files"][name], verified=verified.get(name) == identities[name]) for name in shards}
     reader = _Reader(folder, files, lambda shard: recipe.load_device(profile, component_of(shard)))
     try:
-        pipe = skeleton(folder / "config", torch_dtype(profile.dtype))
+        pipe = skeleton(folder / "config", torch_dtype(profile.dtype), parts)
+        recipe_started = time.perf_counter()
         recipe.give_structure(pipe, profile)
+        parts["structure_recipe"] = round(time.perf_counter() - recipe_started, 2)
         components = {name: module for name, module in pipe.components.items()
                       if isinstance(module, torch.nn.Module)}
         for shard in shards:
