@@ -32,6 +32,8 @@ tmpfs cannot be evicted (tmpfs is memory): the row says where its weights lay (`
 
 Video rows start from prepared weights made from random full-size weights (`make-prepared`): the Wan 2.2 hub
 layout (68 GB) does not fit the disk beside the edit model's; `both` is the worker that serves both stages.
+`wan22-offload` shares `wan22-lightning`'s prepared weights (placement is not part of the recipe) and keeps its
+blocks in pinned host RAM: its `host_rss_peak_gib` is what the host must hold (#22: at most 48 GiB).
 """
 
 from __future__ import annotations
@@ -50,10 +52,11 @@ from pathlib import Path
 
 T0 = time.time()  # as early as possible: `start` measures from its parent's launch time (--t0)
 HERE = Path(__file__).resolve().parent
-ROWS = {"lightning": ("edit",), "fp8": ("edit",), "wan22-lightning": ("video",), "both": ("edit", "video"),
-        "tiny": ("edit", "video")}
+ROWS = {"lightning": ("edit",), "fp8": ("edit",), "wan22-lightning": ("video",), "wan22-offload": ("video",),
+        "both": ("edit", "video"), "tiny": ("edit", "video")}
 PROFILES = {"lightning": ("lightning", None), "fp8": ("fp8", None), "wan22-lightning": (None, "wan22-lightning"),
-            "both": ("lightning", "wan22-lightning"), "tiny": ("tiny", "tiny")}
+            "wan22-offload": (None, "wan22-offload"), "both": ("lightning", "wan22-lightning"),
+            "tiny": ("tiny", "tiny")}
 GIB = 2**30
 
 
