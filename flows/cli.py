@@ -565,8 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "own, a new Python process per run")
     serve.add_argument("--flow-runs-at-once", dest="flow_runs_at_once", type=int, default=None,
                        help="the most flow runs the flow worker runs at once (default: no limit); the others wait as "
-                       "scheduled runs. A burst of runs starting together queues on the one Prefect API process, "
-                       "and a limit lets the first ones reach the GPU sooner")
+                       "scheduled runs and start, in the order they were created, as runs end (a burst that starts "
+                       "together queues on the one Prefect API process; docs/OPERATING.md)")
     serve.set_defaults(handler=_serve, model=None)
 
     server = sub.add_parser(
