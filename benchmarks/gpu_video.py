@@ -716,11 +716,11 @@ def _environment(args) -> dict[str, str]:
     from recast.flows import local_server
 
     env = {"RECAST_HANDOFF__MODE": "inline", "PREFECT_LOGGING_LEVEL": "WARNING",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false",
-           # The chain's Prefect server is plain HTTP on the loopback, as `recast serve`'s and the CLI's are, and its
-           # clients are set up as theirs are (local_server.loopback_ca_bundle says why)
-           "PREFECT_API_SSL_CERT_FILE": str(local_server.loopback_ca_bundle(Path(tempfile.mkdtemp(
-               prefix="recast-bench-prefect-"))))}
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false"}
+    # The chain's Prefect server is plain HTTP on the loopback, from this install, as `recast serve`'s and the CLI's
+    # are, and its clients are set up as theirs are (local_server.own_server_clients says why)
+    env.update(local_server.own_server_clients(dict(os.environ, **env),
+                                               Path(tempfile.mkdtemp(prefix="recast-bench-prefect-"))))
     if args.tiny or args.device == "cpu":
         profiles = [("PROFILES", "LIGHTNING")] + [("VIDEO_PROFILES", name) for name in
                                                   ("WAN22", "WAN22_FP8", "WAN22_LIGHTNING", "WAN22_OFFLOAD")]

@@ -65,8 +65,9 @@ def _prefect_server():
         return contextlib.nullcontext()
     state, started = local_server.ensure(settings.cli_server_idle_s)
     os.environ["PREFECT_API_URL"] = state["api"]
-    bundle = local_server.loopback_ca_bundle(local_server.prefect_home())  # plain HTTP on the loopback (its docs)
-    os.environ.setdefault("PREFECT_API_SSL_CERT_FILE", str(bundle))
+    # recast's own server: its clients skip what they need not ask it (local_server.own_server_clients)
+    for key, value in local_server.own_server_clients(os.environ, local_server.prefect_home()).items():
+        os.environ.setdefault(key, value)
     _on_background_server[0] = True
     if "prefect.context" in sys.modules:  # Prefect read its settings at import: make it read them again
         from prefect.context import refresh_global_settings_context

@@ -175,23 +175,6 @@ def _repo() -> Path:
                    "in a recast checkout")
 
 
-def own_server_clients(env: dict, home: Path) -> dict[str, str]:
-    """Prefect client settings for the processes `recast serve` starts, whose server is the one it started from the
-    same install (what `env` already sets wins). Each saves requests to the one API process that a burst of flow runs
-    queues behind (a forked flow run made 25, traced on this repository's CPU)."""
-    settings = {
-        # Prefect's client contexts ask the server's version (GET /admin/version, twice in a forked flow run); the
-        # server is this install's own Prefect, so the answer is known.
-        "PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED": "false",
-        "PREFECT_API_SSL_CERT_FILE": str(local_server.loopback_ca_bundle(home)),
-    }
-    if env.get("PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED", "").lower() not in ("1", "true"):
-        # The server asks for no CSRF token: without this every new client (each flow-run process, each status
-        # poll) first asks for one and is answered 422, 307 of ~500 requests in a burst of 24 runs.
-        settings["PREFECT_CLIENT_CSRF_SUPPORT_ENABLED"] = "false"
-    return settings
-
-
 def serve(port: int | None = None, profile: str | None = None, video_profile: str | None = None,
           one_worker: bool = False, flow_run_start: str = "fork", flow_runs_at_once: int | None = None) -> int:
     """Start, announce, wait for a stop, stop everything; the exit code (0 when stopped by a signal). `profile`
@@ -223,7 +206,8 @@ def serve(port: int | None = None, profile: str | None = None, video_profile: st
                RECAST_EXECUTION="workers", RECAST_ROOT=str(repo),
                RECAST_GALLERY_URL=f"http://127.0.0.1:{gallery_port}",  # each run's summary links to its page
                RECAST_INCOMING=os.environ.get("RECAST_INCOMING", f"file://{repo}/artifacts/incoming"))
-    env.update({key: value for key, value in own_server_clients(env, home).items() if key not in env})
+    env.update({key: value for key, value in local_server.own_server_clients(env, home).items()
+                if key not in env})
     env[MARK] = uuid.uuid4().hex
     if flow_run_start == "fork":
         env[forks.ADDRESS_ENV] = forks.name(env[MARK])

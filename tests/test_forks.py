@@ -190,26 +190,38 @@ def test_the_fork_server_imports_every_deployed_flow_ahead():
     assert not missing, f"flows deployed but not imported by the fork server: {missing}"
 
 
-def test_the_clients_recast_serve_starts_ask_its_server_nothing_they_know(tmp_path):
-    """`recast serve`'s processes talk to the server it started from this same install: their Prefect clients skip
-    the version handshake (a request to the one API process at each client's start, which a burst of runs queues
-    behind) and the CSRF token the server does not ask for."""
+def test_the_clients_of_recasts_own_servers_ask_them_nothing_they_know(tmp_path):
+    """The processes `recast serve` starts, and a CLI command on the background server, talk to a server recast
+    started from this same install: their Prefect clients skip the version handshake (a request to the one API
+    process at each client's start, which a burst of runs queues behind) and the CSRF token the server does not ask
+    for (a request before each client's first change: 6 of a CLI chain's 28)."""
+    import json
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from recast.flows import serve
+    from recast.flows import local_server
 
     paths: list[str] = []
 
     class Recording(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            paths.append(self.path)
-            body = b'"3.9.1"' if self.path.endswith("/admin/version") else b'"hello"'
-            self.send_response(200)
+        def _answer(self, status: int, body: bytes):
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+        def do_GET(self):  # noqa: N802 - http.server's name
+            paths.append(self.path)
+            if "/csrf-token" in self.path:  # as Prefect's server answers when CSRF protection is off
+                self._answer(422, b'{"detail": "CSRF protection is disabled."}')
+            else:
+                self._answer(200, b'"3.9.1"' if self.path.endswith("/admin/version") else b'"hello"')
+
+        def do_POST(self):  # noqa: N802
+            paths.append(self.path)
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self._answer(200, json.dumps({"id": str(uuid.uuid4()), "name": "f"}).encode())
 
         def log_message(self, *args):
             pass
@@ -217,13 +229,23 @@ def test_the_clients_recast_serve_starts_ask_its_server_nothing_they_know(tmp_pa
     server = ThreadingHTTPServer(("127.0.0.1", 0), Recording)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     api = f"http://127.0.0.1:{server.server_address[1]}/api"
-    # As Prefect's engine opens its clients in a flow run (a client context checks the version once a process)
-    script = ("from prefect.context import SyncClientContext\n"
-              "with SyncClientContext.get_or_create() as context:\n    context.client.hello()\n")
+    # As Prefect's engine opens its clients in a flow run (a client context checks the version once a process), then
+    # a change (a POST: CSRF tokens are asked for changes only)
+    client = ("from prefect.context import SyncClientContext\n"
+              "with SyncClientContext.get_or_create() as context:\n"
+              "    context.client.hello()\n    context.client.create_flow_from_name('f')\n")
+    # A CLI command on the background server it finds recorded in its Prefect home (here: the recording server)
+    home = tmp_path / "cli-home"
+    home.mkdir()
+    (home / local_server.STATE).write_text(json.dumps({"pid": os.getpid(), "api": api, "started": 0}))
+    cli = "from recast.flows.cli import _prefect_server\n_prefect_server()\n" + client
     base = dict(os.environ, PREFECT_API_URL=api, PREFECT_HOME=str(tmp_path / "prefect"))
+    cli_env = {key: value for key, value in base.items() if key != "PREFECT_API_URL"}
     try:
         seen = {}
-        for name, env in (("plain", base), ("serve", dict(base, **serve.own_server_clients(base, tmp_path)))):
+        for name, script, env in (("plain", client, base),
+                                  ("serve", client, dict(base, **local_server.own_server_clients(base, tmp_path))),
+                                  ("cli", cli, dict(cli_env, PREFECT_HOME=str(home), RECAST_CLI_SERVER="background"))):
             paths.clear()
             done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                                   timeout=120)
@@ -232,7 +254,10 @@ def test_the_clients_recast_serve_starts_ask_its_server_nothing_they_know(tmp_pa
     finally:
         server.shutdown()
         server.server_close()
-    assert "/api/admin/version" in seen["plain"], f"a plain client should ask the version (the control): {seen}"
-    assert "/api/hello" in seen["serve"], f"serve's client never reached the server: {seen}"
-    assert not [p for p in seen["serve"] if p.endswith(("/admin/version", "/csrf-token"))], \
-        f"recast serve's clients still ask its server what they know: {seen['serve']}"
+    assert {"/api/admin/version", "/api/csrf-token"} <= {p.split("?")[0] for p in seen["plain"]}, \
+        f"a plain client should ask the version and a CSRF token (the control): {seen['plain']}"
+    for name in ("serve", "cli"):
+        assert "/api/hello" in seen[name] and "/api/flows/" in seen[name], \
+            f"{name}: the client never reached the server: {seen[name]}"
+        assert not [p for p in seen[name] if p.split("?")[0].endswith(("/admin/version", "/csrf-token"))], \
+            f"{name}: the clients of recast's own server still ask it what they know: {seen[name]}"
