@@ -66,8 +66,7 @@ def _prefect_server():
     state, started = local_server.ensure(settings.cli_server_idle_s)
     os.environ["PREFECT_API_URL"] = state["api"]
     # recast's own server: its clients skip what they need not ask it (local_server.own_server_clients)
-    for key, value in local_server.own_server_clients(os.environ, local_server.prefect_home()).items():
-        os.environ.setdefault(key, value)
+    os.environ.update(local_server.own_server_clients(os.environ, local_server.prefect_home()))
     _on_background_server[0] = True
     if "prefect.context" in sys.modules:  # Prefect read its settings at import: make it read them again
         from prefect.context import refresh_global_settings_context

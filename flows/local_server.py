@@ -43,7 +43,7 @@ def _state_path(home: Path | None = None) -> Path:
 
 def own_server_clients(env: dict, home: Path) -> dict[str, str]:
     """Prefect client settings for processes whose server recast started from this same install (`recast serve`'s,
-    the CLI's background server); what `env` already sets wins. Each saves requests: to the one API process that a
+    the CLI's background server), less those `env` already sets (its own win). Each saves requests: to the one API process that a
     burst of flow runs queues behind (a forked flow run made 25, traced on this repository's CPU), and in a CLI
     command's chain (6 CSRF-token requests of its 28, on this repository's CPU)."""
     settings = {
@@ -56,7 +56,7 @@ def own_server_clients(env: dict, home: Path) -> dict[str, str]:
         # The server asks for no CSRF token: without this every new client (each flow-run process, each status
         # poll) first asks for one and is answered 422, 307 of ~500 requests in a burst of 24 runs.
         settings["PREFECT_CLIENT_CSRF_SUPPORT_ENABLED"] = "false"
-    return settings
+    return {key: value for key, value in settings.items() if key not in env}
 
 
 def loopback_ca_bundle(home: Path) -> Path:

@@ -206,8 +206,7 @@ def serve(port: int | None = None, profile: str | None = None, video_profile: st
                RECAST_EXECUTION="workers", RECAST_ROOT=str(repo),
                RECAST_GALLERY_URL=f"http://127.0.0.1:{gallery_port}",  # each run's summary links to its page
                RECAST_INCOMING=os.environ.get("RECAST_INCOMING", f"file://{repo}/artifacts/incoming"))
-    env.update({key: value for key, value in local_server.own_server_clients(env, home).items()
-                if key not in env})
+    env.update(local_server.own_server_clients(env, home))
     env[MARK] = uuid.uuid4().hex
     if flow_run_start == "fork":
         env[forks.ADDRESS_ENV] = forks.name(env[MARK])
