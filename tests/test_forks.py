@@ -195,7 +195,6 @@ def test_the_clients_of_recasts_own_servers_ask_them_nothing_they_know(tmp_path)
     started from this same install: their Prefect clients skip the version handshake (a request to the one API
     process at each client's start, which a burst of runs queues behind) and the CSRF token the server does not ask
     for (a request before each client's first change: 6 of a CLI chain's 28)."""
-    import json
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
