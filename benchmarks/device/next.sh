@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The measurements still owed to #22, #23 and #26, as one device call each (`run`, from the repository root, with
+# .whl/core, .whl/recast and .whl/src carried: benchmarks/device/carry.sh, and the SageAttention source archive as
+# sage.sh says). Fire them in this order, each as soon as the last returns: a machine idle for 30 s is given back,
+# and the next call then pays a fresh start (~3 min) and SageAttention's build again.
+#
+#   bash benchmarks/device/next.sh chain       ~550 s  SageAttention built beside the `lightning` edit weights prepared
+#                                                      on /dev/shm, then the clip and the photo-to-clip chain (#23, #26)
+#   bash benchmarks/device/next.sh burst       ~400 s  32 `lightning` edits through `recast serve`, without and with a cap
+#                                                      of 8 flow runs at once (#23)
+#   bash benchmarks/device/next.sh cold-edit   ~300 s  the `fp8` edit worker's start: prepared, restart, respawn, and
+#                                                      what the model classes' imports cost on this host (#22)
+#   bash benchmarks/device/next.sh cold-video  ~500 s  `wan22-lightning` and `wan22-offload` starts (#22)
+#
+# Every result lands in $OUT (rows as JSON lines, logs); merge the rows into docs/performance.json here with
+# benchmarks/common.py's write_rows.
+set -o pipefail
+cd "$(dirname "$0")/../.."
+out=${OUT:?run this through the device tool, which sets OUT}
+work=/dev/shm/cs  # the prepared weights, Prefect's home and the logs: in memory, kept between calls on one machine
+source benchmarks/device/env.sh || exit 1
+
+case "${1:-}" in
+  chain)
+    (source benchmarks/device/sage.sh > "$out/sage.log" 2>&1) &
+    sage=$!
+    started=$(date +%s)
+    RECAST_CACHE_DIR="$work/cache" python3 benchmarks/cold_start.py make-prepared --kind edit --profile lightning --work "$work" > "$out/prepare.log" 2>&1
+    rc=$?; echo "lightning prepared in $(( $(date +%s) - started )) s (rc $rc)"
+    wait "$sage"; tail -2 "$out/sage.log"
+    python3 benchmarks/gpu_video.py --rows wan22-lightning,chain-lightning --runs 2 --check \
+      --out "$out/performance.json" > "$out/video.log" 2>&1
+    echo "gpu_video rc $?"; tail -5 "$out/video.log"
+    ;;
+  burst)
+    timeout 560 python3 benchmarks/gpu_stream.py --work "$work" --edits-only --edits 32 --databases postgres \
+      --take-next on_gpu --flow-run-starts fork --flow-runs-at-once 0,8 --results "$out/stream.jsonl" \
+      > "$out/stream.log" 2>&1
+    echo "gpu_stream rc $?"; tail -3 "$out/stream.log"
+    tar -C "$work" -czf "$out/stream-logs.tgz" logs 2>/dev/null
+    ;;
+  cold-edit)
+    for pass in 1 2; do  # the second pass: the same imports with the .pyc files and the page cache warm
+      python3 -X importtime -c "from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel, \
+AutoencoderKLQwenImage; from transformers import Qwen2_5_VLForConditionalGeneration; import recast.tasks.models.loading" \
+        2> "$out/importtime-$pass.txt"
+      sort -t'|' -k2 -n -r "$out/importtime-$pass.txt" | head -3
+    done
+    python3 benchmarks/cold_start.py --rows fp8 --scenarios prepared,restart,respawn --work "$work" \
+      --results "$out/cold-edit.jsonl" > "$out/cold-edit.log" 2>&1
+    echo "cold_start rc $?"; tail -5 "$out/cold-edit.log"
+    ;;
+  cold-video)
+    python3 benchmarks/cold_start.py --rows wan22-lightning,wan22-offload --scenarios prepared,restart --work "$work" \
+      --results "$out/cold-video.jsonl" > "$out/cold-video.log" 2>&1
+    echo "cold_start rc $?"; tail -5 "$out/cold-video.log"
+    ;;
+  *)
+    echo "usage: bash benchmarks/device/next.sh chain|burst|cold-edit|cold-video" >&2
+    exit 2
+    ;;
+esac
