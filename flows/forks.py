@@ -36,7 +36,16 @@ READY = "recast flow-run forks: ready"
 # What a fork needs that a new process would import: Prefect's engine and recast's deployed flows.
 # (`prefect.engine` itself is left out: it runs as `__main__` in each fork, as `python -m prefect.engine` runs it.)
 PRELOAD = ("prefect.flow_engine", "prefect.client.orchestration", "recast.flows.edit",
-           "recast.flows.animate", "recast.flows.batch", "recast.flows.storyboard")
+           "recast.flows.animate", "recast.flows.batch", "recast.flows.storyboard",
+           # ...and what a run imports only when it first needs it, else again in every fork (~190 modules, 0.13 CPU-s
+           # a run on a 2-core CPU, two to three times that on a card's host, 32 times over in a burst):
+           "prefect.task_worker",  # a job's `.delay()` (FastAPI and uvicorn with it)
+           "prefect.runner", "prefect.deployments.steps",  # the flow loaded from its deployment
+           "prefect.utilities.visualization", "prefect._flow_run_suspension",  # the engine's run set-up
+           "anyio._backends._asyncio",  # anyio's event-loop backend, loaded at its first use
+           "recast.flows.fleet", "recast.flows.local_server", "PIL.ImageDraw", "PIL.ImageFont")
+# More modules than this imported by a run itself is said in its log (a new Prefect or flow importing lazily).
+LATE_IMPORTS_ALLOWED = 20
 MAX_REQUEST = 1 << 20  # the environment and arguments of one run (a few KiB)
 
 
@@ -102,6 +111,10 @@ def serve(where: str) -> int:
 
     for module in PRELOAD:
         importlib.import_module(module)
+    from PIL import Image
+
+    Image.preinit()  # the common image formats' plugins, which the first Image.open of each run would load
+    "localhost".encode("idna")  # the codec httpx loads for its first host name
     # A fork copies only the thread that forks: a lock another thread held stays locked forever in the child.
     if threading.active_count() != 1:
         raise RuntimeError(f"the imports started threads ({threading.enumerate()}): forking would be unsafe")
@@ -212,6 +225,7 @@ def _run_engine(request: dict, fds: list[int]) -> int:
     # As in a new `python -m prefect.engine`: the module runs as `__main__`, not as an imported `prefect.engine`
     # (runpy warns of "unpredictable behaviour" when both exist).
     sys.modules.pop("prefect.engine", None)
+    preloaded = set(sys.modules)
     code = 0
     try:
         runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
@@ -223,6 +237,10 @@ def _run_engine(request: dict, fds: list[int]) -> int:
         traceback.print_exc()
         code = 1
     atexit._run_exitfuncs()  # what an interpreter's exit runs (Prefect flushes its API log handler there)
+    late = sorted(set(sys.modules) - preloaded)
+    if len(late) > LATE_IMPORTS_ALLOWED:  # each run pays for these again: the fork's saving shrinks
+        print(f"recast flow-run forks: this run imported {len(late)} modules the fork server had not "
+              f"({', '.join(late[:8])}, ...): add what imports them to recast.flows.forks.PRELOAD", file=sys.stderr)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -62,6 +62,8 @@ def test_stream_benchmark_serves_runs_through_the_deployment_on_one_worker(tmp_p
                               cwd=BENCHMARKS, capture_output=True, text=True, timeout=1200)
         kept_logs = {folder.name: {log.name for log in folder.iterdir()} for folder in (work / "logs").iterdir()} \
             if (work / "logs").is_dir() else {}
+        late_imports = [line for log in work.glob("logs/*/flow-worker.log") for line in log.read_text().splitlines()
+                        if "modules the fork server had not" in line]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -70,6 +72,8 @@ def test_stream_benchmark_serves_runs_through_the_deployment_on_one_worker(tmp_p
                               for take_next in ("after_gpu", "on_gpu")}, f"each serve's logs were not kept: {kept_logs}"
     assert all({"flow-worker.log", "flow-run-forks.log", "worker.log"} <= logs for logs in kept_logs.values()), \
         kept_logs
+    # A forked run imports what the fork server imported for it, not ~190 modules again (its CPU in a burst).
+    assert not late_imports, f"forked runs imported what the fork server had not: {late_imports[:2]}"
     rows = {(row["variant"], row["profile"]): row for row in _rows(results)}
     # Flow runs forked from a process that has imported Prefect and the flows (`recast serve`'s default).
     variants = [f"{variant}+forked-runs" for database in databases
