@@ -9,6 +9,8 @@ LoRAs are the profile's own files. Rows, all in one process on one card:
     wan22-fp8               the same recipe through recast's own code (wan_video.prepare, warm_up, run_video)
     wan22-lightning         4 steps, CFG off, Lightning pair fused before FP8, exact timesteps
     wan22-offload           wan22-lightning with every block streamed from pinned RAM (24-48 GB cards)
+    <row>@<variant>         a row with one setting changed, side by side (common.profile_overrides): an attention
+                            backend (@sage), @static, @regional, @autotune, @fused-vae (`vae_fused_norms`)
     chain-lightning         one photo to one 480p clip through recast's edit flow in one process: edit `lightning`
                             then the inline animate flow on `wan22-lightning`, the memory policy deciding what
                             stays loaded, storage I/O included

@@ -9,6 +9,8 @@ untimed call that also lets cuDNN autotune) and scores its decoded frames agains
     benchmark       torch.backends.cudnn.benchmark: cuDNN times its algorithms per shape once, keeps the fastest
     channels-last   weights and inputs in channels_last_3d (NDHWC), the layout Hopper's conv kernels prefer
     both            the two together
+    fused-norms     channels-last, and each RMS norm with the SiLU after it as one Triton kernel (the profiles'
+                    `vae_fused_norms`; on the CPU diffusers' norms run, and the row's `kernel_calls` says 0)
 
     python wan_vae.py --runs 3 --out ../docs/performance.json      # one card
     python wan_vae.py --tiny                                       # the code path on the CPU
@@ -23,6 +25,7 @@ is 0 does not depend on the photo. Runs on the CPU at small sizes (`--photo-depe
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -33,9 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from recast.tasks.models import kernels  # noqa: E402
+from recast.tasks.models import fused_norms, kernels  # noqa: E402
 
-VARIANTS = ("default", "benchmark", "channels-last", "both")
+VARIANTS = ("default", "benchmark", "channels-last", "both", "fused-norms")
 
 
 def build(tiny: bool, device, dtype):
@@ -91,12 +94,19 @@ def main() -> int:
         if variant not in VARIANTS:
             raise SystemExit(f"--variants: unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
         torch.backends.cudnn.benchmark = variant in ("benchmark", "both")
-        layout = torch.channels_last_3d if variant in ("channels-last", "both") else torch.contiguous_format
+        layout = torch.channels_last_3d if variant in ("channels-last", "both", "fused-norms") \
+            else torch.contiguous_format
         kernels.set_convolution_layout(vae, layout)  # what the video recipe does on a card (channels-last)
+        model = vae
+        if variant == "fused-norms":  # on a copy: the other variants keep diffusers' norms
+            model = copy.deepcopy(vae)
+            fused_norms.fuse_wan_vae(model)
+        calls = fused_norms.fused_calls()
         inputs, codes = video.contiguous(memory_format=layout), latents.contiguous(memory_format=layout)
         with torch.inference_mode():
-            encode_s, _ = timed(lambda: vae.encode(inputs).latent_dist.mode(), args.runs, device)
-            decode_s, frames_out = timed(lambda: vae.decode(codes).sample, args.runs, device)
+            encode_s, _ = timed(lambda: model.encode(inputs).latent_dist.mode(), args.runs, device)
+            decode_s, frames_out = timed(lambda: model.decode(codes).sample, args.runs, device)
+        del model
         frames_out = frames_out.float()
         if reference is None:
             reference = frames_out
@@ -104,7 +114,7 @@ def main() -> int:
         row = dict(stage="vae", profile="wan22-vae", variant=variant, card=common.card_name(device), gpus=1,
                    encode_s=round(encode_s, 3), decode_s=round(decode_s, 3), seconds=round(encode_s + decode_s, 3),
                    rel_l2_vs_default=round(error, 5), shape=f"{frames}x{height}x{width}", dtype=str(dtype),
-                   run=run)
+                   kernel_calls=fused_norms.fused_calls() - calls, run=run)
         common.record(row, args.results, args.out)
     torch.backends.cudnn.benchmark = False
     return 0

@@ -67,7 +67,8 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_the_embedded_default_from_any
     manifest = json.loads(run.stdout)
     assert manifest["status"] == "succeeded" and manifest["model"]["id"] == "tiny", manifest["status"]
     assert manifest["folder"].startswith(f"file://{elsewhere}/out/runs/"), "relative storage resolves from the cwd"
-    assert manifest["animation"]["status"] == "succeeded", "the installed package runs the video stage too"
+    assert manifest["animation"]["status"] == "succeeded", \
+        f"the installed package runs the video stage too: {json.dumps(manifest['animation'])[:1500]}"
     assert (elsewhere / "out" / "runs" / manifest["run_id"] / "manifest.json").exists()
 
 

@@ -467,3 +467,99 @@ def test_the_vae_with_channels_last_weights_decodes_the_same_frames():
     assert converted > 0 and not left, f"{converted} converted; still in the default layout: {left}"
     assert torch.allclose(before, after, rtol=1e-4, atol=1e-5), \
         f"channels-last changed the frames by up to {(before - after).abs().max():.2e}"
+
+
+_FUSED_NORMS = """
+import copy, json, torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
+from recast.tasks.models import fused_norms, kernels
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+torch.manual_seed(0)
+kernel = {}
+for channels in (8, 96, 384):  # the kernel alone, float32, channels-last 3-D and 2-D (the attention block's)
+    norm = WanRMS_norm(channels, images=False)
+    with torch.no_grad():
+        norm.gamma.normal_(1, 0.2)
+    for shape, layout in (((1, channels, 3, 10, 14), torch.channels_last_3d), ((3, channels, 10, 14), torch.channels_last)):
+        x = torch.randn(*shape).contiguous(memory_format=layout)
+        norm.gamma.data = norm.gamma.data.reshape(channels, *([1] * (len(shape) - 2)))
+        got = fused_norms.rms_norm_channels_last(x, norm.gamma, norm.bias, norm.scale, silu=True)
+        kernel[f"{channels}x{len(shape)}d"] = [rel(got, F.silu(norm(x))), got.is_contiguous(memory_format=layout)]
+vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2]).eval()
+with torch.no_grad():
+    for p in vae.parameters():
+        p.add_(torch.randn_like(p) * 0.02)
+kernels.set_convolution_layout(vae, torch.channels_last_3d)
+video = torch.randn(1, 3, 5, 32, 48).contiguous(memory_format=torch.channels_last_3d)
+
+def run(model, dtype):
+    with torch.inference_mode():
+        latents = model.encode(video.to(dtype)).latent_dist.mode()
+        return latents, model.decode(latents).sample
+
+truth = run(vae, torch.float32)
+fused32 = copy.deepcopy(vae)
+counts = fused_norms.fuse_wan_vae(fused32)
+calls = fused_norms.fused_calls()
+same32 = run(fused32, torch.float32)  # here float32 convolutions hand on NCDHW: diffusers' norms, the SiLU folded in
+calls32 = fused_norms.fused_calls() - calls
+eager16 = run(copy.deepcopy(vae).bfloat16(), torch.bfloat16)
+fused16_model = copy.deepcopy(vae).bfloat16()
+fused_norms.fuse_wan_vae(fused16_model)
+calls = fused_norms.fused_calls()
+fused16 = run(fused16_model, torch.bfloat16)
+print(json.dumps({"kernel": kernel, "counts": counts, "again": fused_norms.fuse_wan_vae(fused32),
+                  "calls32": calls32, "same32": [rel(a, b) for a, b in zip(same32, truth)],
+                  "calls16": fused_norms.fused_calls() - calls,
+                  "eager16": [rel(a, b) for a, b in zip(eager16, truth)],
+                  "fused16": [rel(a, b) for a, b in zip(fused16, truth)]}))
+"""
+
+
+def test_the_vaes_fused_norms_compute_diffusers_norms_in_one_kernel():
+    """`vae_fused_norms` (#26): each RMS norm of the Wan VAE, with the SiLU after it, as one Triton kernel. Run here
+    by Triton's CPU interpreter: the kernel equals diffusers' norm + SiLU in float32; on a bf16 VAE the kernel runs
+    for every norm and the frames are as close to the float32 VAE's as diffusers' own bf16 norms give; an input the
+    kernel does not take (float32 NCDHW here) runs diffusers' norms with the SiLU folded in: the same frames."""
+    done = subprocess.run([sys.executable, "-c", _FUSED_NORMS], env=dict(os.environ, TRITON_INTERPRET="1"),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    for case, (error, layout_kept) in result["kernel"].items():
+        assert error < 1e-6 and layout_kept, f"the kernel differs from diffusers' norm + SiLU ({case}): {error:.2e}"
+    assert result["counts"]["norms"] > 0 and result["counts"]["with_silu"] > 0, result["counts"]
+    assert result["again"] == result["counts"], f"fusing twice must change nothing: {result['again']}"
+    assert result["calls32"] == 0 and max(result["same32"]) < 1e-6, \
+        f"diffusers' own path with the SiLU folded in changed the float32 frames: {result}"
+    assert result["calls16"] >= result["counts"]["norms"], f"the kernel did not run for every norm: {result}"
+    for what, fused, eager in zip(("latents", "frames"), result["fused16"], result["eager16"]):
+        assert fused <= eager * 1.25, \
+            f"bf16 {what} with the fused norms are {fused:.4f} from float32's, diffusers' own bf16 {eager:.4f}"
+
+
+def test_the_vaes_fused_norms_fall_back_to_diffusers_on_the_cpu_and_say_so(caplog):
+    """A video profile with `vae_fused_norms` on this CPU: the kernel needs a CUDA card, so the VAE keeps
+    diffusers' norms, said in one warning line, and the clip is the same frame for frame."""
+    import logging
+
+    base = get_settings().get_video_profile("tiny")
+    image = Image.new("RGB", (64, 48), (120, 60, 30))
+    clips = {}
+    for fused in (True, False):
+        profile = base.model_copy(update={"vae_fused_norms": fused})
+        loading.clear_cache()
+        with caplog.at_level(logging.WARNING, logger="recast.models"):
+            caplog.clear()
+            loaded, _ = loading.get_pipeline("video", profile)
+            said = [r.getMessage() for r in caplog.records if "vae_fused_norms" in r.getMessage()]
+        assert len(said) == (1 if fused else 0) and (not said or "CUDA" in said[0] and "\n" not in said[0]), said
+        clips[fused] = wan_video.run_video(loaded, image, prompt="a", negative_prompt="", seed=3, steps=2,
+                                           guidance_scale=3.0, num_frames=5, width=64, height=48,
+                                           max_sequence_length=profile.max_sequence_length)
+    loading.clear_cache()
+    assert np.array_equal(clips[True], clips[False]), "the fallback must be diffusers' own norms"

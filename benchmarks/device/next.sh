@@ -6,8 +6,8 @@
 #
 #   bash benchmarks/device/next.sh chain       ~550 s  SageAttention built beside the `lightning` edit weights prepared
 #                                                      on /dev/shm, then the clip and the photo-to-clip chain (#23, #26)
-#   bash benchmarks/device/next.sh burst       ~400 s  32 `lightning` edits through `recast serve`, without and with a cap
-#                                                      of 8 flow runs at once (#23)
+#   bash benchmarks/device/next.sh burst       ~450 s  32 `lightning` edits through `recast serve`, without and with a cap
+#                                                      of 8 flow runs at once (#23); the VAE's fused norms (#26)
 #   bash benchmarks/device/next.sh cold-edit   ~300 s  the `fp8` edit worker's start: prepared, restart, respawn, and
 #                                                      what the model classes' imports cost on this host (#22)
 #   bash benchmarks/device/next.sh cold-video  ~500 s  `wan22-lightning` and `wan22-offload` starts (#22)
@@ -39,6 +39,10 @@ case "${1:-}" in
       > "$out/stream.log" 2>&1
     echo "gpu_stream rc $?"; tail -3 "$out/stream.log"
     tar -C "$work" -czf "$out/stream-logs.tgz" logs 2>/dev/null
+    # #26: the VAE's norms as one kernel each against diffusers' (both channels-last, full size, bf16)
+    python3 benchmarks/wan_vae.py --runs 3 --variants channels-last,fused-norms --results "$out/vae.jsonl" \
+      > "$out/vae.log" 2>&1
+    echo "wan_vae rc $?"; tail -3 "$out/vae.log"
     ;;
   cold-edit)
     rm -rf "$work"/cache/prepared/edit-lightning-*  # the burst's, done with: room for fp8's

@@ -19,7 +19,7 @@ import functools
 import logging
 
 from recast.tasks.lifecycle import JobCancelled, stop_between_steps
-from recast.tasks.models import kernels, lora, parallel, precision
+from recast.tasks.models import fused_norms, kernels, lora, parallel, precision
 from recast.tasks.models.loading import LoadedPipeline, torch_dtype
 from recast.tasks.schemas.settings import VideoProfile
 
@@ -132,6 +132,8 @@ def place(pipe, profile: VideoProfile) -> dict:
         # default layout's in bf16); cuDNN's autotuning (cudnn.benchmark) changed nothing there.
         converted = kernels.set_convolution_layout(pipe.vae, torch.channels_last_3d)
         decisions["vae_layout"] = f"channels_last_3d ({converted} convolutions)"
+    if profile.vae_fused_norms:
+        decisions["vae_norms"] = _fuse_vae_norms(pipe.vae, device)
     if profile.attention_backend:
         chosen = profile.attention_backend
         for expert in experts(pipe):  # the first expert settles it (a fallback is said once), the second follows
@@ -213,6 +215,22 @@ def _uint8_frames(frames):
     import torch
 
     return (frames.float().clamp(0.0, 1.0) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def _fuse_vae_norms(vae, device) -> str:
+    """`vae_fused_norms`: the VAE's norms as one kernel each where they can be (a CUDA card with Triton), said
+    otherwise; what was done, for the load's decisions."""
+    why_not = None if device.type == "cuda" else f"needs a CUDA device, not {device.type}"
+    if why_not is None:
+        try:
+            import triton  # noqa: F401 - the kernel's compiler (torch's CUDA wheels depend on it)
+        except ImportError as exc:
+            why_not = f"Triton is not importable ({exc})"
+    if why_not:
+        log.warning("vae_fused_norms: %s; the VAE's norms run as diffusers' own", why_not)
+        return f"diffusers' own ({why_not})"
+    fused = fused_norms.fuse_wan_vae(vae)
+    return f"fused: {fused['norms']} norms, {fused['with_silu']} with their SiLU"
 
 
 @contextlib.contextmanager

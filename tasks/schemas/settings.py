@@ -93,6 +93,10 @@ class VideoProfile(Strict):
     compile_dynamic: bool = Field(True, description="With compile: the blocks take dynamic shapes, so one compile "
                                   "serves every frame count and size and the warm-up is a short clip; false: they "
                                   "are compiled for one shape and the warm-up renders a whole 81-frame clip.")
+    vae_fused_norms: bool = Field(False, description="On a CUDA card: each of the VAE's RMS norms, with the SiLU "
+                                  "after it, runs as one Triton kernel instead of seven memory-bound passes "
+                                  "(recast.tasks.models.fused_norms); elsewhere, or without Triton, diffusers' own "
+                                  "norms run, with a warning.")
     warmup: bool = Field(False, description="Run (and compile) a short clip at load, before taking work.")
     prepare: bool = Field(True, description="Keep the recipe's weights prepared (LoRA fused, FP8) in the model "
                           "cache at the first start, and load them at every later one (`recast prepare`).")
