@@ -36,14 +36,15 @@ READY = "recast flow-run forks: ready"
 # What a fork needs that a new process would import: Prefect's engine and recast's deployed flows.
 # (`prefect.engine` itself is left out: it runs as `__main__` in each fork, as `python -m prefect.engine` runs it.)
 PRELOAD = ("prefect.flow_engine", "prefect.client.orchestration", "recast.flows.edit",
-           "recast.flows.animate", "recast.flows.batch", "recast.flows.storyboard",
-           # ...and what a run imports only when it first needs it, else again in every fork (~190 modules, 0.13 CPU-s
-           # a run on a 2-core CPU, two to three times that on a card's host, 32 times over in a burst):
-           "prefect.task_worker",  # a job's `.delay()` (FastAPI and uvicorn with it)
-           "prefect.runner", "prefect.deployments.steps",  # the flow loaded from its deployment
-           "prefect.utilities.visualization", "prefect._flow_run_suspension",  # the engine's run set-up
-           "anyio._backends._asyncio",  # anyio's event-loop backend, loaded at its first use
-           "recast.flows.fleet", "recast.flows.local_server", "PIL.ImageDraw", "PIL.ImageFont")
+           "recast.flows.animate", "recast.flows.batch", "recast.flows.storyboard")
+# What a run imports only when it first needs it, else again in every fork (~190 modules, 0.13 CPU-s a run on a 2-core
+# CPU, two to three times that on a card's host, 32 times over in a burst). Some are Prefect's private modules (of
+# the pinned release): one that is gone is said in the server's log and skipped, never a reason not to serve.
+PRELOAD_LAZY = ("prefect.task_worker",  # a job's `.delay()` (FastAPI and uvicorn with it)
+                "prefect.runner", "prefect.deployments.steps",  # the flow loaded from its deployment
+                "prefect.utilities.visualization", "prefect._flow_run_suspension",  # the engine's run set-up
+                "anyio._backends._asyncio",  # anyio's event-loop backend, loaded at its first use
+                "recast.flows.fleet", "recast.flows.local_server", "PIL.ImageDraw", "PIL.ImageFont")
 # More modules than this imported by a run itself is said in its log (a new Prefect or flow importing lazily).
 LATE_IMPORTS_ALLOWED = 20
 MAX_REQUEST = 1 << 20  # the environment and arguments of one run (a few KiB)
@@ -111,6 +112,11 @@ def serve(where: str) -> int:
 
     for module in PRELOAD:
         importlib.import_module(module)
+    for module in PRELOAD_LAZY:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            print(f"recast flow-run forks: not imported ahead: {module} ({exc})", file=sys.stderr, flush=True)
     from PIL import Image
 
     Image.preinit()  # the common image formats' plugins, which the first Image.open of each run would load
