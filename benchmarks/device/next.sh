@@ -12,6 +12,10 @@
 #                                                      what the model classes' imports cost on this host (#22)
 #   bash benchmarks/device/next.sh cold-video  ~500 s  `wan22-lightning` and `wan22-offload` starts (#22)
 #
+# Before the first call, here (a new checkout has no .whl/): `benchmarks/device/carry.sh` (a few minutes), and the
+# SageAttention source as sage.sh says (`fetch` github:thu-ml/SageAttention, then its `git archive` of d1a57a5 into
+# .whl/src). Carry [".whl/core", ".whl/recast", ".whl/src"]; rebuild .whl/recast (`carry.sh recast`) after a commit.
+#
 # Every result lands in $OUT (rows as JSON lines, logs); merge the rows into docs/performance.json here with
 # benchmarks/common.py's write_rows.
 set -o pipefail
