@@ -246,7 +246,8 @@ def _run_engine(request: dict, fds: list[int]) -> int:
     late = sorted(set(sys.modules) - preloaded)
     if len(late) > LATE_IMPORTS_ALLOWED:  # each run pays for these again: the fork's saving shrinks
         print(f"recast flow-run forks: this run imported {len(late)} modules the fork server had not "
-              f"({', '.join(late[:8])}, ...): add what imports them to recast.flows.forks.PRELOAD", file=sys.stderr)
+              f"({', '.join(late[:8])}, ...): add what imports them to recast.flows.forks.PRELOAD_LAZY",
+              file=sys.stderr)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

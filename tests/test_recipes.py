@@ -485,7 +485,8 @@ for channels in (8, 96, 384):  # the kernel alone, float32, channels-last 3-D an
     norm = WanRMS_norm(channels, images=False)
     with torch.no_grad():
         norm.gamma.normal_(1, 0.2)
-    for shape, layout in (((1, channels, 3, 10, 14), torch.channels_last_3d), ((3, channels, 10, 14), torch.channels_last)):
+    for shape, layout in (((1, channels, 3, 10, 14), torch.channels_last_3d),
+                          ((3, channels, 10, 14), torch.channels_last)):
         x = torch.randn(*shape).contiguous(memory_format=layout)
         norm.gamma.data = norm.gamma.data.reshape(channels, *([1] * (len(shape) - 2)))
         got = fused_norms.rms_norm_channels_last(x, norm.gamma, norm.bias, norm.scale, silu=True)
