@@ -240,12 +240,9 @@ def _edit_run(request: EditRequest, resume: str | None):
 
     # 3. Edits, fanned out; each chain of attempts kept with its job, in request order
     jobs = plan.jobs(input_uris)
-    # The UI's progress bar, for a run of several edits: a one-edit run's progress is its state, and its bar would
-    # cost two requests on its critical path, before and after the edit (a burst of such runs queues them all on
-    # the one API process).
     # _sync: the flow is async (recast.flows.runs.blocking), its body is not; Prefect would hand back coroutines.
     progress_id = create_progress_artifact(progress=0.0, description=f"recast run {plan.run_id}: edits done",
-                                           _sync=True) if len(jobs) > 1 else None
+                                           _sync=True)
     chains: list[list[EditRecord]] = [[] for _ in jobs]
     attempts = [_edit_chain(job, plan) for job in jobs]
     for done, (index, chain) in enumerate(run_chains(edit_task_for(profile.name), attempts, stage="edit"), start=1):

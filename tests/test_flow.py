@@ -117,27 +117,6 @@ def test_results_table_artifact_is_published(astronaut, memory_root):
     assert {"identity", "score", "seconds", "output"} <= data[0].keys(), data[0]
 
 
-def test_a_run_of_several_edits_shows_its_progress_and_a_one_edit_run_its_state_alone(astronaut, memory_root):
-    """The UI's progress bar follows a run of several edits to 100%; a one-edit run has none (its state says as
-    much, and the bar's two requests would sit on its critical path, before and after its edit)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
-
-    several = run_flow(edit_flow, _request([astronaut], memory_root, prompts=["Forrest Gump running"], seeds=[1, 2]))
-    one = run_flow(edit_flow, _request([astronaut], memory_root, prompts=["Forrest Gump running"], seeds=[3]))
-
-    def progress_of(manifest) -> list:
-        with get_client(sync_client=True) as client:
-            return client.read_artifacts(artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[manifest["prefect"]["flow_run_id"]]),
-                type=ArtifactFilterType(any_=["progress"])))
-
-    bars = progress_of(several)
-    assert len(bars) == 1 and float(bars[0].data) == 100.0, \
-        f"a two-edit run's progress bar should end at 100%: {[(b.key, b.data) for b in bars]}"
-    assert progress_of(one) == [], "a one-edit run made a progress artifact (two requests on its critical path)"
-
-
 def test_cli_edit_prints_summary_and_manifest_uri_last(astronaut, tmp_path, capsys):
     root = tmp_path / "artifacts"
     code = main(["edit", "--image", str(astronaut), "--prompt", "James Bond 007", "--seed", "42", "--steps", "2",
