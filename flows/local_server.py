@@ -43,9 +43,9 @@ def _state_path(home: Path | None = None) -> Path:
 
 def own_server_clients(env: dict, home: Path) -> dict[str, str]:
     """Prefect client settings for processes whose server recast started from this same install (`recast serve`'s,
-    the CLI's background server), less those `env` already sets (its own win). Each saves requests: to the one API process that a
-    burst of flow runs queues behind (a forked flow run made 25, traced on this repository's CPU), and in a CLI
-    command's chain (6 CSRF-token requests of its 28, on this repository's CPU)."""
+    the CLI's background server), less those `env` already sets (its own win). Each saves requests: to the one API
+    process that a burst of flow runs queues behind (a forked flow run made 25, traced on this repository's CPU), and
+    in a CLI command's chain (6 CSRF-token requests of its 28, on this repository's CPU)."""
     settings = {
         # Prefect's client contexts ask the server's version (GET /admin/version, twice in a forked flow run); the
         # server is this install's own Prefect, so the answer is known.

@@ -30,7 +30,8 @@ case "${1:-}" in
     (source benchmarks/device/sage.sh > "$out/sage.log" 2>&1) &
     sage=$!
     started=$(date +%s)
-    RECAST_CACHE_DIR="$work/cache" python3 benchmarks/cold_start.py make-prepared --kind edit --profile lightning --work "$work" > "$out/prepare.log" 2>&1
+    RECAST_CACHE_DIR="$work/cache" python3 benchmarks/cold_start.py make-prepared --kind edit --profile lightning \
+      --work "$work" > "$out/prepare.log" 2>&1
     rc=$?; echo "lightning prepared in $(( $(date +%s) - started )) s (rc $rc)"
     wait "$sage"; tail -2 "$out/sage.log"
     python3 benchmarks/gpu_video.py --rows wan22-lightning,chain-lightning --runs 2 --check \
