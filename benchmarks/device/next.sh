@@ -6,6 +6,8 @@
 #
 #   bash benchmarks/device/next.sh chain       ~550 s  SageAttention built beside the `lightning` edit weights prepared
 #                                                      on /dev/shm, then the clip and the photo-to-clip chain (#23, #26)
+#   bash benchmarks/device/next.sh clip        ~550 s  the same first steps, then the clip with and without the VAE's
+#                                                      fused norms (`wan22-lightning@fused-vae`, #26)
 #   bash benchmarks/device/next.sh burst       ~450 s  32 `lightning` edits through `recast serve`, without and with a cap
 #                                                      of 8 flow runs at once (#23); the VAE's fused norms (#26)
 #   bash benchmarks/device/next.sh cold-edit   ~300 s  the `fp8` edit worker's start: prepared, restart, respawn, and
@@ -26,7 +28,9 @@ source benchmarks/device/env.sh || exit 1
 df -h /dev/shm | tail -1  # the prepared weights: edit 27.7 GiB a profile, Wan 36.5 GiB; one profile's at a time
 
 case "${1:-}" in
-  chain)
+  chain|clip)
+    rows=wan22-lightning,chain-lightning
+    [ "$1" = clip ] && rows=wan22-lightning,wan22-lightning@fused-vae
     (source benchmarks/device/sage.sh > "$out/sage.log" 2>&1) &
     sage=$!
     started=$(date +%s)
@@ -34,7 +38,8 @@ case "${1:-}" in
       --work "$work" > "$out/prepare.log" 2>&1
     rc=$?; echo "lightning prepared in $(( $(date +%s) - started )) s (rc $rc)"
     wait "$sage"; tail -2 "$out/sage.log"
-    python3 benchmarks/gpu_video.py --rows wan22-lightning,chain-lightning --runs 2 --check \
+    # stopped before the call's 600 s (each row is written to --out as it ends, so what finished comes back)
+    timeout --signal=INT $(( 585 - SECONDS )) python3 benchmarks/gpu_video.py --rows "$rows" --runs 2 --check \
       --out "$out/performance.json" > "$out/video.log" 2>&1
     echo "gpu_video rc $?"; tail -5 "$out/video.log"
     ;;
@@ -78,7 +83,7 @@ import recast.tasks.models.loading" 2> "$out/importtime-tmpfs-$pass.txt"
     echo "cold_start rc $?"; tail -5 "$out/cold-video.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device/next.sh chain|burst|cold-edit|cold-video" >&2
+    echo "usage: bash benchmarks/device/next.sh chain|clip|burst|cold-edit|cold-video" >&2
     exit 2
     ;;
 esac
