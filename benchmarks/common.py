@@ -161,13 +161,14 @@ REGIONAL = "regional"
 STATIC = "static"  # a video row with its blocks compiled for one shape (profile@static)
 AUTOTUNE = "autotune"  # the profile with inductor's max-autotune for its blocks (profile@autotune: compile_autotune)
 FUSED_VAE = "fused-vae"  # a video profile with the VAE's norms as one kernel each (profile@fused-vae: vae_fused_norms)
+DIFFUSERS_VAE = "diffusers-vae"  # the same profile with diffusers' own VAE norms (the GPU profiles fuse them)
 
 
 def with_backend(row_name: str) -> tuple[str, str | None]:
     """A row named `profile@backend` is the profile with another attention backend (e.g. `lightning@sage`), or
     `profile@regional` with its blocks compiled in the process, `video-profile@static` with its blocks compiled for
     one shape (warmed up on a whole clip), `profile@autotune` with inductor's max-autotune (`compile_autotune`),
-    `video-profile@fused-vae` with the VAE's norms as one kernel each (`vae_fused_norms`),
+    `video-profile@fused-vae` with the VAE's norms as one kernel each (`vae_fused_norms`), `@diffusers-vae` without,
     so two kernels are compared in one run on the same
     weights: (profile, backend or None)."""
     profile, _, backend = row_name.partition("@")
@@ -182,8 +183,8 @@ def profile_overrides(backend: str | None) -> dict:
         return {"compile_dynamic": False}
     if backend == AUTOTUNE:
         return {"compile_autotune": True}
-    if backend == FUSED_VAE:
-        return {"vae_fused_norms": True}
+    if backend in (FUSED_VAE, DIFFUSERS_VAE):
+        return {"vae_fused_norms": backend == FUSED_VAE}
     return {"attention_backend": backend} if backend else {}
 
 

@@ -10,7 +10,8 @@ LoRAs are the profile's own files. Rows, all in one process on one card:
     wan22-lightning         4 steps, CFG off, Lightning pair fused before FP8, exact timesteps
     wan22-offload           wan22-lightning with every block streamed from pinned RAM (24-48 GB cards)
     <row>@<variant>         a row with one setting changed, side by side (common.profile_overrides): an attention
-                            backend (@sage), @static, @regional, @autotune, @fused-vae (`vae_fused_norms`)
+                            backend (@sage), @static, @regional, @autotune, @fused-vae / @diffusers-vae (the
+                            VAE's norms fused or diffusers' own: `vae_fused_norms`)
     chain-lightning         one photo to one 480p clip through recast's edit flow in one process: edit `lightning`
                             then the inline animate flow on `wan22-lightning`, the memory policy deciding what
                             stays loaded, storage I/O included
@@ -273,9 +274,10 @@ class Bench:
         return row
 
     def lightning_reference(self) -> None:
-        """The 4-step recipe on the same fused weights in bf16, eager: what the Lightning rows are compared to."""
+        """The 4-step recipe on the same fused weights in bf16, eager, diffusers' own VAE norms: what the Lightning
+        rows are compared to."""
         profile = self.profile("wan22-lightning").model_copy(update=dict(
-            quantize="none", quantize_text_encoder=False, compile=False, warmup=False))
+            quantize="none", quantize_text_encoder=False, compile=False, warmup=False, vae_fused_norms=False))
         pipe = self.build()
         wan_video.prepare(pipe, profile)
         loaded = loading.install("video", profile, pipe, "random")

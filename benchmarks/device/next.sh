@@ -6,8 +6,8 @@
 #
 #   bash benchmarks/device/next.sh chain       ~550 s  SageAttention built beside the `lightning` edit weights prepared
 #                                                      on /dev/shm, then the clip and the photo-to-clip chain (#23, #26)
-#   bash benchmarks/device/next.sh clip        ~550 s  the same first steps, then the clip with and without the VAE's
-#                                                      fused norms (`wan22-lightning@fused-vae`, #26)
+#   bash benchmarks/device/next.sh clip        ~550 s  the same first steps, then the clip with the VAE's fused norms
+#                                                      (the profiles' default) and without (`@diffusers-vae`, #26)
 #   bash benchmarks/device/next.sh burst       ~450 s  32 `lightning` edits through `recast serve`, without and with a cap
 #                                                      of 8 flow runs at once (#23); the VAE's fused norms (#26)
 #   bash benchmarks/device/next.sh cold-edit   ~300 s  the `fp8` edit worker's start: prepared, restart, respawn, and
@@ -30,7 +30,7 @@ df -h /dev/shm | tail -1  # the prepared weights: edit 27.7 GiB a profile, Wan 3
 case "${1:-}" in
   chain|clip)
     rows=wan22-lightning,chain-lightning
-    [ "$1" = clip ] && rows=wan22-lightning,wan22-lightning@fused-vae
+    [ "$1" = clip ] && rows=wan22-lightning,wan22-lightning@diffusers-vae
     (source benchmarks/device/sage.sh > "$out/sage.log" 2>&1) &
     sage=$!
     started=$(date +%s)
