@@ -142,6 +142,44 @@ def _rebound(base, prefix: str, **names):
     return _REBOUND[key]
 
 
+def _rebinding(prefix: str) -> dict | None:
+    """The names a `_rebound` prefix replaces, as the placement replaces them (None: not one of recast's)."""
+    if prefix == "Sage":
+        sage_attention_op()
+        return {"dispatch_attention_fn": sage_dispatch}
+    if prefix == "RealRotary":
+        return {"apply_rotary_emb_qwen": rotary_real}
+    return None
+
+
+def __getattr__(name: str):
+    """A rebound attention-processor class by its name (e.g. SageRealRotaryQwenDoubleStreamAttnProcessor2_0), made
+    as the placement makes it: compiled blocks read while the weights load (prepared.CompiledEarly) are unpickled
+    before the placement has made their processors' classes, and pickle finds classes by name in this module."""
+    for prefix in ("Sage", "RealRotary"):
+        if name.startswith(prefix) and len(name) > len(prefix):
+            rest = name[len(prefix):]
+            base = globals().get(rest) or _diffusers_processor(rest)
+            if base is None:
+                try:
+                    base = __getattr__(rest)
+                except AttributeError:
+                    break
+            return _rebound(base, prefix, **_rebinding(prefix))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _diffusers_processor(name: str):
+    """An attention processor class of the transformers recast compiles, by name; None if neither has it."""
+    import importlib
+
+    for module in ("transformer_qwenimage", "transformer_wan"):
+        found = getattr(importlib.import_module(f"diffusers.models.transformers.{module}"), name, None)
+        if isinstance(found, type):
+            return found
+    return None
+
+
 def fastest_attention_backend(transformer, device, seq_len: int = 8448) -> str:
     """Time torch's SDPA kernels at this model's head shape on this card; the diffusers name of the fastest."""
     import torch
@@ -244,8 +282,9 @@ AUTOTUNE = {"max_autotune": True, "coordinate_descent_tuning": True}
 
 def compile_blocks(*models, fullgraph: bool, dynamic: bool | None = None, ahead_of_time: bool = False,
                    artifact: Path | None = None, autotune: bool = False) -> str:
-    """The models' identical blocks compile once and share the compiled code. Returns how: "ahead of time (loaded)",
-    "ahead of time (compiled at the first call)" or "regional" (torch.compile's regional compilation).
+    """The models' identical blocks compile once and share the compiled code. Returns how: "ahead of time (loaded)"
+    (or "(loaded while the weights were read)"), "ahead of time (compiled at the first call)" or "regional"
+    (torch.compile's regional compilation).
 
     ahead_of_time: one function, compiled from the first block call with the block as an argument
     (`BlocksAheadOfTime`), serves every block; kept in `artifact` once made, it is loaded by the next process
@@ -394,8 +433,7 @@ class BlocksAheadOfTime:
         state = "compiled at the first call"
         if self.artifact is not None and self.artifact.is_file():
             try:
-                self._load()
-                state = "loaded"
+                state = "loaded while the weights were read" if self._load() else "loaded"
             except Exception as exc:  # noqa: BLE001 - a stale artifact costs a compile, never a failure
                 log.warning("compiled blocks %s not loaded (%s): compiling them again", self.artifact.name,
                             _one_line(exc))
@@ -471,21 +509,60 @@ class BlocksAheadOfTime:
             if older != self.artifact and older.name.rsplit("-", 1)[0] == self.artifact.name.rsplit("-", 1)[0]:
                 older.unlink(missing_ok=True)
 
-    def _load(self) -> None:
-        import torch
-        from torch._dynamo.aot_compile import AOTCompiledFunction
+    def _load(self) -> bool:
+        """The kept code, checked against these blocks; True when a thread had read it beside the weights."""
+        early = taken_early(self.artifact)
+        kept, compiled = early or read_compiled_blocks(self.artifact, check=self._check)
+        self._check(kept)
+        compiled.disable_guard_check()  # _call checks them
+        self.compiled, self.call_shape = compiled, kept["call_shape"]
+        return early is not None
 
-        header, _, data = self.artifact.read_bytes().partition(b"\n")
-        kept = json.loads(header)
+    def _check(self, kept: dict) -> None:
+        """Raises unless the kept code's header says it was compiled for blocks and options like these."""
         if kept.get("blocks") != _signature_digest(self.blocks[0]):
             raise ValueError("compiled for blocks unlike these (another attention backend or attention processors)")
         if kept.get("options", {}) != self.options:
             raise ValueError(f"compiled with other inductor options ({kept.get('options', {})}, not {self.options})")
-        shape = kept["call_shape"]
-        # Loading rebuilds the tensor guards in the current autograd mode: outside inference mode, torch 2.11's
-        # guards then expect tensors that carry ADInplaceOrView, and every call (all run in inference mode, as
-        # the compile did) failed them and compiled in the process. torch 2.14's do not depend on it.
-        with torch.inference_mode():
-            compiled = AOTCompiledFunction.deserialize(data, f_globals=_block_call.__globals__)
-        compiled.disable_guard_check()  # _call checks them
-        self.compiled, self.call_shape = compiled, shape
+
+
+def read_compiled_blocks(artifact: Path, check=None) -> tuple[dict, object]:
+    """A kept BlocksAheadOfTime artifact: (its header, the compiled function); `check(header)` first, when given
+    (it raises to refuse). Loading is most of the time: inductor's output modules and their kernels (~4 s for
+    Qwen's block on an H200)."""
+    import torch
+    from torch._dynamo.aot_compile import AOTCompiledFunction
+
+    header, _, data = artifact.read_bytes().partition(b"\n")
+    kept = json.loads(header)
+    if check is not None:
+        check(kept)
+    # Loading rebuilds the tensor guards in the current autograd mode: outside inference mode, torch 2.11's
+    # guards then expect tensors that carry ADInplaceOrView, and every call (all run in inference mode, as
+    # the compile did) failed them and compiled in the process. torch 2.14's do not depend on it.
+    with torch.inference_mode():
+        compiled = AOTCompiledFunction.deserialize(data, f_globals=_block_call.__globals__)
+    return kept, compiled
+
+
+# Artifacts being read on a thread while the weights load (prepared.CompiledEarly), by path: BlocksAheadOfTime
+# takes the result instead of reading the file again.
+_EARLY: dict[Path, object] = {}
+
+
+def read_early(artifact: Path, future) -> None:
+    """`future` gives read_compiled_blocks(artifact): the next BlocksAheadOfTime for that artifact takes it."""
+    _EARLY[artifact] = future
+
+
+def taken_early(artifact: Path, wait: bool = True) -> tuple[dict, object] | None:
+    """What a thread read of `artifact` (waiting for it), once; None when none did or it failed (said, and the
+    caller reads the file itself: a failure there costs the time, never a compile). wait=False: let it go."""
+    future = _EARLY.pop(artifact, None)
+    if future is None or not wait:
+        return None
+    try:
+        return future.result()
+    except Exception as exc:  # noqa: BLE001 - read again where it is needed
+        log.info("compiled blocks read beside the weights failed (%s): reading them again", _one_line(exc))
+        return None

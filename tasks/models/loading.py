@@ -293,17 +293,23 @@ def get_pipeline(kind: Kind, profile: ModelProfile | VideoProfile, *,
         check_device(profile)
         before = _allocated_gib(profile.device)
         # Prepared weights when they are there; else the source, resolved only then (and prepared for next time).
-        obtained = prepared.obtain(kind, profile, lambda: check_available(profile), recipe, prepare=profile.prepare)
         # Cold start = everything a worker does before it can serve: load, place, compile, warm up. torch.compile's
         # cache kept beside the prepared weights is loaded before the recipe places and compiles: it spares the
         # warm-up its compiling, and blocks compiled ahead of time find their kernels in it (without it, a new
         # node's start rebuilt every kernel of the block while loading them: 15 s of the tiny model's on a CPU).
+        # Both are loaded on a thread while the prepared weights are still being read.
+        early = prepared.CompiledEarly(kind, profile)
+        obtained = prepared.obtain(kind, profile, lambda: check_available(profile), recipe, prepare=profile.prepare,
+                                   beside=early.start)
         phase = time.perf_counter()
-        cache_loaded = profile.compile and prepared.load_compile_cache(kind, profile)
+        cache_loaded = early.cache_loaded()  # (the time waited for it, when it was loaded beside the weights)
         compile_cache_s = round(time.perf_counter() - phase, 2)
         compiles, graphs = prepared.inductor_cache_counts(), prepared.compiled_graphs()
         phase = time.perf_counter()
-        decisions = recipe.place(obtained.pipe, profile)
+        try:
+            decisions = recipe.place(obtained.pipe, profile)
+        finally:
+            early.forget()
         obtained.parts["place"] = round(time.perf_counter() - phase, 2)
         compiled_blocks = decisions.get("compiled_blocks")
         if compiled_blocks:  # how: regional, or ahead of time (loaded, or compiled at the first call)
@@ -319,6 +325,7 @@ def get_pipeline(kind: Kind, profile: ModelProfile | VideoProfile, *,
         loaded.phases["warm_up"] = round(time.perf_counter() - phase, 2)
         if profile.compile:
             hits, misses = (after - before for after, before in zip(prepared.inductor_cache_counts(), compiles))
+            misses += early.misses
             traced = prepared.compiled_graphs() > graphs  # none: the blocks' code was loaded, compiled ahead of time
             loaded.compile_cache = "hit" if (cache_loaded or not traced) and not misses else "miss"
             if misses and obtained.folder is not None:

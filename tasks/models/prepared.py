@@ -138,10 +138,11 @@ def available(kind: str, profile) -> bool:
 # Obtaining a pipeline: prepared weights, or made from the source (and prepared for next time)
 
 
-def obtain(kind: str, profile, source_of, recipe, prepare: bool = True) -> Obtained:
+def obtain(kind: str, profile, source_of, recipe, prepare: bool = True, beside=None) -> Obtained:
     """The pipeline with the recipe's weights, not yet placed: from prepared weights when they are there and
     verify, else made from the source (source_of() gives it) and written for the next start; with `prepare`
-    False, from the source and nothing else."""
+    False, from the source and nothing else. `beside()` is called once a prepared load's structure is built,
+    while its weights are still being read."""
     started = time.perf_counter()
     if not prepare:  # the profile says: the source every time
         source = source_of()
@@ -151,15 +152,15 @@ def obtain(kind: str, profile, source_of, recipe, prepare: bool = True) -> Obtai
     # The key's recipe imports diffusers, transformers and both recipes: in a fresh process most of this is imports
     parts: dict = {"key": round(time.perf_counter() - started, 2)}
     try:
-        return Obtained(load(folder, key, profile, recipe, parts), True, folder, time.perf_counter() - started,
-                        parts=parts)
+        return Obtained(load(folder, key, profile, recipe, parts, beside), True, folder,
+                        time.perf_counter() - started, parts=parts)
     except NotPrepared as why:
         if folder.exists():
             log.warning("prepared weights %s refused: %s; making them again", folder.name, why)
     with _lock(folder):
         try:  # another process may have finished them while this one waited
-            return Obtained(load(folder, key, profile, recipe, parts), True, folder, time.perf_counter() - started,
-                            parts=parts)
+            return Obtained(load(folder, key, profile, recipe, parts, beside), True, folder,
+                            time.perf_counter() - started, parts=parts)
         except NotPrepared:
             shutil.rmtree(folder, ignore_errors=True)
         source = source_of()
@@ -632,12 +633,13 @@ def skeleton(config: Path, dtype, parts: dict | None = None):
     return pipe
 
 
-def load(folder: Path, key: str, profile, recipe, parts: dict | None = None):
+def load(folder: Path, key: str, profile, recipe, parts: dict | None = None, beside=None):
     """The pipeline from a prepared folder: its structure from the configs and the recipe, its tensors from the
     shards (checked by SHA-256 as they are read, a few in flight at once); raises NotPrepared when it cannot.
     The shards are read, verified and copied to their devices on a thread while the structure is built. `parts`
     receives the seconds of each step: structure (with the imports it needs), read (the reader's own time, beside
-    the structure), weights (after the structure: waiting for the reads, cutting the tensors), checks."""
+    the structure), weights (after the structure: waiting for the reads, cutting the tensors), checks. `beside()`
+    is called when the structure is built, before waiting for the reads."""
     import torch
 
     parts = {} if parts is None else parts
@@ -667,6 +669,8 @@ def load(folder: Path, key: str, profile, recipe, parts: dict | None = None):
                 raise NotPrepared(f"{shard} belongs to no component of this pipeline")
         parts["structure"] = round(time.perf_counter() - started, 2)
         started = time.perf_counter()
+        if beside is not None:
+            beside()
         for name, header, placed in reader:
             component = component_of(name)
             for tensor_name, tensor in _shard_tensors(header, placed):
@@ -785,6 +789,77 @@ def save_compile_cache(kind: str, profile) -> Path | None:
     staging.write_bytes(saved[0])
     os.replace(staging, path)
     return path
+
+
+class CompiledEarly:
+    """torch.compile's cache and the blocks' code compiled ahead of time, loaded on a thread while a prepared load
+    waits for its weights (`start`, given to obtain as `beside`): in a respawn on an H200 the reads outlasted the
+    structure by 2.6 s, and the code then took 4 s to load after them. Nothing compiles before `cache_loaded()`
+    returns; kernels.BlocksAheadOfTime takes the code read here. Not started (no prepared folder yet, compile off):
+    the cache is loaded in turn, as before."""
+
+    def __init__(self, kind: str, profile):
+        self.kind, self.profile = kind, profile
+        self.future = self.artifact = None
+        self.misses = 0  # inductor's cache misses while the thread read the blocks' code
+
+    def start(self) -> None:
+        import threading
+        from concurrent.futures import Future
+
+        from recast.tasks.models import kernels
+
+        if self.future is not None or not self.profile.compile:
+            return
+        artifact = compiled_blocks_path(self.kind, self.profile) if self.profile.compile_ahead_of_time else None
+        blocks = None
+        if artifact is not None and artifact.is_file():
+            self.artifact, blocks = artifact, Future()
+            kernels.read_early(artifact, blocks)
+        self.future = Future()
+        # A thread of its own: the shared pool may be busy hashing the very shards the main thread waits for.
+        threading.Thread(target=self._run, args=(blocks,), name="recast-compiled-early", daemon=True).start()
+
+    def _run(self, blocks) -> None:
+        try:
+            self.future.set_result(self._load(self.artifact, blocks))
+        except BaseException as exc:  # noqa: BLE001 - given to whoever waits
+            self.future.set_exception(exc)
+
+    def _load(self, artifact, blocks) -> bool:
+        import torch
+
+        from recast.tasks.models import kernels
+
+        device = torch.device(self.profile.device)
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            loaded = load_compile_cache(self.kind, self.profile)  # first: the blocks' code finds its kernels there
+            if blocks is not None:
+                misses = inductor_cache_counts()[1]
+                try:
+                    blocks.set_result(kernels.read_compiled_blocks(artifact))
+                except BaseException as exc:  # noqa: BLE001 - BlocksAheadOfTime reads it again itself
+                    blocks.set_exception(exc)
+                # kernels the cache lacked, rebuilt while reading the code: the cache is to be saved again
+                self.misses = inductor_cache_counts()[1] - misses
+        return loaded
+
+    def cache_loaded(self) -> bool:
+        """Whether torch.compile's cache was found and loaded (waiting for the thread, or loading it now)."""
+        if self.future is None:
+            return bool(self.profile.compile) and load_compile_cache(self.kind, self.profile)
+        try:
+            return self.future.result()
+        except Exception as exc:  # noqa: BLE001 - as load_compile_cache: a cache not loaded costs a compile
+            log.warning("compile cache not loaded (%s): compiling", exc)
+            return False
+
+    def forget(self) -> None:
+        """After the placement: code read here that no blocks took (they compiled in the process) is let go."""
+        from recast.tasks.models import kernels
+
+        if self.artifact is not None:
+            kernels.taken_early(self.artifact, wait=False)
 
 
 def inductor_cache_counts() -> tuple[int, int]:
