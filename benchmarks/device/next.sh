@@ -5,14 +5,18 @@
 # and the next call then pays a fresh start (~3 min) and SageAttention's build again.
 #
 #   bash benchmarks/device/next.sh chain       ~550 s  SageAttention built beside the `lightning` edit weights prepared
-#                                                      on /dev/shm, then the clip and the photo-to-clip chain (#23, #26)
+#                                                      on /dev/shm, then the clip and the photo-to-clip chain, both
+#                                                      with the VAE's fused norms (#23, #26)
 #   bash benchmarks/device/next.sh clip        ~550 s  the same first steps, then the clip with the VAE's fused norms
 #                                                      (the profiles' default) and without (`@diffusers-vae`, #26)
-#   bash benchmarks/device/next.sh burst       ~450 s  32 `lightning` edits through `recast serve`, without and with a cap
-#                                                      of 8 flow runs at once (#23); the VAE's fused norms (#26)
-#   bash benchmarks/device/next.sh cold-edit   ~300 s  the `fp8` edit worker's start: prepared, restart, respawn, and
-#                                                      what the model classes' imports cost on this host (#22)
+#   bash benchmarks/device/next.sh burst       ~300 s  32 `lightning` edits through `recast serve`, with a cap of 8 flow
+#                                                      runs at once, then of 4 (#23)
+#   bash benchmarks/device/next.sh cold-edit   ~250 s  the `fp8` edit worker's start: prepared, restart, respawn (the
+#                                                      blocks' code read while the weights are, #22)
 #   bash benchmarks/device/next.sh cold-video  ~500 s  `wan22-lightning` and `wan22-offload` starts (#22)
+#
+# Measured on 2026-12-05 (docs/PERFORMANCE.md, "an eighteenth session"): clip, the burst without a cap and with 8,
+# the VAE's variants, cold-edit with the imports on a tmpfs.
 #
 # Before the first call, here (a new checkout has no .whl/): `benchmarks/device/carry.sh` (a few minutes), and the
 # SageAttention source as sage.sh says (`fetch` github:thu-ml/SageAttention, then its `git archive` of d1a57a5 into
@@ -45,33 +49,13 @@ case "${1:-}" in
     ;;
   burst)
     timeout 560 python3 benchmarks/gpu_stream.py --work "$work" --edits-only --edits 32 --databases postgres \
-      --take-next on_gpu --flow-run-starts fork --flow-runs-at-once 0,8 --results "$out/stream.jsonl" \
+      --take-next on_gpu --flow-run-starts fork --flow-runs-at-once 8,4 --results "$out/stream.jsonl" \
       > "$out/stream.log" 2>&1
     echo "gpu_stream rc $?"; tail -3 "$out/stream.log"
     tar -C "$work" -czf "$out/stream-logs.tgz" logs 2>/dev/null
-    # #26: the VAE's norms as one kernel each against diffusers' (both channels-last, full size, bf16)
-    python3 benchmarks/wan_vae.py --runs 3 --variants channels-last,fused-norms --results "$out/vae.jsonl" \
-      > "$out/vae.log" 2>&1
-    echo "wan_vae rc $?"; tail -3 "$out/vae.log"
     ;;
   cold-edit)
     rm -rf "$work"/cache/prepared/edit-lightning-*  # the burst's, done with: room for fp8's
-    for pass in 1 2; do  # the second pass: the same imports with the .pyc files and the page cache warm
-      python3 -X importtime -c "from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel, \
-AutoencoderKLQwenImage; from transformers import Qwen2_5_VLForConditionalGeneration; import recast.tasks.models.loading" \
-        2> "$out/importtime-$pass.txt"
-      sort -t'|' -k2 -n -r "$out/importtime-$pass.txt" | head -3
-    done
-    # The same imports with the packages on a tmpfs: a new process's imports took ~11 s on the card's host against
-    # ~3.7 s on a 2-core CPU; if the folder's file system is the cause, this says so.
-    rm -rf /dev/shm/site && cp -a .whl/site /dev/shm/site
-    for pass in 1 2; do
-      PYTHONPATH=/dev/shm/site python3 -X importtime -c "from diffusers import QwenImageEditPlusPipeline, \
-QwenImageTransformer2DModel, AutoencoderKLQwenImage; from transformers import Qwen2_5_VLForConditionalGeneration; \
-import recast.tasks.models.loading" 2> "$out/importtime-tmpfs-$pass.txt"
-      sort -t'|' -k2 -n -r "$out/importtime-tmpfs-$pass.txt" | head -1
-    done
-    rm -rf /dev/shm/site
     python3 benchmarks/cold_start.py --rows fp8 --scenarios prepared,restart,respawn --work "$work" --drop-after \
       --results "$out/cold-edit.jsonl" > "$out/cold-edit.log" 2>&1
     echo "cold_start rc $?"; tail -5 "$out/cold-edit.log"
