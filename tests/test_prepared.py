@@ -444,6 +444,39 @@ def test_a_restart_loads_the_blocks_compiled_ahead_of_time_traces_nothing_and_ma
             f"the {start} start's edit differs from the eager pipeline's by {np.abs(got - eager).max()}/255"
 
 
+def test_a_failed_early_read_of_the_compiled_blocks_is_said_and_the_placement_is_not_left_waiting(
+        tmp_path, monkeypatch, caplog):
+    """The blocks' code is read on a thread while the weights load (prepared.CompiledEarly). If that thread fails
+    before it has read the code (here: the compile cache's load raises), the placement, which waits for what it read,
+    must get a "not read" at once and read the code itself, and the cache counts as not loaded: said, never a hang."""
+    import logging
+
+    from recast.tasks.models import kernels
+
+    artifact = tmp_path / "cpu-torch-x.blocks"
+    artifact.write_bytes(b"{}\n")
+
+    def cache_that_breaks(kind, profile):
+        raise RuntimeError("the compile cache's file could not be read")
+
+    monkeypatch.setattr(prepared, "compiled_blocks_path", lambda kind, profile: artifact)
+    monkeypatch.setattr(prepared, "load_compile_cache", cache_that_breaks)
+    profile = get_settings().get_profile("tiny").model_copy(
+        update={"compile": True, "compile_ahead_of_time": True, "device": "cpu"})
+    early = prepared.CompiledEarly("edit", profile)
+    with caplog.at_level(logging.INFO, logger="recast.models"):
+        early.start()
+        read = kernels._EARLY.get(artifact)
+        assert read is not None, "the early read did not register the artifact it reads"
+        # (a bound only so that a regression fails instead of hanging the suite)
+        assert read.exception(timeout=300) is not None, "the failed thread left the blocks' read unresolved"
+        assert kernels.taken_early(artifact) is None, "a failed early read was handed to the placement"
+        assert early.cache_loaded() is False, "a compile cache that failed to load counted as loaded"
+    said = [r.getMessage() for r in caplog.records if "could not be read" in r.getMessage()]
+    assert len(said) == 2 and all("\n" not in line for line in said), \
+        f"the failure was not said in one line each (blocks, cache): {said}"
+
+
 _AOT_SETTINGS_START = """
 import json, sys
 import torch._dynamo.config

@@ -292,13 +292,13 @@ def get_pipeline(kind: Kind, profile: ModelProfile | VideoProfile, *,
         started = time.perf_counter()
         check_device(profile)
         before = _allocated_gib(profile.device)
-        # Prepared weights when they are there; else the source, resolved only then (and prepared for next time).
         # Cold start = everything a worker does before it can serve: load, place, compile, warm up. torch.compile's
         # cache kept beside the prepared weights is loaded before the recipe places and compiles: it spares the
         # warm-up its compiling, and blocks compiled ahead of time find their kernels in it (without it, a new
         # node's start rebuilt every kernel of the block while loading them: 15 s of the tiny model's on a CPU).
         # Both are loaded on a thread while the prepared weights are still being read.
         early = prepared.CompiledEarly(kind, profile)
+        # Prepared weights when they are there; else the source, resolved only then (and prepared for next time).
         obtained = prepared.obtain(kind, profile, lambda: check_available(profile), recipe, prepare=profile.prepare,
                                    beside=early.start)
         phase = time.perf_counter()

@@ -823,7 +823,9 @@ class CompiledEarly:
     def _run(self, blocks) -> None:
         try:
             self.future.set_result(self._load(self.artifact, blocks))
-        except BaseException as exc:  # noqa: BLE001 - given to whoever waits
+        except BaseException as exc:  # noqa: BLE001 - given to whoever waits (the placement waits on both)
+            if blocks is not None and not blocks.done():
+                blocks.set_exception(exc)
             self.future.set_exception(exc)
 
     def _load(self, artifact, blocks) -> bool:
