@@ -118,7 +118,7 @@ def use_sage(transformer) -> int:
         processor = getattr(module, "processor", None)
         call = getattr(type(processor), "__call__", None)
         if processor is not None and "dispatch_attention_fn" in getattr(call, "__globals__", {}):
-            processor.__class__ = _rebound(type(processor), "Sage", dispatch_attention_fn=sage_dispatch)
+            processor.__class__ = _rebound(type(processor), "Sage", **_rebinding("Sage"))
             changed += 1
     return changed
 
@@ -142,21 +142,25 @@ def _rebound(base, prefix: str, **names):
     return _REBOUND[key]
 
 
-def _rebinding(prefix: str) -> dict | None:
-    """The names a `_rebound` prefix replaces, as the placement replaces them (None: not one of recast's)."""
+REBOUND_PREFIXES = ("Sage", "RealRotary")  # the processor classes recast rebinds, by the prefix of their names
+
+
+def _rebinding(prefix: str) -> dict:
+    """The names the attention processors' code runs with in place of diffusers' own, for each rebound class: the
+    placement's and __getattr__'s one source."""
     if prefix == "Sage":
-        sage_attention_op()
+        sage_attention_op()  # registered before any code that calls it is traced or loaded
         return {"dispatch_attention_fn": sage_dispatch}
     if prefix == "RealRotary":
         return {"apply_rotary_emb_qwen": rotary_real}
-    return None
+    raise ValueError(f"no rebound processor class has the prefix {prefix!r}")
 
 
 def __getattr__(name: str):
     """A rebound attention-processor class by its name (e.g. SageRealRotaryQwenDoubleStreamAttnProcessor2_0), made
     as the placement makes it: compiled blocks read while the weights load (prepared.CompiledEarly) are unpickled
     before the placement has made their processors' classes, and pickle finds classes by name in this module."""
-    for prefix in ("Sage", "RealRotary"):
+    for prefix in REBOUND_PREFIXES:
         if name.startswith(prefix) and len(name) > len(prefix):
             rest = name[len(prefix):]
             base = globals().get(rest) or _diffusers_processor(rest)
@@ -257,7 +261,7 @@ def _real_rotary_processor_class():
     """diffusers' Qwen attention processor, its code run with `rotary_real` in place of the complex RoPE."""
     from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0 as base
 
-    return _rebound(base, "RealRotary", apply_rotary_emb_qwen=rotary_real)
+    return _rebound(base, "RealRotary", **_rebinding("RealRotary"))
 
 
 def use_real_rotary(transformer) -> None:
