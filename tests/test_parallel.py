@@ -18,7 +18,7 @@ import pytest
 from test_workers import BIN, free_port, stop, wait_for
 
 SCRIPT = textwrap.dedent("""
-    import hashlib, sys
+    import hashlib, os, sys
     from PIL import Image
     from recast.tasks.models import loading, parallel, qwen_edit
     from recast.tasks.settings import get_settings
@@ -37,6 +37,8 @@ SCRIPT = textwrap.dedent("""
                              seed=11, steps=3, true_cfg_scale=cfg, width=96, height=96)
     print(hashlib.sha256(out.tobytes()).hexdigest(), len(encodes))
     parallel.leave()
+    sys.stdout.flush()
+    os._exit(0)  # skips the interpreter's teardown, where torch's gloo threads aborted once under a full test load
 """)
 
 
@@ -108,7 +110,7 @@ def _alive(pid: int) -> bool:
 
 
 VAE_SCRIPT = textwrap.dedent("""
-    import hashlib, json, sys
+    import hashlib, json, os, sys
     import numpy as np, torch
     from recast.tasks.models import loading, parallel
     from recast.tasks.settings import get_settings
@@ -138,6 +140,8 @@ VAE_SCRIPT = textwrap.dedent("""
         encode_error=rel(split[0], whole[0]), decode_error=rel(split[1], whole[1]),
         unrelated_error=rel(whole[2], whole[1]))))
     parallel.leave()
+    sys.stdout.flush()
+    os._exit(0)  # skips the interpreter's teardown, where torch's gloo threads aborted once under a full test load
 """)
 
 
@@ -156,7 +160,7 @@ def test_vae_split_over_two_ranks_decodes_bands_that_join_into_the_whole_frame()
 
 
 CLIP_SCRIPT = textwrap.dedent("""
-    import hashlib, json, sys
+    import hashlib, json, os, sys
     import numpy as np
     from PIL import Image
     from recast.tasks.models import loading, parallel, wan_video
@@ -179,6 +183,8 @@ CLIP_SCRIPT = textwrap.dedent("""
     print(json.dumps(dict(widths=sorted(set(widths)))))
     if world > 1:
         parallel.leave()
+    sys.stdout.flush()
+    os._exit(0)  # skips the interpreter's teardown, where torch's gloo threads aborted once under a full test load
 """)
 
 
