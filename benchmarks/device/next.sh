@@ -13,7 +13,11 @@
 #                                                      runs at once, then of 4 (#23)
 #   bash benchmarks/device/next.sh cold-edit   ~250 s  the `fp8` edit worker's start: prepared, restart, respawn (the
 #                                                      blocks' code read while the weights are, #22)
-#   bash benchmarks/device/next.sh cold-video  ~500 s  `wan22-lightning` and `wan22-offload` starts (#22)
+#   bash benchmarks/device/next.sh cold-video  ~560 s  SageAttention built beside the `wan22-lightning` weights prepared
+#                                                      on /dev/shm, then its starts and `wan22-offload`'s (#22): a
+#                                                      first call (the others after it reuse the build)
+#   bash benchmarks/device/next.sh fp8-clip    ~520 s  `wan22-fp8` with SageAttention against plain diffusers, 40 steps,
+#                                                      in one process (#26's 0.58x; the profile has no Sage yet)
 #
 # Measured on 2026-12-05 (docs/PERFORMANCE.md, "an eighteenth session"): clip, the burst without a cap and with 8,
 # the VAE's variants, cold-edit with the imports on a tmpfs.
@@ -29,7 +33,7 @@ cd "$(dirname "$0")/../.."
 out=${OUT:?run this through the device tool, which sets OUT}
 work=/dev/shm/cs  # the prepared weights, Prefect's home and the logs: in memory, kept between calls on one machine
 source benchmarks/device/env.sh || exit 1
-df -h /dev/shm | tail -1  # the prepared weights: edit 27.7 GiB a profile, Wan 36.5 GiB; one profile's at a time
+uname -r; df -h /dev/shm | tail -1  # the prepared weights: edit 27.7 GiB a profile, Wan 36.5 GiB; one profile's at a time
 
 case "${1:-}" in
   chain|clip)
@@ -62,12 +66,26 @@ case "${1:-}" in
     ;;
   cold-video)
     rm -rf "$work"/cache/prepared/edit-*
-    python3 benchmarks/cold_start.py --rows wan22-lightning,wan22-offload --scenarios prepared,restart --work "$work" \
-      --results "$out/cold-video.jsonl" > "$out/cold-video.log" 2>&1
-    echo "cold_start rc $?"; tail -5 "$out/cold-video.log"
+    (source benchmarks/device/sage.sh > "$out/sage.log" 2>&1) &  # nothing to do when an earlier call built it
+    sage=$!
+    started=$(date +%s)
+    RECAST_CACHE_DIR="$work/cache" python3 benchmarks/cold_start.py make-prepared --kind video \
+      --profile wan22-lightning --work "$work" > "$out/prepare.log" 2>&1
+    rc=$?; echo "wan22-lightning prepared in $(( $(date +%s) - started )) s (rc $rc)"
+    wait "$sage"; tail -2 "$out/sage.log"
+    # the starts are timed only once the build is done; each row is written to --results as it ends
+    timeout --signal=INT $(( 585 - SECONDS )) python3 benchmarks/cold_start.py --rows wan22-lightning,wan22-offload \
+      --scenarios prepared,restart --work "$work" --results "$out/cold-video.jsonl" > "$out/cold-video.log" 2>&1
+    echo "cold_start rc $?"; tail -5 "$out/cold-video.log"; cp "$work/cold_start.log" "$out/" 2>/dev/null
+    ;;
+  fp8-clip)
+    rm -rf "$work"/cache/prepared/*  # the cold starts' weights: host memory for the two pipelines' random weights
+    timeout --signal=INT $(( 585 - SECONDS )) python3 benchmarks/gpu_video.py \
+      --rows wan-diffusers-baseline,wan22-fp8@sage --check --out "$out/performance.json" > "$out/video.log" 2>&1
+    echo "gpu_video rc $?"; tail -5 "$out/video.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device/next.sh chain|clip|burst|cold-edit|cold-video" >&2
+    echo "usage: bash benchmarks/device/next.sh chain|clip|burst|cold-edit|cold-video|fp8-clip" >&2
     exit 2
     ;;
 esac
