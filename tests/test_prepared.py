@@ -246,6 +246,50 @@ def test_the_pinned_pool_is_one_allocation_whatever_torch_rounds_it_to(tmp_path,
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected), \
         "a tensor read through the pinned pool came back different"
 
+def test_a_shard_no_pinned_buffer_takes_is_read_a_block_at_a_time_not_whole_into_host_memory(tmp_path, monkeypatch):
+    """The token tables (2-3 GiB shards) are over the pinned buffers' size: read whole into plain memory, each added
+    its size to a start's host RSS beside the pinned pool (a `wan22-lightning` start peaked at 9.0 GiB on an H100
+    host; a worker may use 8). Here at 1/1024 scale through the real loader: the outsized shard reaches its place
+    intact while Python's allocations stay far below its size, and a corrupt block of it is still refused."""
+    import tracemalloc
+
+    from safetensors.torch import save_file
+
+    mib = 2**20
+    monkeypatch.setattr(prepared, "PINNED_POOL_BYTES", 4 * mib)
+    monkeypatch.setattr(prepared, "BLOCK_BYTES", mib // 4)
+    files, expected = {}, {}
+    for index, rows in enumerate([33, 33, 33, 33, 33, 300]):  # ~1 MiB shards and one token table of ~9.4 MiB
+        tensors = {f"c{index}.w{i}": torch.full((rows, 1024), float(index * 10 + i), dtype=torch.bfloat16)
+                   for i in range(16)}
+        name = f"weights/text_encoder-{index:05d}.safetensors"
+        (tmp_path / "weights").mkdir(exist_ok=True)
+        save_file(tensors, str(tmp_path / name))
+        digest, blocks = prepared._sha256_file(tmp_path / name)
+        files[name] = {"sha256": digest, "blocks": blocks}
+        expected.update(tensors)
+    outsized = (tmp_path / name).stat().st_size
+    assert outsized > 2 * prepared.pinned_pool([(tmp_path / n).stat().st_size for n in files])[0], "not outsized"
+    empty = torch.empty  # pinned=True as on a card; no CUDA here, so the pool is allocated unpinned
+    monkeypatch.setattr(torch, "empty", lambda *size, pin_memory=False, **kwargs: empty(*size, **kwargs))
+    tracemalloc.start()
+    try:
+        got = {tensor_name: tensor.clone() for _, tensor_name, tensor in
+               prepared.stream_shards(tmp_path, files, lambda _: "cpu", pinned=True)}
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < outsized / 2, (f"reading took {peak / mib:.1f} MiB of Python memory at its peak for a "
+                                 f"{outsized / mib:.1f} MiB shard: the outsized shard was read whole into host memory")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected), \
+        "a tensor of the shard read a block at a time came back different"
+    data = bytearray((tmp_path / name).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (tmp_path / name).write_bytes(bytes(data))
+    with pytest.raises(prepared.NotPrepared, match="does not match its SHA-256"):
+        list(prepared.stream_shards(tmp_path, files, lambda _: "cpu", pinned=True))
+
+
 def test_a_compiled_edit_worker_traces_its_blocks_once_at_start_and_not_again_for_a_request(tmp_path, monkeypatch,
                                                                                            astronaut):
     """Cold start: dynamo's analysis of the compiled blocks is most of a restart's warm-up, so it must not run twice

@@ -57,6 +57,11 @@ PINNED_POOL_BYTES = 4 * 2**30
 # Each shard's SHA-256 per block as well as whole, so a start verifies the blocks on every core at once: one thread's
 # SHA-256 of a whole shard ran at ~0.3-0.5 GB/s on an H200 host's CPU, slower than the rest of the load.
 BLOCK_BYTES = 64 * 2**20
+# A shard that no pinned buffer takes (the token tables: 2-3 GiB) is read a block at a time straight into its place,
+# through this many block buffers (hashed while the next blocks are read): read whole into plain memory, it added
+# its size to a start's host RSS beside the pinned pool (a `wan22-lightning` start peaked at 9.0 GiB on an H100
+# host, over the 8 GiB a worker may use).
+BLOCK_BUFFERS = 4
 # What of a profile decides the tensors (placement, kernels, sizes and defaults do not).
 RECIPE_FIELDS = ("model_id", "revision", "dtype", "quantize", "quantize_text_encoder", "lightning", "lightning_2")
 _CODE = ("precision.py", "lora.py", "prepared.py")  # the code that makes or reads the tensors
@@ -420,6 +425,64 @@ def _read_shard(path: Path, entry: dict, buffer=None):
     return header, data, 8 + header_size
 
 
+def _read_header(f, path: Path) -> tuple[dict, int]:
+    """(header, offset of the first tensor) of an open safetensors file, read on its own (a few KiB)."""
+    head = f.read(8)
+    header_size = int.from_bytes(head, "little") if len(head) == 8 else -1
+    raw = f.read(header_size) if header_size >= 0 else b""
+    if len(raw) != header_size:
+        raise NotPrepared(f"{path.name} ended early")
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        raise NotPrepared(f"{path.parent.name}/{path.name} has no safetensors header (corrupt)") from None
+    header.pop("__metadata__", None)
+    return header, 8 + header_size
+
+
+def _read_shard_to(path: Path, entry: dict, device):
+    """(header, the bytes after the header as one uint8 tensor on `device`) of a shard read block by block into
+    that tensor: host memory holds BLOCK_BUFFERS blocks of it, never the whole shard. Checked against its manifest
+    entry as `_read_shard` checks (each block hashed on the pool while the next ones are read)."""
+    import torch
+
+    size = path.stat().st_size
+    check = not entry.get("verified")
+    blocks = entry.get("blocks") if check else None
+    whole = hashlib.sha256() if check and not blocks else None
+    count = -(-size // BLOCK_BYTES)
+    buffers = [bytearray(min(BLOCK_BYTES, size)) for _ in range(min(BLOCK_BUFFERS, count))]
+    hashing: dict[int, Any] = {}  # block index -> its SHA-256 being computed (its buffer is not reused before)
+    digests = []
+    with open(path, "rb", buffering=0) as f:
+        header, offset = _read_header(f, path)
+        placed = torch.empty(size - offset, dtype=torch.uint8, device=device)
+        f.seek(0)
+        for index in range(count):
+            start, end = index * BLOCK_BYTES, min(size, (index + 1) * BLOCK_BYTES)
+            if index - len(buffers) in hashing:
+                digests.append(hashing.pop(index - len(buffers)).result())
+            view = memoryview(buffers[index % len(buffers)])[:end - start]
+            read = 0
+            while read < len(view):
+                got = f.readinto(view[read:])
+                if not got:
+                    raise NotPrepared(f"{path.name} ended early")
+                read += got
+            if blocks:
+                hashing[index] = _hashers().submit(_sha256_of, view)
+            elif whole is not None:
+                whole.update(view)
+            if end > offset:  # the header's own bytes stay in the file
+                first = max(start, offset)
+                placed[first - offset:end - offset].copy_(
+                    torch.frombuffer(view, dtype=torch.uint8)[first - start:])  # done on return (pageable memory)
+    digests += [hashing.pop(index).result() for index in sorted(hashing)]
+    if (blocks and digests != blocks) or (whole is not None and whole.hexdigest() != entry["sha256"]):
+        raise NotPrepared(f"{path.parent.name}/{path.name} does not match its SHA-256 (corrupt)")
+    return header, placed
+
+
 def _tensors_from(header: dict, data, offset: int):
     """A host shard's tensors, each copied into memory of its own (aligned as a loaded tensor would be: kernels may
     take other paths for a tensor at an odd offset of the shard, and give other bits; and the shard's buffer is
@@ -451,7 +514,7 @@ def _shard_tensors(header: dict, placed):
 
 def pinned_pool(shard_sizes: list[int]) -> tuple[int, int]:
     """(bytes per pinned read buffer, how many) for shards of these sizes: buffers that take every shard but the
-    outsized ones (over twice the median: a 2 GiB token table; those are read into plain memory), one per reader,
+    outsized ones (over twice the median: a 2 GiB token table; those are read a block at a time), one per reader,
     all of them within PINNED_POOL_BYTES (none when one buffer alone exceeds it). Not the median itself: prepared
     shards close just over SHARD_BYTES, so half of them were a little larger than the median and went through
     pageable memory (an H200 start placed 27.7 GiB at 1.9 GB/s where pinned reads ran at 9.7)."""
@@ -486,8 +549,9 @@ def _release_pinned() -> None:
 def placed_shards(folder: Path, files: dict[str, dict], device_of, pinned: bool | None = None):
     """Every shard of `files` ({name: manifest entry}, in order) on its device (`device_of(shard name)`), as (shard,
     header, placed): for a card, the shard's tensor bytes there in ONE copy (a uint8 tensor; `_shard_tensors` cuts
-    the tensors from it), for the host, its tensors. At most READ_THREADS shards are read ahead of the one being
-    placed, so host RAM holds a few GiB, never a model. With `pinned` (the default when any shard goes to a GPU) the
+    the tensors from it), for the host, its tensors (or its bytes as one uint8 tensor, for a shard read a block at a
+    time). At most READ_THREADS shards are read ahead of the one being placed, so host RAM holds a few GiB, never a
+    model; a shard that no pinned buffer takes is read a block at a time straight into its place. With `pinned` (the default when any shard goes to a GPU) the
     shards are read into a fixed pool of pinned host buffers: the copy to the card is then DMA at the bus's rate
     instead of a pageable copy through the driver's bounce buffer, and the pages are faulted in once, not once per
     shard."""
@@ -506,12 +570,24 @@ def placed_shards(folder: Path, files: dict[str, dict], device_of, pinned: bool 
             for index, name in enumerate(names):
                 for ahead in names[index:index + READ_THREADS]:
                     fits = free is not None and sizes[ahead] <= buffer_bytes
-                    if ahead not in reads and (not fits or free):
-                        buffer = free.pop() if fits else None
+                    if ahead in reads or (fits and not free):
+                        continue
+                    if fits:
+                        buffer = free.pop()
                         reads[ahead] = (pool.submit(_read_shard, folder / ahead, files[ahead], buffer), buffer)
+                    elif sizes[ahead] > BLOCK_BYTES:  # no pinned buffer takes it: a block at a time into its place
+                        reads[ahead] = (pool.submit(_read_shard_to, folder / ahead, files[ahead],
+                                                    torch.device(device_of(ahead))), None)
+                    else:
+                        reads[ahead] = (pool.submit(_read_shard, folder / ahead, files[ahead], None), None)
                 future, buffer = reads.pop(name)
-                header, data, offset = future.result()  # raises NotPrepared for a corrupt shard
+                result = future.result()  # raises NotPrepared for a corrupt shard
                 device = torch.device(device_of(name))
+                if len(result) == 2:  # read into its place already
+                    header, placed = result
+                    yield name, header, placed
+                    continue
+                header, data, offset = result
                 if device.type == "cuda":
                     host = buffer if buffer is not None else torch.frombuffer(data, dtype=torch.uint8)
                     placed = host[offset:sizes[name]].to(device, non_blocking=buffer is not None)
