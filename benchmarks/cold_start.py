@@ -32,8 +32,9 @@ tmpfs cannot be evicted (tmpfs is memory): the row says where its weights lay (`
 
 Video rows start from prepared weights made from random full-size weights (`make-prepared`): the Wan 2.2 hub
 layout (68 GB) does not fit the disk beside the edit model's; `both` is the worker that serves both stages.
-`wan22-offload` shares `wan22-lightning`'s prepared weights (placement is not part of the recipe) and keeps its
-blocks in pinned host RAM: its `host_rss_peak_gib` is what the host must hold (#22: at most 48 GiB).
+`wan22-offload` has `wan22-lightning`'s key (placement is not part of the recipe) but a folder of its own (each
+profile's folder keeps its own compile caches: another 36.5 GiB) and keeps its blocks in pinned host RAM: its
+`host_rss_peak_gib` is what the host must hold (#22: at most 48 GiB).
 """
 
 from __future__ import annotations
