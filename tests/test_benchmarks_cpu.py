@@ -39,6 +39,10 @@ def test_cold_start_benchmark_starts_from_the_hub_layout_then_prepared_weights(t
     for kind in ("edit", "video"):  # where a prepared start's load went, part by part (the next GPU row needs it)
         parts = rows["prepared"]["phases"][kind]["load_parts"]
         assert {"key", "structure", "read", "weights", "checks", "place", "obtain"} <= set(parts), f"{kind}: {parts}"
+        # which phase set the host RSS peak (a `wan22-lightning` start peaked at 9.0 GiB, the cause not seen)
+        rss = rows["prepared"]["phases"][kind].get("host_rss_peak_gib") or {}
+        assert 0 < rss.get("loaded", 0) <= rss.get("warmed_up", 0) <= rows["prepared"]["host_rss_peak_gib"], \
+            f"{kind}: the host RSS peak after loading and after the warm-up is not recorded: {rss}"
     # The structure taken apart: in a new process most of it is importing the classes the configs name, which a
     # respawned process has already (on one H200 a restart's structure took 13.4 s, a respawn's 2.2 s)
     restart, respawn = (rows[name]["phases"]["edit"]["load_parts"] for name in ("restart", "respawn"))
