@@ -202,6 +202,12 @@ def test_the_loaders_pinned_read_buffers_stay_within_their_budget_whatever_the_l
     buffer_bytes, count = prepared.pinned_pool(varied)
     assert all(size <= buffer_bytes for size in varied[:-1]) and count >= 2, \
         f"buffers of {buffer_bytes} bytes leave shards of the usual size (up to {max(varied[:-1])}) to plain memory"
+    # The Wan folder: shards just over 1 GiB and UMT5's token table alone in one of 1.96 GiB. Sized to it, only two
+    # buffers fitted the budget (a `wan22-lightning` start read 36.5 GiB at 3.3 GB/s on an H100 host).
+    wan = [gib + k * 2**22 for k in range(28)] + [int(1.96 * gib)]
+    buffer_bytes, count = prepared.pinned_pool(wan)
+    assert buffer_bytes < int(1.96 * gib) and count >= 3, \
+        f"the token table sized the pinned buffers: {count} of {buffer_bytes} bytes for shards of ~1 GiB"
 
 
 

@@ -62,6 +62,7 @@ BLOCK_BYTES = 64 * 2**20
 # its size to a start's host RSS beside the pinned pool (a `wan22-lightning` start peaked at 9.0 GiB on an H100
 # host, over the 8 GiB a worker may use).
 BLOCK_BUFFERS = 4
+OUTSIZED_OVER_MEDIAN = 1.25  # a shard this much over the median size takes no pinned buffer (pinned_pool)
 # What of a profile decides the tensors (placement, kernels, sizes and defaults do not).
 RECIPE_FIELDS = ("model_id", "revision", "dtype", "quantize", "quantize_text_encoder", "lightning", "lightning_2")
 _CODE = ("precision.py", "lora.py", "prepared.py")  # the code that makes or reads the tensors
@@ -514,12 +515,14 @@ def _shard_tensors(header: dict, placed):
 
 def pinned_pool(shard_sizes: list[int]) -> tuple[int, int]:
     """(bytes per pinned read buffer, how many) for shards of these sizes: buffers that take every shard but the
-    outsized ones (over twice the median: a 2 GiB token table; those are read a block at a time), one per reader,
+    outsized ones (over 1.25 times the median: a token table; those are read a block at a time), one per reader,
     all of them within PINNED_POOL_BYTES (none when one buffer alone exceeds it). Not the median itself: prepared
     shards close just over SHARD_BYTES, so half of them were a little larger than the median and went through
-    pageable memory (an H200 start placed 27.7 GiB at 1.9 GB/s where pinned reads ran at 9.7)."""
+    pageable memory (an H200 start placed 27.7 GiB at 1.9 GB/s where pinned reads ran at 9.7). Not twice it: the
+    Wan folder's UMT5 token table (1.96 GiB, alone in its shard) then sized the buffers, and only two fitted the
+    budget, where shards of ~1.05 GiB take three (a `wan22-lightning` start read at 3.3 GB/s, the edit's at 4.7)."""
     median = sorted(shard_sizes)[len(shard_sizes) // 2]
-    buffer_bytes = max(size for size in shard_sizes if size <= 2 * median)
+    buffer_bytes = max(size for size in shard_sizes if size <= OUTSIZED_OVER_MEDIAN * median)
     return buffer_bytes, min(READ_THREADS, len(shard_sizes), PINNED_POOL_BYTES // max(buffer_bytes, 1))
 
 
