@@ -409,12 +409,8 @@ def _read_shard(path: Path, entry: dict, buffer=None):
     checks = []
     with open(path, "rb", buffering=0) as f:
         for start in range(0, size, BLOCK_BYTES):
-            read, end = start, min(size, start + BLOCK_BYTES)
-            while read < end:
-                got = f.readinto(view[read:end])
-                if not got:
-                    raise NotPrepared(f"{path.name} ended early")
-                read += got
+            end = min(size, start + BLOCK_BYTES)
+            _read_into(f, view[start:end], path)
             if blocks and check:
                 checks.append(_hashers().submit(_sha256_of, view[start:end]))
     digests = [future.result() for future in checks]
@@ -424,6 +420,16 @@ def _read_shard(path: Path, entry: dict, buffer=None):
     header = json.loads(bytes(view[8:8 + header_size]))
     header.pop("__metadata__", None)
     return header, data, 8 + header_size
+
+
+def _read_into(f, view: memoryview, path: Path) -> None:
+    """Fill `view` from the open file (a read may return less than asked)."""
+    read = 0
+    while read < len(view):
+        got = f.readinto(view[read:])
+        if not got:
+            raise NotPrepared(f"{path.name} ended early")
+        read += got
 
 
 def _read_header(f, path: Path) -> tuple[dict, int]:
@@ -464,12 +470,7 @@ def _read_shard_to(path: Path, entry: dict, device):
             if index - len(buffers) in hashing:
                 digests.append(hashing.pop(index - len(buffers)).result())
             view = memoryview(buffers[index % len(buffers)])[:end - start]
-            read = 0
-            while read < len(view):
-                got = f.readinto(view[read:])
-                if not got:
-                    raise NotPrepared(f"{path.name} ended early")
-                read += got
+            _read_into(f, view, path)
             if blocks:
                 hashing[index] = _hashers().submit(_sha256_of, view)
             elif whole is not None:
