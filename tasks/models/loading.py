@@ -318,14 +318,15 @@ def get_pipeline(kind: Kind, profile: ModelProfile | VideoProfile, *,
                          before_gib=before)
         loaded.prepared = obtained.prepared
         loaded.phases["load"] = round(time.perf_counter() - started, 2)
+        # The process's host RSS peak so far, after each phase: which of them sets a worker's peak (#22: <= 8 GiB)
+        rss_peaks = dict(obtained.parts.pop("host_rss_peak_gib", {}), loaded=prepared.host_rss_peak_gib())
         loaded.phases["load_parts"] = dict(obtained.parts, obtain=round(obtained.seconds, 2))
         loaded.phases["compile_cache"] = compile_cache_s
-        # The process's host RSS peak so far, after each phase: which of them sets a worker's peak (#22: <= 8 GiB)
-        loaded.phases["host_rss_peak_gib"] = {"loaded": _host_rss_peak_gib()}
+        loaded.phases["host_rss_peak_gib"] = rss_peaks
         phase = time.perf_counter()
         recipe.warm_up(loaded, profile)
         loaded.phases["warm_up"] = round(time.perf_counter() - phase, 2)
-        loaded.phases["host_rss_peak_gib"]["warmed_up"] = _host_rss_peak_gib()
+        loaded.phases["host_rss_peak_gib"]["warmed_up"] = prepared.host_rss_peak_gib()
         if profile.compile:
             hits, misses = (after - before for after, before in zip(prepared.inductor_cache_counts(), compiles))
             misses += early.misses
@@ -416,15 +417,6 @@ def install(kind: Kind, profile: ModelProfile | VideoProfile, pipe, source: str,
     with _CACHE_LOCK:
         _CACHE[key] = loaded
     return loaded
-
-
-def _host_rss_peak_gib() -> float | None:
-    """This process's peak resident memory so far (Linux reports it in KiB), None where it cannot be read."""
-    try:
-        import resource
-    except ImportError:  # not on this platform
-        return None
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
 
 
 def _allocated_gib(device: str) -> float | None:

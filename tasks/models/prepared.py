@@ -422,6 +422,15 @@ def _read_shard(path: Path, entry: dict, buffer=None):
     return header, data, 8 + header_size
 
 
+def host_rss_peak_gib() -> float | None:
+    """This process's peak resident memory so far (Linux reports it in KiB), None where it cannot be read."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
+
 def _read_into(f, view: memoryview, path: Path) -> None:
     """Fill `view` from the open file (a read may return less than asked)."""
     read = 0
@@ -748,6 +757,7 @@ def load(folder: Path, key: str, profile, recipe, parts: dict | None = None, bes
             if component_of(shard) not in components:
                 raise NotPrepared(f"{shard} belongs to no component of this pipeline")
         parts["structure"] = round(time.perf_counter() - started, 2)
+        parts["host_rss_peak_gib"] = {"structure": host_rss_peak_gib()}  # which phase sets a start's peak
         started = time.perf_counter()
         if beside is not None:
             beside()
@@ -764,6 +774,7 @@ def load(folder: Path, key: str, profile, recipe, parts: dict | None = None, bes
         reader.close()
     parts["read"] = round(reader.seconds, 2)  # the reader's own time, most of it beside the structure's
     parts["weights"] = round(time.perf_counter() - started, 2)
+    parts["host_rss_peak_gib"]["weights"] = host_rss_peak_gib()
     hashed = [name for name, entry in files.items() if not entry["verified"]]
     parts["hashed_gib"] = round(sum(files[name]["bytes"] for name in hashed) / 2**30, 3)
     if hashed:
