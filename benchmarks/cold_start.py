@@ -23,6 +23,9 @@ Scenarios (`variant` in docs/performance.json), in this order, on the same card:
     respawn           a restart as `recast worker` makes one after its serving process died (recast.flows.respawn):
                       forked from a parent that imported the libraries; timed from the fork (`imports_s` ~0)
 
+`scenario@blocks` (e.g. `restart@blocks`) is the scenario with `prepared_reads: blocks`: every shard read to the card
+in 64-MiB blocks through 1 GiB of pinned memory instead of whole through a 4-GiB pool (`@shards`: the default).
+
 Before hub, prepared and prepared+compile every weight file is evicted from the page cache (posix_fadvise
 DONTNEED; /proc/sys/vm/drop_caches is tried too); `bytes_read_gib` shows whether the eviction took. A file on a
 tmpfs cannot be evicted (tmpfs is memory): the row says where its weights lay (`weights_at`).
@@ -59,6 +62,7 @@ PROFILES = {"lightning": ("lightning", None), "fp8": ("fp8", None), "wan22-light
             "wan22-offload": (None, "wan22-offload"), "both": ("lightning", "wan22-lightning"),
             "tiny": ("tiny", "tiny")}
 GIB = 2**30
+SCENARIOS = ("hub", "prepared", "prepared+compile", "restart", "respawn")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,7 +245,7 @@ def start(args) -> None:
         "compiled_in_first_request": prepared.compiled_graphs() - graphs,
         "cold_start_s": {k: round(v.cold_start_s, 2) for k, v in loaded.items()},
         "phases": {k: v.phases for k, v in loaded.items()},
-        "imports_s": round(imported - t0, 2),
+        "imports_s": round(imported - t0, 2), "prepared_reads": settings.prepared_reads,
         "prepared": {k: v.prepared for k, v in loaded.items()},
         "compile_cache": {k: v.compile_cache for k, v in loaded.items()},
         "sources": {k: v.source for k, v in loaded.items()},
@@ -338,6 +342,11 @@ def main() -> int:
     ap.add_argument("--drop-after", action="store_true", help="remove each row's prepared weights once its "
                     "scenarios are measured (a disk too small for two profiles' weights)")
     args = ap.parse_args()
+    for variant in (args.scenarios or "").split(",") if args.mode is None else []:
+        scenario, _, reads = variant.partition("@")
+        if scenario not in SCENARIOS or reads not in ("", "shards", "blocks"):
+            ap.error(f"--scenarios: {variant!r} is not a scenario: use {', '.join(SCENARIOS)}, each optionally "
+                     "@blocks or @shards")
     if args.mode == "start":
         start(args)
         return 0
@@ -377,7 +386,8 @@ def parent(args) -> int:
                 print(f"hub layout: {written} GiB in {hub} ({filesystem_of(hub)})", flush=True)
             edit_name = PROFILES[row][0]
             row_env[f"RECAST_PROFILES__{edit_name.upper().replace('-', '_')}__MODEL_ID"] = str(hub)
-        for scenario in args.scenarios.split(","):
+        for variant in args.scenarios.split(","):
+            scenario, _, reads = variant.partition("@")  # `restart@blocks`: with prepared_reads: blocks
             if scenario == "hub" and hub is None:
                 continue  # the video model is prepared from random weights (module docstring)
             started = time.perf_counter()
@@ -403,10 +413,11 @@ def parent(args) -> int:
             weights = [p for folder in folders for p in Path(folder).rglob("*.safetensors")] if scenario != "hub" \
                 else list(hub.rglob("*.safetensors"))
             evicted = evict(weights) if not restart else "none (a restart: page cache warm)"
-            result = run_start(row_env, kinds, row, args.tiny, log, args.timeout, respawn=scenario == "respawn")
+            start_env = dict(row_env, RECAST_PREPARED_READS=reads) if reads else row_env
+            result = run_start(start_env, kinds, row, args.tiny, log, args.timeout, respawn=scenario == "respawn")
             place = filesystem_of(hub if scenario == "hub" else cache)
             measured = dict(
-                stage="cold_start", profile=row, variant=scenario, card=card, gpus=1, **result,
+                stage="cold_start", profile=row, variant=variant, card=card, gpus=1, **result,
                 weights_gib=round(sum(p.stat().st_size for p in weights) / GIB, 2), weights_at=place,
                 page_cache=evicted, seconds=result["ready_s"], run=run,
                 wall_s=round(time.perf_counter() - started, 1))

@@ -16,14 +16,17 @@
 #   bash benchmarks/device/next.sh cold-video  ~560 s  SageAttention built beside the `wan22-lightning` weights prepared
 #                                                      on /dev/shm, then its starts and `wan22-offload`'s (#22): a
 #                                                      first call (the others after it reuse the build)
+#   bash benchmarks/device/next.sh reads       ~330 s  the `fp8` worker's restart and respawn reading its prepared weights
+#                                                      whole through the 4-GiB pinned pool and in blocks through 1 GiB
+#                                                      (`prepared_reads`; host RSS and read time side by side, #22)
 #   bash benchmarks/device/next.sh fp8-clip    ~550 s  `wan22-fp8` with SageAttention against plain diffusers, 40 steps,
 #                                                      two processes (#26's 0.58x; the profile has no Sage yet)
 #
 # Measured on 2026-12-05 (docs/PERFORMANCE.md, "an eighteenth session"): clip, the burst without a cap and with 8,
 # the VAE's variants, cold-edit with the imports on a tmpfs; then ("a nineteenth session", one H100) cold-video's
 # wan22-lightning rows (its offload row was cut by the call's end), cold-edit with the early read, burst (8, 4).
-# Still owed: fp8-clip, cold-video (wan22-offload; wan22-lightning's RSS
-# with the block-by-block reads), chain.
+# Still owed: fp8-clip, reads (the 1-GiB block reads against the 4-GiB pool), cold-video (wan22-offload; the RSS
+# phases of wan22-lightning's start), chain.
 #
 # Before the first call, here (a new checkout has no .whl/): `benchmarks/device/carry.sh` (a few minutes), and the
 # SageAttention source as sage.sh says (`fetch` github:thu-ml/SageAttention, then its `git archive` of d1a57a5 into
@@ -84,6 +87,13 @@ case "${1:-}" in
       --scenarios prepared,restart --work "$work" --results "$out/cold-video.jsonl" > "$out/cold-video.log" 2>&1
     echo "cold_start rc $?"; tail -5 "$out/cold-video.log"; cp "$work/cold_start.log" "$out/" 2>/dev/null
     ;;
+  reads)
+    rm -rf "$work"/cache/prepared/video-*  # room for fp8's
+    timeout --signal=INT $(( 585 - SECONDS )) python3 benchmarks/cold_start.py --rows fp8 \
+      --scenarios prepared,restart,restart@blocks,respawn,respawn@blocks --work "$work" \
+      --results "$out/reads.jsonl" > "$out/reads.log" 2>&1
+    echo "cold_start rc $?"; tail -5 "$out/reads.log"
+    ;;
   fp8-clip)
     rm -rf "$work"/cache/prepared/*  # the cold starts' weights: host memory for the two pipelines' random weights
     # Two processes (an 80-GB card cannot hold the bf16 baseline beside the FP8 row), the second comparing with the
@@ -100,7 +110,7 @@ case "${1:-}" in
     echo "gpu_video rc $?"; tail -5 "$out/video.log"; cp "$rows" "$out/performance.json"
     ;;
   *)
-    echo "usage: bash benchmarks/device/next.sh chain|clip|burst|cold-edit|cold-video|fp8-clip" >&2
+    echo "usage: bash benchmarks/device/next.sh chain|clip|burst|cold-edit|cold-video|reads|fp8-clip" >&2
     exit 2
     ;;
 esac

@@ -456,10 +456,12 @@ def _read_header(f, path: Path) -> tuple[dict, int]:
     return header, 8 + header_size
 
 
-def _read_shard_to(path: Path, entry: dict, device):
+def _read_shard_to(path: Path, entry: dict, device, staging: list | None = None):
     """(header, the bytes after the header as one uint8 tensor on `device`) of a shard read block by block into
     that tensor: host memory holds BLOCK_BUFFERS blocks of it, never the whole shard. Checked against its manifest
-    entry as `_read_shard` checks (each block hashed on the pool while the next ones are read)."""
+    entry as `_read_shard` checks (each block hashed on the pool while the next ones are read). `staging`: pinned
+    host tensors of BLOCK_BYTES to read the blocks into, so that each block goes to the card by DMA while the next
+    one is read; without, blocks of plain memory, each copied before the next is read."""
     import torch
 
     size = path.stat().st_size
@@ -467,8 +469,11 @@ def _read_shard_to(path: Path, entry: dict, device):
     blocks = entry.get("blocks") if check else None
     whole = hashlib.sha256() if check and not blocks else None
     count = -(-size // BLOCK_BYTES)
-    buffers = [bytearray(min(BLOCK_BYTES, size)) for _ in range(min(BLOCK_BUFFERS, count))]
+    buffers = staging or [torch.frombuffer(bytearray(min(BLOCK_BYTES, size)), dtype=torch.uint8)
+                          for _ in range(min(BLOCK_BUFFERS, count))]
+    dma = staging is not None and torch.device(device).type == "cuda"
     hashing: dict[int, Any] = {}  # block index -> its SHA-256 being computed (its buffer is not reused before)
+    copying: dict[int, Any] = {}  # block index -> the event of its copy to the card (the same)
     digests = []
     with open(path, "rb", buffering=0) as f:
         header, offset = _read_header(f, path)
@@ -478,7 +483,10 @@ def _read_shard_to(path: Path, entry: dict, device):
             start, end = index * BLOCK_BYTES, min(size, (index + 1) * BLOCK_BYTES)
             if index - len(buffers) in hashing:
                 digests.append(hashing.pop(index - len(buffers)).result())
-            view = memoryview(buffers[index % len(buffers)])[:end - start]
+            if index - len(buffers) in copying:
+                copying.pop(index - len(buffers)).synchronize()
+            buffer = buffers[index % len(buffers)][:end - start]
+            view = memoryview(buffer.numpy())
             _read_into(f, view, path)
             if blocks:
                 hashing[index] = _hashers().submit(_sha256_of, view)
@@ -486,9 +494,15 @@ def _read_shard_to(path: Path, entry: dict, device):
                 whole.update(view)
             if end > offset:  # the header's own bytes stay in the file
                 first = max(start, offset)
-                placed[first - offset:end - offset].copy_(
-                    torch.frombuffer(view, dtype=torch.uint8)[first - start:])  # done on return (pageable memory)
+                # from plain memory the copy is done on return; from a pinned block it is DMA, waited for (its
+                # event) before the block is read into again
+                placed[first - offset:end - offset].copy_(buffer[first - start:], non_blocking=dma)
+                if dma:
+                    copying[index] = torch.cuda.Event()
+                    copying[index].record(torch.cuda.current_stream(device))
     digests += [hashing.pop(index).result() for index in sorted(hashing)]
+    for event in copying.values():
+        event.synchronize()
     if (blocks and digests != blocks) or (whole is not None and whole.hexdigest() != entry["sha256"]):
         raise NotPrepared(f"{path.parent.name}/{path.name} does not match its SHA-256 (corrupt)")
     return header, placed
@@ -559,41 +573,75 @@ def _release_pinned() -> None:
         empty()
 
 
-def placed_shards(folder: Path, files: dict[str, dict], device_of, pinned: bool | None = None):
+def _staging_rings(count: int) -> list[list]:
+    """`count` rings of BLOCK_BUFFERS pinned blocks (BLOCK_BYTES each) for block reads, as views of ONE pinned
+    allocation (a power of two at the defaults: 4 x 4 x 64 MiB = 1 GiB, which torch's rounding leaves as it is)."""
+    import torch
+
+    pool = torch.empty(count * BLOCK_BUFFERS * BLOCK_BYTES, dtype=torch.uint8, pin_memory=True)
+    blocks = [pool[i * BLOCK_BYTES:(i + 1) * BLOCK_BYTES] for i in range(count * BLOCK_BUFFERS)]
+    return [blocks[i * BLOCK_BUFFERS:(i + 1) * BLOCK_BUFFERS] for i in range(count)]
+
+
+def placed_shards(folder: Path, files: dict[str, dict], device_of, pinned: bool | None = None,
+                  reads: str | None = None):
     """Every shard of `files` ({name: manifest entry}, in order) on its device (`device_of(shard name)`), as (shard,
     header, placed): for a card, the shard's tensor bytes there in ONE copy (a uint8 tensor; `_shard_tensors` cuts
     the tensors from it), for the host, its tensors (or its bytes as one uint8 tensor, for a shard read a block at a
     time). At most READ_THREADS shards are read ahead of the one being placed, so host RAM holds a few GiB, never a
-    model; a shard that no pinned buffer takes is read a block at a time straight into its place. With `pinned` (the default when any shard goes to a GPU) the
-    shards are read into a fixed pool of pinned host buffers: the copy to the card is then DMA at the bus's rate
-    instead of a pageable copy through the driver's bounce buffer, and the pages are faulted in once, not once per
-    shard."""
+    model. With `pinned` (the default when any shard goes to a GPU) the shards are read into a fixed pool of pinned
+    host buffers: the copy to the card is then DMA at the bus's rate instead of a pageable copy through the driver's
+    bounce buffer, and the pages are faulted in once, not once per shard; a shard that no buffer takes is read a
+    block at a time straight into its place. `reads` (default: the `prepared_reads` setting): "blocks" reads every
+    shard that way, through rings of pinned blocks (1 GiB pinned in all, against the pool's 4), each
+    block's copy overlapping the next block's read."""
+    import queue
+
     import torch
 
     names = list(files)
     if pinned is None:
         pinned = torch.cuda.is_available() and any(torch.device(device_of(n)).type == "cuda" for n in names)
+    if reads is None:
+        from recast.tasks.settings import get_settings
+
+        reads = get_settings().prepared_reads
     sizes = {n: (folder / n).stat().st_size for n in names}
-    free, buffer, buffer_bytes, reads = None, None, 0, {}
-    if pinned and names:
+    free, buffer, buffer_bytes, reads_ahead, rings = None, None, 0, {}, None
+    if pinned and names and reads == "blocks":
+        rings = queue.SimpleQueue()
+        for ring in _staging_rings(READ_THREADS):
+            rings.put(ring)
+    elif pinned and names:
         buffer_bytes, count = pinned_pool(list(sizes.values()))
         free = _pinned_buffers(buffer_bytes, count) or None
+
+    def through_a_ring(path: Path, entry: dict, device):
+        ring = rings.get()  # one ring per reader thread: never waited for
+        try:
+            return _read_shard_to(path, entry, device, ring)
+        finally:
+            rings.put(ring)
+
     try:
         with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="recast-prepared") as pool:
             for index, name in enumerate(names):
                 for ahead in names[index:index + READ_THREADS]:
                     fits = free is not None and sizes[ahead] <= buffer_bytes
-                    if ahead in reads or (fits and not free):
+                    if ahead in reads_ahead or (fits and not free):
                         continue
-                    if fits:
+                    if rings is not None:
+                        reads_ahead[ahead] = (pool.submit(through_a_ring, folder / ahead, files[ahead],
+                                                          torch.device(device_of(ahead))), None)
+                    elif fits:
                         buffer = free.pop()
-                        reads[ahead] = (pool.submit(_read_shard, folder / ahead, files[ahead], buffer), buffer)
+                        reads_ahead[ahead] = (pool.submit(_read_shard, folder / ahead, files[ahead], buffer), buffer)
                     elif sizes[ahead] > BLOCK_BYTES:  # no pinned buffer takes it: a block at a time into its place
-                        reads[ahead] = (pool.submit(_read_shard_to, folder / ahead, files[ahead],
-                                                    torch.device(device_of(ahead))), None)
+                        reads_ahead[ahead] = (pool.submit(_read_shard_to, folder / ahead, files[ahead],
+                                                          torch.device(device_of(ahead))), None)
                     else:
-                        reads[ahead] = (pool.submit(_read_shard, folder / ahead, files[ahead], None), None)
-                future, buffer = reads.pop(name)
+                        reads_ahead[ahead] = (pool.submit(_read_shard, folder / ahead, files[ahead], None), None)
+                future, buffer = reads_ahead.pop(name)
                 result = future.result()  # raises NotPrepared for a corrupt shard
                 device = torch.device(device_of(name))
                 if len(result) == 2:  # read into its place already
@@ -613,15 +661,16 @@ def placed_shards(folder: Path, files: dict[str, dict], device_of, pinned: bool 
                 del data
                 yield name, header, placed
     finally:
-        if free is not None:
-            free = buffer = reads = None  # the pinned pool's views dropped, so that its one block is free
+        if free is not None or rings is not None:
+            free = buffer = reads_ahead = rings = None  # the pinned pools' views dropped, so that their block is free
             _release_pinned()
 
 
-def stream_shards(folder: Path, files: dict[str, dict], device_of, pinned: bool | None = None):
+def stream_shards(folder: Path, files: dict[str, dict], device_of, pinned: bool | None = None,
+                  reads: str | None = None):
     """Every tensor of these shards on its device, as (shard, tensor name, tensor): `placed_shards`, tensor by
     tensor."""
-    for name, header, placed in placed_shards(folder, files, device_of, pinned):
+    for name, header, placed in placed_shards(folder, files, device_of, pinned, reads):
         for tensor_name, tensor in _shard_tensors(header, placed):
             yield name, tensor_name, tensor
         del placed

@@ -178,6 +178,11 @@ class Settings(Strict):
         "the libraries once and a serving process it starts from them, again after it dies (a CUDA fault, the OOM "
         "killer): in seconds, without importing torch, diffusers and transformers again. It gives up (exits 1) after "
         "this many deaths within 10 minutes; 0: no parent, the worker is one process.")
+    prepared_reads: Literal["shards", "blocks"] = Field(
+        "shards", description="How a start reads prepared weights to the card: shards, each whole into one of a few "
+        "pinned buffers of a shard's size (4 GiB of pinned host memory; measured); blocks, 64-MiB blocks through "
+        "1 GiB of pinned buffers, each block's copy overlapping the next block's read (3 GiB less host memory; not "
+        "measured on a card yet: benchmarks/cold_start.py's `@blocks` scenarios compare the two).")
     worker_resubmits: int = Field(2, ge=0, le=10, description="Resubmissions of a lost or timed-out job.")
     worker_in_flight: int = Field(8, ge=1, le=256, description="Jobs of one run submitted to task workers at once.")
     worker_wait_timeout_s: float = Field(600, gt=0, description="A job no worker has taken after this long fails, "
