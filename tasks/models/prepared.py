@@ -475,34 +475,38 @@ def _read_shard_to(path: Path, entry: dict, device, staging: list | None = None)
     hashing: dict[int, Any] = {}  # block index -> its SHA-256 being computed (its buffer is not reused before)
     copying: dict[int, Any] = {}  # block index -> the event of its copy to the card (the same)
     digests = []
-    with open(path, "rb", buffering=0) as f:
-        header, offset = _read_header(f, path)
-        placed = torch.empty(size - offset, dtype=torch.uint8, device=device)
-        f.seek(0)
-        for index in range(count):
-            start, end = index * BLOCK_BYTES, min(size, (index + 1) * BLOCK_BYTES)
-            if index - len(buffers) in hashing:
-                digests.append(hashing.pop(index - len(buffers)).result())
-            if index - len(buffers) in copying:
-                copying.pop(index - len(buffers)).synchronize()
-            buffer = buffers[index % len(buffers)][:end - start]
-            view = memoryview(buffer.numpy())
-            _read_into(f, view, path)
-            if blocks:
-                hashing[index] = _hashers().submit(_sha256_of, view)
-            elif whole is not None:
-                whole.update(view)
-            if end > offset:  # the header's own bytes stay in the file
-                first = max(start, offset)
-                # from plain memory the copy is done on return; from a pinned block it is DMA, waited for (its
-                # event) before the block is read into again
-                placed[first - offset:end - offset].copy_(buffer[first - start:], non_blocking=dma)
-                if dma:
-                    copying[index] = torch.cuda.Event()
-                    copying[index].record(torch.cuda.current_stream(device))
-    digests += [hashing.pop(index).result() for index in sorted(hashing)]
-    for event in copying.values():
-        event.synchronize()
+    try:
+        with open(path, "rb", buffering=0) as f:
+            header, offset = _read_header(f, path)
+            placed = torch.empty(size - offset, dtype=torch.uint8, device=device)
+            f.seek(0)
+            for index in range(count):
+                start, end = index * BLOCK_BYTES, min(size, (index + 1) * BLOCK_BYTES)
+                if index - len(buffers) in hashing:
+                    digests.append(hashing.pop(index - len(buffers)).result())
+                if index - len(buffers) in copying:
+                    copying.pop(index - len(buffers)).synchronize()
+                buffer = buffers[index % len(buffers)][:end - start]
+                view = memoryview(buffer.numpy())
+                _read_into(f, view, path)
+                if blocks:
+                    hashing[index] = _hashers().submit(_sha256_of, view)
+                elif whole is not None:
+                    whole.update(view)
+                if end > offset:  # the header's own bytes stay in the file
+                    first = max(start, offset)
+                    # from plain memory the copy is done on return; from a pinned block it is DMA, waited for (its
+                    # event) before the block is read into again
+                    placed[first - offset:end - offset].copy_(buffer[first - start:], non_blocking=dma)
+                    if dma:
+                        copying[index] = torch.cuda.Event()
+                        copying[index].record(torch.cuda.current_stream(device))
+        digests += [hashing.pop(index).result() for index in sorted(hashing)]
+    finally:  # (also when the read fails) nothing may still read a block when its ring goes to the next shard
+        for future in hashing.values():
+            future.exception()
+        for event in copying.values():
+            event.synchronize()
     if (blocks and digests != blocks) or (whole is not None and whole.hexdigest() != entry["sha256"]):
         raise NotPrepared(f"{path.parent.name}/{path.name} does not match its SHA-256 (corrupt)")
     return header, placed
