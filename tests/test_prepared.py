@@ -294,6 +294,11 @@ def test_a_shard_no_pinned_buffer_takes_is_read_a_block_at_a_time_not_whole_into
     (tmp_path / name).write_bytes(bytes(data))
     with pytest.raises(prepared.NotPrepared, match="does not match its SHA-256"):
         list(prepared.stream_shards(tmp_path, files, lambda _: "cpu", pinned=True))
+    data[len(data) // 2] ^= 0x01
+    data[7] = 0x7F  # the header's length, read before any hash: 2**63 bytes, refused rather than allocated
+    (tmp_path / name).write_bytes(bytes(data))
+    with pytest.raises(prepared.NotPrepared, match="no safetensors header"):
+        list(prepared.stream_shards(tmp_path, files, lambda _: "cpu", pinned=True))
 
 
 def test_block_reads_pin_one_gib_in_all_and_bring_every_tensor_intact(tmp_path, monkeypatch):

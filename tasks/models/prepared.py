@@ -57,10 +57,9 @@ PINNED_POOL_BYTES = 4 * 2**30
 # Each shard's SHA-256 per block as well as whole, so a start verifies the blocks on every core at once: one thread's
 # SHA-256 of a whole shard ran at ~0.3-0.5 GB/s on an H200 host's CPU, slower than the rest of the load.
 BLOCK_BYTES = 64 * 2**20
-# A shard that no pinned buffer takes (the token tables: 2-3 GiB) is read a block at a time straight into its place,
-# through this many block buffers (hashed while the next blocks are read): read whole into plain memory, it added
-# its size to a start's host RSS beside the pinned pool (a `wan22-lightning` start peaked at 9.0 GiB on an H100
-# host, over the 8 GiB a worker may use).
+# A shard that no pinned buffer takes (a token table: the edit folder's 2.1-GiB shard) is read a block at a time
+# straight into its place, through this many block buffers (hashed while the next blocks are read): read whole into
+# plain memory, it added its size to a start's host RSS beside the pinned pool (#22: a worker may use 8 GiB).
 BLOCK_BUFFERS = 4
 OUTSIZED_OVER_MEDIAN = 1.25  # a shard this much over the median size takes no pinned buffer (pinned_pool)
 # What of a profile decides the tensors (placement, kernels, sizes and defaults do not).
@@ -441,11 +440,14 @@ def _read_into(f, view: memoryview, path: Path) -> None:
         read += got
 
 
-def _read_header(f, path: Path) -> tuple[dict, int]:
-    """(header, offset of the first tensor) of an open safetensors file, read on its own (a few KiB)."""
+def _read_header(f, path: Path, size: int) -> tuple[dict, int]:
+    """(header, offset of the first tensor) of an open safetensors file of `size` bytes, read on its own (a few
+    KiB; before the file is hashed, so a corrupt length is refused rather than read)."""
     head = f.read(8)
     header_size = int.from_bytes(head, "little") if len(head) == 8 else -1
-    raw = f.read(header_size) if header_size >= 0 else b""
+    if not 0 <= header_size <= size - 8:
+        raise NotPrepared(f"{path.parent.name}/{path.name} has no safetensors header (corrupt or truncated)")
+    raw = f.read(header_size)
     if len(raw) != header_size:
         raise NotPrepared(f"{path.name} ended early")
     try:
@@ -477,7 +479,7 @@ def _read_shard_to(path: Path, entry: dict, device, staging: list | None = None)
     digests = []
     try:
         with open(path, "rb", buffering=0) as f:
-            header, offset = _read_header(f, path)
+            header, offset = _read_header(f, path, size)
             placed = torch.empty(size - offset, dtype=torch.uint8, device=device)
             f.seek(0)
             for index in range(count):
