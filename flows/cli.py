@@ -412,13 +412,43 @@ def _prepare(args: argparse.Namespace) -> int:
     targets = [("edit", settings.get_profile(args.profile))] if args.profile or not args.video_profile else []
     if args.video_profile:
         targets.append(("video", settings.get_video_profile(args.video_profile)))
+    if args.compile:  # before anything is made: compiled code is for the card it is compiled on
+        import torch
+
+        for kind, profile in targets:
+            if profile.device.startswith("cuda") and not torch.cuda.is_available():
+                raise BadInput("--compile", profile.name, f"this {kind} profile runs on {profile.device}, which torch "
+                               "does not see here, and compiled code is for the card it was compiled on",
+                               "run `recast prepare --compile` on a machine with the workers' GPU, or leave "
+                               "--compile out (the first worker start then compiles and keeps the code)")
     for kind, profile in targets:
         folder, made, seconds = loading.prepare_weights(kind, profile)
         size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
         shown = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
         print(f"recast prepare: {kind} {profile.name}: {'made' if made else 'verified'} {shown} in {seconds:.1f}s: "
-              f"{folder}")
+              f"{folder}", flush=True)
+        if args.compile:
+            print(f"recast prepare: {kind} {profile.name}: {_compile_once(kind, profile)}", flush=True)
     return 0
+
+
+def _compile_once(kind: str, profile) -> str:
+    """Load the profile as a worker does (placed, compiled, warmed up), so that its compiled code and compile cache
+    are kept beside its prepared weights for every later start (what `--compile` reports)."""
+    import time
+
+    from recast.tasks.models import loading, prepared
+
+    if not profile.compile:
+        return "nothing to compile (the profile sets compile: false)"
+    started = time.perf_counter()
+    try:
+        loaded, _ = loading.get_pipeline(kind, profile)
+        blocks = loaded.phases.get("load_parts", {}).get("compiled_blocks", "compiled in the process")
+        return (f"{blocks}, compile cache {loaded.compile_cache}, in {time.perf_counter() - started:.1f}s: kept in "
+                f"{prepared.compile_cache_path(kind, profile).parent}")
+    finally:
+        loading.clear_cache()
 
 
 def _gallery(args: argparse.Namespace) -> int:
@@ -530,6 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--profile", default=None, help="edit profile (default: the configured one, unless only "
                          "--video-profile is given)")
     prepare.add_argument("--video-profile", dest="video_profile", default=None, help="video profile")
+    prepare.add_argument("--compile", action="store_true", help="also load each profile once as a worker does, so "
+                         "its compiled blocks and compile cache are kept beside the weights: a new node whose image "
+                         "or volume holds them compiles nothing at its first start (run it on the workers' kind of "
+                         "GPU: compiled code is for the card it was compiled on)")
     prepare.set_defaults(handler=_prepare, model=None)
 
     gallery = sub.add_parser(

@@ -88,3 +88,17 @@ def test_serve_refuses_a_flow_run_limit_below_one_before_starting_anything(tmp_p
     assert len(lines) == 1 and "--flow-runs-at-once=0" in lines[0] and "fix:" in lines[0], \
         f"expected one line naming the option, the value and the fix: {err!r}"
     assert not home.exists(), "serve made its Prefect home before refusing its options"
+
+
+def test_prepare_compile_refuses_a_gpu_profile_on_a_machine_without_its_gpu_before_making_anything(tmp_path,
+                                                                                                  monkeypatch, capsys):
+    """Compiled code is for the card it was compiled on: `recast prepare --compile` for a GPU profile where torch
+    sees no GPU says so in one line (exit 2), before minutes of preparing weights it could not compile for."""
+    monkeypatch.setenv("RECAST_CACHE_DIR", str(tmp_path / "cache"))
+    code = main(["prepare", "--profile", "lightning", "--compile"])
+    out, err = capsys.readouterr()
+    assert code == 2, f"expected exit 2 (bad input), got {code}; stderr: {err}"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "--compile='lightning'" in lines[0] and "cuda" in lines[0] and "fix:" in lines[0], \
+        f"expected one line naming the option, the profile, its device and the fix: {err!r}"
+    assert not (tmp_path / "cache").exists(), "prepare wrote into the model cache before refusing --compile"

@@ -56,6 +56,21 @@ def test_prepare_then_an_edit_starts_from_the_prepared_weights_and_gives_the_sam
     assert "edit tiny: verified" in again.stdout, again.stdout + again.stderr[-2000:]
 
 
+def test_prepare_compile_keeps_the_compiled_blocks_so_a_new_process_compiles_nothing(tmp_path):
+    """At image build (on the workers' kind of GPU) `recast prepare --compile` leaves the compiled blocks and the
+    compile cache beside the weights: a new node's first start loads them instead of compiling (24-29 s of a new
+    node's start on an H100/H200). Here the tiny profile compiled on the CPU, then a second process."""
+    env = _env(tmp_path / "cache", RECAST_PROFILES__TINY__COMPILE="true", RECAST_PROFILES__TINY__WARMUP="true")
+    command = [str(BIN / "recast"), "prepare", "--profile", "tiny", "--compile"]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0 and "compiled at the first call" in first.stdout, first.stdout + first.stderr[-2000:]
+    (folder,) = (tmp_path / "cache" / "prepared").glob("edit-tiny-*")
+    assert list((folder / "compile").glob("*.blocks")), f"no compiled blocks kept in {folder}: {first.stdout}"
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "ahead of time (loaded" in again.stdout and "compile cache hit" in again.stdout, \
+        "a new process compiled again instead of loading what --compile kept: " + again.stdout + again.stderr[-2000:]
+
+
 @pytest.mark.parametrize("damage", ["corrupt", "corrupt-block", "truncated", "partial"])
 def test_a_damaged_prepared_folder_is_refused_with_its_reason_and_made_again(damage, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("RECAST_CACHE_DIR", str(tmp_path / "cache"))
