@@ -16,9 +16,10 @@
 #   bash benchmarks/device/next.sh cold-video  ~560 s  SageAttention built beside the `wan22-lightning` weights prepared
 #                                                      on /dev/shm, then its starts and `wan22-offload`'s (#22): a
 #                                                      first call (the others after it reuse the build)
-#   bash benchmarks/device/next.sh reads       ~330 s  the `fp8` worker's restart and respawn reading its prepared weights
+#   bash benchmarks/device/next.sh reads       ~370 s  the `fp8` worker's restart and respawn reading its prepared weights
 #                                                      whole through the 4-GiB pinned pool and in blocks through 1 GiB
-#                                                      (`prepared_reads`; host RSS and read time side by side, #22)
+#                                                      (`prepared_reads`; host RSS and read time side by side), and a
+#                                                      new node with the kept code (`prepare --compile`'s, #22)
 #   bash benchmarks/device/next.sh fp8-clip    ~550 s  `wan22-fp8` with SageAttention against plain diffusers, 40 steps,
 #                                                      two processes (#26's 0.58x; the profile has no Sage yet)
 #
@@ -90,7 +91,7 @@ case "${1:-}" in
   reads)
     rm -rf "$work"/cache/prepared/video-*  # room for fp8's
     timeout --signal=INT $(( 585 - SECONDS )) python3 benchmarks/cold_start.py --rows fp8 \
-      --scenarios prepared,restart,restart@blocks,respawn,respawn@blocks --work "$work" \
+      --scenarios prepared,prepared+compile,restart,restart@blocks,respawn,respawn@blocks --work "$work" \
       --results "$out/reads.jsonl" > "$out/reads.log" 2>&1
     echo "cold_start rc $?"; tail -5 "$out/reads.log"
     ;;
