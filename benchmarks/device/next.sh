@@ -20,6 +20,9 @@
 #                                                      whole through the 4-GiB pinned pool and in blocks through 1 GiB
 #                                                      (`prepared_reads`; host RSS and read time side by side), and a
 #                                                      new node with the kept code (`prepare --compile`'s, #22)
+#   bash benchmarks/device/next.sh both        ~400 s  the worker for both stages (`lightning` + `wan22-lightning`) on a new
+#                                                      node compiling, then with the kept code (#22's 45 s: a new node
+#                                                      from an image made with `recast prepare --compile`)
 #   bash benchmarks/device/next.sh fp8-clip    ~550 s  `wan22-fp8` with SageAttention against plain diffusers, 40 steps,
 #                                                      two processes (#26's 0.58x; the profile has no Sage yet)
 #
@@ -27,7 +30,8 @@
 # the VAE's variants, cold-edit with the imports on a tmpfs; then ("a nineteenth session", one H100) cold-video's
 # wan22-lightning rows (its offload row was cut by the call's end), cold-edit with the early read, burst (8, 4).
 # Still owed: fp8-clip, reads (the 1-GiB block reads against the 4-GiB pool), cold-video (wan22-offload; the RSS
-# phases of wan22-lightning's start), chain.
+# phases of wan22-lightning's start), both, chain. By value: cold-video (it builds SageAttention), fp8-clip,
+# reads, both.
 #
 # Before the first call, here (a new checkout has no .whl/): `benchmarks/device/carry.sh` (a few minutes), and the
 # SageAttention source as sage.sh says (`fetch` github:thu-ml/SageAttention, then its `git archive` of d1a57a5 into
@@ -95,6 +99,12 @@ case "${1:-}" in
       --results "$out/reads.jsonl" > "$out/reads.log" 2>&1
     echo "cold_start rc $?"; tail -5 "$out/reads.log"
     ;;
+  both)
+    rm -rf "$work"/cache/prepared/video-wan22-offload-*  # the two folders this row uses: 64 GiB of the tmpfs
+    timeout --signal=INT $(( 585 - SECONDS )) python3 benchmarks/cold_start.py --rows both \
+      --scenarios prepared,prepared+compile --work "$work" --results "$out/both.jsonl" > "$out/both.log" 2>&1
+    echo "cold_start rc $?"; tail -5 "$out/both.log"
+    ;;
   fp8-clip)
     rm -rf "$work"/cache/prepared/*  # the cold starts' weights: host memory for the two pipelines' random weights
     # Two processes (an 80-GB card cannot hold the bf16 baseline beside the FP8 row), the second comparing with the
@@ -111,7 +121,7 @@ case "${1:-}" in
     echo "gpu_video rc $?"; tail -5 "$out/video.log"; cp "$rows" "$out/performance.json"
     ;;
   *)
-    echo "usage: bash benchmarks/device/next.sh chain|clip|burst|cold-edit|cold-video|reads|fp8-clip" >&2
+    echo "usage: bash benchmarks/device/next.sh chain|clip|burst|cold-edit|cold-video|reads|both|fp8-clip" >&2
     exit 2
     ;;
 esac
