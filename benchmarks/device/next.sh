@@ -106,6 +106,8 @@ case "${1:-}" in
     echo "cold_start rc $?"; tail -5 "$out/both.log"
     ;;
   fp8-clip)
+    python3 -c "import sageattention" 2> /dev/null ||
+      { echo "SageAttention is not built on this machine: run cold-video (or chain) first, on the same machine"; exit 1; }
     rm -rf "$work"/cache/prepared/*  # the cold starts' weights: host memory for the two pipelines' random weights
     # Two processes (an 80-GB card cannot hold the bf16 baseline beside the FP8 row), the second comparing with the
     # first's clip and pass inputs (--references) and its baseline row (--out, kept on the machine): when the
