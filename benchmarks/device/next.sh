@@ -60,7 +60,7 @@ case "${1:-}" in
     rc=$?; echo "lightning prepared in $(( $(date +%s) - started )) s (rc $rc)"
     wait "$sage"; tail -2 "$out/sage.log"
     # stopped before the call's 600 s (each row is written to --out as it ends, so what finished comes back)
-    timeout --signal=INT --kill-after=15 $(( 585 - SECONDS )) python3 benchmarks/gpu_video.py --rows "$rows" --runs 2 --check \
+    timeout --signal=INT --kill-after=15 $(( 575 - SECONDS )) python3 benchmarks/gpu_video.py --rows "$rows" --runs 2 --check \
       --out "$out/performance.json" > "$out/video.log" 2>&1
     echo "gpu_video rc $?"; tail -5 "$out/video.log"
     ;;
@@ -90,20 +90,20 @@ case "${1:-}" in
     wait "$sage"; tail -2 "$out/sage.log"
     # the starts are timed only once the build is done; each row is written to --results as it ends. wan22-offload
     # first: its host RSS (#22: <= 48 GiB) was never measured; wan22-lightning's again for the block-by-block reads
-    timeout --signal=INT --kill-after=15 $(( 585 - SECONDS )) python3 benchmarks/cold_start.py --rows wan22-offload,wan22-lightning \
+    timeout --signal=INT --kill-after=15 $(( 575 - SECONDS )) python3 benchmarks/cold_start.py --rows wan22-offload,wan22-lightning \
       --scenarios prepared,restart --work "$work" --results "$out/cold-video.jsonl" > "$out/cold-video.log" 2>&1
     echo "cold_start rc $?"; tail -5 "$out/cold-video.log"; cp "$work/cold_start.log" "$out/" 2>/dev/null
     ;;
   reads)
     rm -rf "$work"/cache/prepared/video-*  # room for fp8's
-    timeout --signal=INT --kill-after=15 $(( 585 - SECONDS )) python3 benchmarks/cold_start.py --rows fp8 \
+    timeout --signal=INT --kill-after=15 $(( 575 - SECONDS )) python3 benchmarks/cold_start.py --rows fp8 \
       --scenarios prepared,prepared+compile,restart,restart@blocks,respawn,respawn@blocks --work "$work" \
       --results "$out/reads.jsonl" > "$out/reads.log" 2>&1
     echo "cold_start rc $?"; tail -5 "$out/reads.log"
     ;;
   both)
     rm -rf "$work"/cache/prepared/video-wan22-offload-*  # the two folders this row uses: 64 GiB of the tmpfs
-    timeout --signal=INT --kill-after=15 $(( 585 - SECONDS )) python3 benchmarks/cold_start.py --rows both \
+    timeout --signal=INT --kill-after=15 $(( 575 - SECONDS )) python3 benchmarks/cold_start.py --rows both \
       --scenarios prepared,prepared+compile --work "$work" --results "$out/both.jsonl" > "$out/both.log" 2>&1
     echo "cold_start rc $?"; tail -5 "$out/both.log"
     ;;
@@ -116,11 +116,11 @@ case "${1:-}" in
     # second is cut short, calling fp8-clip again on the same machine runs only the second.
     mkdir -p "$work/ref"; rows="$work/fp8-clip.json"
     if ! grep -q '"wan-diffusers-baseline"' "$rows" 2>/dev/null; then
-      timeout --signal=INT --kill-after=15 $(( 585 - SECONDS )) python3 benchmarks/gpu_video.py --rows wan-diffusers-baseline --check \
+      timeout --signal=INT --kill-after=15 $(( 575 - SECONDS )) python3 benchmarks/gpu_video.py --rows wan-diffusers-baseline --check \
         --out "$rows" --references "$work/ref" > "$out/video-baseline.log" 2>&1
       echo "baseline rc $?"; tail -3 "$out/video-baseline.log"
     fi
-    timeout --signal=INT --kill-after=15 $(( 585 - SECONDS )) python3 benchmarks/gpu_video.py --rows wan22-fp8@sage --check \
+    timeout --signal=INT --kill-after=15 $(( 575 - SECONDS )) python3 benchmarks/gpu_video.py --rows wan22-fp8@sage --check \
       --out "$rows" --references "$work/ref" > "$out/video.log" 2>&1
     echo "gpu_video rc $?"; tail -5 "$out/video.log"; cp "$rows" "$out/performance.json"
     ;;
