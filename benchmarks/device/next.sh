@@ -13,9 +13,9 @@
 #                                                      runs at once, then of 4 (#23)
 #   bash benchmarks/device/next.sh cold-edit   ~250 s  the `fp8` edit worker's start: prepared, restart, respawn (the
 #                                                      blocks' code read while the weights are, #22)
-#   bash benchmarks/device/next.sh cold-video  ~560 s  SageAttention built beside the `wan22-lightning` weights prepared
-#                                                      on /dev/shm, then its starts and `wan22-offload`'s (#22): a
-#                                                      first call (the others after it reuse the build)
+#   bash benchmarks/device/next.sh cold-video  ~450 s  SageAttention built beside the `wan22-offload` weights prepared
+#                                                      on /dev/shm, then its starts (#22: host RSS <= 48 GiB): a first
+#                                                      call (the others after it reuse the build)
 #   bash benchmarks/device/next.sh reads       ~370 s  the `fp8` worker's restart and respawn reading its prepared weights
 #                                                      whole through the 4-GiB pinned pool and in blocks through 1 GiB
 #                                                      (`prepared_reads`; host RSS and read time side by side), and a
@@ -29,8 +29,8 @@
 # Measured on 2026-12-05 (docs/PERFORMANCE.md, "an eighteenth session"): clip, the burst without a cap and with 8,
 # the VAE's variants, cold-edit with the imports on a tmpfs; then ("a nineteenth session", one H100) cold-video's
 # wan22-lightning rows (its offload row was cut by the call's end), cold-edit with the early read, burst (8, 4).
-# Still owed: fp8-clip, reads (the 1-GiB block reads against the 4-GiB pool), cold-video (wan22-offload; the RSS
-# phases of wan22-lightning's start), both, chain. By value: cold-video (it builds SageAttention), fp8-clip,
+# Still owed: fp8-clip, reads (the 1-GiB block reads against the 4-GiB pool), cold-video (wan22-offload), both (its
+# rows also give the RSS phases of wan22-lightning's load), chain. By value: cold-video (it builds SageAttention), fp8-clip,
 # reads, both.
 #
 # Before the first call, here (a new checkout has no .whl/): `benchmarks/device/carry.sh` (a few minutes), and the
@@ -78,20 +78,20 @@ case "${1:-}" in
     echo "cold_start rc $?"; tail -5 "$out/cold-edit.log"
     ;;
   cold-video)
-    rm -rf "$work"/cache/prepared/edit-*
+    rm -rf "$work"/cache/prepared/*  # host memory: the tmpfs, the offload's 36 GiB of pinned blocks and the process
+    # share the machine's 128 GiB (the nineteenth session's offload start ran beside two Wan folders, 73 GiB of tmpfs,
+    # and did not finish within the call)
     (source benchmarks/device/sage.sh > "$out/sage.log" 2>&1) &  # nothing to do when an earlier call built it
     sage=$!
     started=$(date +%s)
-    for profile in wan22-offload wan22-lightning; do  # a folder each (its own compile folder): 36.5 GiB, ~75 s each
-      RECAST_CACHE_DIR="$work/cache" python3 benchmarks/cold_start.py make-prepared --kind video \
-        --profile $profile --work "$work" >> "$out/prepare.log" 2>&1
-      rc=$?; echo "$profile prepared after $(( $(date +%s) - started )) s (rc $rc)"
-    done
+    RECAST_CACHE_DIR="$work/cache" python3 benchmarks/cold_start.py make-prepared --kind video \
+      --profile wan22-offload --work "$work" > "$out/prepare.log" 2>&1
+    rc=$?; echo "wan22-offload prepared in $(( $(date +%s) - started )) s (rc $rc)"
     wait "$sage"; tail -2 "$out/sage.log"
-    # the starts are timed only once the build is done; each row is written to --results as it ends. wan22-offload
-    # first: its host RSS (#22: <= 48 GiB) was never measured; wan22-lightning's again for the block-by-block reads
-    timeout --signal=INT --kill-after=15 $(( 575 - SECONDS )) python3 benchmarks/cold_start.py --rows wan22-offload,wan22-lightning \
-      --scenarios prepared,restart --work "$work" --results "$out/cold-video.jsonl" > "$out/cold-video.log" 2>&1
+    # timed only once the build is done; each row is written to --results as it ends. Its host RSS: #22's <= 48 GiB
+    timeout --signal=INT --kill-after=15 $(( 575 - SECONDS )) python3 benchmarks/cold_start.py --rows wan22-offload \
+      --scenarios prepared,restart --work "$work" --drop-after --results "$out/cold-video.jsonl" \
+      > "$out/cold-video.log" 2>&1
     echo "cold_start rc $?"; tail -5 "$out/cold-video.log"; cp "$work/cold_start.log" "$out/" 2>/dev/null
     ;;
   reads)
@@ -102,7 +102,7 @@ case "${1:-}" in
     echo "cold_start rc $?"; tail -5 "$out/reads.log"
     ;;
   both)
-    rm -rf "$work"/cache/prepared/video-wan22-offload-*  # the two folders this row uses: 64 GiB of the tmpfs
+    rm -rf "$work"/cache/prepared/*  # only the two folders this row makes: 64 GiB of the tmpfs
     timeout --signal=INT --kill-after=15 $(( 575 - SECONDS )) python3 benchmarks/cold_start.py --rows both \
       --scenarios prepared,prepared+compile --work "$work" --results "$out/both.jsonl" > "$out/both.log" 2>&1
     echo "cold_start rc $?"; tail -5 "$out/both.log"
