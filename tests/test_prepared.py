@@ -430,7 +430,7 @@ def test_a_start_reads_the_shards_while_it_builds_the_modules(tmp_path, monkeypa
     profile = get_settings().get_profile("tiny")
     loading.prepare_weights("edit", profile)
     a_shard_read = threading.Event()
-    real_read, real_skeleton = prepared._read_shard, prepared.skeleton
+    real_read, real_skeleton = prepared._read_shard_to, prepared.skeleton  # the reader without pinned buffers
 
     def reading(*args, **kwargs):
         result = real_read(*args, **kwargs)
@@ -442,7 +442,7 @@ def test_a_start_reads_the_shards_while_it_builds_the_modules(tmp_path, monkeypa
         assert a_shard_read.wait(120), "no shard was read while the pipeline's structure was being built"
         return real_skeleton(*args, **kwargs)
 
-    monkeypatch.setattr(prepared, "_read_shard", reading)
+    monkeypatch.setattr(prepared, "_read_shard_to", reading)
     monkeypatch.setattr(prepared, "skeleton", skeleton_after_a_read)
     obtained = prepared.obtain("edit", profile, lambda: pytest.fail("the source was asked for"), qwen_edit)
     assert obtained.prepared and obtained.parts["read"] >= 0, obtained.parts

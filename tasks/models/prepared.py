@@ -514,24 +514,10 @@ def _read_shard_to(path: Path, entry: dict, device, staging: list | None = None)
     return header, placed
 
 
-def _tensors_from(header: dict, data, offset: int):
-    """A host shard's tensors, each copied into memory of its own (aligned as a loaded tensor would be: kernels may
-    take other paths for a tensor at an odd offset of the shard, and give other bits; and the shard's buffer is
-    reused)."""
-    import torch
-
-    for name, spec in header.items():
-        begin, end = spec["data_offsets"]
-        dtype = getattr(torch, _DTYPES[spec["dtype"]])
-        count = (end - begin) // dtype.itemsize  # (a torch.empty per tensor to ask took 2 s of a start)
-        tensor = torch.frombuffer(data, dtype=dtype, count=count, offset=offset + begin) if count else \
-            torch.empty(0, dtype=dtype)
-        yield name, tensor.reshape(spec["shape"]).clone()
-
-
 def _shard_tensors(header: dict, placed):
-    """(name, tensor) of a shard as `placed_shards` gave it: the host tensors, or cut from the shard's bytes on the
-    card, each copied into an allocation of its own (aligned; the shard's buffer is freed once they are)."""
+    """(name, tensor) of a shard as `placed_shards` gave it: the host tensors, or cut from the shard's bytes on its
+    device, each copied into an allocation of its own (aligned; the shard's buffer is freed or reused once they
+    are)."""
     import torch
 
     if isinstance(placed, dict):
@@ -642,29 +628,23 @@ def placed_shards(folder: Path, files: dict[str, dict], device_of, pinned: bool 
                     elif fits:
                         buffer = free.pop()
                         reads_ahead[ahead] = (pool.submit(_read_shard, folder / ahead, files[ahead], buffer), buffer)
-                    elif sizes[ahead] > BLOCK_BYTES:  # no pinned buffer takes it: a block at a time into its place
+                    else:  # no pinned buffer takes it (or there are none): a block at a time into its place
                         reads_ahead[ahead] = (pool.submit(_read_shard_to, folder / ahead, files[ahead],
                                                           torch.device(device_of(ahead))), None)
-                    else:
-                        reads_ahead[ahead] = (pool.submit(_read_shard, folder / ahead, files[ahead], None), None)
                 future, buffer = reads_ahead.pop(name)
                 result = future.result()  # raises NotPrepared for a corrupt shard
-                device = torch.device(device_of(name))
-                if len(result) == 2:  # read into its place already
+                if buffer is None:  # read into its place already
                     header, placed = result
                     yield name, header, placed
                     continue
-                header, data, offset = result
+                header, _, offset = result  # in a pinned buffer, which the next shards reuse
+                host, device = buffer[offset:sizes[name]], torch.device(device_of(name))
                 if device.type == "cuda":
-                    host = buffer if buffer is not None else torch.frombuffer(data, dtype=torch.uint8)
-                    placed = host[offset:sizes[name]].to(device, non_blocking=buffer is not None)
+                    placed = host.to(device, non_blocking=True)
+                    torch.cuda.current_stream(device).synchronize()  # the copy out of it is done
                 else:
-                    placed = dict(_tensors_from(header, data, offset))
-                if buffer is not None:
-                    if device.type == "cuda":
-                        torch.cuda.current_stream(device).synchronize()  # the copy out of it is done: reuse it
-                    free.append(buffer)
-                del data
+                    placed = dict(_shard_tensors(header, host))  # each tensor copied out of it
+                free.append(buffer)
                 yield name, header, placed
     finally:
         if free is not None or rings is not None:
