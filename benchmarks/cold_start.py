@@ -342,11 +342,16 @@ def main() -> int:
     ap.add_argument("--drop-after", action="store_true", help="remove each row's prepared weights once its "
                     "scenarios are measured (a disk too small for two profiles' weights)")
     args = ap.parse_args()
+    from typing import get_args
+
+    from recast.tasks.schemas.settings import Settings
+
+    read_modes = get_args(Settings.model_fields["prepared_reads"].annotation)  # the setting's own choices
     for variant in (args.scenarios or "").split(",") if args.mode is None else []:
         scenario, _, reads = variant.partition("@")
-        if scenario not in SCENARIOS or reads not in ("", "shards", "blocks"):
+        if scenario not in SCENARIOS or reads not in ("", *read_modes):
             ap.error(f"--scenarios: {variant!r} is not a scenario: use {', '.join(SCENARIOS)}, each optionally "
-                     "@blocks or @shards")
+                     f"@{' or @'.join(read_modes)}")
     if args.mode == "start":
         start(args)
         return 0
