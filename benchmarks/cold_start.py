@@ -9,6 +9,8 @@ and reports, from the moment its parent started it:
     first_request_s      the first request alone; compiled_in_first_request: graphs dynamo compiled in it (0 = warm)
     host_rss_peak_gib    the process's peak resident memory; gpu_peak_gib: torch's peak on the card
     bytes_read_gib       what the process read from storage (/proc/self/io read_bytes: 0 when from the page cache)
+    imports_top_s        the packages whose imports took longest, cumulative seconds each (python -X importtime:
+                         what a new process's start spends before the weights matter)
     weights_gib          the size of the weight files it loaded (checkpoint or prepared folder)
 
 Scenarios (`variant` in docs/performance.json), in this order, on the same card:
@@ -23,8 +25,8 @@ Scenarios (`variant` in docs/performance.json), in this order, on the same card:
     respawn           a restart as `recast worker` makes one after its serving process died (recast.flows.respawn):
                       forked from a parent that imported the libraries; timed from the fork (`imports_s` ~0)
 
-`scenario@blocks` (e.g. `restart@blocks`) is the scenario with `prepared_reads: blocks`: every shard read to the card
-in 64-MiB blocks through 1 GiB of pinned memory instead of whole through a 4-GiB pool (`@shards`: the default).
+`scenario@shards` (e.g. `restart@shards`) is the scenario with `prepared_reads: shards`: every shard read to the card
+whole through a 4-GiB pool of pinned buffers instead of in 64-MiB blocks through 1 GiB (`@blocks`: the default).
 
 Before hub, prepared and prepared+compile every weight file is evicted from the page cache (posix_fadvise
 DONTNEED; /proc/sys/vm/drop_caches is tried too); `bytes_read_gib` shows whether the eviction took. A file on a
@@ -50,6 +52,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -307,13 +310,40 @@ def run_start(env: dict, kinds: tuple[str, ...], row: str, tiny: bool, log: Path
     command += ["--video-profile", video_profile] if "video" in kinds else []
     command += ["--tiny"] if tiny else []
     command += ["--respawn"] if respawn else []
-    with open(log, "a") as out:
-        proc = subprocess.run(command + ["--t0", str(time.time())], env=env, stdout=subprocess.PIPE, stderr=out,
-                              text=True, timeout=timeout)
+    with tempfile.TemporaryFile("w+") as errors:
+        try:
+            proc = subprocess.run(command + ["--t0", str(time.time())], env=dict(env, PYTHONPROFILEIMPORTTIME="1"),
+                                  stdout=subprocess.PIPE, stderr=errors, text=True, timeout=timeout)
+        finally:
+            errors.seek(0)
+            imports, others = _import_times(errors)
+            with open(log, "a") as out:
+                out.writelines(others)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"{row}: the start failed ({proc.returncode}); see {log}")
-    return json.loads(line.removeprefix("RESULT "))
+    # a respawned process imports nothing: what it would list is its parent's
+    return dict(json.loads(line.removeprefix("RESULT ")), imports_top_s={} if respawn else imports)
+
+
+def _import_times(lines, top: int = 8) -> tuple[dict[str, float], list[str]]:
+    """({package: cumulative seconds} of the `top` slowest, the lines that are not -X importtime's) of a process's
+    stderr: each import made outside another import (the first level) counted under its top package."""
+    seconds: dict[str, float] = {}
+    others = []
+    for line in lines:
+        if not line.startswith("import time:"):
+            others.append(line)
+            continue
+        fields = line.split("|")
+        if len(fields) != 3 or not fields[1].strip().isdigit():
+            continue  # the header line
+        name = fields[2].rstrip("\n")
+        if name.startswith(" ") and not name.startswith("  "):  # the first level
+            package = name.strip().split(".")[0]
+            seconds[package] = seconds.get(package, 0.0) + int(fields[1]) / 1e6
+    slowest = sorted(seconds.items(), key=lambda item: -item[1])[:top]
+    return {package: round(s, 2) for package, s in slowest}, others
 
 
 def main() -> int:
@@ -392,7 +422,7 @@ def parent(args) -> int:
             edit_name = PROFILES[row][0]
             row_env[f"RECAST_PROFILES__{edit_name.upper().replace('-', '_')}__MODEL_ID"] = str(hub)
         for variant in args.scenarios.split(","):
-            scenario, _, reads = variant.partition("@")  # `restart@blocks`: with prepared_reads: blocks
+            scenario, _, reads = variant.partition("@")  # `restart@shards`: with prepared_reads: shards
             if scenario == "hub" and hub is None:
                 continue  # the video model is prepared from random weights (module docstring)
             started = time.perf_counter()

@@ -21,18 +21,21 @@ def _rows(path: Path) -> list[dict]:
 def test_cold_start_benchmark_starts_from_the_hub_layout_then_prepared_weights(tmp_path):
     results = tmp_path / "rows.jsonl"
     proc = subprocess.run([sys.executable, "cold_start.py", "--tiny", "--rows", "tiny", "--scenarios",
-                           "hub,prepared,restart,respawn,restart@blocks", "--hub", str(tmp_path / "hub"), "--work",
+                           "hub,prepared,restart,respawn,restart@shards", "--hub", str(tmp_path / "hub"), "--work",
                            str(tmp_path / "work"), "--results", str(results)], cwd=BENCHMARKS, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {row["variant"]: row for row in _rows(results)}
-    assert set(rows) == {"hub", "prepared", "restart", "respawn", "restart@blocks"}, rows.keys()
-    assert rows["restart@blocks"]["prepared_reads"] == "blocks" and rows["restart"]["prepared_reads"] == "shards", \
-        "a `@blocks` scenario must start its worker with prepared_reads: blocks, and the others with the default"
+    assert set(rows) == {"hub", "prepared", "restart", "respawn", "restart@shards"}, rows.keys()
+    assert rows["restart@shards"]["prepared_reads"] == "shards" and rows["restart"]["prepared_reads"] == "blocks", \
+        "a `@shards` scenario must start its worker with prepared_reads: shards, and the others with the default"
     # A serving process started again by the worker's parent has the libraries imported (recast.flows.respawn).
     assert rows["respawn"]["imports_s"] < rows["restart"]["imports_s"], \
         f"the respawned process imported again: {rows['respawn']['imports_s']} s against a restart's " \
         f"{rows['restart']['imports_s']} s"
+    imports = rows["restart"]["imports_top_s"]
+    assert imports and all(seconds >= 0 for seconds in imports.values()) and \
+        sum(imports.values()) <= rows["restart"]["ready_s"], f"the restart's slowest imports are not told: {imports}"
     assert rows["hub"]["prepared"] == {"edit": False, "video": False}, "the first start makes the prepared weights"
     assert rows["prepared"]["prepared"] == {"edit": True, "video": True}, "later starts load them"
     assert rows["hub"]["sources"]["edit"] == str(tmp_path / "hub"), "the first start reads the hub layout"

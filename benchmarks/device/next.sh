@@ -13,25 +13,23 @@
 #                                                      runs at once, then of 4 (#23)
 #   bash benchmarks/device/next.sh cold-edit   ~250 s  the `fp8` edit worker's start: prepared, restart, respawn (the
 #                                                      blocks' code read while the weights are, #22)
-#   bash benchmarks/device/next.sh cold-video  ~450 s  SageAttention built beside the `wan22-offload` weights prepared
-#                                                      on /dev/shm, then its starts (#22: host RSS <= 48 GiB): a first
-#                                                      call (the others after it reuse the build)
+#   bash benchmarks/device/next.sh cold-video  ~380 s  the `wan22-offload` weights prepared on /dev/shm, then its starts
+#                                                      (#22: host RSS <= 48 GiB; its streamed shards now pinned in place)
 #   bash benchmarks/device/next.sh reads       ~370 s  the `fp8` worker's restart and respawn reading its prepared weights
-#                                                      whole through the 4-GiB pinned pool and in blocks through 1 GiB
-#                                                      (`prepared_reads`; host RSS and read time side by side), and a
-#                                                      new node with the kept code (`prepare --compile`'s, #22)
+#                                                      in blocks through 1 GiB (the default) and whole through the 4-GiB
+#                                                      pinned pool (`@shards`), and a new node with the kept code
 #   bash benchmarks/device/next.sh both        ~400 s  the worker for both stages (`lightning` + `wan22-lightning`) on a new
 #                                                      node compiling, then with the kept code (#22's 45 s: a new node
 #                                                      from an image made with `recast prepare --compile`)
 #   bash benchmarks/device/next.sh fp8-clip    ~550 s  `wan22-fp8` with SageAttention against plain diffusers, 40 steps,
-#                                                      two processes (#26's 0.58x; the profile has no Sage yet)
+#                                                      two processes (#26's 0.58x), after chain or clip (their build)
 #
 # Measured on 2026-12-05 (docs/PERFORMANCE.md, "an eighteenth session"): clip, the burst without a cap and with 8,
 # the VAE's variants, cold-edit with the imports on a tmpfs; then ("a nineteenth session", one H100) cold-video's
-# wan22-lightning rows (its offload row was cut by the call's end), cold-edit with the early read, burst (8, 4).
-# Still owed: fp8-clip, reads (the 1-GiB block reads against the 4-GiB pool), cold-video (wan22-offload), both (its
-# rows also give the RSS phases of wan22-lightning's load), chain. By value: cold-video (it builds SageAttention), fp8-clip,
-# reads, both.
+# wan22-lightning rows, cold-edit with the early read, burst (8, 4); then ("a twentieth session", one H100)
+# cold-video's wan22-offload rows (before its shards were pinned in place), fp8-clip, reads (blocks made the default).
+# Still owed, by value: cold-video (the offload start with its shards pinned in place), both (its rows also give the
+# RSS phases of wan22-lightning's load with block reads), chain.
 #
 # Before the first call, here (a new checkout has no .whl/): `benchmarks/device/carry.sh` (a few minutes), and the
 # SageAttention source as sage.sh says (`fetch` github:thu-ml/SageAttention, then its `git archive` of d1a57a5 into
@@ -81,14 +79,13 @@ case "${1:-}" in
     rm -rf "$work"/cache/prepared/*  # host memory: the tmpfs, the offload's 36 GiB of pinned blocks and the process
     # share the machine's 128 GiB (the nineteenth session's offload start ran beside two Wan folders, 73 GiB of tmpfs,
     # and did not finish within the call)
-    (source benchmarks/device/sage.sh > "$out/sage.log" 2>&1) &  # nothing to do when an earlier call built it
-    sage=$!
+    # (no SageAttention: the offload profile streams its blocks with diffusers' SDPA; building it beside the weights
+    # made the twentieth session's call end before its clean-up)
     started=$(date +%s)
     RECAST_CACHE_DIR="$work/cache" python3 benchmarks/cold_start.py make-prepared --kind video \
       --profile wan22-offload --work "$work" > "$out/prepare.log" 2>&1
     rc=$?; echo "wan22-offload prepared in $(( $(date +%s) - started )) s (rc $rc)"
-    wait "$sage"; tail -2 "$out/sage.log"
-    # timed only once the build is done; each row is written to --results as it ends. Its host RSS: #22's <= 48 GiB
+    # each row is written to --results as it ends. Its host RSS: #22's <= 48 GiB
     timeout --signal=INT --kill-after=15 $(( 575 - SECONDS )) python3 benchmarks/cold_start.py --rows wan22-offload \
       --scenarios prepared,restart --work "$work" --drop-after --results "$out/cold-video.jsonl" \
       > "$out/cold-video.log" 2>&1
@@ -97,7 +94,7 @@ case "${1:-}" in
   reads)
     rm -rf "$work"/cache/prepared/video-*  # room for fp8's
     timeout --signal=INT --kill-after=15 $(( 575 - SECONDS )) python3 benchmarks/cold_start.py --rows fp8 \
-      --scenarios prepared,prepared+compile,restart,restart@blocks,respawn,respawn@blocks --work "$work" \
+      --scenarios prepared,prepared+compile,restart,restart@shards,respawn,respawn@shards --work "$work" \
       --results "$out/reads.jsonl" > "$out/reads.log" 2>&1
     echo "cold_start rc $?"; tail -5 "$out/reads.log"
     ;;
@@ -109,7 +106,7 @@ case "${1:-}" in
     ;;
   fp8-clip)
     python3 -c "import sageattention" 2> /dev/null ||
-      { echo "SageAttention is not built on this machine: run cold-video (or chain) first, on the same machine"; exit 1; }
+      { echo "SageAttention is not built on this machine: run chain (or clip) first, on the same machine"; exit 1; }
     rm -rf "$work"/cache/prepared/*  # the cold starts' weights: host memory for the two pipelines' random weights
     # Two processes (an 80-GB card cannot hold the bf16 baseline beside the FP8 row), the second comparing with the
     # first's clip and pass inputs (--references) and its baseline row (--out, kept on the machine): when the
