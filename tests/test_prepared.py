@@ -410,6 +410,48 @@ def test_weights_kept_in_host_ram_are_read_once_into_memory_of_their_own_and_nev
         list(prepared.stream_shards(tmp_path, files, lambda _: "cpu", pinned=False, host_in_place=True))
 
 
+def test_host_kept_weights_are_unpinned_then_freed_when_the_last_tensor_goes(tmp_path, monkeypatch):
+    """Pinned host memory must not outlive the pipeline (a worker that drops a profile would keep its GiB pinned), and
+    must be unpinned before it is unmapped (freeing registered memory leaves the driver holding its pages). No CUDA
+    here: the driver's two calls are recorded instead of made; the mapping's life is the real one."""
+    import gc
+    import weakref
+
+    from safetensors.torch import save_file
+
+    (tmp_path / "weights").mkdir()
+    name = "weights/text_encoder-00000.safetensors"
+    save_file({"w": torch.ones(64, 64), "b": torch.zeros(64)}, str(tmp_path / name))
+    digest, _ = prepared._sha256_file(tmp_path / name)
+    calls, mappings = [], []
+
+    class Runtime:
+        @staticmethod
+        def cudaHostUnregister(address):
+            calls.append(("unregister", address, mappings[0]() is not None))  # still mapped when unpinned?
+            return 0
+
+    def pin(mapping, address):
+        mappings.append(weakref.ref(mapping))
+        mapping.registered = address  # what a successful cudaHostRegister leaves
+        calls.append(("register", address))
+        return True
+
+    monkeypatch.setattr(prepared, "_pin_in_place", pin)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Runtime)
+    tensors = dict((k, t) for _, k, t in prepared.stream_shards(tmp_path, {name: {"sha256": digest}}, lambda _: "cpu",
+                                                                   pinned=False, host_in_place=True))
+    gc.collect()
+    assert [c[0] for c in calls] == ["register"] and mappings[0]() is not None, \
+        f"the host memory was released while its tensors live: {calls}"
+    assert torch.equal(tensors["w"], torch.ones(64, 64)), "a host-kept tensor came back different"
+    address = calls[0][1]
+    del tensors
+    gc.collect()
+    assert calls[1:] == [("unregister", address, True)], f"not unpinned once, before it was unmapped: {calls}"
+    assert mappings[0]() is None, "the host memory outlived every tensor of its shard"
+
+
 def test_a_compiled_edit_worker_traces_its_blocks_once_at_start_and_not_again_for_a_request(tmp_path, monkeypatch,
                                                                                            astronaut):
     """Cold start: dynamo's analysis of the compiled blocks is most of a restart's warm-up, so it must not run twice
