@@ -258,7 +258,7 @@ def test_the_pinned_pool_is_one_allocation_whatever_torch_rounds_it_to(tmp_path,
 
     monkeypatch.setattr(torch, "empty", recording_empty)
     got = {tensor_name: tensor for _, tensor_name, tensor in prepared.stream_shards(tmp_path, files, lambda _: "cpu",
-                                                                                  pinned=True)}
+                                                                                  pinned=True, host_in_place=False)}
     monkeypatch.setattr(torch, "empty", empty)
     reserved = sum(1 << (size - 1).bit_length() for size in pinned_sizes)  # as torch's host allocator rounds
     assert pinned_sizes and reserved <= prepared.PINNED_POOL_BYTES, (
@@ -296,7 +296,7 @@ def test_a_shard_no_pinned_buffer_takes_is_read_a_block_at_a_time_not_whole_into
     tracemalloc.start()
     try:
         got = {tensor_name: tensor.clone() for _, tensor_name, tensor in
-               prepared.stream_shards(tmp_path, files, lambda _: "cpu", pinned=True)}
+               prepared.stream_shards(tmp_path, files, lambda _: "cpu", pinned=True, host_in_place=False)}
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -308,12 +308,12 @@ def test_a_shard_no_pinned_buffer_takes_is_read_a_block_at_a_time_not_whole_into
     data[len(data) // 2] ^= 0x01
     (tmp_path / name).write_bytes(bytes(data))
     with pytest.raises(prepared.NotPrepared, match="does not match its SHA-256"):
-        list(prepared.stream_shards(tmp_path, files, lambda _: "cpu", pinned=True))
+        list(prepared.stream_shards(tmp_path, files, lambda _: "cpu", pinned=True, host_in_place=False))
     data[len(data) // 2] ^= 0x01
     data[7] = 0x7F  # the header's length, read before any hash: 2**63 bytes, refused rather than allocated
     (tmp_path / name).write_bytes(bytes(data))
     with pytest.raises(prepared.NotPrepared, match="no safetensors header"):
-        list(prepared.stream_shards(tmp_path, files, lambda _: "cpu", pinned=True))
+        list(prepared.stream_shards(tmp_path, files, lambda _: "cpu", pinned=True, host_in_place=False))
 
 
 def test_block_reads_pin_one_gib_in_all_and_bring_every_tensor_intact(tmp_path, monkeypatch):
@@ -349,7 +349,8 @@ def test_block_reads_pin_one_gib_in_all_and_bring_every_tensor_intact(tmp_path, 
     tracemalloc.start()
     try:
         got = {tensor_name: tensor.clone() for _, tensor_name, tensor in
-               prepared.stream_shards(tmp_path, files, lambda _: "cpu", pinned=True, reads="blocks")}
+               prepared.stream_shards(tmp_path, files, lambda _: "cpu", pinned=True, reads="blocks",
+                                      host_in_place=False)}
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -362,7 +363,8 @@ def test_block_reads_pin_one_gib_in_all_and_bring_every_tensor_intact(tmp_path, 
     data[len(data) // 3] ^= 0x01
     (tmp_path / "weights/transformer-00003.safetensors").write_bytes(bytes(data))
     with pytest.raises(prepared.NotPrepared, match="does not match its SHA-256"):
-        list(prepared.stream_shards(tmp_path, files, lambda _: "cpu", pinned=True, reads="blocks"))
+        list(prepared.stream_shards(tmp_path, files, lambda _: "cpu", pinned=True, reads="blocks",
+                                    host_in_place=False))
 
 
 def test_weights_kept_in_host_ram_are_read_once_into_memory_of_their_own_and_never_copied(tmp_path, monkeypatch):
@@ -373,12 +375,14 @@ def test_weights_kept_in_host_ram_are_read_once_into_memory_of_their_own_and_nev
     No CUDA here, so nothing is pinned: the test checks the one copy, the bytes and the checks."""
     from safetensors.torch import save_file
 
-    mib = 2**20
-    monkeypatch.setattr(prepared, "BLOCK_BYTES", mib // 4)
+    monkeypatch.setattr(prepared, "BLOCK_BYTES", 4096)
     files, expected, shard_of = {}, {}, {}
     (tmp_path / "weights").mkdir()
-    for index, (rows, dtype) in enumerate([(33, torch.bfloat16), (300, torch.float32), (3, torch.float16)]):
-        tensors = {f"c{index}.w{i}": torch.full((rows, 1024), float(index * 10 + i), dtype=dtype) for i in range(4)}
+    # (rows, dtype, tensors): shards of many blocks; one whose header spans several blocks; one of a single block
+    for index, (rows, dtype, count) in enumerate([(33, torch.bfloat16, 4), (300, torch.float32, 4),
+                                                  (3, torch.float16, 4), (1, torch.bfloat16, 200), (1, torch.int8, 1)]):
+        tensors = {f"c{index}.w{i}": torch.full((rows, 8 if count > 4 else 1024), float(index * 10 + i), dtype=dtype)
+                   for i in range(count)}
         tensors[f"c{index}.scale"] = torch.arange(7.0).to(torch.float8_e4m3fn)  # an odd byte count among others
         name = f"weights/transformer-{index:05d}.safetensors"
         save_file(tensors, str(tmp_path / name))
@@ -387,6 +391,8 @@ def test_weights_kept_in_host_ram_are_read_once_into_memory_of_their_own_and_nev
         expected.update(tensors)
         shard_of.update(dict.fromkeys(tensors, name))
     assert any("blocks" in entry for entry in files.values()) and any("blocks" not in e for e in files.values())
+    with open(tmp_path / "weights/transformer-00003.safetensors", "rb") as f:
+        assert int.from_bytes(f.read(8), "little") > 2 * 4096, "no shard's header spans several blocks"
     got = {tensor_name: tensor for _, tensor_name, tensor in
            prepared.stream_shards(tmp_path, files, lambda _: "cpu", pinned=False, host_in_place=True)}
     assert got.keys() == expected.keys() and all(
@@ -492,7 +498,7 @@ def test_a_restart_reads_verified_shards_without_hashing_them_and_a_changed_shar
     time.sleep(1.1)  # files changed within the last second are never taken as verified (the kernel's clock tick)
     hashed = []
     real_sha = prepared._sha256_of
-    monkeypatch.setattr(prepared, "_sha256_of", lambda data: hashed.append(1) or real_sha(data))
+    monkeypatch.setattr(prepared, "_sha256_of", lambda *data: hashed.append(1) or real_sha(*data))
     first = prepared.obtain("edit", profile, lambda: source, qwen_edit)
     assert first.prepared and hashed, "the first load of fresh files verifies every shard"
     hashed.clear()
@@ -517,7 +523,7 @@ def test_a_start_reads_the_shards_while_it_builds_the_modules(tmp_path, monkeypa
     profile = get_settings().get_profile("tiny")
     loading.prepare_weights("edit", profile)
     a_shard_read = threading.Event()
-    real_read, real_skeleton = prepared._read_shard_to, prepared.skeleton  # the reader without pinned buffers
+    real_read, real_skeleton = prepared._read_shard_to_host, prepared.skeleton  # the host's reader (no card here)
 
     def reading(*args, **kwargs):
         result = real_read(*args, **kwargs)
@@ -529,7 +535,7 @@ def test_a_start_reads_the_shards_while_it_builds_the_modules(tmp_path, monkeypa
         assert a_shard_read.wait(120), "no shard was read while the pipeline's structure was being built"
         return real_skeleton(*args, **kwargs)
 
-    monkeypatch.setattr(prepared, "_read_shard_to", reading)
+    monkeypatch.setattr(prepared, "_read_shard_to_host", reading)
     monkeypatch.setattr(prepared, "skeleton", skeleton_after_a_read)
     obtained = prepared.obtain("edit", profile, lambda: pytest.fail("the source was asked for"), qwen_edit)
     assert obtained.prepared and obtained.parts["read"] >= 0, obtained.parts

@@ -558,13 +558,13 @@ _PIN_REFUSED = False
 
 
 def _read_shard_to_host(path: Path, entry: dict):
-    """(header, {tensor name: tensor}) of a shard that stays in host RAM to be streamed to a card (`offload`): read
-    straight into one mapping of its own (`_HostWeights`: no staging copy, no second copy), pinned there, each tensor
-    a view of it. Streaming then finds every tensor pinned already; before, each was read into plain memory and
-    group offloading pinned a copy of it: two copies of the weights at once (a `wan22-offload` start peaked at
-    66.3 GiB of host RSS for 36.5 GiB of weights, #22 asks <= 48), and 31 s of its 73-s start spent copying.
-    Checked against its manifest entry as `_read_shard_to` checks (each block hashed on the pool while the next is
-    read)."""
+    """(header, {tensor name: tensor}) of a shard whose device is the host (weights a card streams, `offload`; a CPU
+    profile's): read straight into one mapping of its own (`_HostWeights`: no staging copy, no second copy), pinned
+    there where a card is, each tensor a view of it. Streaming then finds every tensor pinned already; before, each
+    was read into plain memory and group offloading pinned a copy of it: two copies of the weights at once (a
+    `wan22-offload` start peaked at 66.3 GiB of host RSS for 36.5 GiB of weights, #22 asks <= 48), and 31 s of its
+    73-s start spent copying. Checked against its manifest entry as `_read_shard_to` checks (each block hashed on the
+    pool while the next is read)."""
     import torch
 
     size = path.stat().st_size
@@ -574,17 +574,17 @@ def _read_shard_to_host(path: Path, entry: dict):
     with open(path, "rb", buffering=0) as f:
         header, offset = _read_header(f, path, size)
         f.seek(0)
-        head = f.read(offset)  # the first block's hash covers the header's bytes too
+        head = f.read(offset)
         whole = hashlib.sha256(head) if check and not blocks else None
         mapping = _HostWeights(-1, max(size - offset, 1))
         body = torch.frombuffer(mapping, dtype=torch.uint8)[:size - offset]  # keeps the mapping alive
         view = memoryview(body.numpy())
         for index in range(-(-size // BLOCK_BYTES)):
-            start, end = max(index * BLOCK_BYTES, offset), min(size, (index + 1) * BLOCK_BYTES)
-            part = view[start - offset:max(start, end) - offset]
+            start, end = index * BLOCK_BYTES, min(size, (index + 1) * BLOCK_BYTES)
+            part = view[max(start, offset) - offset:max(end, offset) - offset]  # the block's bytes past the header
             _read_into(f, part, path)
-            if blocks:
-                hashing.append(_hashers().submit(_sha256_of, part, head if index == 0 else b""))
+            if blocks:  # a block's hash covers the header's bytes in it too
+                hashing.append(_hashers().submit(_sha256_of, part, head[start:end] if start < offset else b""))
             elif whole is not None:
                 whole.update(part)
         del view
@@ -671,7 +671,7 @@ def _staging_rings(count: int) -> list[list]:
 
 
 def placed_shards(folder: Path, files: dict[str, dict], device_of, pinned: bool | None = None,
-                  reads: str | None = None, host_in_place: bool | None = None):
+                  reads: str | None = None, host_in_place: bool = True):
     """Every shard of `files` ({name: manifest entry}, in order) on its device (`device_of(shard name)`), as (shard,
     header, placed): for a card, the shard's tensor bytes there in ONE copy (a uint8 tensor; `_shard_tensors` cuts
     the tensors from it), for the host, its tensors (or its bytes as one uint8 tensor, for a shard read a block at a
@@ -681,9 +681,10 @@ def placed_shards(folder: Path, files: dict[str, dict], device_of, pinned: bool 
     bounce buffer, and the pages are faulted in once, not once per shard; a shard that no buffer takes is read a
     block at a time straight into its place. `reads` (default: the `prepared_reads` setting): "blocks" reads every
     shard that way, through rings of pinned blocks (1 GiB pinned in all, against the pool's 4), each
-    block's copy overlapping the next block's read. `host_in_place` (the default where a card is): a shard whose
-    device is the host stays there to be streamed to the card, so it is read straight into memory of its own, pinned
-    in place, its tensors views of it (`_read_shard_to_host`)."""
+    block's copy overlapping the next block's read. A shard whose device is the host (weights a card streams, or a
+    CPU profile's) is read straight into memory of its own, its tensors views of it, pinned in place where a card is
+    (`_read_shard_to_host`); `host_in_place=False` treats the host as a card's stand-in (tests of the card's reads
+    on a machine without one)."""
     import queue
 
     import torch
@@ -695,8 +696,6 @@ def placed_shards(folder: Path, files: dict[str, dict], device_of, pinned: bool 
         from recast.tasks.settings import get_settings
 
         reads = get_settings().prepared_reads
-    if host_in_place is None:
-        host_in_place = torch.cuda.is_available()
     sizes = {n: (folder / n).stat().st_size for n in names}
     free, buffer, buffer_bytes, reads_ahead, rings = None, None, 0, {}, None
     if pinned and names and reads == "blocks":
@@ -755,7 +754,7 @@ def placed_shards(folder: Path, files: dict[str, dict], device_of, pinned: bool 
 
 
 def stream_shards(folder: Path, files: dict[str, dict], device_of, pinned: bool | None = None,
-                  reads: str | None = None, host_in_place: bool | None = None):
+                  reads: str | None = None, host_in_place: bool = True):
     """Every tensor of these shards on its device, as (shard, tensor name, tensor): `placed_shards`, tensor by
     tensor."""
     for name, header, placed in placed_shards(folder, files, device_of, pinned, reads, host_in_place):
