@@ -518,9 +518,9 @@ def _read_shard_to(path: Path, entry: dict, device, staging: list | None = None)
 
 
 class _HostWeights(mmap.mmap):
-    """Host memory of its own for a shard of weights kept in host RAM and streamed to a card: an anonymous mapping of
-    exactly the shard's size (page-aligned; torch's pinned allocator would round it up to a power of two), pinned in
-    place (cudaHostRegister) where a card is, and unpinned before it is unmapped."""
+    """Host memory of its own for a shard whose device is the host: a private anonymous mapping of exactly the shard's
+    size (page-aligned; torch's pinned allocator would round it up to a power of two), pinned in place
+    (cudaHostRegister) where a card is, and unpinned before it is unmapped."""
 
     registered: int | None = None  # its address while pinned
 
@@ -534,6 +534,7 @@ class _HostWeights(mmap.mmap):
 
 
 _CUDA_HOST_REGISTER_PORTABLE = 1  # pinned for every device's context, not only the calling thread's current one
+_PIN_REFUSED = False  # the driver refused once (said once)
 
 
 def _pin_in_place(mapping: _HostWeights, address: int) -> bool:
@@ -552,9 +553,6 @@ def _pin_in_place(mapping: _HostWeights, address: int) -> bool:
         return False
     mapping.registered = address
     return True
-
-
-_PIN_REFUSED = False
 
 
 def _read_shard_to_host(path: Path, entry: dict):
@@ -576,7 +574,9 @@ def _read_shard_to_host(path: Path, entry: dict):
         f.seek(0)
         head = f.read(offset)
         whole = hashlib.sha256(head) if check and not blocks else None
-        mapping = _HostWeights(-1, max(size - offset, 1))
+        mapping = _HostWeights(-1, max(size - offset, 1), flags=mmap.MAP_PRIVATE)
+        if hasattr(mmap, "MADV_HUGEPAGE"):  # fewer page faults for GiBs read in, fewer pages to pin
+            mapping.madvise(mmap.MADV_HUGEPAGE)
         body = torch.frombuffer(mapping, dtype=torch.uint8)[:size - offset]  # keeps the mapping alive
         view = memoryview(body.numpy())
         for index in range(-(-size // BLOCK_BYTES)):
