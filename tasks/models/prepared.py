@@ -398,6 +398,22 @@ def _record_verified(folder: Path, identities: dict[str, list[int]]) -> None:
         log.debug("could not record the verified shards in %s: %s", folder, exc)
 
 
+def _hashes_to_take(entry: dict) -> tuple[list | None, Any]:
+    """(the manifest's block hashes to compare, or None; a whole-file SHA-256 to fill as the bytes are read, or None)
+    for a shard: neither for one that verified before on this machine (`verified`), its blocks' where the manifest
+    has them, else the whole file's."""
+    if entry.get("verified"):
+        return None, None
+    blocks = entry.get("blocks")
+    return blocks, None if blocks else hashlib.sha256()
+
+
+def _refuse_unless_matching(path: Path, entry: dict, blocks: list | None, digests: list, whole) -> None:
+    """NotPrepared when the bytes read are not the ones the manifest recorded (the hashes `_hashes_to_take` chose)."""
+    if (blocks and digests != blocks) or (whole is not None and whole.hexdigest() != entry["sha256"]):
+        raise NotPrepared(f"{path.parent.name}/{path.name} does not match its SHA-256 (corrupt)")
+
+
 def _read_shard(path: Path, entry: dict, buffer=None):
     """(header, bytes, offset of the first tensor) of a safetensors file, checked against its manifest entry on the
     bytes read: block by block on every core as the blocks arrive (hashlib frees the GIL), or whole for a folder
@@ -406,18 +422,17 @@ def _read_shard(path: Path, entry: dict, buffer=None):
     size = path.stat().st_size
     data = bytearray(size) if buffer is None else buffer.numpy()
     view = memoryview(data)[:size]
-    check = not entry.get("verified")
-    blocks = entry.get("blocks")
+    blocks, whole = _hashes_to_take(entry)
     checks = []
     with open(path, "rb", buffering=0) as f:
         for start in range(0, size, BLOCK_BYTES):
             end = min(size, start + BLOCK_BYTES)
             _read_into(f, view[start:end], path)
-            if blocks and check:
+            if blocks:
                 checks.append(_hashers().submit(_sha256_of, view[start:end]))
-    digests = [future.result() for future in checks]
-    if check and ((digests != blocks) if blocks else (hashlib.sha256(view).hexdigest() != entry["sha256"])):
-        raise NotPrepared(f"{path.parent.name}/{path.name} does not match its SHA-256 (corrupt)")
+    if whole is not None:
+        whole.update(view)
+    _refuse_unless_matching(path, entry, blocks, [future.result() for future in checks], whole)
     header_size = int.from_bytes(view[:8], "little")
     header = json.loads(bytes(view[8:8 + header_size]))
     header.pop("__metadata__", None)
@@ -470,9 +485,7 @@ def _read_shard_to(path: Path, entry: dict, device, staging: list | None = None)
     import torch
 
     size = path.stat().st_size
-    check = not entry.get("verified")
-    blocks = entry.get("blocks") if check else None
-    whole = hashlib.sha256() if check and not blocks else None
+    blocks, whole = _hashes_to_take(entry)
     count = -(-size // BLOCK_BYTES)
     buffers = staging or [torch.frombuffer(bytearray(min(BLOCK_BYTES, size)), dtype=torch.uint8)
                           for _ in range(min(BLOCK_BUFFERS, count))]
@@ -512,8 +525,7 @@ def _read_shard_to(path: Path, entry: dict, device, staging: list | None = None)
             future.exception()
         for event in copying.values():
             event.synchronize()
-    if (blocks and digests != blocks) or (whole is not None and whole.hexdigest() != entry["sha256"]):
-        raise NotPrepared(f"{path.parent.name}/{path.name} does not match its SHA-256 (corrupt)")
+    _refuse_unless_matching(path, entry, blocks, digests, whole)
     return header, placed
 
 
@@ -566,14 +578,14 @@ def _read_shard_to_host(path: Path, entry: dict):
     import torch
 
     size = path.stat().st_size
-    check = not entry.get("verified")
-    blocks = entry.get("blocks") if check else None
+    blocks, whole = _hashes_to_take(entry)
     hashing = []
     with open(path, "rb", buffering=0) as f:
         header, offset = _read_header(f, path, size)
         f.seek(0)
         head = f.read(offset)
-        whole = hashlib.sha256(head) if check and not blocks else None
+        if whole is not None:
+            whole.update(head)
         mapping = _HostWeights(-1, max(size - offset, 1), flags=mmap.MAP_PRIVATE)
         if hasattr(mmap, "MADV_HUGEPAGE"):  # fewer page faults for GiBs read in, fewer pages to pin
             mapping.madvise(mmap.MADV_HUGEPAGE)
@@ -588,40 +600,35 @@ def _read_shard_to_host(path: Path, entry: dict):
             elif whole is not None:
                 whole.update(part)
         del view
-    digests = [future.result() for future in hashing]
-    if (blocks and digests != blocks) or (whole is not None and whole.hexdigest() != entry["sha256"]):
-        raise NotPrepared(f"{path.parent.name}/{path.name} does not match its SHA-256 (corrupt)")
+    _refuse_unless_matching(path, entry, blocks, [future.result() for future in hashing], whole)
     _pin_in_place(mapping, body.data_ptr())
     return header, dict(_tensor_views(header, body))
 
 
-def _tensor_views(header: dict, body):
-    """(name, tensor) of a shard's bytes, each a view of them (safetensors lays every tensor out at an offset its
-    element size divides; a clone where one does not)."""
+def _tensor_views(header: dict, body, copy: bool = False):
+    """(name, tensor) of a shard's bytes (a uint8 tensor, the header left out), each a view of them (safetensors lays
+    every tensor out at an offset its element size divides; a copy where one does not), or with `copy` each copied
+    into an allocation of its own."""
     import torch
 
     for name, spec in header.items():
         begin, end = spec["data_offsets"]
         dtype = getattr(torch, _DTYPES[spec["dtype"]])
+        data = body[begin:end].clone() if copy else body[begin:end]
         try:
-            yield name, body[begin:end].view(dtype).reshape(spec["shape"])
+            yield name, data.view(dtype).reshape(spec["shape"])
         except RuntimeError:  # misaligned for its dtype
-            yield name, body[begin:end].clone().view(dtype).reshape(spec["shape"])
+            yield name, data.clone().view(dtype).reshape(spec["shape"])
 
 
 def _shard_tensors(header: dict, placed):
     """(name, tensor) of a shard as `placed_shards` gave it: the host tensors, or cut from the shard's bytes on its
     device, each copied into an allocation of its own (aligned; the shard's buffer is freed or reused once they
     are)."""
-    import torch
-
     if isinstance(placed, dict):
         yield from placed.items()
         return
-    for name, spec in header.items():
-        begin, end = spec["data_offsets"]
-        dtype = getattr(torch, _DTYPES[spec["dtype"]])
-        yield name, placed[begin:end].clone().view(dtype).reshape(spec["shape"])
+    yield from _tensor_views(header, placed, copy=True)
 
 
 def pinned_pool(shard_sizes: list[int]) -> tuple[int, int]:
