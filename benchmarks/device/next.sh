@@ -9,6 +9,10 @@
 #                                                      with the VAE's fused norms (#23, #26)
 #   bash benchmarks/device/next.sh clip        ~550 s  the same first steps, then the clip with the VAE's fused norms
 #                                                      (the profiles' default) and without (`@diffusers-vae`, #26)
+#   bash benchmarks/device/next.sh stream      ~400 s  after chain, on the same machine: the `wan22-lightning` weights
+#                                                      prepared beside the edit's, then one `recast serve` for both
+#                                                      stages: 8 photo-to-clip runs at once, then 32 `lightning` edits,
+#                                                      a cap of 8 flow runs at once (#23's streams, the chain's card)
 #   bash benchmarks/device/next.sh burst       ~300 s  32 `lightning` edits through `recast serve`, with a cap of 8 flow
 #                                                      runs at once, then of 4 (#23)
 #   bash benchmarks/device/next.sh cold-edit   ~250 s  the `fp8` edit worker's start: prepared, restart, respawn (the
@@ -61,6 +65,15 @@ case "${1:-}" in
     timeout --signal=INT --kill-after=15 $(( 575 - SECONDS )) python3 benchmarks/gpu_video.py --rows "$rows" --runs 2 --check \
       --out "$out/performance.json" > "$out/video.log" 2>&1
     echo "gpu_video rc $?"; tail -5 "$out/video.log"
+    ;;
+  stream)
+    # SageAttention (built by chain) and the `lightning` folder it prepared are reused: both stages as the chain ran
+    python3 -c "import sageattention" 2> /dev/null || echo "SageAttention is not built here: the streams run on SDPA"
+    timeout --signal=INT --kill-after=15 $(( 575 - SECONDS )) python3 benchmarks/gpu_stream.py --work "$work" \
+      --clips 8 --edits 32 --databases postgres --take-next on_gpu --flow-run-starts fork --flow-runs-at-once 8 \
+      --results "$out/stream.jsonl" > "$out/stream.log" 2>&1
+    echo "gpu_stream rc $?"; tail -3 "$out/stream.log"
+    tar -C "$work" -czf "$out/stream-logs.tgz" logs stream.log 2>/dev/null
     ;;
   burst)
     timeout 560 python3 benchmarks/gpu_stream.py --work "$work" --edits-only --edits 32 --databases postgres \
@@ -122,7 +135,7 @@ case "${1:-}" in
     echo "gpu_video rc $?"; tail -5 "$out/video.log"; cp "$rows" "$out/performance.json"
     ;;
   *)
-    echo "usage: bash benchmarks/device/next.sh chain|clip|burst|cold-edit|cold-video|reads|both|fp8-clip" >&2
+    echo "usage: bash benchmarks/device/next.sh chain|clip|stream|burst|cold-edit|cold-video|reads|both|fp8-clip" >&2
     exit 2
     ;;
 esac
