@@ -31,9 +31,10 @@
 # Measured on 2026-12-05 (docs/PERFORMANCE.md, "an eighteenth session"): clip, the burst without a cap and with 8,
 # the VAE's variants, cold-edit with the imports on a tmpfs; then ("a nineteenth session", one H100) cold-video's
 # wan22-lightning rows, cold-edit with the early read, burst (8, 4); then ("a twentieth session", one H100)
-# cold-video's wan22-offload rows (before its shards were pinned in place), fp8-clip, reads (blocks made the default).
-# Still owed, by value: cold-video (the offload start with its shards pinned in place), both (its rows also give the
-# RSS phases of wan22-lightning's load with block reads), chain.
+# cold-video's wan22-offload rows (before its shards were pinned in place), fp8-clip, reads (blocks made the default);
+# then ("a twenty-first session", one H100, in this order on one machine): chain, stream, cold-video, both.
+# Every mode has now run on the current code but fp8-clip and cold-edit (their rows stand from 63223bb / dc56d0b);
+# #23's rows on another card: chain, then stream at once on the same machine.
 #
 # Before the first call, here (a new checkout has no .whl/): `benchmarks/device/carry.sh` (a few minutes), and the
 # SageAttention source as sage.sh says (`fetch` github:thu-ml/SageAttention, then its `git archive` of d1a57a5 into
