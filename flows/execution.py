@@ -32,7 +32,7 @@ from typing import Any
 
 from prefect import Task
 
-from recast.tasks import lifecycle
+from recast.tasks import lifecycle, storage
 from recast.tasks.settings import get_settings
 from recast.tasks.version import code_version
 
@@ -42,6 +42,10 @@ log = logging.getLogger("recast.execution")
 # polls the one shared server. What the server's states tell (a failed, lost or never-taken task run) is the slow
 # path; a second more to notice it costs nobody a result.
 POLL_S = 0.5
+# Where the results are on this machine's disk (recast's default storage), a look is one failed open (~20 us), so a
+# flow looks every LOCAL_POLL_S: a job's end is noticed 0.025 s after it on average instead of 0.25 s, and a
+# photo-to-clip run through task workers waits on two jobs. Buckets keep POLL_S: there each look is a request.
+LOCAL_POLL_S = 0.05
 MISSING_POLLS = 3  # server looks in a row (6 s at worker_poll_s 2) not knowing a task run before it counts as gone
 
 Chain = Generator[Any, "Outcome", Any]
@@ -100,7 +104,14 @@ def run_chains(task: Task, chains: Iterable[Chain], stage: str = "edit") -> Iter
                 continue
             active[active.index(watch)] = _Watch(task, watch.index, watch.chain, job, limit, settings)
         if active and all(watch.outcome is None for watch in active):
-            time.sleep(POLL_S)
+            time.sleep(_between_looks(active))
+
+
+def _between_looks(watches: list[_Watch]) -> float:
+    """How long a flow waits before it looks at its jobs' result files again: LOCAL_POLL_S when every one is on
+    this machine's disk, else POLL_S."""
+    controls = [watch.job.control for watch in watches if getattr(watch.job, "control", None)]
+    return LOCAL_POLL_S if controls and all(storage.scheme_of(c) == "file" for c in controls) else POLL_S
 
 
 def _drive_locally(task: Task, chain: Chain) -> Any:
