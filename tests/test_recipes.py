@@ -216,6 +216,11 @@ def test_video_benchmark_runs_every_row_and_the_chain_on_tiny_models(tmp_path, a
         f"the chain's edit call is not taken apart (text encoder, transformer, VAE, the pipeline's own work): {split}"
     assert edit_parts["total"] <= split["run_edit"] + 0.01, \
         f"the edit's parts were timed outside the chain's run_edit: {edit_parts} against {split['run_edit']}"
+    host = edit_parts.get("host") or {}
+    assert host.get("call_thread_cpu_s", 0) > 0 and host.get("other_threads_cpu_s", -1) >= 0 \
+        and host.get("gc_s", -1) >= 0 and host.get("gc_collections", -1) >= 0, \
+        f"what the process did during the chain's edit (its thread's CPU, the others', garbage collections) is " \
+        f"not recorded: {edit_parts}"
     parts = sum(v for k, v in split.items() if k != "total" and not k.endswith("_overlapped"))
     assert abs(parts - split["total"]) < 0.01, f"the parts of the chain's split do not add up to its total: {split}"
     assert 0 < chain["non_model_s"] < chain["seconds"], f"the chain's time beside its model calls: {chain}"
