@@ -37,9 +37,9 @@ from recast.tasks.settings import get_settings
 from recast.tasks.version import code_version
 
 log = logging.getLogger("recast.execution")
-# A flow looks for its jobs' result files every POLL_S (a finished job shows there first), and asks the Prefect
-# server for their states (and reads their heartbeats) only every `worker_poll_s` (2 s): every flow run of a stream
-# polls the one shared server. What the server's states tell (a failed, lost or never-taken task run) is the slow
+# A flow looks for its jobs' result files every POLL_S in a bucket (a finished job shows there first), and asks the
+# Prefect server for their states (and reads their heartbeats) only every `worker_poll_s` (2 s): every flow run of a
+# stream polls the one shared server. What the server's states tell (a failed, lost or never-taken task run) is the slow
 # path; a second more to notice it costs nobody a result.
 POLL_S = 0.5
 # Where the results are on this machine's disk (recast's default storage), a look is one failed open (~20 us), so a
