@@ -15,8 +15,8 @@
 #                                                      a cap of 8 flow runs at once (#23's streams, the chain's card)
 #   bash benchmarks/device/next.sh burst       ~300 s  32 `lightning` edits through `recast serve`, with a cap of 8 flow
 #                                                      runs at once, then of 4 (#23)
-#   bash benchmarks/device/next.sh cold-edit   ~250 s  the `fp8` edit worker's start: prepared, restart, respawn (the
-#                                                      blocks' code read while the weights are, #22)
+#   bash benchmarks/device/next.sh cold-edit   ~330 s  the `fp8` edit worker's start: a new node compiling, a new node
+#                                                      with the kept code (`prepare --compile`), restart, respawn (#22)
 #   bash benchmarks/device/next.sh cold-video  ~380 s  the `wan22-offload` weights prepared on /dev/shm, then its starts
 #                                                      (#22: host RSS <= 48 GiB; its streamed shards now pinned in place)
 #   bash benchmarks/device/next.sh reads       ~370 s  the `fp8` worker's restart and respawn reading its prepared weights
@@ -33,8 +33,9 @@
 # wan22-lightning rows, cold-edit with the early read, burst (8, 4); then ("a twentieth session", one H100)
 # cold-video's wan22-offload rows (before its shards were pinned in place), fp8-clip, reads (blocks made the default);
 # then ("a twenty-first session", one H100, in this order on one machine): chain, stream, cold-video, both.
-# Every mode has now run on the current code but fp8-clip and cold-edit (their rows stand from 63223bb / dc56d0b);
-# #23's rows on another card: chain, then stream at once on the same machine.
+# Next, #22's rows from one machine (the edit worker's were measured on another H100 than the video workers'):
+# cold-edit, cold-video, both, each fired as the last returns (~1,150 s with a fresh machine's start). #23's rows on
+# another card: chain, then stream at once on the same machine.
 #
 # Before the first call, here (a new checkout has no .whl/): `benchmarks/device/carry.sh` (a few minutes), and the
 # SageAttention source as sage.sh says (`fetch` github:thu-ml/SageAttention, then its `git archive` of d1a57a5 into
@@ -85,7 +86,8 @@ case "${1:-}" in
     ;;
   cold-edit)
     rm -rf "$work"/cache/prepared/edit-lightning-*  # the burst's, done with: room for fp8's
-    python3 benchmarks/cold_start.py --rows fp8 --scenarios prepared,restart,respawn --work "$work" --drop-after \
+    timeout --signal=INT --kill-after=15 $(( 575 - SECONDS )) python3 benchmarks/cold_start.py --rows fp8 \
+      --scenarios prepared,prepared+compile,restart,respawn --work "$work" --drop-after \
       --results "$out/cold-edit.jsonl" > "$out/cold-edit.log" 2>&1
     echo "cold_start rc $?"; tail -5 "$out/cold-edit.log"
     ;;
