@@ -8,11 +8,19 @@ started=$(date +%s)
 if [ ! -f "$site/.unpacked" ]; then
   mkdir -p "$site" .whl/bin
   tar -C "$site" -xJf .whl/core/site.tar.xz || return 1
-  xz -dc .whl/core/ffmpeg.xz > .whl/bin/ffmpeg && chmod +x .whl/bin/ffmpeg || return 1
   for wheel in .whl/extra/*.whl; do  # e.g. a SageAttention wheel built on the card in an earlier call
     [ -f "$wheel" ] && python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheel"
   done
   touch "$site/.unpacked"
+fi
+# ffmpeg and PostgreSQL may stay behind on a kernel call (`next.sh kernels`), whose sources need the carry's room;
+# a later call on the same machine that carries them unpacks them then.
+if [ ! -x .whl/bin/ffmpeg ]; then
+  if [ -f .whl/core/ffmpeg.xz ]; then
+    mkdir -p .whl/bin && xz -dc .whl/core/ffmpeg.xz > .whl/bin/ffmpeg && chmod +x .whl/bin/ffmpeg || return 1
+  else
+    echo "no .whl/core/ffmpeg.xz carried: nothing here can write an mp4"
+  fi
 fi
 # `RECAST_SERVE_DATABASE=postgres` runs the carried PostgreSQL; as root, as a `postgres` user.
 if [ -f .whl/core/postgresql.tar.xz ] && [ ! -f .whl/pg/.unpacked ]; then

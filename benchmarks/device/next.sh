@@ -13,6 +13,11 @@
 #                                                      prepared beside the edit's, then one `recast serve` for both
 #                                                      stages: 8 photo-to-clip runs at once, then 32 `lightning` edits,
 #                                                      a cap of 8 flow runs at once (#23's streams, the chain's card)
+#   bash benchmarks/device/next.sh kernels     ~600 s  carry [".whl/core/site.tar.xz", ".whl/recast", ".whl/src"] (the
+#                                                      sources need the room ffmpeg and PostgreSQL take): SageAttention
+#                                                      and FlashAttention-3 (FP8 forward, head dim 128) built at once,
+#                                                      then every attention kernel at the Qwen and Wan shapes side by
+#                                                      side (#26); call it again on the same machine if a build is cut
 #   bash benchmarks/device/next.sh burst       ~300 s  32 `lightning` edits through `recast serve`, with a cap of 8 flow
 #                                                      runs at once, then of 4 (#23)
 #   bash benchmarks/device/next.sh cold-edit   ~330 s  the `fp8` edit worker's start: a new node compiling, a new node
@@ -77,6 +82,22 @@ case "${1:-}" in
     echo "gpu_stream rc $?"; tail -3 "$out/stream.log"
     tar -C "$work" -czf "$out/stream-logs.tgz" logs stream.log 2>/dev/null
     ;;
+  kernels)
+    (source benchmarks/device/sage.sh > "$out/sage.log" 2>&1) &
+    sage=$!
+    (FA3_JOBS=4 source benchmarks/device/fa3.sh > "$out/fa3.log" 2>&1) &
+    fa3=$!
+    # the builds share the 16 cores; each is cut at the call's limit less the benchmark's ~120 s
+    ( sleep $(( 450 - SECONDS )); pkill -f '[n]vcc|[c]icc|[p]txas|[n]inja' ) & watchdog=$!
+    wait "$sage" "$fa3"; kill "$watchdog" 2> /dev/null
+    cat "$out/sage.log" "$out/fa3.log"; tail -30 .whl/fa3-build.log > "$out/fa3-build-tail.log" 2>/dev/null
+    for wheel in .whl/extra/*.whl; do  # back here when small enough to carry again
+      [ "$(stat -c %s "$wheel")" -le $(( 16 * 1024 * 1024 )) ] && cp "$wheel" "$out/"; ls -la "$wheel"
+    done
+    timeout --signal=INT --kill-after=15 $(( 585 - SECONDS )) python3 benchmarks/attention.py --check \
+      --results "$out/attention.jsonl" > "$out/attention.log" 2>&1
+    echo "attention rc $?"; tail -32 "$out/attention.log"
+    ;;
   burst)
     timeout 560 python3 benchmarks/gpu_stream.py --work "$work" --edits-only --edits 32 --databases postgres \
       --take-next on_gpu --flow-run-starts fork --flow-runs-at-once 8,4 --results "$out/stream.jsonl" \
@@ -138,7 +159,7 @@ case "${1:-}" in
     echo "gpu_video rc $?"; tail -5 "$out/video.log"; cp "$rows" "$out/performance.json"
     ;;
   *)
-    echo "usage: bash benchmarks/device/next.sh chain|clip|stream|burst|cold-edit|cold-video|reads|both|fp8-clip" >&2
+    echo "usage: bash benchmarks/device/next.sh chain|clip|stream|kernels|burst|cold-edit|cold-video|reads|both|fp8-clip" >&2
     exit 2
     ;;
 esac
