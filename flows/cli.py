@@ -696,9 +696,10 @@ def run() -> None:
     if isinstance(code, str):
         print(code, file=sys.stderr)
         code = 1
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    # The interpreter's own first step at exit: threading's exit hooks, then every non-daemon thread joined. Joining
+    # them without the hooks hung `recast prepare --compile` for good: inductor's compile thread pool is never shut
+    # down, and concurrent.futures wakes its idle workers only in those hooks (queued work still runs first).
+    threading._shutdown()
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

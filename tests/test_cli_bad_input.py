@@ -76,6 +76,28 @@ def test_console_script_exit_code_and_clean_stderr(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def test_the_console_script_exits_with_an_executor_nobody_shut_down_after_its_work_is_done(tmp_path):
+    """`recast prepare --compile` once never exited: the console script joins the threads that must finish before
+    it ends, and inductor's compile thread pool (never shut down) waited on its queue forever. An executor left
+    open must not keep the command from exiting, and work still running in it finishes first."""
+    done = tmp_path / "done"
+    script = f"""
+import concurrent.futures, time
+from recast.flows import cli
+pool = concurrent.futures.ThreadPoolExecutor(2)
+pool.submit(lambda: None).result()
+pool.submit(lambda: (time.sleep(0.3), open({str(done)!r}, "w").write("written")))
+cli.main = lambda: 0
+cli.run()
+"""
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the console script never exited: it waited on an idle executor's workers")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert done.exists() and done.read_text() == "written", "work still running at exit was cut off"
+
+
 def test_serve_refuses_a_flow_run_limit_below_one_before_starting_anything(tmp_path, monkeypatch, capsys):
     """`recast serve --flow-runs-at-once 0` would leave every run scheduled forever: one line, exit 2, and no server,
     Prefect home or log folder made."""
