@@ -4,7 +4,7 @@
 # machine fetches nothing. FLASH_ATTENTION_FORCE_BUILD: its setup would otherwise try to download a wheel first.
 # Make the source archive here (1.2 MB: hopper/ and CUTLASS's headers at the commit its submodule pins):
 #   fetch github:Dao-AILab/flash-attention and github:NVIDIA/cutlass, then
-#   FA=/work/.mirror/Dao-AILab+flash-attention/repo CU=/work/.mirror/NVIDIA+cutlass/repo; tmp=$(mktemp -d)
+#   FA=<flash-attention's git directory> CU=<cutlass's git directory>; tmp=$(mktemp -d)
 #   git --git-dir=$FA archive --prefix=flash-attention/ 0251105a hopper README.md LICENSE | tar -x -C $tmp
 #   git --git-dir=$CU archive --prefix=flash-attention/csrc/cutlass/ 7127592069c2fe01b041e174ba4345ef9b279671 \
 #     include LICENSE.txt | tar -x -C $tmp
