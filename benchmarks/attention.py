@@ -49,7 +49,7 @@ FA3_INSTALL = "build FlashAttention-3's hopper/ package (benchmarks/device/fa3.s
 
 
 def family(backend: str) -> str:
-    return "sage" if "sage" in backend else "fp8" if "fp8" in backend and "sage" not in backend else "bf16"
+    return "sage" if "sage" in backend else "fp8" if "fp8" in backend else "bf16"
 
 
 def to_e4m3(t):
