@@ -169,7 +169,8 @@ class Settings(Strict):
                                               "this long is taken for lost (the worker died) and submitted again.")
     worker_poll_s: float = Field(2, gt=0, le=60, description="How often a run waiting on task workers asks the "
                                  "Prefect server about its jobs (their states; their heartbeats): every waiting run "
-                                 "asks the one server. Their result files are read every 0.05 s regardless (0.5 s in a bucket).")
+                                 "asks the one server. Their result files are read every 0.05 s regardless (0.5 s "
+                                 "in a bucket).")
     worker_take_next: Literal["after_gpu", "on_gpu"] = Field(
         "after_gpu", description="When a task worker takes its next job: after_gpu, once the current one has left "
         "the GPU (its CPU work overlaps the next model call); on_gpu, once it holds the GPU (the next job's delivery "
