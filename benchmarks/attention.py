@@ -35,9 +35,9 @@ TINY_SHAPES = {"qwen-edit": (96, 3, 16), "wan-480p": (160, 2, 16)}
 # bf16 kernels, then SageAttention's (INT8 Q.K, FP8 or FP16 P.V): diffusers' names.
 # `recast-sage` is recast's own `sage` (tasks/models/kernels.py: sageattn as one custom op, which torch.compile keeps
 # whole); `compiles` says whether a block compiled with fullgraph=True can hold the backend.
-# `fa3-fp8` is FlashAttention-3's FP8 forward (benchmarks/device/fa3.sh builds it): q, k and v cast to e4m3 with one
-# scale per head (the cast timed with the kernel, as a profile would pay it); `fa3-fp8-kernel` times the kernel
-# alone on inputs cast beforehand (the ceiling, were the cast fused into the projections before it).
+# `fa3-fp8` is recast's `fa3-fp8` backend, FlashAttention-3's FP8 forward (benchmarks/device/fa3.sh builds it): q, k
+# and v cast to e4m3 with one scale per head, the cast timed with the kernel (eager: a compiled block fuses it into
+# the work before it); `fa3-fp8-kernel` times the kernel alone on inputs cast beforehand (that fusion's ceiling).
 BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "recast-sage", "sage",
             "_sage_qk_int8_pv_fp8_cuda_sm90", "_sage_qk_int8_pv_fp8_cuda", "_sage_qk_int8_pv_fp16_cuda",
             "_sage_qk_int8_pv_fp16_triton", "_flash_3", "fa3-fp8", "fa3-fp8-kernel")
@@ -45,45 +45,31 @@ BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "re
 # is published at a cosine similarity of >= 0.999 (relative L2 ~0.045), and FP8 attention is held to the same.
 # Another input's output sits near 1.4.
 ERROR_BOUNDS = {"bf16": 0.02, "sage": 0.1, "fp8": 0.1}
-FA3_INSTALL = "build FlashAttention-3's hopper/ package (benchmarks/device/fa3.sh): no wheel on PyPI"
 
 
 def family(backend: str) -> str:
     return "sage" if "sage" in backend else "fp8" if "fp8" in backend else "bf16"
 
 
-def to_e4m3(t):
-    """(batch, tokens, heads, dim) -> e4m3 scaled so each (batch, head)'s largest value is e4m3's largest (448), and
-    the (batch, heads) float32 factors that undo it (FlashAttention-3's descale)."""
-    amax = t.abs().amax(dim=(1, 3)).float().clamp_min(1e-12)
-    scale = 448.0 / amax
-    return (t * scale[:, None, :, None].to(t.dtype)).to(torch.float8_e4m3fn), (1.0 / scale).contiguous()
-
-
 def fa3_fp8_call(cast_inside: bool):
-    """(q, k, v) -> output through FlashAttention-3's FP8 forward; raises where it cannot run."""
-    try:
-        from flash_attn_interface import flash_attn_func
-    except ImportError as exc:
-        raise RuntimeError(f"flash_attn_3 is not installed ({exc}); {FA3_INSTALL}") from exc
+    """(q, k, v) -> output through FlashAttention-3's FP8 forward as a profile's `fa3-fp8` runs it (recast's op and
+    per-head cast, tasks/models/kernels.py); with `cast_inside` False the inputs are cast once beforehand and only
+    the kernel is timed. Raises where it cannot run."""
+    from recast.tasks.models import kernels
 
-    def fp8(q8, k8, v8, dq, dk, dv):
-        out = flash_attn_func(q8, k8, v8, q_descale=dq, k_descale=dk, v_descale=dv)
-        return out[0] if isinstance(out, tuple) else out
-
+    missing = kernels._fa3_missing(torch.device("cuda"))
+    if missing:
+        raise RuntimeError(missing)
     if cast_inside:
-        def call(q, k, v):
-            (q8, dq), (k8, dk), (v8, dv) = to_e4m3(q), to_e4m3(k), to_e4m3(v)
-            return fp8(q8, k8, v8, dq, dk, dv)
-        return call
-    cast: dict = {}
+        return kernels.fa3_fp8_attention
+    op, cast = kernels.fa3_fp8_op(), {}
 
     def kernel_only(q, k, v):
         key = (q.data_ptr(), k.data_ptr(), v.data_ptr())
         if key not in cast:  # once per input set, outside the timed calls after the first
-            cast[key] = (*to_e4m3(q), *to_e4m3(k), *to_e4m3(v))
-        q8, dq, k8, dk, v8, dv = cast[key]
-        return fp8(q8, k8, v8, dq, dk, dv)
+            (q8, dq), (k8, dk), (v8, dv) = kernels.to_e4m3(q), kernels.to_e4m3(k), kernels.to_e4m3(v)
+            cast[key] = (q8, k8, v8, dq, dk, dv)
+        return op(*cast[key], None)
     return kernel_only
 
 

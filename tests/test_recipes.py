@@ -387,12 +387,12 @@ def test_an_attention_backend_this_machine_cannot_run_falls_back_to_sdpa_with_on
 
     tiny = get_settings().get_profile("tiny")
     images = {}
-    for backend in ("sage", "native"):
+    for backend in ("sage", "fa3-fp8", "native"):
         profile = tiny.model_copy(update={"attention_backend": backend})
         loaded, warnings = _load_with_attention_warnings("edit", profile, caplog)
-        if backend == "sage":
-            assert len(warnings) == 1 and "sage is not usable here" in warnings[0] and "native" in warnings[0], \
-                warnings
+        if backend != "native":
+            assert len(warnings) == 1 and f"{backend} is not usable here" in warnings[0] and \
+                "native" in warnings[0], warnings
             assert "\n" not in warnings[0], "the fallback is said in one line"
         else:
             assert not warnings, warnings
@@ -401,7 +401,8 @@ def test_an_attention_backend_this_machine_cannot_run_falls_back_to_sdpa_with_on
                                      negative_prompt=" ", seed=3, steps=2, true_cfg_scale=4.0, width=64, height=64)
         images[backend] = out.tobytes() if hasattr(out, "tobytes") else out[0].tobytes()
     loading.clear_cache()
-    assert images["sage"] == images["native"], "the fallback must be the native backend's computation"
+    assert images["sage"] == images["fa3-fp8"] == images["native"], \
+        "the fallback must be the native backend's computation"
 
 
 def test_recast_sage_backend_routes_every_attention_of_a_block_through_one_op_and_falls_back_for_the_rest(monkeypatch):
@@ -453,6 +454,84 @@ def test_recast_sage_backend_routes_every_attention_of_a_block_through_one_op_an
         float32(**{**inputs, "hidden_states": inputs["hidden_states"].float(),
                    "encoder_hidden_states": inputs["encoder_hidden_states"].float()})
     assert not calls, "a float32 attention (SageAttention takes bf16/fp16) went to the op instead of diffusers"
+
+
+def test_the_fp8_attention_casts_each_head_to_e4m3_with_the_factor_that_undoes_it():
+    """FlashAttention-3's FP8 forward takes e4m3 q, k, v and one descale factor per (batch, head): the cast must use
+    e4m3's range per head (a head 1000x larger than another loses nothing) and hand back the factor that restores
+    the values, or the kernel's output is scaled wrong while still looking like attention."""
+    from recast.tasks.models import kernels
+
+    x = torch.randn(2, 64, 3, 16, generator=torch.Generator().manual_seed(0))
+    x[:, :, 1] *= 1000.0  # one loud head
+    q8, descale = kernels.to_e4m3(x)
+    assert q8.dtype == torch.float8_e4m3fn and tuple(descale.shape) == (2, 3), (q8.dtype, descale.shape)
+    restored = q8.float() * descale[:, None, :, None]
+    for head in range(3):
+        error = float((restored[:, :, head] - x[:, :, head]).norm() / x[:, :, head].norm())
+        assert error < 0.05, f"head {head}: e4m3 with its descale restores the values to {error:.3f} relative L2"
+    assert float(q8.float().abs().amax()) == 448.0, "each head's largest value should land on e4m3's largest (448)"
+
+
+def _tiny_wan(head_dim: int, layers: int = 2, dtype=torch.bfloat16):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim,
+                                 in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64,
+                                 num_layers=layers, rope_max_seq_len=32).to(dtype).eval()
+
+
+def test_recast_fa3_fp8_backend_hands_each_attention_e4m3_heads_and_their_descales_and_compiles_whole(monkeypatch):
+    """`attention_backend: fa3-fp8` sends each maskless bf16 attention with head dim 128 to recast::fa3_fp8 with q, k
+    and v in e4m3 and one descale per (batch, head), cast in traced code (a compiled block holds cast and op in one
+    graph), and leaves the rest to diffusers. The kernel needs a Hopper card, so here the op is stood in by what the
+    kernel computes: the inputs times their descales, then SDPA. What is tested is recast's routing through the real
+    diffusers processors and the cast's contract: a wrong or missing descale lands far outside the bound."""
+    from recast.tasks.models import kernels
+
+    calls = []
+
+    def dequantized_sdpa(query, key, value, query_descale, key_descale, value_descale, scale):
+        calls.append((query.dtype, tuple(query.shape), tuple(query_descale.shape)))
+        q, k, v = (t.float() * d[:, None, :, None] for t, d in ((query, query_descale), (key, key_descale),
+                                                                 (value, value_descale)))
+        out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), scale=scale)
+        return out.transpose(1, 2).to(torch.bfloat16)
+
+    monkeypatch.setattr(kernels, "fa3_fp8_op", lambda: dequantized_sdpa)
+    model = _tiny_wan(head_dim=128)
+    inputs = dict(hidden_states=torch.randn(1, 4, 2, 8, 8, dtype=torch.bfloat16), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 16, 32, dtype=torch.bfloat16), return_dict=False)
+    with torch.no_grad():
+        native = model(**inputs)[0].float()
+        assert kernels.use_fa3_fp8(model) == 4, "both blocks' self- and cross-attention processors are routed"
+        routed = model(**inputs)[0].float()
+        assert len(calls) == 4 and calls[0] == (torch.float8_e4m3fn, (1, 32, 2, 128), (1, 2)), \
+            f"the op got {calls}, not four attentions of e4m3 heads with a (batch, heads) descale each"
+        other = model(**{**inputs, "hidden_states": torch.randn(1, 4, 2, 8, 8, dtype=torch.bfloat16)})[0].float()
+    error, unrelated = (float((out - native).norm() / native.norm()) for out in (routed, other))
+    assert error < 0.05 < unrelated, f"through e4m3 the model's output is {error:.4f} from bf16's (an unrelated " \
+        f"input's {unrelated:.4f}): the cast or its descales are wrong"
+
+    calls.clear()
+    compiled = torch.compile(model.blocks[0], fullgraph=True)  # a graph break would raise here
+    temb = torch.randn(1, 6, 256, dtype=torch.bfloat16)
+    rotary = model.rope(inputs["hidden_states"])
+    with torch.no_grad():
+        compiled(torch.randn(1, 32, 256, dtype=torch.bfloat16), torch.randn(1, 16, 256, dtype=torch.bfloat16), temb,
+                 rotary)
+    assert calls, "the compiled block did not run the op"
+
+    for name, untaken in (("float32", _tiny_wan(128, layers=1, dtype=torch.float32)),
+                          ("head dim 64", _tiny_wan(64, layers=1))):
+        kernels.use_fa3_fp8(untaken)
+        calls.clear()
+        dtype = next(untaken.parameters()).dtype
+        with torch.no_grad():
+            untaken(**{**inputs, "hidden_states": inputs["hidden_states"].to(dtype),
+                       "encoder_hidden_states": inputs["encoder_hidden_states"].to(dtype)})
+        assert not calls, f"a {name} attention (the FP8 kernel takes bf16/fp16 at head dim 128) went to the op"
 
 
 def test_the_vae_with_channels_last_weights_decodes_the_same_frames():

@@ -29,6 +29,15 @@ CPU_BACKENDS = ("native", "_native_math")
 # still reach diffusers' backends (eager).
 SAGE = "sage"
 SAGE_INSTALL = "build SageAttention 2 from source: pip install --no-build-isolation 'recast[sage]' (pyproject.toml)"
+# recast's FP8 attention: FlashAttention-3's FP8 forward (Hopper), q, k and v cast to e4m3 with one scale per head in
+# the traced code (so torch.compile fuses the cast into the norm and RoPE before it) and the kernel behind one opaque
+# op. No wheel on PyPI: its `hopper/` package is built from source (benchmarks/device/fa3.sh builds only what recast
+# uses: the forward, head dim 128, bf16 and e4m3).
+FA3_FP8 = "fa3-fp8"
+FA3_INSTALL = ("build FlashAttention-3's hopper/ package: pip install --no-build-isolation 'flash_attn_3 @ "
+               "git+https://github.com/Dao-AILab/flash-attention@0251105a#subdirectory=hopper' (needs nvcc; "
+               "benchmarks/device/fa3.sh builds the head-dim-128 forward alone)")
+E4M3_MAX = 448.0
 
 
 def use_attention_backend(transformer, backend: str, device) -> str:
@@ -47,6 +56,11 @@ def use_attention_backend(transformer, backend: str, device) -> str:
         if reason is None:
             transformer.set_attention_backend("native")  # what anything sage cannot take (masks) runs on
             use_sage(transformer)
+    elif backend == FA3_FP8:
+        reason = _fa3_missing(device)
+        if reason is None:
+            transformer.set_attention_backend("native")  # what the FP8 kernel cannot take runs on
+            use_fa3_fp8(transformer)
     else:
         try:
             transformer.set_attention_backend(backend)
@@ -67,6 +81,21 @@ def _sage_missing() -> str | None:
         return f"the sageattention package is not installed; {SAGE_INSTALL}"
     if not hasattr(sageattention, "sageattn_qk_int8_pv_fp8_cuda"):  # 1.x: Triton only, no FP8 kernels
         return f"sageattention {getattr(sageattention, '__version__', '1.x')} is too old; {SAGE_INSTALL}"
+    return None
+
+
+def _fa3_missing(device) -> str | None:
+    import torch
+
+    try:
+        import flash_attn_interface
+    except ImportError:
+        return f"the flash_attn_3 package is not installed; {FA3_INSTALL}"
+    if not hasattr(flash_attn_interface, "flash_attn_func"):
+        return f"flash_attn_interface has no flash_attn_func (not FlashAttention-3's hopper/ package); {FA3_INSTALL}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major != 9:
+        return f"FlashAttention-3's FP8 forward runs on Hopper (sm90), this card is sm{major}{minor}"
     return None
 
 
@@ -96,29 +125,103 @@ def sage_attention_op():
     return _SAGE_OP
 
 
+_FA3_FP8_OP = None
+
+
+def fa3_fp8_op():
+    """`recast::fa3_fp8(query, key, value, query_descale, key_descale, value_descale, scale)`: FlashAttention-3's FP8
+    forward on e4m3 (batch, tokens, heads, dim) tensors and their (batch, heads) float32 descale factors, bf16 out, as
+    one custom op (registered once), so torch.compile keeps it whole inside a compiled block."""
+    global _FA3_FP8_OP
+    if _FA3_FP8_OP is None:
+        import torch
+        from flash_attn_interface import flash_attn_func
+
+        @torch.library.custom_op("recast::fa3_fp8", mutates_args=(), device_types="cuda",
+                                 schema="(Tensor query, Tensor key, Tensor value, Tensor query_descale, "
+                                        "Tensor key_descale, Tensor value_descale, float? scale) -> Tensor")
+        def op(query, key, value, query_descale, key_descale, value_descale, scale):
+            out = flash_attn_func(query, key, value, softmax_scale=scale, q_descale=query_descale,
+                                  k_descale=key_descale, v_descale=value_descale)
+            return (out[0] if isinstance(out, tuple) else out).contiguous()
+
+        @op.register_fake
+        def _(query, key, value, query_descale, key_descale, value_descale, scale):
+            return query.new_empty(*query.shape[:-1], value.shape[-1], dtype=torch.bfloat16)
+
+        _FA3_FP8_OP = op
+    return _FA3_FP8_OP
+
+
+def to_e4m3(t):
+    """(batch, tokens, heads, dim) -> e4m3 scaled so that each (batch, head)'s largest magnitude is e4m3's largest
+    (448), and the (batch, heads) float32 factors that undo it (FlashAttention-3's descale). Per head, not per tensor:
+    heads differ by orders of magnitude, and one scale would leave the small ones a few of e4m3's 3 mantissa bits."""
+    import torch
+
+    amax = t.abs().amax(dim=(1, 3)).float().clamp_min(1e-12)
+    scale = E4M3_MAX / amax
+    return (t.float() * scale[:, None, :, None]).to(torch.float8_e4m3fn), (1.0 / scale).contiguous()
+
+
+def fa3_fp8_attention(query, key, value, scale=None):
+    """Attention of (batch, tokens, heads, 128) bf16/fp16 tensors through FlashAttention-3's FP8 forward, in the
+    query's dtype. The casts are plain torch here, outside the op, so a compiled block fuses them with what made
+    q, k and v."""
+    (q8, q_descale), (k8, k_descale), (v8, v_descale) = to_e4m3(query), to_e4m3(key), to_e4m3(value)
+    return fa3_fp8_op()(q8, k8, v8, q_descale, k_descale, v_descale, scale).to(query.dtype)
+
+
+def _plain_attention(query, attn_mask, dropout_p, is_causal, enable_gqa, parallel_config, head_dims) -> bool:
+    """An attention the quantized kernels take: no mask, dropout, causality or grouped heads, one card, bf16/fp16."""
+    import torch
+
+    return (attn_mask is None and not dropout_p and not is_causal and not enable_gqa and parallel_config is None
+            and query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] in head_dims)
+
+
 def sage_dispatch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
                   attention_kwargs=None, *, backend=None, parallel_config=None):
     """diffusers' dispatch_attention_fn, with the calls SageAttention can take sent to recast::sageattn: no mask,
     no dropout or causality, one card, bf16/fp16, head dim 64 or 128. Anything else runs as diffusers would."""
-    import torch
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-    if (attn_mask is None and not dropout_p and not is_causal and not enable_gqa and parallel_config is None
-            and query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] in (64, 128)):
+    if _plain_attention(query, attn_mask, dropout_p, is_causal, enable_gqa, parallel_config, (64, 128)):
         return sage_attention_op()(query, key, value, scale)
+    return dispatch_attention_fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                 attention_kwargs, backend=backend, parallel_config=parallel_config)
+
+
+def fa3_fp8_dispatch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                     enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
+    """diffusers' dispatch_attention_fn, with the calls FlashAttention-3's FP8 forward can take sent to it: as
+    `sage_dispatch`, head dim 128 only (the one recast builds). Anything else runs as diffusers would."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    if _plain_attention(query, attn_mask, dropout_p, is_causal, enable_gqa, parallel_config, (128,)):
+        return fa3_fp8_attention(query, key, value, scale)
     return dispatch_attention_fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                  attention_kwargs, backend=backend, parallel_config=parallel_config)
 
 
 def use_sage(transformer) -> int:
     """Route this transformer's attention processors through `sage_dispatch`; returns how many were changed."""
-    sage_attention_op()  # registered now: torch.compile cannot trace an op's registration inside a compiled block
+    return _route_attention(transformer, "Sage")
+
+
+def use_fa3_fp8(transformer) -> int:
+    """Route this transformer's attention processors through `fa3_fp8_dispatch`; returns how many were changed."""
+    return _route_attention(transformer, "Fa3Fp8")
+
+
+def _route_attention(transformer, prefix: str) -> int:
+    names = _rebinding(prefix)  # its op registered now: torch.compile cannot trace a registration inside a block
     changed = 0
     for module in transformer.modules():
         processor = getattr(module, "processor", None)
         call = getattr(type(processor), "__call__", None)
         if processor is not None and "dispatch_attention_fn" in getattr(call, "__globals__", {}):
-            processor.__class__ = _rebound(type(processor), "Sage", **_rebinding("Sage"))
+            processor.__class__ = _rebound(type(processor), prefix, **names)
             changed += 1
     return changed
 
@@ -142,7 +245,7 @@ def _rebound(base, prefix: str, **names):
     return _REBOUND[key]
 
 
-REBOUND_PREFIXES = ("Sage", "RealRotary")  # the processor classes recast rebinds, by the prefix of their names
+REBOUND_PREFIXES = ("Sage", "Fa3Fp8", "RealRotary")  # the processor classes recast rebinds, by their names' prefix
 
 
 def _rebinding(prefix: str) -> dict:
@@ -151,6 +254,9 @@ def _rebinding(prefix: str) -> dict:
     if prefix == "Sage":
         sage_attention_op()  # registered before any code that calls it is traced or loaded
         return {"dispatch_attention_fn": sage_dispatch}
+    if prefix == "Fa3Fp8":
+        fa3_fp8_op()
+        return {"dispatch_attention_fn": fa3_fp8_dispatch}
     if prefix == "RealRotary":
         return {"apply_rotary_emb_qwen": rotary_real}
     raise ValueError(f"no rebound processor class has the prefix {prefix!r}")

@@ -40,8 +40,9 @@ class ModelProfile(Strict):
     true_cfg_scale: float | None = Field(None, ge=1.0, le=20.0, description="Default CFG for this profile.")
     # Speed and memory (see docs/PERFORMANCE.md).
     attention_backend: str | None = Field(None, description="diffusers attention backend, e.g. _native_cudnn, sage, "
-                                          "or auto (the fastest SDPA kernel, timed at load); falls back to native "
-                                          "SDPA with a warning where the backend is unusable.")
+                                          "fa3-fp8 (FlashAttention-3's FP8 forward, Hopper), or auto (the fastest "
+                                          "SDPA kernel, timed at load); falls back to native SDPA with a warning "
+                                          "where the backend is unusable.")
     compile: bool = Field(False, description="torch.compile the transformer's repeated blocks.")
     compile_ahead_of_time: bool = Field(True, description="With compile: the repeated blocks compile once, ahead of "
                                         "time, into code kept beside the prepared weights, which a restart loads "
@@ -81,7 +82,8 @@ class VideoProfile(Strict):
     offload: Literal["none", "stream"] = Field(
         "none", description="stream: keep every block in pinned CPU RAM and stream it to the card as it runs.")
     attention_backend: str | None = Field(None, description="diffusers attention backend for both experts, e.g. "
-                                          "_native_cudnn or sage (falls back to native SDPA where unusable).")
+                                          "_native_cudnn, sage or fa3-fp8 (falls back to native SDPA where "
+                                          "unusable).")
     compile: bool = Field(False, description="torch.compile each expert's repeated blocks.")
     compile_ahead_of_time: bool = Field(True, description="With compile: the repeated blocks compile once, ahead of "
                                         "time, into code kept beside the prepared weights, which a restart loads "
