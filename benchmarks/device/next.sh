@@ -31,16 +31,20 @@
 #                                                      node compiling, then with the kept code (#22's 45 s: a new node
 #                                                      from an image made with `recast prepare --compile`)
 #   bash benchmarks/device/next.sh fp8-clip    ~550 s  `wan22-fp8` with SageAttention against plain diffusers, 40 steps,
-#                                                      two processes (#26's 0.58x), after chain or clip (their build)
+#                                                      two processes (#26's 0.58x), after chain or clip (their build);
+#                                                      `fp8-clip wan22-fp8@sage,wan22-fp8@fa3-fp8` after kernels adds
+#                                                      FlashAttention-3's FP8 forward (a process a row; call it again
+#                                                      on the same machine for the rows a call had no time for)
 #
 # Measured on 2026-12-05 (docs/PERFORMANCE.md, "an eighteenth session"): clip, the burst without a cap and with 8,
 # the VAE's variants, cold-edit with the imports on a tmpfs; then ("a nineteenth session", one H100) cold-video's
 # wan22-lightning rows, cold-edit with the early read, burst (8, 4); then ("a twentieth session", one H100)
 # cold-video's wan22-offload rows (before its shards were pinned in place), fp8-clip, reads (blocks made the default);
 # then ("a twenty-first session", one H100, in this order on one machine): chain, stream, cold-video, both.
-# Next, #22's rows from one machine (the edit worker's were measured on another H100 than the video workers'):
-# cold-edit, cold-video, both, each fired as the last returns (~1,150 s with a fresh machine's start). #23's rows on
-# another card: chain, then stream at once on the same machine.
+# Next (#26): kernels (call it again if a build was cut), and when FlashAttention-3's FP8 rows beat SageAttention
+# within their bound, `fp8-clip wan22-fp8@sage,wan22-fp8@fa3-fp8` on the same machine (the profile backend is built:
+# `attention_backend: fa3-fp8`). Or (#22) its rows from one machine: cold-edit, cold-video, both, each fired as the
+# last returns (~1,150 s with a fresh machine's start).
 #
 # Before the first call, here (a new checkout has no .whl/): `benchmarks/device/carry.sh` (a few minutes), and the
 # SageAttention source as sage.sh says (`fetch` github:thu-ml/SageAttention, then its `git archive` of d1a57a5 into
@@ -154,9 +158,16 @@ case "${1:-}" in
         --out "$rows" --references "$work/ref" > "$out/video-baseline.log" 2>&1
       echo "baseline rc $?"; tail -3 "$out/video-baseline.log"
     fi
-    timeout --signal=INT --kill-after=15 $(( 575 - SECONDS )) python3 benchmarks/gpu_video.py --rows wan22-fp8@sage --check \
-      --out "$rows" --references "$work/ref" > "$out/video.log" 2>&1
-    echo "gpu_video rc $?"; tail -5 "$out/video.log"; cp "$rows" "$out/performance.json"
+    # The rows against it (default `wan22-fp8@sage`; e.g. `fp8-clip wan22-fp8@sage,wan22-fp8@fa3-fp8` after kernels
+    # built FlashAttention-3 on this machine), one process each; a row already recorded here is not run again.
+    for row in $(echo "${2:-wan22-fp8@sage}" | tr , ' '); do
+      grep -q "\"$row\"" "$rows" 2>/dev/null && { echo "$row: recorded by an earlier call"; continue; }
+      [ $(( 575 - SECONDS )) -lt 240 ] && { echo "$row: no time left in this call; call fp8-clip again"; break; }
+      timeout --signal=INT --kill-after=15 $(( 575 - SECONDS )) python3 benchmarks/gpu_video.py --rows "$row" --check \
+        --out "$rows" --references "$work/ref" > "$out/video-$row.log" 2>&1
+      echo "gpu_video $row rc $?"; tail -5 "$out/video-$row.log"
+    done
+    cp "$rows" "$out/performance.json"
     ;;
   *)
     echo "usage: bash benchmarks/device/next.sh chain|clip|stream|kernels|burst|cold-edit|cold-video|reads|both|fp8-clip" >&2
