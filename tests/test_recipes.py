@@ -405,13 +405,30 @@ def test_an_attention_backend_this_machine_cannot_run_falls_back_to_sdpa_with_on
         "the fallback must be the native backend's computation"
 
 
+def _tiny_wan(head_dim: int, layers: int = 2, dtype=torch.bfloat16):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim,
+                                 in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64,
+                                 num_layers=layers, rope_max_seq_len=32).to(dtype).eval()
+
+
+def _run_first_block_compiled(model, hidden_states) -> None:
+    """The model's first block under torch.compile(fullgraph=True) (a graph break raises), run once."""
+    width = model.config.num_attention_heads * model.config.attention_head_dim
+    compiled = torch.compile(model.blocks[0], fullgraph=True)
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        compiled(torch.randn(1, 32, width, dtype=dtype), torch.randn(1, 16, width, dtype=dtype),
+                 torch.randn(1, 6, width, dtype=dtype), model.rope(hidden_states))
+
+
 def test_recast_sage_backend_routes_every_attention_of_a_block_through_one_op_and_falls_back_for_the_rest(monkeypatch):
     """`attention_backend: sage` sends each maskless bf16 attention with head dim 64/128 to recast::sageattn (one op
     that torch.compile keeps whole) and leaves the rest to diffusers. The kernel itself needs a CUDA card, so here
     the op is stood in by bf16 SDPA: what is tested is recast's routing through the real diffusers processors, and
     that a compiled block traces it as one graph."""
-    from diffusers import WanTransformer3DModel
-
     from recast.tasks.models import kernels
 
     calls = []
@@ -423,10 +440,7 @@ def test_recast_sage_backend_routes_every_attention_of_a_block_through_one_op_an
         return out.transpose(1, 2)
 
     monkeypatch.setattr(kernels, "sage_attention_op", lambda: sdpa_in_nhd)
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=4,
-                                  out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2,
-                                  rope_max_seq_len=32).to(torch.bfloat16).eval()
+    model = _tiny_wan(head_dim=64)
     inputs = dict(hidden_states=torch.randn(1, 4, 2, 8, 8, dtype=torch.bfloat16), timestep=torch.tensor([500]),
                   encoder_hidden_states=torch.randn(1, 16, 32, dtype=torch.bfloat16), return_dict=False)
     with torch.no_grad():
@@ -437,17 +451,10 @@ def test_recast_sage_backend_routes_every_attention_of_a_block_through_one_op_an
     assert torch.equal(routed, native), "routing changed what the stand-in (the same SDPA) computes"
 
     calls.clear()
-    compiled = torch.compile(model.blocks[0], fullgraph=True)  # a graph break would raise here
-    temb = torch.randn(1, 6, 128, dtype=torch.bfloat16)
-    rotary = model.rope(inputs["hidden_states"])
-    with torch.no_grad():
-        compiled(torch.randn(1, 32, 128, dtype=torch.bfloat16), torch.randn(1, 16, 128, dtype=torch.bfloat16), temb,
-                 rotary)
+    _run_first_block_compiled(model, inputs["hidden_states"])
     assert calls, "the compiled block did not run the op"
 
-    float32 = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=4,
-                                    out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=1,
-                                    rope_max_seq_len=32).eval()
+    float32 = _tiny_wan(head_dim=64, layers=1, dtype=torch.float32)
     kernels.use_sage(float32)
     calls.clear()
     with torch.no_grad():
@@ -471,15 +478,6 @@ def test_the_fp8_attention_casts_each_head_to_e4m3_with_the_factor_that_undoes_i
         error = float((restored[:, :, head] - x[:, :, head]).norm() / x[:, :, head].norm())
         assert error < 0.05, f"head {head}: e4m3 with its descale restores the values to {error:.3f} relative L2"
     assert float(q8.float().abs().amax()) == 448.0, "each head's largest value should land on e4m3's largest (448)"
-
-
-def _tiny_wan(head_dim: int, layers: int = 2, dtype=torch.bfloat16):
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(0)
-    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim,
-                                 in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64,
-                                 num_layers=layers, rope_max_seq_len=32).to(dtype).eval()
 
 
 def test_recast_fa3_fp8_backend_hands_each_attention_e4m3_heads_and_their_descales_and_compiles_whole(monkeypatch):
@@ -515,12 +513,7 @@ def test_recast_fa3_fp8_backend_hands_each_attention_e4m3_heads_and_their_descal
         f"input's {unrelated:.4f}): the cast or its descales are wrong"
 
     calls.clear()
-    compiled = torch.compile(model.blocks[0], fullgraph=True)  # a graph break would raise here
-    temb = torch.randn(1, 6, 256, dtype=torch.bfloat16)
-    rotary = model.rope(inputs["hidden_states"])
-    with torch.no_grad():
-        compiled(torch.randn(1, 32, 256, dtype=torch.bfloat16), torch.randn(1, 16, 256, dtype=torch.bfloat16), temb,
-                 rotary)
+    _run_first_block_compiled(model, inputs["hidden_states"])
     assert calls, "the compiled block did not run the op"
 
     for name, untaken in (("float32", _tiny_wan(128, layers=1, dtype=torch.float32)),
