@@ -405,6 +405,42 @@ def test_an_attention_backend_this_machine_cannot_run_falls_back_to_sdpa_with_on
         "the fallback must be the native backend's computation"
 
 
+def test_the_fp8_attention_takes_the_keys_and_values_mean_out_before_the_cast():
+    """Real models' keys and values carry a large mean over the tokens; cast to e4m3 as they are, that mean takes the
+    3 mantissa bits and the differences between tokens (what attention computes) are lost. `fa3_fp8_attention`
+    takes the means out first (exact: the softmax cancels K's, V's is added back), so with means 20x the spread its
+    error stays that of centred inputs, where the plain cast's grows several-fold. The kernel is stood in by what it
+    computes on its e4m3 inputs (their values times their descales, then float32 attention)."""
+    from recast.tasks.models import kernels
+
+    def dequantized_attention(q8, k8, v8, q_descale, k_descale, v_descale, scale):
+        q, k, v = (t.float() * d[:, None, :, None] for t, d in ((q8, q_descale), (k8, k_descale), (v8, v_descale)))
+        return torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)),
+                                                                scale=scale).transpose(1, 2)
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 256, 2, 128, generator=generator) for _ in range(3))
+    k, v = k + 20 * torch.randn(1, 1, 2, 128, generator=generator), v + 20 * torch.randn(1, 1, 2, 128,
+                                                                                         generator=generator)
+    reference = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+    reference = reference.transpose(1, 2)
+
+    def error(out):
+        # against the attention's own variation: the mean of V, which every output row carries, is not the signal
+        centred = reference - reference.mean(dim=1, keepdim=True)
+        return float((out.float() - reference).norm() / centred.norm())
+
+    kernels._FA3_FP8_OP = dequantized_attention  # what fa3_fp8_op() returns once registered
+    try:
+        smoothed = error(kernels.fa3_fp8_attention(q, k, v))
+    finally:
+        kernels._FA3_FP8_OP = None
+    (q8, dq), (k8, dk), (v8, dv) = kernels.to_e4m3(q), kernels.to_e4m3(k), kernels.to_e4m3(v)
+    plain = error(dequantized_attention(q8, k8, v8, dq, dk, dv, None))
+    assert smoothed < 0.1 and smoothed * 3 < plain, \
+        f"with the means taken out the error is {smoothed:.4f} against {plain:.4f} for the plain cast"
+
+
 def _tiny_wan(head_dim: int, layers: int = 2, dtype=torch.bfloat16):
     from diffusers import WanTransformer3DModel
 

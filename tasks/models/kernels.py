@@ -167,9 +167,19 @@ def to_e4m3(t):
 def fa3_fp8_attention(query, key, value, scale=None):
     """Attention of (batch, tokens, heads, 128) bf16/fp16 tensors through FlashAttention-3's FP8 forward, in the
     query's dtype. The casts are plain torch here, outside the op, so a compiled block fuses them with what made
-    q, k and v."""
-    (q8, q_descale), (k8, k_descale), (v8, v_descale) = to_e4m3(query), to_e4m3(key), to_e4m3(value)
-    return fa3_fp8_op()(q8, k8, v8, q_descale, k_descale, v_descale, scale).to(query.dtype)
+    q, k and v.
+
+    K and V are smoothed first, as SageAttention does: their mean over the tokens (per head and channel) taken out,
+    which changes nothing exactly. K's mean moves all of one query's scores by the same amount, which the softmax
+    cancels; V's comes back as it is, added to the output, as each query's weights sum to 1. A mean much larger
+    than the differences between tokens would otherwise take e4m3's 3 mantissa bits, and the differences are what
+    the attention computes."""
+    key_mean = key.float().mean(dim=1, keepdim=True)
+    value_mean = value.float().mean(dim=1, keepdim=True)
+    (q8, q_descale), (k8, k_descale), (v8, v_descale) = (to_e4m3(query), to_e4m3(key.float() - key_mean),
+                                                         to_e4m3(value.float() - value_mean))
+    out = fa3_fp8_op()(q8, k8, v8, q_descale, k_descale, v_descale, scale)
+    return (out.float() + value_mean).to(query.dtype)
 
 
 def _plain_attention(query, attn_mask, dropout_p, is_causal, enable_gqa, parallel_config, head_dims) -> bool:
