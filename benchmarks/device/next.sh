@@ -35,6 +35,8 @@
 #                                                      `fp8-clip wan22-fp8@sage,wan22-fp8@fa3-fp8` after kernels adds
 #                                                      FlashAttention-3's FP8 forward (a process a row; call it again
 #                                                      on the same machine for the rows a call had no time for)
+#   bash benchmarks/device/next.sh fa3-edit    ~500 s  after kernels: the baseline, `lightning` and `fp8`, each with
+#                                                      SageAttention and with `@fa3-fp8`, side by side (#26)
 #
 # Measured on 2026-12-05 (docs/PERFORMANCE.md, "an eighteenth session"): clip, the burst without a cap and with 8,
 # the VAE's variants, cold-edit with the imports on a tmpfs; then ("a nineteenth session", one H100) cold-video's
@@ -42,8 +44,8 @@
 # cold-video's wan22-offload rows (before its shards were pinned in place), fp8-clip, reads (blocks made the default);
 # then ("a twenty-first session", one H100, in this order on one machine): chain, stream, cold-video, both.
 # Next (#26): kernels (call it again if a build was cut), and when FlashAttention-3's FP8 rows beat SageAttention
-# within their bound, `fp8-clip wan22-fp8@sage,wan22-fp8@fa3-fp8` on the same machine (the profile backend is built:
-# `attention_backend: fa3-fp8`). Or (#22) its rows from one machine: cold-edit, cold-video, both, each fired as the
+# within their bound, fa3-edit and `fp8-clip wan22-fp8@sage,wan22-fp8@fa3-fp8` on the same machine (the profile
+# backend is built: `attention_backend: fa3-fp8`). Or (#22) its rows from one machine: cold-edit, cold-video, both, each fired as the
 # last returns (~1,150 s with a fresh machine's start).
 #
 # Before the first call, here (a new checkout has no .whl/): `benchmarks/device/carry.sh` (a few minutes), and the
@@ -169,8 +171,18 @@ case "${1:-}" in
     done
     cp "$rows" "$out/performance.json"
     ;;
+  fa3-edit)
+    # After kernels on the same machine (its builds): the edit's profiles with SageAttention (their default) and with
+    # FlashAttention-3's FP8 forward, beside the baseline, one run (#26: fp8 <= 0.50x, lightning <= 0.95 s)
+    python3 -c "import flash_attn_interface, sageattention" 2> /dev/null ||
+      { echo "FlashAttention-3 or SageAttention is not built on this machine: run kernels first, on the same machine"; exit 1; }
+    timeout --signal=INT --kill-after=15 $(( 575 - SECONDS )) python3 benchmarks/gpu_edit.py --runs 3 --check \
+      --profiles diffusers-baseline,lightning,lightning@fa3-fp8,fp8,fp8@fa3-fp8 --out "$out/performance.json" \
+      > "$out/edit.log" 2>&1
+    echo "gpu_edit rc $?"; tail -12 "$out/edit.log"
+    ;;
   *)
-    echo "usage: bash benchmarks/device/next.sh chain|clip|stream|kernels|burst|cold-edit|cold-video|reads|both|fp8-clip" >&2
+    echo "usage: bash benchmarks/device/next.sh chain|clip|stream|kernels|burst|cold-edit|cold-video|reads|both|fp8-clip|fa3-edit" >&2
     exit 2
     ;;
 esac
