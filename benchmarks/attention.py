@@ -36,11 +36,12 @@ TINY_SHAPES = {"qwen-edit": (96, 3, 16), "wan-480p": (160, 2, 16)}
 # `recast-sage` is recast's own `sage` (tasks/models/kernels.py: sageattn as one custom op, which torch.compile keeps
 # whole); `compiles` says whether a block compiled with fullgraph=True can hold the backend.
 # `fa3-fp8` is recast's `fa3-fp8` backend, FlashAttention-3's FP8 forward (benchmarks/device/fa3.sh builds it): q, k
-# and v cast to e4m3 with one scale per head, the cast timed with the kernel (eager: a compiled block fuses it into
-# the work before it); `fa3-fp8-kernel` times the kernel alone on inputs cast beforehand (that fusion's ceiling).
+# and v cast to e4m3 with one scale per head (K and V smoothed first), the cast timed with the kernel, eager;
+# `fa3-fp8-compiled` the same under torch.compile (the cast's passes fused, as in a compiled block); `fa3-fp8-kernel`
+# the kernel alone on inputs cast beforehand (the ceiling, were the cast free).
 BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "recast-sage", "sage",
             "_sage_qk_int8_pv_fp8_cuda_sm90", "_sage_qk_int8_pv_fp8_cuda", "_sage_qk_int8_pv_fp16_cuda",
-            "_sage_qk_int8_pv_fp16_triton", "_flash_3", "fa3-fp8", "fa3-fp8-kernel")
+            "_sage_qk_int8_pv_fp16_triton", "_flash_3", "fa3-fp8", "fa3-fp8-compiled", "fa3-fp8-kernel")
 # Largest relative L2 error from float32 each family may have: bf16 rounding is ~4e-3; SageAttention's INT8/FP8
 # is published at a cosine similarity of >= 0.999 (relative L2 ~0.045), and FP8 attention is held to the same.
 # Another input's output sits near 1.4.
@@ -51,17 +52,20 @@ def family(backend: str) -> str:
     return "sage" if "sage" in backend else "fp8" if "fp8" in backend else "bf16"
 
 
-def fa3_fp8_call(cast_inside: bool):
+def fa3_fp8_call(backend: str):
     """(q, k, v) -> output through FlashAttention-3's FP8 forward as a profile's `fa3-fp8` runs it (recast's op and
-    per-head cast, tasks/models/kernels.py); with `cast_inside` False the inputs are cast once beforehand and only
-    the kernel is timed. Raises where it cannot run."""
+    per-head cast, tasks/models/kernels.py): eager (`fa3-fp8`), compiled (`fa3-fp8-compiled`), or the kernel alone
+    on inputs cast once beforehand (`fa3-fp8-kernel`). Raises where it cannot run."""
     from recast.tasks.models import kernels
 
     missing = kernels._fa3_missing(torch.device("cuda"))
     if missing:
         raise RuntimeError(missing)
-    if cast_inside:
+    if backend == "fa3-fp8":
         return kernels.fa3_fp8_attention
+    if backend == "fa3-fp8-compiled":
+        kernels.fa3_fp8_op()  # registered before tracing
+        return torch.compile(kernels.fa3_fp8_attention, fullgraph=True)
     op, cast = kernels.fa3_fp8_op(), {}
 
     def kernel_only(q, k, v):
@@ -119,10 +123,10 @@ def attention_call(backend: str):
 
     from recast.tasks.models import kernels
 
-    if backend in ("fa3-fp8", "fa3-fp8-kernel"):
+    if backend.startswith("fa3-fp8"):
         if not torch.cuda.is_available():
             raise RuntimeError(f"{backend} needs a CUDA card (Hopper)")
-        return fa3_fp8_call(cast_inside=backend == "fa3-fp8")
+        return fa3_fp8_call(backend)
     if backend == "recast-sage":
         missing = kernels._sage_missing()
         if missing:

@@ -151,7 +151,7 @@ def test_attention_benchmark_measures_what_runs_here_and_says_why_the_rest_canno
         for backend in ("recast-sage", "sage", "_flash_3"):
             assert "not installed" in rows[f"{shape}:{backend}"].get("error", "") or \
                 "not usable" in rows[f"{shape}:{backend}"].get("error", ""), rows[f"{shape}:{backend}"]
-        for backend in ("fa3-fp8", "fa3-fp8-kernel"):
+        for backend in ("fa3-fp8", "fa3-fp8-compiled", "fa3-fp8-kernel"):
             assert "needs a CUDA card" in rows[f"{shape}:{backend}"].get("error", ""), rows[f"{shape}:{backend}"]
     assert rows["qwen-edit:native"]["compiles_fullgraph"] is True, "the compile check did not run on the first shape"
 
