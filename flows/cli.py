@@ -74,7 +74,7 @@ def _prefect_server():
         refresh_global_settings_context()
     if started:
         print(f"recast: started a Prefect server in the background at {state['api'].removesuffix('/api')}; the "
-              f"next commands reuse it; `recast server stop` stops it (it stops itself after "
+              f"next commands reuse it; `{local_server.stop_command()}` stops it (it stops itself after "
               f"{settings.cli_server_idle_s / 60:.0f} min unused)", file=sys.stderr, flush=True)
     return local_server.in_use()
 
@@ -94,7 +94,8 @@ def _server(args: argparse.Namespace) -> int:
                   "stop that instead", file=sys.stderr, flush=True)
             return EXIT_BAD_INPUT
         print(f"recast server: stopped the background server at {state['api']}" if state else
-              "recast server: no background server was running", flush=True)
+              f"recast server: no background server was running in {local_server.prefect_home()} (PREFECT_HOME)",
+              flush=True)
         return 0
     if args.action == "start":
         state, started = local_server.ensure(get_settings().cli_server_idle_s)
@@ -103,7 +104,8 @@ def _server(args: argparse.Namespace) -> int:
     state = local_server.running()
     owner = f", started by `{state['owner']}`" if state and state.get("owner") else ""
     print(f"recast server: running at {state['api']} (pid {state['pid']}{owner})" if state else
-          "recast server: no background server is running", flush=True)
+          f"recast server: no background server is running in {local_server.prefect_home()} (PREFECT_HOME)",
+          flush=True)
     return 0
 
 
@@ -146,13 +148,13 @@ def _keep_loaded(models: list[tuple[str, object]], settings) -> None:
     loaded for the next commands (recast.flows.cli_workers), unless cli_worker_idle_s is 0."""
     if settings.execution != "local" or not _on_background_server[0] or settings.cli_worker_idle_s <= 0:
         return
-    from recast.flows import cli_workers
+    from recast.flows import cli_workers, local_server
 
     pairs = [(kind, profile.name) for kind, profile in models]
     if cli_workers.keep(pairs, settings.cli_worker_idle_s):
         print(f"recast: a background worker keeps {cli_workers.describe(pairs)} loaded for the next commands (it "
-              f"stops after {settings.cli_worker_idle_s / 60:.0f} min without one; `recast server stop` stops it)",
-              file=sys.stderr, flush=True)
+              f"stops after {settings.cli_worker_idle_s / 60:.0f} min without one; `{local_server.stop_command()}` "
+              "stops it)", file=sys.stderr, flush=True)
 
 
 def _edit_models(settings, request) -> list[tuple[str, object]]:

@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -35,6 +36,15 @@ TOUCH_S = 30.0  # how often a running command says it is still using the server
 
 def prefect_home() -> Path:
     return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+
+
+def stop_command() -> str:
+    """The command that stops this home's background server, as the user's own shell must type it: with
+    PREFECT_HOME where it is set (`make demo` sets it to the checkout's `.prefect`, which a shell of the user's own
+    does not have: there a plain `recast server stop` looks in ~/.prefect and finds nothing)."""
+    if os.environ.get("PREFECT_HOME"):
+        return f"PREFECT_HOME={shlex.quote(str(prefect_home()))} recast server stop"
+    return "recast server stop"
 
 
 def _state_path(home: Path | None = None) -> Path:

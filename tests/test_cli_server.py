@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -68,8 +69,15 @@ def test_the_first_command_starts_a_server_the_next_reuse_and_server_stop_stops_
         f"both commands' flow runs must be on the shared server: {[r['name'] for r in runs]}"
     status = _recast(env, "server", "status")
     assert f"running at {state['api']}" in status.stdout, status.stdout
-    stopped = _recast(env, "server", "stop", timeout=120)
-    assert stopped.returncode == 0 and "stopped the background server" in stopped.stdout, stopped.stdout
+    # The command the first one named, typed as it says in the user's own shell: one without the PREFECT_HOME that
+    # `make demo` exports (where a plain `recast server stop` looked in ~/.prefect and found nothing)
+    hint = re.search(r"`([^`]*recast server stop)` stops it", first.stderr)
+    assert hint, f"the first command must say how to stop its server: {first.stderr[-1000:]}"
+    shell = {k: v for k, v in env.items() if k != "PREFECT_HOME"}
+    shell.update(HOME=str(tmp_path / "user"), PATH=f"{BIN}{os.pathsep}{shell.get('PATH', '')}")
+    stopped = subprocess.run(["bash", "-c", hint.group(1)], env=shell, capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0 and "stopped the background server" in stopped.stdout, \
+        f"`{hint.group(1)}`, typed in a shell without PREFECT_HOME, did not stop it: {stopped.stdout}{stopped.stderr}"
     assert not _alive(state["pid"]), "`recast server stop` must stop the server's process"
     assert not (home / "recast-server.json").exists()
     assert "no background server" in _recast(env, "server", "status").stdout

@@ -43,10 +43,10 @@
 # wan22-lightning rows, cold-edit with the early read, burst (8, 4); then ("a twentieth session", one H100)
 # cold-video's wan22-offload rows (before its shards were pinned in place), fp8-clip, reads (blocks made the default);
 # then ("a twenty-first session", one H100, in this order on one machine): chain, stream, cold-video, both.
-# Next (#26): kernels (call it again if a build was cut), and when FlashAttention-3's FP8 rows beat SageAttention
-# within their bound, fa3-edit and `fp8-clip wan22-fp8@sage,wan22-fp8@fa3-fp8` on the same machine (the profile
-# backend is built: `attention_backend: fa3-fp8`). Or (#22) its rows from one machine: cold-edit, cold-video, both, each fired as the
-# last returns (~1,150 s with a fresh machine's start).
+# Next, one session each (a session's 1,800 s hold one of them): #22's rows from one machine, cold-edit, cold-video,
+# both, each fired as the last returns (~1,150 s with a fresh machine's start); #26: kernels (call it again if a
+# build was cut), and when FlashAttention-3's FP8 rows beat SageAttention within their bound, fa3-edit, then
+# `fp8-clip wan22-fp8@sage,wan22-fp8@fa3-fp8` on the same machine (`attention_backend: fa3-fp8` is built).
 #
 # Before the first call, here (a new checkout has no .whl/): `benchmarks/device/carry.sh` (a few minutes), and the
 # SageAttention source as sage.sh says (`fetch` github:thu-ml/SageAttention, then its `git archive` of d1a57a5 into
