@@ -21,9 +21,15 @@ INT4_GROUP = 64
 
 
 def _rowwise_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x / scale) in float8_e4m3fn with one float32 scale per row."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+    """(x / scale) in float8_e4m3fn with one float32 scale per row.
+
+    Five kernels where run eagerly (the text encoder's ~200 linears run so: a launch saved is ~1,000 an edit),
+    with the values of the plain form `x.abs().amax(-1).float().clamp(min=1e-12) / 448`, then `(x.float() / scale)
+    .clamp(-448, 448)`: the infinity norm is that amax taken in float32, x / scale promotes to float32 as x.float()
+    did, and no clamp is needed, as |x / scale| <= 448 up to float32 rounding, which the cast rounds to 448."""
+    amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=-1, keepdim=True, dtype=torch.float32)
+    scale = amax.clamp_min(1e-12) / FP8_MAX
+    return (x / scale).to(torch.float8_e4m3fn), scale
 
 
 class Float8Linear(nn.Module):
