@@ -167,6 +167,33 @@ def component_split(pipe, call, device) -> dict:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in timings.items()}
 
 
+def vision_windows_ab(pipe, image, device, runs: int = 10) -> dict:
+    """The text encoder's prompt encoding with the photo's vision windows attended in one call a block (recast's
+    `kernels.vision_windows_attention`, what the profiles run) against transformers' own SDPA a window, interleaved
+    on the same weights: median ms each, and how far apart their prompt embeddings are (the same attention)."""
+    visual = pipe.text_encoder.model.visual
+    ours = kernels.VISION_WINDOWS
+    kept = visual.config._attn_implementation
+    condition = image.resize((384, 384))
+    timings: dict[str, list[float]] = {"one_call": [], "per_window": []}
+    embeds = {}
+    try:
+        for index in range(2 * runs + 2):
+            way = "one_call" if index % 2 == 0 else "per_window"
+            visual.config._attn_implementation = ours if way == "one_call" else "sdpa"
+            sync(device)
+            started = time.perf_counter()
+            with torch.inference_mode():
+                embeds[way] = pipe.encode_prompt(prompt=PROMPT, image=[condition], device=device)[0]
+            sync(device)
+            if index >= 2:  # one warm-up call each
+                timings[way].append((time.perf_counter() - started) * 1000)
+    finally:
+        visual.config._attn_implementation = kept
+    difference = (embeds["one_call"].float() - embeds["per_window"].float()).norm() / embeds["per_window"].float().norm()
+    return {way: round(statistics.median(times), 2) for way, times in timings.items()} | {
+        "rel_l2": round(float(difference), 5)}
+
 
 def bench_profile(name, args, settings, device, dtype, image, references, lora_dir) -> dict:
     """Build fresh weights, apply the profile through recast's code, warm up, time. Returns a result row."""
@@ -240,6 +267,8 @@ def bench_profile(name, args, settings, device, dtype, image, references, lora_d
         extra["unrelated_psnr_db"] = common.psnr(call(seed=43), out)  # another seed: must fail every bound
     elif args.check and base in LORA_CHECKED:
         extra.update(lora_check(call, out, pipe.transformer, lora_dir, device))
+    if not baseline:
+        extra["text_encoder_ms"] = vision_windows_ab(pipe, image, device)
     arr = np.asarray(out, dtype=np.float32)
     seconds = round(statistics.median(times), 4)
     row = dict(stage="edit", profile=name, card=common.card_name(device), gpus=1, seconds=seconds,

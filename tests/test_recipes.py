@@ -499,6 +499,46 @@ def test_recast_sage_backend_routes_every_attention_of_a_block_through_one_op_an
     assert not calls, "a float32 attention (SageAttention takes bf16/fp16) went to the op instead of diffusers"
 
 
+def test_the_text_encoder_attends_the_photos_vision_windows_in_one_call_a_block_with_the_same_result():
+    """Qwen2.5-VL's vision tower attends within windows of patches; transformers' SDPA path computes each window by
+    itself (a device sync, a split, one SDPA call per window, a concatenation: ~100 launches a block on a card,
+    where the text encoder is bound by its launches). The edit recipe runs each block's windows as one SDPA call
+    with a block-diagonal mask: the prompt embeddings must be those of transformers' own windows."""
+    from PIL import Image
+
+    from recast.tasks.models import kernels, loading
+    from recast.tasks.settings import get_settings
+
+    loaded, _ = loading.get_pipeline("edit", get_settings().get_profile("tiny"))
+    pipe, visual = loaded.pipe, loaded.pipe.text_encoder.model.visual
+    assert visual.config._attn_implementation == kernels.VISION_WINDOWS, "the recipe left the vision windows as they were"
+    photo = Image.new("RGB", (384, 384))
+    photo.putdata([((x * 7) % 256, (y * 5) % 256, (x * y) % 256) for y in range(384) for x in range(384)])
+    calls, embeds = {}, {}
+    original_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counted(*args, **kwargs):
+        calls[way] = calls.get(way, 0) + 1
+        return original_sdpa(*args, **kwargs)
+
+    try:
+        for way in ("one call", "per window"):
+            visual.config._attn_implementation = kernels.VISION_WINDOWS if way == "one call" else "sdpa"
+            torch.nn.functional.scaled_dot_product_attention = counted
+            with torch.inference_mode():
+                embeds[way] = pipe.encode_prompt(prompt="Neo, black trench coat", image=[photo],
+                                                 device=torch.device("cpu"))[0]
+            torch.nn.functional.scaled_dot_product_attention = original_sdpa
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original_sdpa
+        visual.config._attn_implementation = kernels.VISION_WINDOWS
+    blocks, text_layers = len(visual.blocks), len(pipe.text_encoder.model.language_model.layers)
+    assert calls["one call"] == blocks + text_layers, f"SDPA calls: {calls} ({blocks} vision blocks)"
+    assert calls["per window"] > 4 * blocks + text_layers, f"the photo should span many windows: {calls}"
+    error = float((embeds["one call"] - embeds["per window"]).norm() / embeds["per window"].norm())
+    assert error < 1e-5, f"the prompt embeddings moved by {error:.2e} (relative L2) with the windows in one call"
+
+
 def test_the_fp8_attention_casts_each_head_to_e4m3_with_the_factor_that_undoes_it():
     """FlashAttention-3's FP8 forward takes e4m3 q, k, v and one descale factor per (batch, head): the cast must use
     e4m3's range per head (a head 1000x larger than another loses nothing) and hand back the factor that restores

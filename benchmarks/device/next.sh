@@ -36,7 +36,9 @@
 #                                                      FlashAttention-3's FP8 forward (a process a row; call it again
 #                                                      on the same machine for the rows a call had no time for)
 #   bash benchmarks/device/next.sh fa3-edit    ~500 s  after kernels: the baseline, `lightning` and `fp8`, each with
-#                                                      SageAttention and with `@fa3-fp8`, side by side (#26)
+#                                                      SageAttention and with `@fa3-fp8`, side by side (#26); each
+#                                                      row also times the text encoder with the vision windows in
+#                                                      one call and per window (`text_encoder_ms`)
 #
 # Measured on 2026-12-05 (docs/PERFORMANCE.md, "an eighteenth session"): clip, the burst without a cap and with 8,
 # the VAE's variants, cold-edit with the imports on a tmpfs; then ("a nineteenth session", one H100) cold-video's

@@ -104,8 +104,9 @@ def place(pipe, profile: ModelProfile) -> dict:
     pipe.set_progress_bar_config(disable=True)
     device = torch.device(profile.device)
     decisions: dict = {}
-    # 1. Correctness
+    # 1. Correctness, and the photo's vision windows attended in one call each block (the same attention)
     forward_mm_token_type_ids(pipe.text_encoder)
+    kernels.use_one_call_vision_windows(pipe.text_encoder)
     # 2. Scheduler (few-step distillation's)
     if profile.scheduler:
         pipe.scheduler = type(pipe.scheduler).from_config({**pipe.scheduler.config, **profile.scheduler})
