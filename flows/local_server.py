@@ -41,10 +41,14 @@ def prefect_home() -> Path:
 def stop_command() -> str:
     """The command that stops this home's background server, as the user's own shell must type it: with
     PREFECT_HOME where it is set (`make demo` sets it to the checkout's `.prefect`, which a shell of the user's own
-    does not have: there a plain `recast server stop` looks in ~/.prefect and finds nothing)."""
-    if os.environ.get("PREFECT_HOME"):
-        return f"PREFECT_HOME={shlex.quote(str(prefect_home()))} recast server stop"
-    return "recast server stop"
+    does not have: there a plain `recast server stop` looks in ~/.prefect and finds nothing), and the program as it
+    was called where `recast` on the PATH is not it (`make demo` calls `.venv/bin/recast`, in no activated venv)."""
+    program = "recast"
+    called, found = Path(sys.argv[0]), shutil.which("recast")
+    if called.name == "recast" and (found is None or Path(found).resolve() != called.resolve()):
+        program = shlex.quote(sys.argv[0])
+    home = f"PREFECT_HOME={shlex.quote(str(prefect_home()))} " if os.environ.get("PREFECT_HOME") else ""
+    return f"{home}{program} server stop"
 
 
 def _state_path(home: Path | None = None) -> Path:

@@ -70,11 +70,12 @@ def test_the_first_command_starts_a_server_the_next_reuse_and_server_stop_stops_
     status = _recast(env, "server", "status")
     assert f"running at {state['api']}" in status.stdout, status.stdout
     # The command the first one named, typed as it says in the user's own shell: one without the PREFECT_HOME that
-    # `make demo` exports (where a plain `recast server stop` looked in ~/.prefect and found nothing)
+    # `make demo` exports (where a plain `recast server stop` looked in ~/.prefect and found nothing), and without
+    # recast's venv on its PATH (`make demo` calls .venv/bin/recast)
     hint = re.search(r"`([^`]*recast server stop)` stops it", first.stderr)
     assert hint, f"the first command must say how to stop its server: {first.stderr[-1000:]}"
     shell = {k: v for k, v in env.items() if k != "PREFECT_HOME"}
-    shell.update(HOME=str(tmp_path / "user"), PATH=f"{BIN}{os.pathsep}{shell.get('PATH', '')}")
+    shell.update(HOME=str(tmp_path / "user"), PATH=os.pathsep.join(["/usr/bin", "/bin"]))
     stopped = subprocess.run(["bash", "-c", hint.group(1)], env=shell, capture_output=True, text=True, timeout=120)
     assert stopped.returncode == 0 and "stopped the background server" in stopped.stdout, \
         f"`{hint.group(1)}`, typed in a shell without PREFECT_HOME, did not stop it: {stopped.stdout}{stopped.stderr}"
