@@ -190,7 +190,8 @@ def vision_windows_ab(pipe, image, device, runs: int = 10) -> dict:
                 timings[way].append((time.perf_counter() - started) * 1000)
     finally:
         visual.config._attn_implementation = kept
-    difference = (embeds["one_call"].float() - embeds["per_window"].float()).norm() / embeds["per_window"].float().norm()
+    one_call, per_window = embeds["one_call"].float(), embeds["per_window"].float()
+    difference = (one_call - per_window).norm() / per_window.norm()
     return {way: round(statistics.median(times), 2) for way, times in timings.items()} | {
         "rel_l2": round(float(difference), 5)}
 

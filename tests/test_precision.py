@@ -48,7 +48,8 @@ def test_fp8_activation_quantization_gives_the_plain_formulas_values_in_few_kern
     with Kernels() as counted:
         values, scale = precision._rowwise_fp8(x)
     assert torch.equal(scale, plain_scale), "the row scales differ from the plain formula's"
-    assert torch.equal(values.view(torch.uint8), plain.view(torch.uint8)), "the e4m3 values differ from the plain formula's"
+    assert torch.equal(values.view(torch.uint8), plain.view(torch.uint8)), \
+        "the e4m3 values differ from the plain formula's"
     assert len(counted.ops) <= 5, f"the quantization launches {len(counted.ops)} kernels: {counted.ops}"
 
 

@@ -511,7 +511,8 @@ def test_the_text_encoder_attends_the_photos_vision_windows_in_one_call_a_block_
 
     loaded, _ = loading.get_pipeline("edit", get_settings().get_profile("tiny"))
     pipe, visual = loaded.pipe, loaded.pipe.text_encoder.model.visual
-    assert visual.config._attn_implementation == kernels.VISION_WINDOWS, "the recipe left the vision windows as they were"
+    assert visual.config._attn_implementation == kernels.VISION_WINDOWS, \
+        "the recipe left the vision windows as they were"
     photo = Image.new("RGB", (384, 384))
     photo.putdata([((x * 7) % 256, (y * 5) % 256, (x * y) % 256) for y in range(384) for x in range(384)])
     calls, embeds = {}, {}
