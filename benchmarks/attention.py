@@ -37,11 +37,12 @@ TINY_SHAPES = {"qwen-edit": (96, 3, 16), "wan-480p": (160, 2, 16)}
 # whole); `compiles` says whether a block compiled with fullgraph=True can hold the backend.
 # `fa3-fp8` is recast's `fa3-fp8` backend, FlashAttention-3's FP8 forward (benchmarks/device/fa3.sh builds it): q, k
 # and v cast to e4m3 with one scale per head (K and V smoothed first), the cast timed with the kernel, eager;
-# `fa3-fp8-compiled` the same under torch.compile (the cast's passes fused, as in a compiled block); `fa3-fp8-kernel`
-# the kernel alone on inputs cast beforehand (the ceiling, were the cast free).
+# `fa3-fp8-kernel` the kernel alone on inputs cast beforehand (the ceiling, were the cast free); `fa3-fp8-compiled`
+# the same as `fa3-fp8` under torch.compile (the cast's passes fused, as in a compiled block), last: it compiles for
+# each shape, and a call cut short still brings back the rows before it.
 BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "recast-sage", "sage",
             "_sage_qk_int8_pv_fp8_cuda_sm90", "_sage_qk_int8_pv_fp8_cuda", "_sage_qk_int8_pv_fp16_cuda",
-            "_sage_qk_int8_pv_fp16_triton", "_flash_3", "fa3-fp8", "fa3-fp8-compiled", "fa3-fp8-kernel")
+            "_sage_qk_int8_pv_fp16_triton", "_flash_3", "fa3-fp8", "fa3-fp8-kernel", "fa3-fp8-compiled")
 # Largest relative L2 error from float32 each family may have: bf16 rounding is ~4e-3; SageAttention's INT8/FP8
 # is published at a cosine similarity of >= 0.999 (relative L2 ~0.045), and FP8 attention is held to the same.
 # Another input's output sits near 1.4.
