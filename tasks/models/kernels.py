@@ -174,10 +174,10 @@ def fa3_fp8_attention(query, key, value, scale=None):
     cancels; V's comes back as it is, added to the output, as each query's weights sum to 1. A mean much larger
     than the differences between tokens would otherwise take e4m3's 3 mantissa bits, and the differences are what
     the attention computes."""
-    key_mean = key.float().mean(dim=1, keepdim=True)
-    value_mean = value.float().mean(dim=1, keepdim=True)
-    (q8, q_descale), (k8, k_descale), (v8, v_descale) = (to_e4m3(query), to_e4m3(key.float() - key_mean),
-                                                         to_e4m3(value.float() - value_mean))
+    key, value = key.float(), value.float()  # once each: the means and the smoothing both read them
+    value_mean = value.mean(dim=1, keepdim=True)
+    (q8, q_descale), (k8, k_descale), (v8, v_descale) = (to_e4m3(query), to_e4m3(key - key.mean(dim=1, keepdim=True)),
+                                                         to_e4m3(value - value_mean))
     out = fa3_fp8_op()(q8, k8, v8, q_descale, k_descale, v_descale, scale)
     return (out.float() + value_mean).to(query.dtype)
 
