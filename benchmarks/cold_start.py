@@ -27,6 +27,8 @@ Scenarios (`variant` in docs/performance.json), in this order, on the same card:
 
 `scenario@shards` (e.g. `restart@shards`) is the scenario with `prepared_reads: shards`: every shard read to the card
 whole through a 4-GiB pool of pinned buffers instead of in 64-MiB blocks through 1 GiB (`@blocks`: the default).
+`scenario@no-readahead` starts without reading ahead what the last start read (`start_readahead: false`;
+recast.tasks.models.readahead): a new node's scenarios with and without it show what the readahead pays.
 
 Before hub, prepared and prepared+compile every weight file is evicted from the page cache (posix_fadvise
 DONTNEED; /proc/sys/vm/drop_caches is tried too); `bytes_read_gib` shows whether the eviction took. A file on a
@@ -185,7 +187,9 @@ def make_prepared(kind: str, profile_name: str, tiny: bool) -> dict:
 def start(args) -> None:
     """The measured process: recast's loader for each stage, then one request per stage."""
     from recast.flows import respawn
+    from recast.tasks.models import readahead
 
+    reads = readahead.start()  # as `recast worker`, first
     if args.respawn:
         respawn.keep_cuda_forkable()  # as `recast worker`, before the imports below
     import torch
@@ -249,6 +253,8 @@ def start(args) -> None:
         "cold_start_s": {k: round(v.cold_start_s, 2) for k, v in loaded.items()},
         "phases": {k: v.phases for k, v in loaded.items()},
         "imports_s": round(imported - t0, 2), "prepared_reads": settings.prepared_reads,
+        "readahead": {"files": reads.files, "gib": round(reads.gib, 2), "skipped": reads.skipped,
+                      "done": reads.done.is_set()},
         "prepared": {k: v.prepared for k, v in loaded.items()},
         "compile_cache": {k: v.compile_cache for k, v in loaded.items()},
         "sources": {k: v.source for k, v in loaded.items()},
@@ -378,10 +384,10 @@ def main() -> int:
 
     read_modes = get_args(Settings.model_fields["prepared_reads"].annotation)  # the setting's own choices
     for variant in (args.scenarios or "").split(",") if args.mode is None else []:
-        scenario, _, reads = variant.partition("@")
-        if scenario not in SCENARIOS or reads not in ("", *read_modes):
+        scenario, _, option = variant.partition("@")
+        if scenario not in SCENARIOS or option not in ("", *read_modes, "no-readahead"):
             ap.error(f"--scenarios: {variant!r} is not a scenario: use {', '.join(SCENARIOS)}, each optionally "
-                     f"@{' or @'.join(read_modes)}")
+                     f"@{' or @'.join(read_modes)} or @no-readahead")
     if args.mode == "start":
         start(args)
         return 0
@@ -422,7 +428,9 @@ def parent(args) -> int:
             edit_name = PROFILES[row][0]
             row_env[f"RECAST_PROFILES__{edit_name.upper().replace('-', '_')}__MODEL_ID"] = str(hub)
         for variant in args.scenarios.split(","):
-            scenario, _, reads = variant.partition("@")  # `restart@shards`: with prepared_reads: shards
+            # `restart@shards`: with prepared_reads: shards; `prepared+compile@no-readahead`: start_readahead off
+            scenario, _, option = variant.partition("@")
+            reads = "" if option == "no-readahead" else option
             if scenario == "hub" and hub is None:
                 continue  # the video model is prepared from random weights (module docstring)
             started = time.perf_counter()
@@ -448,7 +456,9 @@ def parent(args) -> int:
             weights = [p for folder in folders for p in Path(folder).rglob("*.safetensors")] if scenario != "hub" \
                 else list(hub.rglob("*.safetensors"))
             evicted = evict(weights) if not restart else "none (a restart: page cache warm)"
-            start_env = dict(row_env, RECAST_PREPARED_READS=reads) if reads else row_env
+            start_env = dict(row_env, RECAST_PREPARED_READS=reads) if reads else dict(row_env)
+            if option == "no-readahead":
+                start_env["RECAST_START_READAHEAD"] = "false"
             result = run_start(start_env, kinds, row, args.tiny, log, args.timeout, respawn=scenario == "respawn")
             place = filesystem_of(hub if scenario == "hub" else cache)
             measured = dict(

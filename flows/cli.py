@@ -394,6 +394,9 @@ def _identity(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from recast.tasks.models import readahead
+
+    readahead.start()  # first: the reads overlap the imports below and the model's (a new node's empty page cache)
     from recast.flows.workers import serve_worker
 
     gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else None

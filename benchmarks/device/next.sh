@@ -116,7 +116,7 @@ case "${1:-}" in
   cold-edit)
     rm -rf "$work"/cache/prepared/edit-lightning-*  # the burst's, done with: room for fp8's
     timeout --signal=INT --kill-after=15 $(( 575 - SECONDS )) python3 benchmarks/cold_start.py --rows fp8 \
-      --scenarios prepared,prepared+compile,restart,respawn --work "$work" --drop-after \
+      --scenarios prepared,prepared+compile@no-readahead,prepared+compile,restart,respawn --work "$work" --drop-after \
       --results "$out/cold-edit.jsonl" > "$out/cold-edit.log" 2>&1
     echo "cold_start rc $?"; tail -5 "$out/cold-edit.log"
     ;;

@@ -340,6 +340,10 @@ def get_pipeline(kind: Kind, profile: ModelProfile | VideoProfile, *,
                  "prepared weights" if loaded.prepared else "from the source", loaded.compile_cache,
                  loaded.resident_gib, profile.device)
         loaded.preloaded = preloading  # under the lock: the job waiting on it must see the mark
+        # What this start read, for the next new node's readahead (once a node: a list naming every module is kept)
+        from recast.tasks.models import readahead
+
+        readahead.record()
         return loaded, False
 
 

@@ -187,6 +187,11 @@ class Settings(Strict):
         "pinned buffers of a shard's size (4 GiB of pinned host memory). Side by side on one H100 (the fp8 worker): "
         "blocks 24.7 s and 3.1 GiB host RSS on a restart, 9.9 s and 2.9 GiB respawned; shards 25.6 s / 6.1 GiB and "
         "11.7 s / 5.9 GiB.")
+    start_readahead: bool = Field(
+        True, description="At a worker's start, before its imports, ask the kernel to read on 16 threads the parts of "
+        "the libraries and modules that the last start read (listed in the model cache's start-files.json by every "
+        "start and by `recast prepare`): a new node's empty page cache then costs its imports one parallel read "
+        "instead of a page fault at a time. Nothing is read when the list is missing or another environment's.")
     worker_resubmits: int = Field(2, ge=0, le=10, description="Resubmissions of a lost or timed-out job.")
     worker_in_flight: int = Field(8, ge=1, le=256, description="Jobs of one run submitted to task workers at once.")
     worker_wait_timeout_s: float = Field(600, gt=0, description="A job no worker has taken after this long fails, "
