@@ -99,7 +99,8 @@ def _module_files() -> list[str]:
     for module in list(sys.modules.values()):
         for attribute in ("__cached__", "__file__"):
             path = getattr(module, attribute, None)
-            if isinstance(path, str) and path.startswith("/") and not path.endswith((".so", ".pyd")):
+            if isinstance(path, str) and path.startswith("/") and not path.endswith((".so", ".pyd")) and \
+                    os.path.isfile(path):  # (a module whose bytecode was never written has its source read)
                 files.append(path)
                 break
     return files
