@@ -434,6 +434,9 @@ def _prepare(args: argparse.Namespace) -> int:
               f"{folder}", flush=True)
         if args.compile:
             print(f"recast prepare: {kind} {profile.name}: {_compile_once(kind, profile)}", flush=True)
+    from recast.tasks.models import readahead
+
+    readahead.record()  # what a start imports, for a new node's readahead (an image that holds the weights holds it)
     return 0
 
 

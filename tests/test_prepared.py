@@ -46,6 +46,8 @@ def test_prepare_then_an_edit_starts_from_the_prepared_weights_and_gives_the_sam
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["files"] and all(len(f["sha256"]) == 64 for f in manifest["files"].values())
     assert manifest["recipe"]["model_id"] == "tiny" and manifest["recipe"]["libraries"]["diffusers"]
+    assert (tmp_path / "cache" / "start-files.json").is_file(), \
+        "recast prepare left no list of what a start reads: a new node from its image reads nothing ahead"
     from_prepared = _edit(env, astronaut, tmp_path / "a")
     assert from_prepared["pipeline"]["prepared"] is True, from_prepared["pipeline"]
     from_source = _edit(_env(tmp_path / "cache", RECAST_PROFILES__TINY__PREPARE="false"), astronaut, tmp_path / "b")

@@ -8,8 +8,8 @@ finished a start (`record`, after `loading.get_pipeline` has loaded and warmed a
 the model cache: the parts of every mapped file that are in memory (mincore over its own mappings) and every
 imported module's bytecode. `start`, the first thing a worker does (before torch is imported), asks the kernel to
 read those parts on a pool of threads (posix_fadvise WILLNEED: the reads are queued, nothing waits for them), so the
-imports that follow find them in memory. `recast prepare` records the list too, so an image that holds the prepared
-weights holds it (`recast prepare --compile` starts as a worker does).
+imports that follow find them in memory. `recast prepare` records the list too (it imports what a start imports),
+so an image that holds the prepared weights holds it.
 
 Best effort throughout: a missing, stale or unreadable list reads nothing, a file that changed size since it was
 listed is skipped, and nothing here raises into a start. `start_readahead: false` turns it off.
