@@ -20,13 +20,17 @@ def _rows(path: Path) -> list[dict]:
 
 def test_cold_start_benchmark_starts_from_the_hub_layout_then_prepared_weights(tmp_path):
     results = tmp_path / "rows.jsonl"
-    proc = subprocess.run([sys.executable, "cold_start.py", "--tiny", "--rows", "tiny", "--scenarios",
-                           "hub,prepared,restart,respawn,restart@shards", "--hub", str(tmp_path / "hub"), "--work",
-                           str(tmp_path / "work"), "--results", str(results)], cwd=BENCHMARKS, capture_output=True,
-                          text=True, timeout=900)
+    scenarios = "hub,prepared,restart,respawn,restart@shards,restart@no-readahead"
+    proc = subprocess.run([sys.executable, "cold_start.py", "--tiny", "--rows", "tiny", "--scenarios", scenarios,
+                           "--hub", str(tmp_path / "hub"), "--work", str(tmp_path / "work"), "--results", str(results)],
+                          cwd=BENCHMARKS, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {row["variant"]: row for row in _rows(results)}
-    assert set(rows) == {"hub", "prepared", "restart", "respawn", "restart@shards"}, rows.keys()
+    assert set(rows) == set(scenarios.split(",")), rows.keys()
+    # what the last start read is read ahead by the next (recast.tasks.models.readahead), unless turned off
+    assert rows["restart"]["readahead"]["files"] > 0 and rows["restart@no-readahead"]["readahead"]["files"] == 0, \
+        f"a restart must read ahead what the start before it listed, a @no-readahead one nothing: " \
+        f"{rows['restart']['readahead']} / {rows['restart@no-readahead']['readahead']}"
     assert rows["restart@shards"]["prepared_reads"] == "shards" and rows["restart"]["prepared_reads"] == "blocks", \
         "a `@shards` scenario must start its worker with prepared_reads: shards, and the others with the default"
     # A serving process started again by the worker's parent has the libraries imported (recast.flows.respawn).
