@@ -199,19 +199,24 @@ class Readahead:
             os.close(fd)
 
     def run(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         try:
             files = self.listed["files"] if self.listed else []
             # the largest first: torch's and CUDA's libraries are what the first import waits on
             files = sorted(files, key=lambda e: -sum(r[1] for r in e["ranges"]) if e.get("ranges") else 0)
-            with ThreadPoolExecutor(THREADS, thread_name_prefix="recast-readahead") as pool:
-                for asked in pool.map(self._one, files):
-                    if asked < 0:
-                        self.skipped += 1
-                    else:
-                        self.files += 1
-                        self.gib += asked / 2**30
+            # Each thread walks its own share (no pool's queue: the less Python runs here, the less it holds the
+            # interpreter from the imports it is ahead of); the kernel reads what they ask for in parallel.
+            asked: list[list[int]] = [[] for _ in range(THREADS)]
+            threads = [threading.Thread(target=lambda share, out: out.extend(map(self._one, share)),
+                                        args=(files[i::THREADS], asked[i]), name=f"recast-readahead-{i}", daemon=True)
+                       for i in range(THREADS)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            sizes = [size for share in asked for size in share]
+            self.skipped = sum(1 for size in sizes if size < 0)
+            self.files = len(sizes) - self.skipped
+            self.gib = sum(size for size in sizes if size > 0) / 2**30
         except Exception as exc:  # noqa: BLE001 - reading ahead is an optimisation; a start never fails for it
             log.debug("readahead stopped: %s", exc)
         finally:
