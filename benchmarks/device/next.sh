@@ -45,14 +45,20 @@
 # wan22-lightning rows, cold-edit with the early read, burst (8, 4); then ("a twentieth session", one H100)
 # cold-video's wan22-offload rows (before its shards were pinned in place), fp8-clip, reads (blocks made the default);
 # then ("a twenty-first session", one H100, in this order on one machine): chain, stream, cold-video, both.
-# Next, one session each (a session's 1,800 s hold one of them): #22's rows from one machine, cold-edit, cold-video,
-# both, each fired as the last returns (~1,150 s with a fresh machine's start); #26: kernels (call it again if a
-# build was cut), and when FlashAttention-3's FP8 rows beat SageAttention within their bound, fa3-edit, then
-# `fp8-clip wan22-fp8@sage,wan22-fp8@fa3-fp8` on the same machine (`attention_backend: fa3-fp8` is built).
+# Then ("a twenty-third session", 2026-12-06, one H100): cold-edit (with `prepared+compile@no-readahead` beside the
+# readahead) and both: #22's targets met in one run. Not run: cold-video (no time left; its rows are the
+# twenty-first session's).
+# Next: #26: kernels (call it again if a build was cut), and when FlashAttention-3's FP8 rows beat SageAttention
+# within their bound, fa3-edit, then `fp8-clip wan22-fp8@sage,wan22-fp8@fa3-fp8` on the same machine
+# (`attention_backend: fa3-fp8` is built). cold-edit again with the readahead asking for the modules' bytecode
+# before the libraries, if that is built.
 #
 # Before the first call, here (a new checkout has no .whl/): `benchmarks/device/carry.sh` (a few minutes), and the
 # SageAttention source as sage.sh says (`fetch` github:thu-ml/SageAttention, then its `git archive` of d1a57a5 into
-# .whl/src). Carry [".whl/core", ".whl/recast", ".whl/src"]; rebuild .whl/recast (`carry.sh recast`) after a commit.
+# .whl/src). All of .whl/ and the repository no longer fit a call's 64 MiB: carry .whl/core/site.tar.xz,
+# .whl/core/ffmpeg.xz and .whl/recast, with .whl/src for chain, clip and fp8-clip (SageAttention's source) and
+# .whl/core/postgresql.tar.xz for stream and burst (kernels and fa3-edit as their lines say); rebuild .whl/recast
+# (`carry.sh recast`) after a commit.
 #
 # Every result lands in $OUT (rows as JSON lines, logs); merge the rows into docs/performance.json here with
 # benchmarks/common.py's write_rows.
