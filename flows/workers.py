@@ -130,8 +130,9 @@ def _serve_until_stopped(serve) -> None:
         asyncio.run(serve())
     except stops:
         pass
-    except BaseExceptionGroup as group:
-        unexpected = group.subgroup(lambda exc: not isinstance(exc, stops))
+    except BaseExceptionGroup as group:  # a stop that landed inside the task worker's task groups (at its start)
+        # The condition sees the groups themselves too: a group, nested or not, is looked into, never matched whole
+        unexpected = group.subgroup(lambda exc: not isinstance(exc, (BaseExceptionGroup, *stops)))
         if unexpected is not None:
             raise unexpected
 

@@ -705,6 +705,42 @@ def test_the_serving_process_can_always_use_the_gpu_whatever_the_imports_touched
         assert "serving in a forked process" in out and "serving process" in out, out[-2000:]
 
 
+def test_a_stop_raised_inside_nested_task_groups_ends_the_worker_cleanly_and_a_real_error_still_fails_it():
+    """TERM at a task worker's start lands inside its task groups (nested: Prefect's, then asyncio's or anyio's):
+    CI once saw `recast worker: failed: ExceptionGroup: unhandled errors in a TaskGroup` and exit 1 for it."""
+    import asyncio
+
+    from prefect.task_worker import StopTaskWorker
+
+    from recast.flows.workers import _serve_until_stopped
+
+    def nested(error: BaseException):
+        async def serve() -> None:
+            async def fail() -> None:
+                raise error
+
+            async with asyncio.TaskGroup() as outer:
+                async def inner_group() -> None:
+                    async with asyncio.TaskGroup() as inner:
+                        inner.create_task(fail())
+                outer.create_task(inner_group())
+        return serve
+
+    _serve_until_stopped(nested(StopTaskWorker()))  # must return: the worker was asked to stop
+    with pytest.raises(BaseExceptionGroup) as raised:
+        _serve_until_stopped(nested(ValueError("the websocket broke")))
+    leaves = []
+    stack = [raised.value]
+    while stack:
+        exc = stack.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    assert [type(exc) for exc in leaves] == [ValueError], \
+        f"a real error inside the task groups must fail the worker with it alone, got {leaves}"
+
+
 @pytest.mark.parametrize("to", ["the worker", "its process group"])
 def test_a_worker_asked_to_stop_ends_cleanly_with_exit_0(server, tmp_path, to):
     """An operator, a container runtime or `recast serve` stops a worker with TERM, to its pid or its whole process
