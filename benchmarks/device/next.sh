@@ -105,8 +105,10 @@ case "${1:-}" in
     ( sleep $(( 450 - SECONDS )); pkill -f '[n]vcc|[c]icc|[p]txas|[n]inja' ) & watchdog=$!
     wait "$sage" "$fa3"; kill "$watchdog" 2> /dev/null
     cat "$out/sage.log" "$out/fa3.log"; tail -30 .whl/fa3-build.log > "$out/fa3-build-tail.log" 2>/dev/null
-    for wheel in .whl/extra/*.whl; do  # back here when small enough to carry again
-      [ "$(stat -c %s "$wheel")" -le $(( 16 * 1024 * 1024 )) ] && cp "$wheel" "$out/"; ls -la "$wheel"
+    # The wheels come back (a file over 16 MiB in parts: `cat NAME.part-* > .whl/extra/NAME` here) and are carried
+    # from then on (.whl/extra): a later machine installs them instead of building again.
+    for wheel in .whl/extra/*.whl; do
+      split -b 15M -d "$wheel" "$out/$(basename "$wheel").part-"; ls -la "$wheel"
     done
     timeout --signal=INT --kill-after=15 $(( 585 - SECONDS )) python3 benchmarks/attention.py --check \
       --results "$out/attention.jsonl" > "$out/attention.log" 2>&1
