@@ -181,6 +181,23 @@ case "${1:-}" in
     done
     cp "$rows" "$out/performance.json"
     ;;
+  fa3-clip)
+    # #26: `wan22-fp8` with SageAttention (its default) against FlashAttention-3's FP8 forward, a short clip
+    # (`fa3-clip STEPS`, default 8) beside the same run's plain diffusers: one process a row (an 80-GB card cannot
+    # hold the bf16 baseline beside an FP8 row), each later row scored against the baseline's clip and pass. On a new
+    # machine carry .whl/extra (the wheels `kernels` brought back) instead of building; a row recorded is not run again.
+    python3 -c "import flash_attn_interface, sageattention" 2> /dev/null ||
+      { echo "FlashAttention-3 or SageAttention is missing: carry .whl/extra, or run kernels first on this machine"; exit 1; }
+    steps=${2:-8}; mkdir -p "$work/ref-$steps"; rows="$work/fa3-clip-$steps.json"
+    for row in wan-diffusers-baseline wan22-fp8@sage wan22-fp8@fa3-fp8; do
+      grep -q "\"$row\"" "$rows" 2>/dev/null && { echo "$row: recorded by an earlier call"; continue; }
+      [ $(( 575 - SECONDS )) -lt 150 ] && { echo "$row: no time left in this call; call fa3-clip again"; break; }
+      timeout --signal=INT --kill-after=15 $(( 575 - SECONDS )) python3 benchmarks/gpu_video.py --rows "$row" \
+        --steps "$steps" --check --out "$rows" --references "$work/ref-$steps" > "$out/video-$row.log" 2>&1
+      echo "gpu_video $row rc $?"; tail -4 "$out/video-$row.log"
+    done
+    cp "$rows" "$out/performance.json"
+    ;;
   fa3-edit)
     # After kernels on the same machine (its builds): the edit's profiles with SageAttention (their default) and with
     # FlashAttention-3's FP8 forward, beside the baseline, one run (#26: fp8 <= 0.50x, lightning <= 0.95 s)
@@ -192,7 +209,7 @@ case "${1:-}" in
     echo "gpu_edit rc $?"; tail -12 "$out/edit.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device/next.sh chain|clip|stream|kernels|burst|cold-edit|cold-video|reads|both|fp8-clip|fa3-edit" >&2
+    echo "usage: bash benchmarks/device/next.sh chain|clip|stream|kernels|burst|cold-edit|cold-video|reads|both|fp8-clip|fa3-edit|fa3-clip" >&2
     exit 2
     ;;
 esac
