@@ -342,6 +342,30 @@ def test_a_video_profiles_attention_backend_reaches_both_experts_and_falls_back_
     assert np.array_equal(clips["sage"], clips["native"]), "the fallback must be the native backend's computation"
 
 
+def test_an_attention_preference_list_takes_the_first_backend_this_machine_can_run(caplog):
+    """`wan22-fp8` and `wan22-lightning` name `fa3-fp8,sage`: FlashAttention-3 where it runs, else SageAttention, else
+    SDPA. On this CPU neither runs: one warning line names both and why, and both experts run native SDPA. A list
+    whose later entry runs here (`fa3-fp8,_native_math`) takes it, and the warning names what was skipped and what
+    is used."""
+    base = get_settings().get_video_profile("tiny")
+    shipped = {name: get_settings().get_video_profile(name).attention_backend for name in ("wan22-fp8", "wan22-lightning")}
+    assert set(shipped.values()) == {"fa3-fp8,sage"}, f"the Wan profiles' measured preference changed: {shipped}"
+    for backend, used in (("fa3-fp8,sage", "native"), ("fa3-fp8, _native_math", "_native_math")):
+        loaded, warnings = _load_with_attention_warnings("video", base.model_copy(update={"attention_backend": backend}),
+                                                         caplog)
+        assert len(warnings) == 1 and "\n" not in warnings[0], f"{backend}: not one warning line: {warnings}"
+        skipped = ["fa3-fp8", "sage"] if used == "native" else ["fa3-fp8"]
+        assert all(f"{name} is not usable here (it needs a CUDA card)" in warnings[0] for name in skipped), \
+            f"{backend}: the warning does not say what was skipped and why: {warnings[0]}"
+        assert warnings[0].endswith("native bf16 SDPA" if used == "native" else f"using {used}"), \
+            f"{backend}: the warning does not say what runs instead: {warnings[0]}"
+        for expert in wan_video.experts(loaded.pipe):
+            processor = expert.blocks[0].attn1.processor
+            assert getattr(processor, "_attention_backend", None) == used, \
+                f"{backend}: an expert runs {getattr(processor, '_attention_backend', None)}, not {used}"
+    loading.clear_cache()
+
+
 def test_edit_benchmark_checks_per_request_loras_on_quantized_profiles(tmp_path):
     # lightning covers the LoRA check on FP8 layers and the few-step reference; int4 is covered above on CPU.
     proc = subprocess.run([sys.executable, "gpu_edit.py", "--tiny", "--device", "cpu", "--check", "--runs", "1",

@@ -41,37 +41,53 @@ E4M3_MAX = 448.0
 
 
 def use_attention_backend(transformer, backend: str, device) -> str:
-    """Set the transformer's attention backend: a diffusers name, recast's `sage`, or "auto" (times the SDPA kernels
-    on this card first). A backend this machine cannot run (its package missing, or no CUDA card) falls back to bf16
-    SDPA ("native") with a one-line warning: a profile that names an optional kernel still runs everywhere."""
+    """Set the transformer's attention backend and return the one set: a diffusers name, recast's `sage` or
+    `fa3-fp8`, "auto" (times the SDPA kernels on this card first), or a preference list ("fa3-fp8,sage": the first
+    this machine can run). Where none can run (a package missing, no CUDA card, another architecture) it falls back
+    to bf16 SDPA ("native") with a one-line warning: a profile that names an optional kernel still runs everywhere."""
+    choices = [name.strip() for name in backend.split(",") if name.strip()] or ["native"]
+    skipped = []
+    for choice in choices:
+        choice, reason = _try_attention_backend(transformer, choice, device)
+        if reason is None:
+            break
+        skipped.append(f"{choice} is not usable here ({reason})")
+    else:
+        choice = "native"
+        transformer.set_attention_backend(choice)
+    if skipped:
+        log.warning("attention backend %s: using %s", "; ".join(skipped),
+                    "native bf16 SDPA" if choice == "native" else choice)
+    log.info("attention backend: %s", choice)
+    return choice
+
+
+def _try_attention_backend(transformer, backend: str, device) -> tuple[str, str | None]:
+    """Set one backend on the transformer: its name ("auto" resolved) and None when it is set, else why this machine
+    cannot run it."""
     import torch
 
     if backend == "auto":
         backend = fastest_attention_backend(transformer, device)
-    reason = None
     if torch.device(device).type != "cuda" and backend not in CPU_BACKENDS:
-        reason = "it needs a CUDA card"
-    elif backend == SAGE:
+        return backend, "it needs a CUDA card"
+    if backend == SAGE:
         reason = _sage_missing()
         if reason is None:
             transformer.set_attention_backend("native")  # what anything sage cannot take (masks) runs on
             use_sage(transformer)
-    elif backend == FA3_FP8:
+        return backend, reason
+    if backend == FA3_FP8:
         reason = _fa3_missing(device)
         if reason is None:
             transformer.set_attention_backend("native")  # what the FP8 kernel cannot take runs on
             use_fa3_fp8(transformer)
-    else:
-        try:
-            transformer.set_attention_backend(backend)
-        except RuntimeError as exc:  # diffusers: the backend's package is missing or too old
-            reason = " ".join(str(exc).split())  # it names the package and version to install
-    if reason:
-        log.warning("attention backend %s is not usable here (%s): using native bf16 SDPA", backend, reason)
-        backend = "native"
+        return backend, reason
+    try:
         transformer.set_attention_backend(backend)
-    log.info("attention backend: %s", backend)
-    return backend
+    except RuntimeError as exc:  # diffusers: the backend's package is missing or too old
+        return backend, " ".join(str(exc).split())  # it names the package and version to install
+    return backend, None
 
 
 def _sage_missing() -> str | None:

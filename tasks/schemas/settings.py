@@ -41,8 +41,9 @@ class ModelProfile(Strict):
     # Speed and memory (see docs/PERFORMANCE.md).
     attention_backend: str | None = Field(None, description="diffusers attention backend, e.g. _native_cudnn, sage, "
                                           "fa3-fp8 (FlashAttention-3's FP8 forward, Hopper), or auto (the fastest "
-                                          "SDPA kernel, timed at load); falls back to native SDPA with a warning "
-                                          "where the backend is unusable.")
+                                          "SDPA kernel, timed at load), or a preference list (fa3-fp8,sage: the "
+                                          "first this machine can run); falls back to native SDPA with a warning "
+                                          "where none is usable.")
     compile: bool = Field(False, description="torch.compile the transformer's repeated blocks.")
     compile_ahead_of_time: bool = Field(True, description="With compile: the repeated blocks compile once, ahead of "
                                         "time, into code kept beside the prepared weights, which a restart loads "
@@ -82,8 +83,9 @@ class VideoProfile(Strict):
     offload: Literal["none", "stream"] = Field(
         "none", description="stream: keep every block in pinned CPU RAM and stream it to the card as it runs.")
     attention_backend: str | None = Field(None, description="diffusers attention backend for both experts, e.g. "
-                                          "_native_cudnn, sage or fa3-fp8 (falls back to native SDPA where "
-                                          "unusable).")
+                                          "_native_cudnn, sage or fa3-fp8, or a preference list (fa3-fp8,sage: the "
+                                          "first this machine can run); falls back to native SDPA with a warning "
+                                          "where none is usable.")
     compile: bool = Field(False, description="torch.compile each expert's repeated blocks.")
     compile_ahead_of_time: bool = Field(True, description="With compile: the repeated blocks compile once, ahead of "
                                         "time, into code kept beside the prepared weights, which a restart loads "
