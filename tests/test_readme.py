@@ -25,6 +25,8 @@ SKIPPED = {
     "s3://": "needs a bucket",
     "gs://": "needs a bucket",
     "'.[sage]'": "builds a CUDA extension from GitHub: needs nvcc; built and measured on an H200 (docs/PERFORMANCE.md)",
+    "'.[fa3]'": "builds FlashAttention-3's Hopper extension from GitHub: needs nvcc; built and measured on an H100 "
+                "(docs/PERFORMANCE.md)",
 }
 
 
