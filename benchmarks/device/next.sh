@@ -48,10 +48,12 @@
 # Then ("a twenty-third session", 2026-12-06, one H100): cold-edit (with `prepared+compile@no-readahead` beside the
 # readahead) and both: #22's targets met in one run. Not run: cold-video (no time left; its rows are the
 # twenty-first session's).
-# Next: #26: kernels (call it again if a build was cut), and when FlashAttention-3's FP8 rows beat SageAttention
-# within their bound, fa3-edit, then `fp8-clip wan22-fp8@sage,wan22-fp8@fa3-fp8` on the same machine
-# (`attention_backend: fa3-fp8` is built). cold-edit again with the readahead asking for the modules' bytecode
-# before the libraries, if that is built.
+# Then ("a twenty-fourth session", 2026-12-06, one H100): kernels (both wheels back, now carried in .whl/extra),
+# fa3-edit, fa3-clip 8 and the wan22-lightning pair both ways: FA3's FP8 forward made the Wan profiles' first choice.
+# Next: #26's 40-step `wan22-fp8` with FA3 beside its baseline: `fp8-clip wan22-fp8` (the profile's own preference,
+# FA3 first) with carry [".whl/core/site.tar.xz", ".whl/recast", ".whl/extra"] (~600 s: call it again on the same
+# machine for a row cut short); then, if time is left, fa3-edit with `lightning@_flash_3` (diffusers' bf16 FA3, 9%
+# under SageAttention at the edit's shape in isolation).
 #
 # Before the first call, here (a new checkout has no .whl/): `benchmarks/device/carry.sh` (a few minutes), and the
 # SageAttention source as sage.sh says (`fetch` github:thu-ml/SageAttention, then its `git archive` of d1a57a5 into
@@ -159,7 +161,7 @@ case "${1:-}" in
     ;;
   fp8-clip)
     python3 -c "import sageattention" 2> /dev/null ||
-      { echo "SageAttention is not built on this machine: run chain (or clip) first, on the same machine"; exit 1; }
+      { echo "SageAttention is missing: carry .whl/extra (kernels' wheels), or run chain (or clip) first here"; exit 1; }
     rm -rf "$work"/cache/prepared/*  # the cold starts' weights: host memory for the two pipelines' random weights
     # Two processes (an 80-GB card cannot hold the bf16 baseline beside the FP8 row), the second comparing with the
     # first's clip and pass inputs (--references) and its baseline row (--out, kept on the machine): when the
