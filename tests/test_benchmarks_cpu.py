@@ -169,3 +169,17 @@ def test_the_vae_probe_says_which_conditioning_latents_depend_on_the_photo():
     per_frame = [line for line in proc.stdout.splitlines() if line.startswith("  0: ")]
     assert per_frame and per_frame[0].count(": ") == 21, f"one value per latent frame expected: {proc.stdout}"
     assert "latent frames that do not depend on the photo: " in proc.stdout, proc.stdout
+
+
+def test_the_vision_windows_probe_finds_one_call_the_same_computation_as_transformers_windows():
+    """vision_windows.py (#26: the edit's text encoder attends the photo's windows in one call a block): on the
+    full-size vision tower with random weights, the two ways agree to float32's rounding, and every distance the
+    docs quote (bf16's own error beside the two ways' bf16 distance) is printed."""
+    proc = subprocess.run([sys.executable, "vision_windows.py", "--side", "224"], cwd=BENCHMARKS,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["grid_thw"] == [[1, 16, 16]], f"a 224-px photo is 16 x 16 patches (4 windows): {result}"
+    assert result["float32_one_call_vs_per_window"] < 1e-4, f"one call computes something else: {result}"
+    for key in ("bf16_one_call_vs_per_window", "bf16_vs_float32_per_window", "bf16_per_window_twice"):
+        assert isinstance(result.get(key), float), f"{key} missing from the probe's output: {result}"
