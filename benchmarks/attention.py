@@ -145,7 +145,8 @@ def compiles(call, q, k, v) -> bool | str:
         torch.compile(call, fullgraph=True)(q, k, v)
         return True
     except Exception as exc:  # noqa: BLE001 - the reason is the finding
-        return " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        # the reason, without dynamo's "from user code" trace (the machine's file paths)
+        return " ".join(f"{type(exc).__name__}: {exc}".split()).split(" from user code:")[0][:200]
 
 
 def measure(backend: str, shape_name: str, shape, device, sets, ref, unrelated, compile_check: bool) -> dict:
