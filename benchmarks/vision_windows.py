@@ -7,11 +7,11 @@ script separates a difference in what is computed from bf16's rounding: the full
 wide, 16 windows of a 384-px photo) with the benchmarks' seeded random weights, each way in float32 and in bf16, on
 this machine's CPU (~30 s on 2 cores, ~3 GiB):
 
-    python benchmarks/vision_windows.py            # prints the four distances; exits 1 if one call differs in float32
+    python benchmarks/vision_windows.py            # prints the distances; exits 1 if one call differs in float32
 
 The same computation shows as float32's rounding between the two ways (~1e-6); bf16's own error is the distance
-between bf16 and float32 through transformers' path, and the same bf16 way run twice shows how much of it changes
-from run to run; a real difference would stand out from all three.
+between bf16 and float32 through transformers' path (on this CPU it differs between processes, 0.02-0.13: its bf16
+kernels are chosen per process; the same way twice in one process is 0 apart); a real difference would stand out.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def main() -> int:
         "bf16_one_call_vs_per_window": distance((bf16, "one_call"), (bf16, "per_window")),
         "bf16_vs_float32_per_window": distance((bf16, "per_window"), (f32, "per_window")),
         "bf16_one_call_vs_float32_per_window": distance((bf16, "one_call"), (f32, "per_window")),
-        # the CPU's bf16 kernels do not always sum in the same order: the same way twice
+        # the same way twice in this process (0 here: bf16's spread on this CPU is between processes)
         "bf16_per_window_twice": distance((bf16, "per_window again"), (bf16, "per_window")),
     }
     print(json.dumps(result, indent=1))
