@@ -78,6 +78,27 @@ def peak_gib(device: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / GIB, 2) if device.type == "cuda" else None
 
 
+def kernel_trace(call, device: torch.device, path: Path, top: int = 15) -> list[dict]:
+    """One `call` under torch.profiler: the whole table (kernels by their own time on the card, or on the CPU without
+    one) written to `path`, and the `top` kernels returned as {name, ms, calls}: where a pass's time goes, e.g. the
+    attention kernel against the casts around it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_card = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_card else [])
+    sync(device)
+    with profile(activities=activities) as traced:
+        call()
+        sync(device)
+    events = traced.key_averages()
+    sort_by = "self_device_time_total" if on_card else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(events.table(sort_by=sort_by, row_limit=80, max_name_column_width=120))
+    kernels = [e for e in events if getattr(e, sort_by) > 0 and (not on_card or e.device_type.name == "CUDA")]
+    kernels.sort(key=lambda e: -getattr(e, sort_by))
+    return [dict(name=e.key[:100], ms=round(getattr(e, sort_by) / 1000, 3), calls=e.count) for e in kernels[:top]]
+
+
 def free(device: torch.device) -> None:
     from recast.tasks.models import loading
 

@@ -369,10 +369,16 @@ def test_an_attention_preference_list_takes_the_first_backend_this_machine_can_r
 def test_edit_benchmark_checks_per_request_loras_on_quantized_profiles(tmp_path):
     # lightning covers the LoRA check on FP8 layers and the few-step reference; int4 is covered above on CPU.
     proc = subprocess.run([sys.executable, "gpu_edit.py", "--tiny", "--device", "cpu", "--check", "--runs", "1",
-                           "--profiles", "lightning", "--out", str(tmp_path / "p.json")],
+                           "--profiles", "lightning", "--out", str(tmp_path / "p.json"), "--trace", str(tmp_path / "trace")],
                           cwd=REPO / "benchmarks", capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     rows = {r["profile"]: r for r in json.loads((tmp_path / "p.json").read_text())}
+    # --trace: each row's kernel table on disk and its top kernels in the row (where a pass's time goes)
+    for name, row in rows.items():
+        assert "Self CPU" in (tmp_path / "trace" / f"{name}.txt").read_text(), f"{name}: no kernel table written"
+        top = row.get("trace_top") or []
+        assert top and all(k["ms"] > 0 and k["calls"] > 0 and k["name"] for k in top), f"{name}: trace_top {top}"
+        assert [k["ms"] for k in top] == sorted((k["ms"] for k in top), reverse=True), f"{name}: not by time: {top}"
     for name in ("lightning",):
         assert rows[name]["lora_changes_output"] and rows[name]["lora_restores_base"], rows[name]
         assert rows[name]["psnr_db"] is not None
