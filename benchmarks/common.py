@@ -94,7 +94,10 @@ def kernel_trace(call, device: torch.device, path: Path, top: int = 15) -> list[
     sort_by = "self_device_time_total" if on_card else "self_cpu_time_total"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(events.table(sort_by=sort_by, row_limit=80, max_name_column_width=120))
-    kernels = [e for e in events if getattr(e, sort_by) > 0 and (not on_card or e.device_type.name == "CUDA")]
+    timed = [e for e in events if getattr(e, sort_by) > 0]
+    # on a card, the kernels themselves (a CPU op's own device time repeats its kernels'), if the events say which
+    kernels = [e for e in timed if getattr(getattr(e, "device_type", None), "name", "") == "CUDA"] if on_card else []
+    kernels = kernels or timed
     kernels.sort(key=lambda e: -getattr(e, sort_by))
     return [dict(name=e.key[:100], ms=round(getattr(e, sort_by) / 1000, 3), calls=e.count) for e in kernels[:top]]
 
