@@ -271,7 +271,8 @@ def bench_profile(name, args, settings, device, dtype, image, references, lora_d
     if not baseline:
         extra["text_encoder_ms"] = vision_windows_ab(pipe, image, device)
     if args.trace:
-        extra["trace_top"] = common.kernel_trace(call, device, Path(args.trace) / f"{name}.txt")
+        # `@` in a file name does not survive every transfer (the device tool leaves such files out)
+        extra["trace_top"] = common.kernel_trace(call, device, Path(args.trace) / f"{name.replace('@', '-with-')}.txt")
     arr = np.asarray(out, dtype=np.float32)
     seconds = round(statistics.median(times), 4)
     row = dict(stage="edit", profile=name, card=common.card_name(device), gpus=1, seconds=seconds,
@@ -348,7 +349,7 @@ def main() -> int:
                     "per-request LoRAs on the quantized profiles")
     ap.add_argument("--out", default=None, help="merge the rows into this JSON file as each profile ends")
     ap.add_argument("--trace", default=None, help="one more call of each row under torch.profiler: its kernel table "
-                    "in this folder (<row>.txt), its top kernels in the row (`trace_top`)")
+                    "in this folder (<row>.txt, `@` written `-with-`), its top kernels in the row (`trace_top`)")
     args = ap.parse_args()
     device = torch.device(args.device)
     args.dtype = "bfloat16" if device.type == "cuda" else "float32"
