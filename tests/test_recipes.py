@@ -416,13 +416,15 @@ def test_an_attention_backend_this_machine_cannot_run_falls_back_to_sdpa_with_on
     from recast.tasks.settings import get_settings
 
     tiny = get_settings().get_profile("tiny")
+    shipped = {name: get_settings().get_profile(name).attention_backend for name in ("fp8", "lightning")}
+    assert set(shipped.values()) == {"_flash_3,sage"}, f"the edit profiles' measured preference changed: {shipped}"
     images = {}
-    for backend in ("sage", "fa3-fp8", "native"):
+    for backend in ("sage", "fa3-fp8", "_flash_3,sage", "native"):
         profile = tiny.model_copy(update={"attention_backend": backend})
         loaded, warnings = _load_with_attention_warnings("edit", profile, caplog)
         if backend != "native":
-            assert len(warnings) == 1 and f"{backend} is not usable here" in warnings[0] and \
-                "native" in warnings[0], warnings
+            assert len(warnings) == 1 and "native" in warnings[0], warnings
+            assert all(f"{name} is not usable here" in warnings[0] for name in backend.split(",")), warnings
             assert "\n" not in warnings[0], "the fallback is said in one line"
         else:
             assert not warnings, warnings
@@ -431,8 +433,29 @@ def test_an_attention_backend_this_machine_cannot_run_falls_back_to_sdpa_with_on
                                      negative_prompt=" ", seed=3, steps=2, true_cfg_scale=4.0, width=64, height=64)
         images[backend] = out.tobytes() if hasattr(out, "tobytes") else out[0].tobytes()
     loading.clear_cache()
-    assert images["sage"] == images["fa3-fp8"] == images["native"], \
+    assert images["sage"] == images["fa3-fp8"] == images["_flash_3,sage"] == images["native"], \
         "the fallback must be the native backend's computation"
+
+
+def test_flash_attention_3_is_skipped_on_a_card_it_cannot_run_on(monkeypatch):
+    """FlashAttention-3's hopper/ package imports on any machine it was installed on, but its kernels run only on
+    sm90: on another card both its bf16 backend (`_flash_3`, the edit profiles' first choice) and recast's FP8 forward
+    are skipped with the reason, before a worker warms up, instead of failing at the first attention."""
+    import types
+
+    hopper_package = types.ModuleType("flash_attn_interface")
+    hopper_package.flash_attn_func = lambda *args, **kwargs: None
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", hopper_package)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+
+    class Transformer:  # set_attention_backend must not be reached on this card
+        def set_attention_backend(self, name):
+            raise AssertionError(f"{name} was set on an sm80 card")
+
+    for backend in ("_flash_3", "fa3-fp8"):
+        name, reason = kernels._try_attention_backend(Transformer(), backend, "cuda")
+        assert name == backend and reason and "Hopper (sm90)" in reason and "sm80" in reason, \
+            f"{backend} on an sm80 card: {reason!r}"
 
 
 def test_the_fp8_attention_takes_the_keys_and_values_mean_out_before_the_cast():

@@ -38,6 +38,8 @@ FA3_INSTALL = ("build FlashAttention-3's hopper/ package: pip install --no-build
                "git+https://github.com/Dao-AILab/flash-attention@0251105a#subdirectory=hopper' (needs nvcc; "
                "benchmarks/device/fa3.sh builds the head-dim-128 forward alone)")
 E4M3_MAX = 448.0
+# diffusers' own FlashAttention-3 backends (bf16), from the same hopper/ package.
+FA3_BF16 = ("_flash_3", "_flash_varlen_3")
 
 
 def use_attention_backend(transformer, backend: str, device) -> str:
@@ -83,6 +85,12 @@ def _try_attention_backend(transformer, backend: str, device) -> tuple[str, str 
             transformer.set_attention_backend("native")  # what the FP8 kernel cannot take runs on
             use_fa3_fp8(transformer)
         return backend, reason
+    if backend in FA3_BF16:
+        # diffusers checks only that the package imports; the hopper/ build then fails at the first call on any
+        # other card, so the card is checked here, before a worker warms up on it.
+        reason = _fa3_missing(device)
+        if reason is not None:
+            return backend, reason
     try:
         transformer.set_attention_backend(backend)
     except RuntimeError as exc:  # diffusers: the backend's package is missing or too old
@@ -111,7 +119,7 @@ def _fa3_missing(device) -> str | None:
         return f"flash_attn_interface has no flash_attn_func (not FlashAttention-3's hopper/ package); {FA3_INSTALL}"
     major, minor = torch.cuda.get_device_capability(device)
     if major != 9:
-        return f"FlashAttention-3's FP8 forward runs on Hopper (sm90), this card is sm{major}{minor}"
+        return f"FlashAttention-3 runs on Hopper (sm90), this card is sm{major}{minor}"
     return None
 
 

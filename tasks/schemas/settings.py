@@ -39,11 +39,11 @@ class ModelProfile(Strict):
     steps: int | None = Field(None, ge=1, le=100, description="Default steps for this profile.")
     true_cfg_scale: float | None = Field(None, ge=1.0, le=20.0, description="Default CFG for this profile.")
     # Speed and memory (see docs/PERFORMANCE.md).
-    attention_backend: str | None = Field(None, description="diffusers attention backend, e.g. _native_cudnn, sage, "
-                                          "fa3-fp8 (FlashAttention-3's FP8 forward, Hopper), or auto (the fastest "
-                                          "SDPA kernel, timed at load), or a preference list (fa3-fp8,sage: the "
-                                          "first this machine can run); falls back to native SDPA with a warning "
-                                          "where none is usable.")
+    attention_backend: str | None = Field(None, description="diffusers attention backend, e.g. _native_cudnn, _flash_3 "
+                                          "(FlashAttention-3 in bf16, Hopper), sage, fa3-fp8 (FlashAttention-3's FP8 "
+                                          "forward), or auto (the fastest SDPA kernel, timed at load), or a "
+                                          "preference list (_flash_3,sage: the first this machine can run); falls "
+                                          "back to native SDPA with a warning where none is usable.")
     compile: bool = Field(False, description="torch.compile the transformer's repeated blocks.")
     compile_ahead_of_time: bool = Field(True, description="With compile: the repeated blocks compile once, ahead of "
                                         "time, into code kept beside the prepared weights, which a restart loads "
