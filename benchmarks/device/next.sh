@@ -39,6 +39,8 @@
 #                                                      their default (FA3 in bf16) and with `@sage`, side by side in
 #                                                      alternating order (#26); each row also times the text encoder
 #                                                      (`text_encoder_ms`) and is traced once (--trace)
+#   bash benchmarks/device/next.sh edit-ab     ~300 s  .whl/extra carried: `lightning` as shipped (FA3 in bf16) against
+#                                                      `lightning@sage`, beside the baseline, 5 runs a row (#26)
 #   bash benchmarks/device/next.sh fa3-clip 8  ~260 s  .whl/extra carried: `wan22-fp8` with SageAttention and with
 #                                                      FA3's FP8 forward, beside the baseline, 8 steps (#26)
 #
@@ -217,8 +219,18 @@ case "${1:-}" in
       --trace "$out/trace" --out "$out/performance.json" > "$out/edit.log" 2>&1
     echo "gpu_edit rc $?"; tail -12 "$out/edit.log"
     ;;
+  edit-ab)
+    # #26, the shortest call for the edit's attention choice: `lightning` as shipped (FA3 in bf16 first) against
+    # `lightning@sage`, beside the baseline (gpu_edit always runs it), 5 runs a row, no traces; each row is in
+    # $out/performance.json as it ends (a call cut short keeps those done)
+    python3 -c "import flash_attn_interface, sageattention" 2> /dev/null ||
+      { echo "FlashAttention-3 or SageAttention is missing: carry .whl/extra, or run kernels first on this machine"; exit 1; }
+    timeout --signal=INT --kill-after=15 $(( 575 - SECONDS )) python3 benchmarks/gpu_edit.py --runs 5 \
+      --profiles diffusers-baseline,lightning@sage,lightning --out "$out/performance.json" > "$out/edit.log" 2>&1
+    echo "gpu_edit rc $?"; tail -6 "$out/edit.log"
+    ;;
   *)
-    echo "usage: bash benchmarks/device/next.sh chain|clip|stream|kernels|burst|cold-edit|cold-video|reads|both|fp8-clip|fa3-edit|fa3-clip" >&2
+    echo "usage: bash benchmarks/device/next.sh chain|clip|stream|kernels|burst|cold-edit|cold-video|reads|both|fp8-clip|fa3-edit|fa3-clip|edit-ab" >&2
     exit 2
     ;;
 esac
