@@ -458,6 +458,26 @@ def test_flash_attention_3_is_skipped_on_a_card_it_cannot_run_on(monkeypatch):
             f"{backend} on an sm80 card: {reason!r}"
 
 
+def test_a_backend_that_cannot_split_across_a_team_is_skipped_not_fatal(caplog):
+    """A multi-GPU team turns on Ulysses (diffusers' context parallelism) before the profile's attention backend is
+    set, and diffusers refuses a backend that cannot split with an error: FA3 in bf16, the edit profiles' first
+    choice, is one. It is skipped with that reason and the list goes on, as for a missing package. (The CPU cannot run
+    the team's all-to-all, so the split is marked on the processors as enable_parallelism leaves it; `_native_math`,
+    which runs here and cannot split either, stands for FA3.)"""
+    model = _tiny_wan(8, layers=1, dtype=torch.float32)
+    for module in model.modules():
+        if getattr(module, "processor", None) is not None:
+            module.processor._parallel_config = object()
+    with caplog.at_level("WARNING", logger="recast.models"):
+        caplog.clear()
+        used = kernels.use_attention_backend(model, "_native_math,native", "cpu")
+    said = [r.getMessage() for r in caplog.records if "attention backend" in r.getMessage()]
+    assert used == "native", f"a team's load took {used!r}, not the next backend in the list"
+    assert len(said) == 1 and "_native_math is not usable here (it cannot split attention across a team's GPUs" \
+        in said[0], f"the skip is not said with its reason: {said}"
+    assert model.blocks[0].attn1.processor._attention_backend == "native"
+
+
 def test_the_fp8_attention_takes_the_keys_and_values_mean_out_before_the_cast():
     """Real models' keys and values carry a large mean over the tokens; cast to e4m3 as they are, that mean takes the
     3 mantissa bits and the differences between tokens (what attention computes) are lost. `fa3_fp8_attention`

@@ -91,11 +91,30 @@ def _try_attention_backend(transformer, backend: str, device) -> tuple[str, str 
         reason = _fa3_missing(device)
         if reason is not None:
             return backend, reason
+    if _splits_sequence(transformer) and not _supports_sequence_split(backend):
+        # diffusers refuses such a backend with an error once a team's Ulysses split is on (sage and fa3-fp8 above
+        # send those calls to native SDPA themselves)
+        return backend, "it cannot split attention across a team's GPUs (Ulysses context parallelism)"
     try:
         transformer.set_attention_backend(backend)
     except RuntimeError as exc:  # diffusers: the backend's package is missing or too old
         return backend, " ".join(str(exc).split())  # it names the package and version to install
     return backend, None
+
+
+def _splits_sequence(transformer) -> bool:
+    """Whether a multi-GPU team's Ulysses split (diffusers' context parallelism) is on for this transformer."""
+    return any(getattr(getattr(module, "processor", None), "_parallel_config", None) is not None
+               for module in transformer.modules())
+
+
+def _supports_sequence_split(backend: str) -> bool:
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    try:
+        return _AttentionBackendRegistry._is_context_parallel_available(AttentionBackendName(backend))
+    except ValueError:  # not a diffusers name: set_attention_backend says so, with the names it takes
+        return True
 
 
 def _sage_missing() -> str | None:
