@@ -54,12 +54,10 @@
 # twenty-first session's).
 # Then ("a twenty-fourth session", 2026-12-06, one H100): kernels (both wheels back, now carried in .whl/extra),
 # fa3-edit, fa3-clip 8 and the wan22-lightning pair both ways: FA3's FP8 forward made the Wan profiles' first choice.
-# Then ("a twenty-fifth session", 2026-12-06, one H100, one machine): `fp8-clip wan22-fp8` (two calls: the 40-step
-# baseline took the first) and fa3-edit with `lightning@_flash_3` and every row traced: the edit profiles now prefer
-# FA3 in bf16. Next: fa3-edit as it now stands (the edit's default against `@sage`, in alternating order, 5 runs a
-# row), carrying [".whl/core/site.tar.xz", ".whl/recast", ".whl/extra"]: the end-to-end seconds of that choice (its
-# transformer passes were 4.5% faster; the run's text encoder, which the backend does not touch, varied by 50 ms
-# between rows).
+# Then ("a twenty-fifth session", 2026-12-06, one H100): `fp8-clip wan22-fp8` (two calls: the 40-step baseline took
+# the first: 0.580x) and fa3-edit with `lightning@_flash_3` and every row traced; the edit profiles then made to prefer
+# FA3 in bf16, and on a second machine edit-ab and the same for `fp8@sage,fp8` (1.141 s against 1.189 s; 0.567x
+# against 0.596x). #26's rows are all recorded; fa3-edit as it now stands repeats the last two with traces.
 #
 # Before the first call, here (a new checkout has no .whl/): `benchmarks/device/carry.sh` (a few minutes), and the
 # SageAttention source as sage.sh says (`fetch` github:thu-ml/SageAttention, then its `git archive` of d1a57a5 into
