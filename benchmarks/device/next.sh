@@ -75,6 +75,10 @@ work=/dev/shm/cs  # the prepared weights, Prefect's home and the logs: in memory
 source benchmarks/device/env.sh || exit 1
 # A start an earlier call's time limit cut may still hold the card and its pinned memory (it did once): stop it.
 pkill -9 -f '[b]enchmarks/(cold_start|gpu_video|gpu_edit|gpu_stream)[.]py' && sleep 2
+need_attention_kernels() {  # the rows that compare attention kernels: both packages, or the call stops here
+  python3 -c "import flash_attn_interface, sageattention" 2> /dev/null ||
+    { echo "FlashAttention-3 or SageAttention is missing: carry .whl/extra, or run kernels first on this machine"; exit 1; }
+}
 uname -r; df -h /dev/shm | tail -1  # the prepared weights: edit 27.7 GiB a profile, Wan 36.5 GiB; one profile's at a time
 
 case "${1:-}" in
@@ -192,8 +196,7 @@ case "${1:-}" in
     # (`fa3-clip STEPS`, default 8) beside the same run's plain diffusers: one process a row (an 80-GB card cannot
     # hold the bf16 baseline beside an FP8 row), each later row scored against the baseline's clip and pass. On a new
     # machine carry .whl/extra (the wheels `kernels` brought back) instead of building; a row recorded is not run again.
-    python3 -c "import flash_attn_interface, sageattention" 2> /dev/null ||
-      { echo "FlashAttention-3 or SageAttention is missing: carry .whl/extra, or run kernels first on this machine"; exit 1; }
+    need_attention_kernels
     steps=${2:-8}; mkdir -p "$work/ref-$steps"; rows="$work/fa3-clip-$steps.json"
     for row in wan-diffusers-baseline wan22-fp8@sage wan22-fp8@fa3-fp8; do
       grep -q "\"$row\"" "$rows" 2>/dev/null && { echo "$row: recorded by an earlier call"; continue; }
@@ -210,8 +213,7 @@ case "${1:-}" in
     # fp8 <= 0.50x, lightning <= 0.95 s). Each row traced once more: its kernel table in $out/trace, its top kernels
     # in the row. (A twenty-fifth session ran `lightning@fa3-fp8` and `fp8@fa3-fp8` here too: its FP8 forward loses
     # its kernel's lead to the cast's reductions at the edit's length.)
-    python3 -c "import flash_attn_interface, sageattention" 2> /dev/null ||
-      { echo "FlashAttention-3 or SageAttention is missing: carry .whl/extra, or run kernels first on this machine"; exit 1; }
+    need_attention_kernels
     timeout --signal=INT --kill-after=15 $(( 575 - SECONDS )) python3 benchmarks/gpu_edit.py --runs 5 --check \
       --profiles diffusers-baseline,lightning@sage,lightning,fp8,fp8@sage \
       --trace "$out/trace" --out "$out/performance.json" > "$out/edit.log" 2>&1
@@ -221,8 +223,7 @@ case "${1:-}" in
     # #26, the shortest call for the edit's attention choice: `lightning` as shipped (FA3 in bf16 first) against
     # `lightning@sage`, beside the baseline (gpu_edit always runs it), 5 runs a row, no traces; each row is in
     # $out/performance.json as it ends (a call cut short keeps those done)
-    python3 -c "import flash_attn_interface, sageattention" 2> /dev/null ||
-      { echo "FlashAttention-3 or SageAttention is missing: carry .whl/extra, or run kernels first on this machine"; exit 1; }
+    need_attention_kernels
     timeout --signal=INT --kill-after=15 $(( 575 - SECONDS )) python3 benchmarks/gpu_edit.py --runs 5 \
       --profiles diffusers-baseline,lightning@sage,lightning --out "$out/performance.json" > "$out/edit.log" 2>&1
     echo "gpu_edit rc $?"; tail -6 "$out/edit.log"
